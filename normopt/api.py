@@ -1,0 +1,89 @@
+"""The Python API behind the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import onnx
+
+from . import io as nio
+from .errors import NormoptError, VerificationFailed
+from .passes import build_pipeline
+from .pipeline import Context, Report
+from .runtime_tests.equivalence import EquivalenceResult, compare
+from .runtime_tests.inputs import InputOptions
+
+
+@dataclass
+class OptimizeResult:
+    output: str | None
+    report: Report
+    verification: EquivalenceResult | None
+
+
+def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt_in=None, provider: str = "cpu"):
+    """Run the pipeline in memory. Returns (optimized ModelProto, Report). No verification."""
+    if target not in ("ort", "onnx"):
+        raise NormoptError(f"unknown target '{target}' (ort or onnx)")
+    ctx = Context(target=target, provider=provider)
+    out, report = build_pipeline(passes, opt_in).run(model, ctx)
+    return out, report
+
+
+def _write_report(path, report: Report):
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report.to_dict(), f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def optimize(
+    in_path: str,
+    out_path: str,
+    passes=None,
+    target: str = "ort",
+    verify: bool = True,
+    report_path: str | None = None,
+    seeds: int = 3,
+    atol: float | None = None,
+    rtol: float | None = None,
+    input_opts: InputOptions | None = None,
+    opt_in=None,
+) -> OptimizeResult:
+    """Optimize IN into OUT. Unless verify=False, OUT is verified against IN with ONNX Runtime
+    (CPU) before it is written; a model that differs is never written (VerificationFailed)."""
+    nio.check_output_path(in_path, out_path)
+    loaded = nio.load_model(in_path)
+    if verify:
+        # resolve inputs before any work: a dynamic dim without --shape is a usage error
+        from .runtime_tests.inputs import make_feeds
+
+        make_feeds(loaded.model, 0, input_opts)
+    out_model, report = optimize_model(loaded.model, passes, target, opt_in)
+    try:
+        nio.check_model(out_model)
+    except Exception as exc:
+        report.notes.append(f"output fails onnx.checker: {exc}")
+        _write_report(report_path, report)
+        raise VerificationFailed(f"internal error: the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    with nio.StagedModel(out_model, out_path, loaded.had_external_data) as staged:
+        result = None
+        if verify:
+            result = compare(in_path, staged.path, seeds=seeds, atol=atol, rtol=rtol, input_opts=input_opts)
+            report.verification = result.to_dict()
+            if not result.equivalent:
+                _write_report(report_path, report)
+                raise VerificationFailed("the optimized model is not equivalent to the input; nothing was written", result)
+        written = staged.commit()
+    _write_report(report_path, report)
+    return OptimizeResult(written, report, result)
+
+
+def verify(reference: str, candidate: str, **kwargs) -> EquivalenceResult:
+    nio.load_model(reference)
+    nio.load_model(candidate)
+    return compare(reference, candidate, **kwargs)

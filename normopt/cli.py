@@ -1,0 +1,240 @@
+"""normopt command line: optimize | verify | bench | inspect | passes | demo.
+
+Exit codes: 0 success (written / equivalent); 1 verification failed (nothing written) or
+models differ; 2 bad input or usage (one line on stderr, nothing written); 3 internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from .errors import NormoptError, VerificationFailed
+
+
+def _fail(msg: str, code: int):
+    click.echo(f"normopt: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def guarded(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NormoptError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else "bad input", 2)
+        except VerificationFailed as exc:
+            if exc.result is not None:
+                for line in exc.result.summary_lines():
+                    click.echo(line, err=True)
+            _fail(str(exc), 1)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except click.exceptions.Exit:
+            raise
+        except Exception as exc:  # a bug: one line, non-zero, nothing written
+            if os.environ.get("NORMOPT_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (set NORMOPT_DEBUG=1 for a traceback)", 3)
+
+    return wrapper
+
+
+def _parse_shapes(values) -> dict:
+    shapes = {}
+    for v in values:
+        if "=" not in v:
+            raise NormoptError(f"--shape {v}: expected NAME=1x128 (an input) or DIM=128 (a dynamic dimension)")
+        k, s = v.split("=", 1)
+        try:
+            dims = tuple(int(x) for x in s.lower().split("x"))
+        except ValueError:
+            raise NormoptError(f"--shape {v}: '{s}' is not a shape like 1x128") from None
+        if any(d <= 0 for d in dims):
+            raise NormoptError(f"--shape {v}: dimensions must be positive")
+        shapes[k] = dims
+    return shapes
+
+
+def _input_opts(shape, int_range, inputs):
+    from .runtime_tests.inputs import InputOptions
+
+    ranges = {}
+    for v in int_range:
+        try:
+            k, rng = v.split("=", 1)
+            lo, hi = (int(x) for x in rng.split(":"))
+        except ValueError:
+            raise NormoptError(f"--int-range {v}: expected NAME=LO:HI") from None
+        ranges[k] = (lo, hi)
+    if inputs and not os.path.isfile(inputs):
+        raise NormoptError(f"--inputs {inputs}: no such file")
+    return InputOptions(shapes=_parse_shapes(shape), int_ranges=ranges, inputs_npz=inputs)
+
+
+def input_options(fn):
+    fn = click.option("--shape", multiple=True, help="NAME=1x128 for an input, or DIM=128 for a dynamic dimension name")(fn)
+    fn = click.option("--int-range", multiple=True, help="NAME=LO:HI range for an integer input")(fn)
+    fn = click.option("--inputs", type=str, default=None, help="feeds.npz with real inputs")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="normopt")
+def main():
+    """Verified ONNX rewrites of transformer normalizations."""
+
+
+@main.command()
+@click.argument("model", type=str)
+@click.option("-o", "--output", "output", required=True, type=str, help="output model path")
+@click.option("--passes", default=None, help="comma-separated pass names (default: the whole pipeline)")
+@click.option("--report", "report_path", default=None, type=str, help="write the JSON report here")
+@click.option("--target", type=click.Choice(["ort", "onnx"]), default="ort", show_default=True)
+@click.option("--no-verify", is_flag=True, help="skip the ONNX Runtime equivalence check")
+@click.option("--seeds", default=3, show_default=True)
+@click.option("--atol", type=float, default=None)
+@click.option("--rtol", type=float, default=None)
+@input_options
+@guarded
+def optimize(model, output, passes, report_path, target, no_verify, seeds, atol, rtol, shape, int_range, inputs):
+    """Optimize MODEL into -o OUTPUT; verified against MODEL before it is written."""
+    from .api import optimize as run
+
+    names = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
+    opts = _input_opts(shape, int_range, inputs)
+    res = run(model, output, passes=names, target=target, verify=not no_verify, report_path=report_path,
+              seeds=seeds, atol=atol, rtol=rtol, input_opts=opts)
+    for p in res.report.passes:
+        click.echo(p.summary())
+    declined = list(res.report.declined())
+    for name, d in declined[:20]:
+        click.echo(f"  left alone by {name}: {d['kind']} '{d['target']}': {d['reason']}")
+    if len(declined) > 20:
+        click.echo(f"  ... {len(declined) - 20} more in the report")
+    if res.verification is not None:
+        worst = max(res.verification.outputs, key=lambda m: m.max_abs, default=None)
+        click.echo(f"verified: equivalent on {res.verification.seeds} seeds" + (f" (max abs diff {worst.max_abs:.3g} on '{worst.name}')" if worst else ""))
+    else:
+        click.echo("not verified (--no-verify)")
+    click.echo(f"wrote {res.output}")
+
+
+@main.command()
+@click.argument("reference", type=str)
+@click.argument("candidate", type=str)
+@click.option("--atol", type=float, default=None)
+@click.option("--rtol", type=float, default=None)
+@click.option("--seeds", default=3, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
+              help="graph optimization level of the candidate's session")
+@click.option("--json", "json_path", default=None, help="write per-output metrics as JSON")
+@input_options
+@guarded
+def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, shape, int_range, inputs):
+    """Check that CANDIDATE computes the same as REFERENCE (exit 0 equivalent, 1 differs)."""
+    from .api import verify as run
+    from .runtime_tests.providers import providers_for
+
+    providers_for(provider)
+    res = run(reference, candidate, seeds=seeds, atol=atol, rtol=rtol, input_opts=_input_opts(shape, int_range, inputs),
+              provider=provider, level=level)
+    for line in res.summary_lines():
+        click.echo(line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res.to_dict(), f, indent=2, default=str)
+    sys.exit(0 if res.equivalent else 1)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
+@click.option("--runs", default=50, show_default=True)
+@click.option("--warmup", default=5, show_default=True)
+@click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
+@click.option("--output", default=None, help="also write the table here")
+@input_options
+@guarded
+def bench(models, provider, threads, runs, warmup, level, fmt, output, shape, int_range, inputs):
+    """Latency of MODELS, interleaved; ratios are paired against the first model."""
+    from . import io as nio
+    from .runtime_tests.latency import bench as run
+    from .runtime_tests.providers import providers_for
+
+    providers_for(provider)
+    if runs < 2:
+        raise NormoptError("--runs must be at least 2")
+    for m in models:
+        nio.load_model(m, load_external=False)
+    labels = [os.path.basename(m) for m in models]
+    if len(set(labels)) < len(labels):
+        labels = list(models)
+    with click.progressbar(length=runs, label="benchmarking", file=sys.stderr) as bar:
+        last = [0]
+
+        def progress(i, total):
+            bar.update(i - last[0])
+            last[0] = i
+
+        res = run(list(zip(labels, models)), provider=provider, threads=threads, runs=runs, warmup=warmup,
+                  input_opts=_input_opts(shape, int_range, inputs), level=level, progress=progress)
+    text = {"md": res.markdown, "csv": res.csv, "json": res.json}[fmt]()
+    click.echo(text)
+    if output:
+        with open(output, "w") as f:
+            f.write(text + "\n")
+
+
+@main.command()
+@click.argument("model", type=str)
+@click.option("--target", type=click.Choice(["ort", "onnx"]), default="ort", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@guarded
+def inspect(model, target, as_json):
+    """List every normalization in MODEL and which pass would rewrite it, or why none would."""
+    from .inspect import inspect_model
+
+    rows = inspect_model(model, target)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no normalizations found")
+        return
+    click.echo(f"{'kind':<24} {'node':<40} {'input':<32} outcome")
+    for r in rows:
+        click.echo(f"{r['kind']:<24} {r['node'][:40]:<40} {r['input'][:32]:<32} {r['outcome']}")
+
+
+@main.command()
+def passes():
+    """List the passes in pipeline order."""
+    from .passes import all_passes
+
+    for i, p in enumerate(all_passes(), 1):
+        click.echo(f"{i:>2}. {p.name:<22} {p.description}" + ("  (opt-in)" if p.opt_in else ""))
+
+
+@main.command()
+@click.option("--dir", "workdir", default="normopt-demo", show_default=True, help="where the demo writes its models")
+@click.option("--runs", default=30, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True)
+@guarded
+def demo(workdir, runs, threads):
+    """Build a small Pre-LN transformer, optimize it, verify it and bench it."""
+    from .demo import run_demo
+
+    run_demo(workdir, runs=runs, threads=threads, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Export helpers: torch.onnx.export with the TorchScript exporter (``dynamo=False``) or the
+dynamo exporter (``dynamo=True``, which writes external data), opset 17 by default."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+
+import torch
+
+
+def example_inputs(model, batch=1, seq=16, image=None):
+    """Example inputs for the builders in normopt.models.builders."""
+    from .builders import BertLike, Decoder, Encoder
+
+    if isinstance(model, Encoder):
+        size = image or (model.patch * int(round((model.pos.shape[1] - (1 if model.pool == "cls" else 0)) ** 0.5)))
+        return {"pixel_values": torch.randn(batch, 3, size, size)}
+    if isinstance(model, BertLike):
+        return {
+            "input_ids": torch.randint(0, model.tok.num_embeddings, (batch, seq)),
+            "token_type_ids": torch.randint(0, model.typ.num_embeddings, (batch, seq)),
+        }
+    if isinstance(model, Decoder):
+        return {"input_ids": torch.randint(0, model.tok.num_embeddings, (batch, seq))}
+    raise TypeError(f"no example inputs for {type(model).__name__}")
+
+
+def export(model, inputs: dict, path: str, opset: int = 17, dynamo: bool = False, output_names=None,
+           dynamic_axes: dict | None = None, fp16: bool = False, quiet: bool = True) -> str:
+    """Export ``model(**inputs)`` to ``path``. Returns the path."""
+    model = model.eval()
+    if fp16:
+        model = model.half()
+        inputs = {k: (v.half() if v.is_floating_point() else v) for k, v in inputs.items()}
+    names = list(inputs)
+    args = tuple(inputs.values())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sink = io.StringIO()
+    with warnings.catch_warnings(), torch.no_grad(), (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()), (contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dyn = None
+            if dynamic_axes:
+                dyn = {k: {ax: torch.export.Dim.AUTO for ax in axes} for k, axes in dynamic_axes.items() if k in names}
+            torch.onnx.export(model, args, path, input_names=names, output_names=output_names, opset_version=opset,
+                              dynamo=True, dynamic_shapes=dyn, external_data=True)
+        else:
+            torch.onnx.export(model, args, path, input_names=names, output_names=output_names, opset_version=opset,
+                              dynamo=False, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    return path

@@ -1,0 +1,38 @@
+"""The ordered pipeline. It reads like the papers: canonicalize, then fold the redundant mean
+of Pre-LN streams (Pre-RMSNorm, arXiv 2305.14858)."""
+
+from __future__ import annotations
+
+from ..errors import NormoptError
+from ..pipeline import Pipeline
+from .explicit_defaults import ExplicitDefaults
+from .fold_constants import FoldConstants
+from .ln_to_rms import LayerNormToRMSNorm
+from .remove_identity import RemoveIdentity
+
+
+def all_passes():
+    """Every pass, in pipeline order."""
+    return [
+        # canonicalization that later passes rely on
+        FoldConstants(),
+        RemoveIdentity(),
+        ExplicitDefaults(),
+        # Pre-RMSNorm: LayerNorm -> RMSNorm on zero-mean residual streams
+        LayerNormToRMSNorm(),
+    ]
+
+
+def build_pipeline(names: list[str] | None = None, opt_in: list[str] | None = None) -> Pipeline:
+    """The default pipeline, or the named passes (kept in pipeline order)."""
+    passes = all_passes()
+    known = {p.name for p in passes}
+    if names:
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise NormoptError(f"unknown pass(es): {', '.join(unknown)}; see 'normopt passes'")
+        passes = [p for p in passes if p.name in names]
+    else:
+        opt_in = set(opt_in or [])
+        passes = [p for p in passes if not p.opt_in or p.name in opt_in]
+    return Pipeline(passes)

@@ -1,0 +1,710 @@
+"""ln_to_rms: fold the redundant mean of Pre-LN transformers (Pre-RMSNorm, arXiv 2305.14858).
+
+Identity (normopt-math.md section 1)::
+
+    LN(x) = RMSNorm(x - mean(x))        (same eps)
+    LN(x + c*1) = LN(x)                 for any per-token scalar c
+
+So if every value written into a residual stream is zero-mean along d, every LayerNorm that
+reads the stream computes the same as an RMSNorm with the same gamma, beta and epsilon.
+
+How the pass proves it (two phases, like TVM's FoldScaleAxis):
+
+1. *Demand* flows backward from each LN's input: "this tensor must be zero-mean along axis a".
+   It passes through residual Adds (both operands), and through ops that commute with
+   per-token centering (Transpose, Reshape/Squeeze/Unsqueeze/Flatten that keep the axis,
+   Gather/Slice/Concat/Expand/Tile along other axes, Reduce over other axes, Mul/Div by a
+   per-token value). It ends at a *writer*, centered along a:
+     - a constant (position embedding, cls token, bias): subtract its mean over a;
+     - a Gather from a constant table (token/position embeddings): center every row;
+     - MatMul with a constant [k, d] weight: W <- W - mean over the output axis;
+     - Gemm: B centered along its output axis (transB honoured), C via its own demand;
+       alpha and beta are scalars, so they commute with centering;
+     - Conv (group 1) on the channel axis: W and B centered over output channels;
+     - LayerScale Mul(linear, s) with s per-channel: s is folded into the linear first;
+     - anything else (GELU front end, a LayerNorm output, a graph input): one explicit
+       centering x - ReduceMean(x) is inserted, and only mean-invariant readers use it.
+2. *Changed* flows forward from every tensor whose value changes: each reader must be
+   mean-invariant: an LN over exactly the last axis (it becomes an RMSNorm), a residual Add
+   (its other operand is then demanded), or a commuting op (its output is checked in turn).
+   A graph output, a Post-LN sum read by attention, a classifier on the raw stream, or any
+   other reader makes the stream non-equivalent: the whole stream is left alone, with a reason.
+
+Preconditions, per stream (a connected set of LNs, writers and readers):
+  - every reader of every changed value is mean-invariant (phase 2);
+  - every writer is centerable (phase 1) and every axis is tracked through static shapes;
+  - an LN converts only when it normalizes exactly the last axis and its mean/inv-std
+    outputs are unused;
+  - explicit centerings cost one mean each; the stream converts only if it removes more LN
+    means than the centerings it adds.
+Initializers are never edited in place: every centered weight is a new tensor (a tied table,
+such as GPT-2's token embedding read by lm_head, keeps its original for the other readers).
+Weight math is done in float64 and cast back to the model's dtype.
+
+Emission (``ctx.target``): ``ort`` gives SimplifiedLayerNormalization (ONNX domain, ORT
+contrib); ``onnx`` gives RMSNormalization at opset >= 23, else the decomposed form
+Pow/ReduceMean/Add/Sqrt/Div/Mul that ORT's SimplifiedLayerNormFusion recognizes. beta is
+folded into the consumers' biases when every consumer is a linear op with constant weights
+and a bias (so an op is removed); otherwise it stays as an Add.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import graph as G
+from ..norms import LayerNormMatch, find_layernorms
+from ..pipeline import Analysis, Decline, Pass
+
+COMMUTING_RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
+class _Fail(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# axis mapping through ops that commute with per-token centering
+
+
+def _reshape_map(src, dst, a):
+    """Axis of `dst` that holds axis `a` of `src` through a row-major reshape, or None.
+
+    Axis a survives as axis b when the dims are equal and the products of the dims after
+    them are equal: then (outer, channel, inner) indexing is the same on both sides."""
+    ss, ds = G.shape(src), G.shape(dst)
+    if ss is None or ds is None or a >= len(ss):
+        return None
+    n = ss[a]
+    inner = ss[a + 1:]
+    if not isinstance(n, int) or not all(isinstance(v, int) for v in inner):
+        return None
+    inner_p = int(np.prod(inner)) if inner else 1
+    for b in range(len(ds) - 1, -1, -1):
+        tail = ds[b + 1:]
+        if ds[b] == n and all(isinstance(v, int) for v in tail) and (int(np.prod(tail)) if tail else 1) == inner_p:
+            return b
+    return None
+
+
+def _broadcast_axis(inp, out, a):
+    """Axis of a broadcasting input that lines up with output axis a: None when the input
+    lacks that axis, -1 when it has size 1 there (broadcast along a)."""
+    ri, ro = G.rank(inp), G.rank(out)
+    if ri is None or ro is None:
+        raise _Fail(f"rank of '{inp.name}' unknown")
+    ai = a - (ro - ri)
+    if ai < 0:
+        return None
+    s = G.shape(inp)
+    if s is not None and s[ai] == 1 and G.static_dim(out, a) != 1:
+        return -1
+    return ai
+
+
+def _forward_axis(node, t, a):
+    """Where axis a of input t goes in node's output, if node commutes with per-token
+    centering along a; else None."""
+    op, out = node.op, node.outputs[0]
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        r = G.rank(t)
+        if perm is None and r is not None:
+            perm = list(reversed(range(r)))
+        return list(perm).index(a) if perm is not None else None
+    if op in COMMUTING_RESHAPES:
+        return _reshape_map(t, out, a) if node.inputs[0] is t else None
+    if op == "Gather":
+        if node.inputs[0] is not t:
+            return None
+        r = G.rank(t)
+        g = G.normalize_axis(int(node.attrs.get("axis", 0)), r)
+        q = G.rank(node.inputs[1]) if G.const_value(node.inputs[1]) is None else G.const_value(node.inputs[1]).ndim
+        if g == a or q is None:
+            return None
+        return a if a < g else a + q - 1
+    if op == "Slice":
+        if node.inputs[0] is not t:
+            return None
+        r = G.rank(t)
+        starts = G.const_value(node.inputs[1])
+        axes = G.const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
+        if axes is None:
+            if len(node.inputs) > 3 and node.inputs[3].name:
+                return None
+            if starts is None:
+                return None
+            axes = np.arange(starts.size)
+        axes = [G.normalize_axis(int(x), r) for x in np.asarray(axes).reshape(-1)]
+        return None if a in axes else a
+    if op == "Concat":
+        r = G.rank(t)
+        return None if G.normalize_axis(int(node.attrs["axis"]), r) == a else a
+    if op == "Expand":
+        if node.inputs[0] is not t:
+            return None
+        ro, ri = G.rank(out), G.rank(t)
+        if ro is None or ri is None or G.static_dim(t, a) in (None, 1):
+            return None
+        return a + (ro - ri)
+    if op == "Tile":
+        reps = G.const_value(node.inputs[1])
+        if node.inputs[0] is not t or reps is None or int(reps.reshape(-1)[a]) != 1:
+            return None
+        return a
+    if op in ("ReduceMean", "ReduceSum"):
+        r = G.rank(t)
+        axes, keep = G.reduce_axes(node, r)
+        if axes is False or axes is None or a in axes:
+            return None
+        return a if keep else a - sum(1 for x in axes if x < a)
+    if op in ("Mul", "Div"):
+        if op == "Div" and node.inputs[0] is not t:
+            return None
+        other = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+        if other is t:
+            return None
+        ao = G.rank(out)
+        if ao is None or G.rank(t) is None:
+            return None
+        a_out = a + (ao - G.rank(t))
+        try:
+            ax = _broadcast_axis(other, out, a_out)
+        except _Fail:
+            return None
+        return a_out if ax in (None, -1) else None  # other is per-token (size 1 along a)
+    return None
+
+
+def _backward_axis(node, out_axis):
+    """For a commuting node whose output must be zero-mean along out_axis: list of
+    (input index, input axis) to demand, or None when it does not commute."""
+    op, out = node.op, node.outputs[0]
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        if perm is None:
+            r = G.rank(out)
+            perm = list(reversed(range(r))) if r is not None else None
+        return None if perm is None else [(0, list(perm)[out_axis])]
+    if op in COMMUTING_RESHAPES:
+        b = _reshape_map(out, node.inputs[0], out_axis)
+        return None if b is None else [(0, b)]
+    if op in ("Gather", "Slice", "Expand", "Tile", "ReduceMean", "ReduceSum"):
+        t = node.inputs[0]
+        r = G.rank(t)
+        if r is None:
+            return None
+        for a in range(r):
+            try:
+                if _forward_axis(node, t, a) == out_axis:
+                    return [(0, a)]
+            except Exception:
+                return None
+        return None
+    if op == "Concat":
+        return None if _forward_axis(node, node.inputs[0], out_axis) is None else [(i, out_axis) for i in range(len(node.inputs))]
+    if op in ("Mul", "Div"):  # x * s with s per-token (size 1 along the axis)
+        ro = G.rank(out)
+        for i in ([0] if op == "Div" else [0, 1]):
+            t = node.inputs[i]
+            rt = G.rank(t)
+            if ro is None or rt is None or out_axis - (ro - rt) < 0:
+                continue
+            a = out_axis - (ro - rt)
+            if G.static_dim(t, a) != 1 and _forward_axis(node, t, a) == out_axis:
+                return [(i, a)]
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis results
+
+
+@dataclass(eq=False)
+class Stream:
+    """One connected residual stream and everything needed to make it zero-mean."""
+
+    lns: list = field(default_factory=list)  # LayerNormMatch to convert
+    constants: list = field(default_factory=list)  # (node, input index, axis or None)
+    tables: list = field(default_factory=list)  # Gather nodes (axis 0, rows centered on last axis)
+    linears: list = field(default_factory=list)  # (node, kind)
+    layerscales: list = field(default_factory=list)  # (mul node, s input index, linear node, bias edge or None)
+    centerings: dict = field(default_factory=dict)  # tensor name -> (tensor, axis, [(node, idx)])
+    values: dict = field(default_factory=dict)  # tensor name -> axis (values made zero-mean)
+
+    def describe(self) -> str:
+        names = ", ".join(m.name for m in self.lns[:4]) + (" ..." if len(self.lns) > 4 else "")
+        return (
+            f"stream: {len(self.lns)} LN -> RMSNorm [{names}]; centered {len(self.tables)} tables, "
+            f"{len(self.linears)} linear writers, {len(self.constants)} constants, "
+            f"{len(self.layerscales)} LayerScales folded, {len(self.centerings)} explicit centerings"
+        )
+
+
+class _Closure:
+    def __init__(self, graph, ln_by_reader, seed: LayerNormMatch):
+        self.graph = graph
+        self.ln_by_reader = ln_by_reader
+        self.s = Stream()
+        self.removed = set()  # ids of nodes that the rewrite removes (LayerScale Muls)
+        self.work = collections.deque()
+        self.seed = seed
+
+    # -- phase 1: demand ---------------------------------------------------------------------
+    def demand(self, t, a, edge):
+        if t.name in self.s.values:
+            if self.s.values[t.name] != a:
+                raise _Fail(f"'{t.name}' would need centering along two axes")
+            return
+        if t.name in self.s.centerings:
+            if self.s.centerings[t.name][1] != a:
+                raise _Fail(f"'{t.name}' would need centering along two axes")
+            if edge:
+                self.s.centerings[t.name][2].append(edge)
+            return
+        if G.const_value(t) is not None:
+            if edge is None:
+                raise _Fail(f"'{t.name}' is a constant read directly by a LayerNorm")
+            self.s.constants.append((edge[0], edge[1], a))
+            return
+        p = G.producer(t)
+        if p is None:
+            return self.center(t, a, edge)
+        op = p.op
+        if op in ("Add", "Sub") and len(p.inputs) == 2:
+            self.mark(t, a)
+            for i, inp in enumerate(p.inputs):
+                ai = _broadcast_axis(inp, t, a)
+                if ai is None or ai == -1:
+                    if G.const_value(inp) is None:
+                        raise _Fail(f"'{p.name}' adds a non-constant per-token value '{inp.name}' to the stream")
+                    self.s.constants.append((p, i, None))
+                else:
+                    self.demand(inp, ai, (p, i))
+            return
+        back = _backward_axis(p, a)
+        if back is not None:
+            self.mark(t, a)
+            for i, ai in back:
+                self.demand(p.inputs[i], ai, (p, i))
+            return
+        if op == "Gather" and G.const_value(p.inputs[0]) is not None and G.rank(t) is not None:
+            table = G.const_value(p.inputs[0])
+            if int(p.attrs.get("axis", 0)) == 0 and table.ndim == 2 and a == G.rank(t) - 1 and self._invariant(t, a):
+                self.s.tables.append(p)
+                self.mark(t, a)
+                return
+        kind = self._linear_kind(p, t, a)
+        if kind and self._invariant(t, a) and self._add_linear(p, kind, t, a):
+            self.mark(t, a)
+            return
+        if op == "Mul" and self._layerscale(p, t, a):
+            return
+        return self.center(t, a, edge)
+
+    def mark(self, t, a):
+        self.s.values[t.name] = a
+        self.work.append((t, a))
+
+    def center(self, t, a, edge):
+        r = G.rank(t)
+        if r is None:
+            raise _Fail(f"rank of writer '{t.name}' unknown")
+        self.s.centerings[t.name] = (t, a, [edge] if edge else [])
+        # readers of the centered value that are mean-invariant read it too (CLIP's first LN)
+        for c in G.consumers(t):
+            if edge and c is edge[0]:
+                continue
+            if self._reader_ok(c, t, a):
+                for i, inp in enumerate(c.inputs):
+                    if inp is t:
+                        self.s.centerings[t.name][2].append((c, i))
+                self._changed_reader(c, t, a)
+
+    def _add_linear(self, p, kind, t, a) -> bool:
+        """Record a linear writer; its additive constant (Gemm C, Conv B) is centered too."""
+        if len(p.inputs) > 2 and p.inputs[2].name:
+            c = p.inputs[2]
+            if G.const_value(c) is None:
+                return False
+            if kind == "Gemm":
+                ai = _broadcast_axis(c, t, a)
+                self.s.constants.append((p, 2, None if ai in (None, -1) else ai))
+            elif kind == "Conv":
+                self.s.constants.append((p, 2, 0))
+        self.s.linears.append((p, kind))
+        return True
+
+    def _linear_kind(self, p, t, a):
+        r = G.rank(t)
+        if p.op == "MatMul" and p.inputs[1] is not None:
+            w = G.const_value(p.inputs[1])
+            if w is not None and w.ndim == 2 and r is not None and a == r - 1 and G.const_value(p.inputs[0]) is None:
+                return "MatMul"
+        if p.op == "Gemm" and a == 1:
+            b = G.const_value(p.inputs[1])
+            if b is not None and b.ndim == 2:
+                return "Gemm"
+        if p.op == "Conv" and a == 1 and int(p.attrs.get("group", 1)) == 1:
+            w = G.const_value(p.inputs[1])
+            if w is not None:
+                return "Conv"
+        return None
+
+    def _layerscale(self, mul, t, a) -> bool:
+        """Mul(u, s) with s per-channel along a and u = linear(+bias) read only by the Mul."""
+        for si in (0, 1):
+            s, u = mul.inputs[si], mul.inputs[1 - si]
+            sv = G.const_value(s)
+            if sv is None or G.const_value(u) is not None:
+                continue
+            ai = _broadcast_axis(s, t, a)
+            if ai in (None, -1) or sum(1 for d in sv.shape if d != 1) > 1:
+                continue
+            if len(G.consumers(u)) != 1 or G.is_graph_output(self.graph, u):
+                continue
+            p = G.producer(u)
+            bias_edge = None
+            lin = p
+            if p is not None and p.op == "Add":
+                for bi in (0, 1):
+                    if G.const_value(p.inputs[bi]) is not None and G.const_value(p.inputs[1 - bi]) is None:
+                        lin = G.producer(p.inputs[1 - bi])
+                        bias_edge = (p, bi)
+                        if len(G.consumers(p.inputs[1 - bi])) != 1:
+                            lin = None
+                        break
+                else:
+                    lin = None
+            kind = None if lin is None else self._linear_kind(lin, lin.outputs[0], a)
+            if kind is None or not self._add_linear(lin, kind, lin.outputs[0], a):
+                continue
+            self.s.layerscales.append((mul, si, lin, bias_edge))
+            self.removed.add(id(mul))
+            self.mark(t, a)
+            # after folding, u carries t's value (the Mul is removed); u's readers are internal
+            self.s.values[u.name] = a
+            if bias_edge is not None:
+                ai = _broadcast_axis(p.inputs[bias_edge[1]], u, a)
+                self.s.constants.append((bias_edge[0], bias_edge[1], None if ai in (None, -1) else ai))
+                self.s.values[lin.outputs[0].name] = a
+            return True
+        return False
+
+    # -- phase 2: every reader of a changed value must be mean-invariant ---------------------
+    def _reader_ok(self, c, t, a) -> bool:
+        if id(c) in self.removed:
+            return True
+        ln = self.ln_by_reader.get(id(c))
+        if ln is not None and ln.x is t:
+            return ln.over_last_axis() and a == ln.rank - 1 and not ln.extra_outputs_used
+        if c.op in ("Add",) and len(c.inputs) == 2:
+            return True
+        if c.op == "Sub" and len(c.inputs) == 2:
+            return True
+        try:
+            return _forward_axis(c, t, a) is not None
+        except Exception:
+            return False
+
+    def _invariant(self, t, a) -> bool:
+        """Shallow check: may t's value change (every reader is mean-invariant)?"""
+        if G.is_graph_output(self.graph, t):
+            return False
+        return all(self._reader_ok(c, t, a) for c in G.consumers(t))
+
+    def _changed_reader(self, c, t, a):
+        if id(c) in self.removed:
+            return
+        ln = self.ln_by_reader.get(id(c))
+        if ln is not None and ln.x is t:
+            if ln not in self.s.lns:
+                self.s.lns.append(ln)
+            return
+        out = c.outputs[0]
+        if c.op in ("Add", "Sub"):
+            self.demand(out, a + (G.rank(out) - G.rank(t)), None)
+            return
+        b = _forward_axis(c, t, a)
+        self.demand(out, b, None)
+
+    def changed(self, t, a):
+        if G.is_graph_output(self.graph, t):
+            raise _Fail(f"stream value '{t.name}' is a graph output (the raw stream is exposed)")
+        for c in G.consumers(t):
+            if not self._reader_ok(c, t, a):
+                ln = self.ln_by_reader.get(id(c))
+                if ln is not None:
+                    raise _Fail(f"stream value '{t.name}' is read by {ln.kind} '{ln.name}', which does not normalize exactly the last axis (or exposes its mean)")
+                raise _Fail(f"stream value '{t.name}' is read by {c.op} '{c.name}', which is not invariant to the per-token mean")
+            self._changed_reader(c, t, a)
+
+    def run(self) -> Stream:
+        self.demand(self.seed.x, self.seed.rank - 1, None)
+        while self.work:
+            t, a = self.work.popleft()
+            self.changed(t, a)
+        if self.seed not in self.s.lns:
+            self.s.lns.append(self.seed)
+        return self.s
+
+
+# ---------------------------------------------------------------------------------------------
+# rewriting helpers
+
+
+def _center(values: np.ndarray, axis) -> np.ndarray:
+    v = G.f64(values)
+    if axis is None:
+        return G.cast_like(np.zeros_like(v), values)
+    return G.cast_like(v - v.mean(axis=axis, keepdims=True), values)
+
+
+def _emit_rms(graph, namer, ln: LayerNormMatch, x, out, target, opset):
+    """Emit RMSNorm(x) * gamma into tensor `out` (beta handled by the caller)."""
+    dtype = G.tensor_dtype(x) or (G.const_value(ln.gamma).dtype if ln.gamma is not None else np.float32)
+    d = G.static_dim(x, -1)
+    gamma = ln.gamma
+    gv = G.const_value(gamma) if gamma is not None else None
+    if gamma is None:
+        if d is None:
+            raise _Fail("width unknown")
+        gamma = G.new_const(namer, f"{ln.name}_gamma", np.ones(d, dtype=dtype))
+    elif gv is not None and gv.ndim != 1:
+        gamma = G.new_const(namer, f"{ln.name}_gamma", gv.reshape(-1))
+    eps = float(ln.epsilon)
+    if target == "ort":
+        G.add_node(graph, namer, "SimplifiedLayerNormalization", [x, gamma], [out],
+                   {"axis": -1, "epsilon": eps, "stash_type": 1}, base=f"{ln.name}_rms")
+    elif target == "onnx" and opset >= 23:
+        G.add_node(graph, namer, "RMSNormalization", [x, gamma], [out],
+                   {"axis": -1, "epsilon": eps, "stash_type": 1}, base=f"{ln.name}_rms")
+    else:  # decomposed, in the form ORT's SimplifiedLayerNormFusion recognizes
+        two = G.new_const(namer, "normopt_two", np.asarray(2.0, dtype=dtype))
+        epsc = G.new_const(namer, "normopt_eps", np.asarray(eps, dtype=dtype))
+        sq = G.new_var(namer, f"{ln.name}_sq", dtype)
+        ms = G.new_var(namer, f"{ln.name}_ms", dtype)
+        mse = G.new_var(namer, f"{ln.name}_mse", dtype)
+        rms = G.new_var(namer, f"{ln.name}_rms", dtype)
+        nrm = G.new_var(namer, f"{ln.name}_normed", dtype)
+        G.add_node(graph, namer, "Pow", [x, two], [sq])
+        G.reduce_mean_node(graph, namer, sq, ms, [-1], 1)
+        G.add_node(graph, namer, "Add", [ms, epsc], [mse])
+        G.add_node(graph, namer, "Sqrt", [mse], [rms])
+        G.add_node(graph, namer, "Div", [x, rms], [nrm])
+        G.add_node(graph, namer, "Mul", [nrm, gamma], [out])
+
+
+def _linear_readers(graph, y):
+    """Consumers of y, through Reshapes that keep the last axis, that can absorb a per-channel
+    beta into a bias: [(linear node, bias edge)] or None if any consumer cannot."""
+    found = []
+    if G.is_graph_output(graph, y):
+        return None
+    r = G.rank(y)
+    for c in G.consumers(y):
+        if c.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            if r is None or c.inputs[0] is not y or _reshape_map(y, c.outputs[0], r - 1) != (G.rank(c.outputs[0]) or 0) - 1:
+                return None
+            sub = _linear_readers(graph, c.outputs[0])
+            if sub is None:
+                return None
+            found.extend(sub)
+            continue
+        if c.op == "MatMul" and c.inputs[0] is y and G.const_value(c.inputs[1]) is not None and G.const_value(c.inputs[1]).ndim == 2:
+            mo = c.outputs[0]
+            cons = G.consumers(mo)
+            if len(cons) == 1 and cons[0].op == "Add" and not G.is_graph_output(graph, mo):
+                add = cons[0]
+                bi = 1 if add.inputs[0] is mo else 0
+                bv = G.const_value(add.inputs[bi])
+                if bv is not None and bv.ndim <= 1:
+                    found.append((c, (add, bi)))
+                    continue
+            return None
+        if c.op == "Gemm" and c.inputs[0] is y and not int(c.attrs.get("transA", 0)) and G.const_value(c.inputs[1]) is not None:
+            if len(c.inputs) > 2 and c.inputs[2].name and G.const_value(c.inputs[2]) is None:
+                return None
+            found.append((c, None))
+            continue
+        return None
+    return found
+
+
+def _fold_beta(graph, namer, beta_v, readers):
+    """b' = b + beta . W for every linear reader (float64, new tensors)."""
+    b64 = G.f64(beta_v).reshape(-1)
+    for lin, bias_edge in readers:
+        if lin.op == "MatMul":
+            w = G.const_value(lin.inputs[1])
+            add, bi = bias_edge
+            bv = G.const_value(add.inputs[bi])
+            nb = G.f64(bv).reshape(-1) + b64 @ G.f64(w)
+            add.inputs[bi] = G.new_const(namer, f"{add.inputs[bi].name}_beta", G.cast_like(nb.reshape(bv.shape if bv.ndim else (-1,)), bv))
+        else:  # Gemm: alpha*(y+beta)B' + beta_g*C = alpha*yB' + (alpha*beta.B' + beta_g*C)
+            w = G.f64(G.const_value(lin.inputs[1]))
+            if int(lin.attrs.get("transB", 0)):
+                w = w.T
+            alpha = float(lin.attrs.get("alpha", 1.0))
+            beta_g = float(lin.attrs.get("beta", 1.0))
+            shift = alpha * (b64 @ w)
+            has_c = len(lin.inputs) > 2 and lin.inputs[2].name
+            if has_c and beta_g != 0.0:
+                like = G.const_value(lin.inputs[2])
+                nc = G.f64(like) + shift / beta_g
+            else:  # no C (or beta_g = 0, so C contributes nothing): C = shift with beta 1
+                like = G.const_value(lin.inputs[1])
+                nc = shift
+                lin.attrs["beta"] = 1.0
+            c = G.new_const(namer, f"{lin.name}_C_beta", G.cast_like(nc, like))
+            if has_c:
+                lin.inputs[2] = c
+            else:
+                while len(lin.inputs) < 2:
+                    lin.inputs.append(gs.Variable.empty())
+                lin.inputs.append(c)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerNormToRMSNorm(Pass):
+    name = "ln_to_rms"
+    description = "fold the redundant mean of Pre-LN streams: LayerNorm -> RMSNorm (Pre-RMSNorm, arXiv 2305.14858)"
+
+    def analyze(self, graph, ctx):
+        lns = find_layernorms(graph)
+        ln_by_reader = {}
+        for m in lns:
+            for r in m.readers:
+                ln_by_reader[id(r)] = m
+        a = Analysis()
+        done = set()
+        for seed in lns:
+            if id(seed) in done:
+                continue
+            if seed.extra_outputs_used:
+                a.declined.append(Decline(seed.name, seed.kind, "its Mean/InvStdDev outputs are read"))
+                done.add(id(seed))
+                continue
+            if not seed.over_last_axis():
+                a.declined.append(Decline(seed.name, seed.kind, f"normalizes axes {seed.axes}, not exactly the last axis (or the rank is unknown)"))
+                done.add(id(seed))
+                continue
+            closure = _Closure(graph, ln_by_reader, seed)
+            try:
+                stream = closure.run()
+            except _Fail as exc:
+                # every LN the stream reached is left alone for the same reason
+                members = set(id(m) for m in closure.s.lns) | {id(seed)}
+                for m in lns:
+                    if id(m) in members and id(m) not in done:
+                        done.add(id(m))
+                        a.declined.append(Decline(m.name, m.kind, f"stream not convertible: {exc}"))
+                continue
+            except Exception as exc:  # an analysis bug must never produce a rewrite
+                done.add(id(seed))
+                a.declined.append(Decline(seed.name, seed.kind, f"analysis error: {type(exc).__name__}: {exc}"))
+                continue
+            for m in stream.lns:
+                done.add(id(m))
+            k, mc = len(stream.lns), len(stream.centerings)
+            if mc >= k:
+                for m in stream.lns:
+                    a.declined.append(Decline(m.name, m.kind, f"stream needs {mc} explicit centering(s) to convert {k} LN(s): no mean is saved"))
+                continue
+            a.matches.append(stream)
+        return a
+
+    def apply(self, graph, matches, ctx):
+        namer = G.Namer(graph)
+        opset = graph.opset or 17
+        n = 0
+        for s in matches:
+            cache = {}
+
+            def centered_const(tensor, axis):
+                key = (tensor.name, axis)
+                if key not in cache:
+                    cache[key] = G.new_const(namer, f"{tensor.name}_centered", _center(G.const_value(tensor), axis))
+                return cache[key]
+
+            # 1. LayerScale folds: Mul(linear(x) [+ b], s) -> linear with W*s, b*s
+            for mul, si, lin, bias_edge in s.layerscales:
+                sv = G.f64(G.const_value(mul.inputs[si])).reshape(-1)
+                widx = 1
+                w = G.const_value(lin.inputs[widx])
+                if lin.op == "MatMul":
+                    nw = G.f64(w) * sv[None, :]
+                elif lin.op == "Gemm":
+                    nw = G.f64(w) * (sv[:, None] if int(lin.attrs.get("transB", 0)) else sv[None, :])
+                    alpha = float(lin.attrs.get("alpha", 1.0))
+                    if len(lin.inputs) > 2 and lin.inputs[2].name:
+                        cv = G.const_value(lin.inputs[2])
+                        lin.inputs[2] = G.new_const(namer, f"{lin.inputs[2].name}_ls", G.cast_like(G.f64(cv) * sv, cv))
+                    del alpha
+                else:  # Conv
+                    nw = G.f64(w) * sv.reshape((-1,) + (1,) * (w.ndim - 1))
+                    if len(lin.inputs) > 2 and lin.inputs[2].name:
+                        bv = G.const_value(lin.inputs[2])
+                        lin.inputs[2] = G.new_const(namer, f"{lin.inputs[2].name}_ls", G.cast_like(G.f64(bv) * sv, bv))
+                lin.inputs[widx] = G.new_const(namer, f"{lin.inputs[widx].name}_ls", G.cast_like(nw, w))
+                if bias_edge is not None:
+                    add, bi = bias_edge
+                    bv = G.const_value(add.inputs[bi])
+                    add.inputs[bi] = G.new_const(namer, f"{add.inputs[bi].name}_ls", G.cast_like(G.f64(bv) * sv.reshape(bv.shape) if bv.size == sv.size else G.f64(bv) * sv, bv))
+                # the Mul's output is now written by the Mul's input producer
+                u = mul.inputs[1 - si]
+                t = mul.outputs[0]
+                mul.inputs.clear()
+                mul.outputs.clear()
+                pu = G.producer(u)
+                pu.outputs[[i for i, o in enumerate(pu.outputs) if o is u][0]] = t
+            # 2. writers: tables, linears, constants
+            for g in s.tables:
+                g.inputs[0] = centered_const(g.inputs[0], 1)
+            for lin, kind in s.linears:
+                if kind == "MatMul":
+                    lin.inputs[1] = centered_const(lin.inputs[1], 1)
+                elif kind == "Gemm":
+                    lin.inputs[1] = centered_const(lin.inputs[1], 0 if int(lin.attrs.get("transB", 0)) else 1)
+                else:
+                    lin.inputs[1] = centered_const(lin.inputs[1], 0)
+            for node, idx, axis in s.constants:
+                node.inputs[idx] = centered_const(node.inputs[idx], axis)
+            # 3. explicit centerings: x_c = x - ReduceMean(x, axis); mean-invariant readers read x_c
+            for name, (t, axis, edges) in s.centerings.items():
+                dtype = G.tensor_dtype(t)
+                mean = G.new_var(namer, f"{name}_mean", dtype)
+                xc = G.new_var(namer, f"{name}_centered", dtype, G.shape(t))
+                G.reduce_mean_node(graph, namer, t, mean, [axis], 1)
+                G.add_node(graph, namer, "Sub", [t, mean], [xc], base=f"{name}_center")
+                for node, idx in edges:
+                    if node is not None and node.inputs[idx] is t:
+                        node.inputs[idx] = xc
+            # 4. every LN becomes an RMSNorm; beta folded into linear readers or kept as an Add
+            for ln in s.lns:
+                y = ln.y
+                x = ln.readers[0].inputs[0]  # after step 3 this may be the explicitly centered value
+                for node in ln.nodes:
+                    node.outputs.clear()
+                    node.inputs.clear()
+                beta_v = G.const_value(ln.beta) if ln.beta is not None else None
+                if ln.beta is None or (beta_v is not None and not np.any(beta_v)):
+                    _emit_rms(graph, namer, ln, x, y, ctx.target, opset)
+                else:
+                    readers = _linear_readers(graph, y) if beta_v is not None else None
+                    if readers:
+                        _fold_beta(graph, namer, beta_v, readers)
+                        _emit_rms(graph, namer, ln, x, y, ctx.target, opset)
+                    else:
+                        mid = G.new_var(namer, f"{ln.name}_rms_out", G.tensor_dtype(x))
+                        _emit_rms(graph, namer, ln, x, mid, ctx.target, opset)
+                        G.add_node(graph, namer, "Add", [mid, ln.beta], [y], base=f"{ln.name}_beta")
+                n += 1
+        return n

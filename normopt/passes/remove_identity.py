@@ -1,0 +1,60 @@
+"""remove_identity: drop Identity nodes and inference-mode Dropout.
+
+Identity: Identity(x) = x, and Dropout(x) = x when training_mode is absent or false and its
+mask output is unused.
+
+Preconditions: an Identity whose output is a graph output is kept when its input is a graph
+input or an initializer, or is itself a graph output (the output name must survive); otherwise
+the producer is renamed to write the graph output directly.
+"""
+
+from __future__ import annotations
+
+from .. import graph as G
+from ..pipeline import Analysis, Decline, Pass
+
+
+class RemoveIdentity(Pass):
+    name = "remove_identity"
+    description = "remove Identity nodes and inference-mode Dropout (canonicalization)"
+
+    def analyze(self, graph, ctx):
+        a = Analysis()
+        for node in graph.nodes:
+            if node.op == "Dropout":
+                tm = G.const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+                if tm is not None and bool(tm.reshape(-1)[0]):
+                    a.declined.append(Decline(node.name, "Dropout", "training_mode is true"))
+                    continue
+                if len(node.outputs) > 1 and (node.outputs[1].outputs or G.is_graph_output(graph, node.outputs[1])):
+                    a.declined.append(Decline(node.name, "Dropout", "its mask output is read"))
+                    continue
+            elif node.op != "Identity":
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            if G.is_graph_output(graph, y):
+                if G.producer(x) is None or G.is_graph_output(graph, x):
+                    a.declined.append(Decline(node.name, node.op, "it copies a graph input, initializer or output to a graph output"))
+                    continue
+            a.matches.append(node)
+        return a
+
+    def apply(self, graph, matches, ctx):
+        for node in matches:
+            x, y = node.inputs[0], node.outputs[0]
+            node.outputs.clear()
+            node.inputs.clear()
+            if G.is_graph_output(graph, y):
+                # the producer of x writes y instead; x's other readers read y
+                prod = G.producer(x)
+                for c in list(x.outputs):
+                    for i, t in enumerate(c.inputs):
+                        if t is x:
+                            c.inputs[i] = y
+                prod.outputs[prod.outputs.index(x)] = y
+            else:
+                for c in list(y.outputs):
+                    for i, t in enumerate(c.inputs):
+                        if t is y:
+                            c.inputs[i] = x
+        return len(matches)

@@ -1,0 +1,138 @@
+"""The pass interface, the ordered pipeline and its report.
+
+A pass analyzes first: ``analyze(graph, ctx)`` returns an :class:`Analysis` holding its
+matches and, for every candidate it leaves alone, a :class:`Decline` with the reason. Only
+then does ``apply(graph, matches, ctx)`` rewrite. The pipeline records, per pass, what was
+matched, applied and declined, the node counts by op type before and after, and the wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import graph as G
+
+
+@dataclass
+class Decline:
+    target: str  # the node (or tensor) left alone
+    kind: str  # what it is, e.g. "LayerNormalization"
+    reason: str
+
+
+@dataclass
+class Analysis:
+    matches: list = field(default_factory=list)
+    declined: list = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    target: str = "ort"  # "ort": ORT contrib ops; "onnx": standard ops only
+    provider: str = "cpu"
+    notes: list = field(default_factory=list)
+
+
+class Pass:
+    """Base class. Subclasses set ``name`` and ``description`` and implement analyze/apply."""
+
+    name = "pass"
+    description = ""
+    opt_in = False
+
+    def analyze(self, graph: gs.Graph, ctx: Context) -> Analysis:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply(self, graph: gs.Graph, matches: list, ctx: Context) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class PassReport:
+    name: str
+    description: str
+    matched: list
+    applied: int
+    declined: list
+    ops_before: dict
+    ops_after: dict
+    seconds: float
+
+    def summary(self) -> str:
+        delta = []
+        for op in sorted(set(self.ops_before) | set(self.ops_after)):
+            b, a = self.ops_before.get(op, 0), self.ops_after.get(op, 0)
+            if a != b:
+                delta.append(f"{op} {b}->{a}")
+        s = f"{self.name:<22} matched {len(self.matched):>3}  applied {self.applied:>3}  declined {len(self.declined):>3}  {self.seconds*1000:7.1f} ms"
+        if delta:
+            s += "  [" + ", ".join(delta) + "]"
+        return s
+
+
+@dataclass
+class Report:
+    passes: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    verification: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "passes": [asdict(p) for p in self.passes],
+            "notes": list(self.notes),
+            "verification": self.verification,
+        }
+
+    def declined(self):
+        for p in self.passes:
+            for d in p.declined:
+                yield p.name, d
+
+
+class Pipeline:
+    def __init__(self, passes):
+        self.passes = list(passes)
+
+    def names(self):
+        return [p.name for p in self.passes]
+
+    def run_graph(self, graph: gs.Graph, ctx: Context, report: Report) -> gs.Graph:
+        for p in self.passes:
+            t0 = time.perf_counter()
+            before = G.op_counts(graph)
+            analysis = p.analyze(graph, ctx)
+            applied = 0
+            if analysis.matches:
+                applied = p.apply(graph, analysis.matches, ctx) or 0
+                graph = G.refresh(graph)
+            report.passes.append(
+                PassReport(
+                    name=p.name,
+                    description=p.description,
+                    matched=[describe(m) for m in analysis.matches],
+                    applied=int(applied),
+                    declined=[asdict(d) for d in analysis.declined],
+                    ops_before=before,
+                    ops_after=G.op_counts(graph),
+                    seconds=time.perf_counter() - t0,
+                )
+            )
+        return graph
+
+    def run(self, model: onnx.ModelProto, ctx: Context | None = None) -> tuple[onnx.ModelProto, Report]:
+        ctx = ctx or Context()
+        report = Report()
+        graph = G.to_graph(model)
+        graph = self.run_graph(graph, ctx, report)
+        out = G.to_model(graph, model)
+        report.notes.extend(ctx.notes)
+        return out, report
+
+
+def describe(match) -> str:
+    d = getattr(match, "describe", None)
+    return d() if callable(d) else str(match)

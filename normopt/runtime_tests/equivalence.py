@@ -1,0 +1,183 @@
+"""Numerical equivalence of two models under ONNX Runtime.
+
+The reference is the original model under ORT_DISABLE_ALL on the CPU; the candidate runs
+under the chosen optimization level on the chosen EP. Several seeds (default 3). Outputs are
+matched by name; a missing or extra output is a failure. Per output: max abs, max rel and
+cosine; pass means ``np.allclose(cand, ref, atol, rtol)`` (NaN equal to NaN) for every seed.
+Default tolerances: fp32/fp64 atol 1e-4, rtol 1e-3; fp16/bf16 atol 1e-2, rtol 1e-2; integer
+and bool outputs must match exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from ..errors import NormoptError
+from .inputs import InputOptions, input_specs, make_feeds
+from .providers import SessionError, make_session
+
+DEFAULT_TOL = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}
+
+
+def default_tolerance(dtype) -> tuple[float, float]:
+    dtype = np.dtype(dtype)
+    if dtype == np.float16 or dtype.name == "bfloat16":
+        return DEFAULT_TOL["fp16"]
+    return DEFAULT_TOL["fp32"]
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    dtype: str
+    shape: list
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    cosine: float = 1.0
+    atol: float = 0.0
+    rtol: float = 0.0
+    passed: bool = True
+    worst_seed: int | None = None
+
+
+@dataclass
+class EquivalenceResult:
+    equivalent: bool
+    outputs: list = field(default_factory=list)
+    problems: list = field(default_factory=list)  # structural failures (missing outputs...)
+    seeds: int = 0
+    provider: str = "cpu"
+    level: str = "all"
+    first_divergence: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"{'output':<28} {'max_abs':>10} {'max_rel':>10} {'cosine':>10}  result"]
+        for m in self.outputs:
+            lines.append(
+                f"{m.name[:28]:<28} {m.max_abs:10.3g} {m.max_rel:10.3g} {m.cosine:10.6f}  "
+                + ("ok" if m.passed else f"DIFFERS (atol {m.atol:g}, rtol {m.rtol:g})")
+            )
+        lines.extend(f"problem: {p}" for p in self.problems)
+        if self.first_divergence:
+            fd = self.first_divergence
+            lines.append(f"first divergence: {fd}")
+        lines.append("EQUIVALENT" if self.equivalent else "NOT EQUIVALENT")
+        return lines
+
+
+def _load_proto(model):
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load_model(model, load_external_data=False)
+
+
+def _metrics(ref: np.ndarray, cand: np.ndarray):
+    if ref.dtype.kind in "fc":
+        r = ref.astype(np.float64)
+        c = cand.astype(np.float64)
+        diff = np.abs(c - r)
+        finite = np.isfinite(diff)
+        max_abs = float(diff[finite].max()) if finite.any() else 0.0
+        denom = np.abs(r)
+        rel = np.where(denom > 0, diff / np.where(denom > 0, denom, 1), np.where(diff > 0, np.inf, 0.0))
+        rel = rel[np.isfinite(diff)]
+        max_rel = float(rel.max()) if rel.size else 0.0
+        rf, cf = np.nan_to_num(r.ravel()), np.nan_to_num(c.ravel())
+        nr, nc = np.linalg.norm(rf), np.linalg.norm(cf)
+        cos = 1.0 if nr == 0 and nc == 0 else float(rf @ cf / (nr * nc)) if nr and nc else 0.0
+        if not np.array_equal(np.isnan(r), np.isnan(c)):
+            max_abs = float("inf")
+        return max_abs, max_rel, cos
+    eq = np.array_equal(ref, cand)
+    return (0.0 if eq else float("inf")), (0.0 if eq else float("inf")), (1.0 if eq else 0.0)
+
+
+def compare(
+    reference,
+    candidate,
+    seeds: int = 3,
+    atol: float | None = None,
+    rtol: float | None = None,
+    input_opts: InputOptions | None = None,
+    provider: str = "cpu",
+    level: str = "all",
+) -> EquivalenceResult:
+    """Run both models on the same generated inputs and compare every output by name."""
+    ref_proto = _load_proto(reference)
+    cand_proto = _load_proto(candidate)
+    result = EquivalenceResult(equivalent=True, seeds=seeds, provider=provider, level=level)
+
+    ref_inputs = {s.name: s for s in input_specs(ref_proto)}
+    cand_inputs = {s.name: s for s in input_specs(cand_proto)}
+    if set(ref_inputs) != set(cand_inputs):
+        result.equivalent = False
+        result.problems.append(f"inputs differ: reference {sorted(ref_inputs)}, candidate {sorted(cand_inputs)}")
+        return result
+    ref_outs = [o.name for o in ref_proto.graph.output]
+    cand_outs = [o.name for o in cand_proto.graph.output]
+    missing = [n for n in ref_outs if n not in cand_outs]
+    extra = [n for n in cand_outs if n not in ref_outs]
+    if missing:
+        result.problems.append(f"candidate lacks output(s) {missing}")
+    if extra:
+        result.problems.append(f"candidate has extra output(s) {extra}")
+    if missing or extra:
+        result.equivalent = False
+        return result
+
+    ref_sess = make_session(reference, "cpu", "disable")
+    try:
+        cand_sess = make_session(candidate, provider, level)
+    except SessionError as exc:
+        result.equivalent = False
+        result.problems.append(f"candidate does not load: {exc}")
+        return result
+
+    metrics = {}
+    for seed in range(seeds):
+        feeds = make_feeds(ref_proto, seed, input_opts)
+        try:
+            ref_vals = ref_sess.run(ref_outs, feeds)
+        except Exception as exc:
+            raise NormoptError(f"the reference model fails to run: {str(exc).strip().splitlines()[0][:300]}") from None
+        try:
+            cand_vals = cand_sess.run(ref_outs, feeds)
+        except Exception as exc:
+            result.equivalent = False
+            result.problems.append(f"candidate fails to run: {str(exc).strip().splitlines()[0][:300]}")
+            return result
+        for name, r, c in zip(ref_outs, ref_vals, cand_vals):
+            r, c = np.asarray(r), np.asarray(c)
+            m = metrics.get(name)
+            if m is None:
+                a0, r0 = default_tolerance(r.dtype) if r.dtype.kind in "fc" else (0.0, 0.0)
+                m = metrics[name] = OutputMetrics(
+                    name, str(r.dtype), list(r.shape), atol=a0 if atol is None else atol, rtol=r0 if rtol is None else rtol
+                )
+            if r.shape != c.shape or r.dtype != c.dtype:
+                m.passed = False
+                m.max_abs = m.max_rel = float("inf")
+                m.cosine = 0.0
+                m.worst_seed = seed
+                result.problems.append(f"output '{name}': shape/dtype {c.shape} {c.dtype} vs reference {r.shape} {r.dtype}")
+                continue
+            max_abs, max_rel, cos = _metrics(r, c)
+            if r.dtype.kind in "fc":
+                ok = bool(np.allclose(c, r, atol=m.atol, rtol=m.rtol, equal_nan=True))
+            else:
+                ok = bool(np.array_equal(c, r))
+            if max_abs > m.max_abs or (not ok and m.passed):
+                m.worst_seed = seed
+            m.max_abs = max(m.max_abs, max_abs)
+            m.max_rel = max(m.max_rel, max_rel)
+            m.cosine = min(m.cosine, cos)
+            m.passed = m.passed and ok
+    result.outputs = [metrics[n] for n in ref_outs]
+    result.equivalent = all(m.passed for m in result.outputs) and not result.problems
+    return result

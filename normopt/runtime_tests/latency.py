@@ -1,0 +1,179 @@
+"""Latency of several models, interleaved.
+
+Each model gets its own session (``threads``, optimization level; default ORT_ENABLE_ALL).
+After ``warmup`` runs of each, ``runs`` rounds run every model once, A B C, B C A, C A B, ...
+(rotating order), so drift and thermal effects hit all models alike. Reported per model:
+median and p90 in ms, and the paired ratio to the first model (median of the per-round
+ratios) with a bootstrap 95% CI over rounds. On CUDA, inputs and outputs are bound to the
+device with IO binding and each run is synchronized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .inputs import InputOptions, make_feeds
+from .providers import make_session
+
+NORM_OPS = {
+    "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
+}
+
+
+@dataclass
+class ModelTiming:
+    label: str
+    path: str
+    median_ms: float
+    p90_ms: float
+    ratio: float = 1.0
+    ci_low: float = 1.0
+    ci_high: float = 1.0
+    norm_ops: int = 0
+    times_ms: list = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    models: list
+    provider: str
+    threads: int | None
+    runs: int
+    warmup: int
+    level: str
+    machine: str
+
+    def to_dict(self, with_times=False):
+        d = asdict(self)
+        if not with_times:
+            for m in d["models"]:
+                m.pop("times_ms", None)
+        return d
+
+    def markdown(self) -> str:
+        head = f"machine: {self.machine}; EP: {self.provider}; threads: {self.threads or 'default'}; level: {self.level}; {self.runs} interleaved runs after {self.warmup} warm-up\n\n"
+        rows = ["| model | median ms | p90 ms | ratio vs first | 95% CI | norm ops |", "|---|---:|---:|---:|---|---:|"]
+        for m in self.models:
+            rows.append(f"| {m.label} | {m.median_ms:.3f} | {m.p90_ms:.3f} | {m.ratio:.3f} | [{m.ci_low:.3f}, {m.ci_high:.3f}] | {m.norm_ops} |")
+        return head + "\n".join(rows)
+
+    def csv(self) -> str:
+        rows = ["model,median_ms,p90_ms,ratio,ci_low,ci_high,norm_ops,provider,threads,machine"]
+        for m in self.models:
+            rows.append(f"{m.label},{m.median_ms:.4f},{m.p90_ms:.4f},{m.ratio:.4f},{m.ci_low:.4f},{m.ci_high:.4f},{m.norm_ops},{self.provider},{self.threads or ''},\"{self.machine}\"")
+        return "\n".join(rows)
+
+    def json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__}"
+
+
+def count_norm_ops(model: onnx.ModelProto) -> int:
+    from .. import graph as G
+    from ..norms import find_norms
+
+    try:
+        return len(find_norms(G.to_graph(model)))
+    except Exception:
+        return sum(1 for n in model.graph.node if n.op_type in NORM_OPS)
+
+
+def bootstrap_ratio(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0):
+    """Median of paired ratios b/a and its bootstrap 95% CI over rounds."""
+    ratios = np.asarray(b, dtype=np.float64) / np.asarray(a, dtype=np.float64)
+    point = float(np.median(ratios))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ratios), size=(n_boot, len(ratios)))
+    meds = np.median(ratios[idx], axis=1)
+    return point, float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
+class _Runner:
+    def __init__(self, sess, feeds, provider):
+        self.sess = sess
+        self.feeds = feeds
+        self.cuda = provider == "cuda"
+        if self.cuda:
+            self.binding = sess.io_binding()
+            for name, arr in feeds.items():
+                self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+            for o in sess.get_outputs():
+                self.binding.bind_output(o.name, "cuda")
+
+    def __call__(self) -> float:
+        if self.cuda:
+            t0 = time.perf_counter()
+            self.sess.run_with_iobinding(self.binding)
+            self.binding.synchronize_outputs()
+            return time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.sess.run(None, self.feeds)
+        return time.perf_counter() - t0
+
+
+def bench(
+    models: list,
+    provider: str = "cpu",
+    threads: int | None = None,
+    runs: int = 50,
+    warmup: int = 5,
+    input_opts: InputOptions | None = None,
+    level: str = "all",
+    progress=None,
+) -> BenchResult:
+    """models: list of (label, path or ModelProto). progress(i, total) is called per round."""
+    protos = [m if isinstance(m, onnx.ModelProto) else onnx.load_model(m, load_external_data=False) for _, m in models]
+    feeds = make_feeds(protos[0], 0, input_opts)
+    runners = [_Runner(make_session(m, provider, level, threads), feeds, provider) for _, m in models]
+    for r in runners:
+        for _ in range(warmup):
+            r()
+    n = len(runners)
+    times = [[] for _ in range(n)]
+    for k in range(runs):
+        for j in range(n):
+            i = (k + j) % n
+            times[i].append(runners[i]() * 1000.0)
+        if progress:
+            progress(k + 1, runs)
+    base = np.asarray(times[0])
+    out = []
+    for i, (label, m) in enumerate(models):
+        t = np.asarray(times[i])
+        ratio, lo, hi = (1.0, 1.0, 1.0) if i == 0 else bootstrap_ratio(base, t)
+        full = m if isinstance(m, onnx.ModelProto) else onnx.load_model(m)
+        out.append(
+            ModelTiming(
+                label=label,
+                path=m if isinstance(m, str) else "<in-memory>",
+                median_ms=float(np.median(t)),
+                p90_ms=float(np.percentile(t, 90)),
+                ratio=ratio,
+                ci_low=lo,
+                ci_high=hi,
+                norm_ops=count_norm_ops(full),
+                times_ms=[float(x) for x in t],
+            )
+        )
+    return BenchResult(out, provider, threads, runs, warmup, level, machine_description())

@@ -1,0 +1,58 @@
+"""Execution providers and session construction."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+
+from ..errors import NormoptError
+
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class SessionError(NormoptError):
+    """ONNX Runtime could not load or run a model."""
+
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def providers_for(provider: str) -> list[str]:
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if not cuda_available():
+            raise NormoptError(
+                "--provider cuda needs onnxruntime-gpu with CUDAExecutionProvider "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise NormoptError(f"unknown provider '{provider}' (cpu or cuda)")
+
+
+def make_session(model, provider="cpu", level="all", threads: int | None = None, profile_prefix=None):
+    """An InferenceSession from a path (external data resolved beside it) or a ModelProto."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[level]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    name = "<in-memory model>" if isinstance(model, onnx.ModelProto) else model
+    try:
+        return ort.InferenceSession(src, sess_options=so, providers=providers_for(provider))
+    except NormoptError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SessionError(f"{name}: ONNX Runtime cannot load the model: {first[:300]}") from None
