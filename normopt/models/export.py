@@ -4,6 +4,7 @@ dynamo exporter (``dynamo=True``, which writes external data), opset 17 by defau
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import os
 import warnings
@@ -44,7 +45,11 @@ def export(model, inputs: dict, path: str, opset: int = 17, dynamo: bool = False
         if dynamo:
             dyn = None
             if dynamic_axes:
-                dyn = {k: {ax: torch.export.Dim.AUTO for ax in axes} for k, axes in dynamic_axes.items() if k in names}
+                # a tuple matching the positional inputs (works for *args wrappers too)
+                dyn = tuple({ax: torch.export.Dim.AUTO for ax in dynamic_axes.get(k, {})} or None for k in names)
+                params = inspect.signature(model.forward).parameters.values()
+                if any(p.kind == p.VAR_POSITIONAL for p in params):
+                    dyn = (dyn,)  # forward(*args): the args tuple is one positional input
             torch.onnx.export(model, args, path, input_names=names, output_names=output_names, opset_version=opset,
                               dynamo=True, dynamic_shapes=dyn, external_data=True)
         else:

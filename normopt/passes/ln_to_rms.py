@@ -61,6 +61,7 @@ from ..norms import LayerNormMatch, find_layernorms
 from ..pipeline import Analysis, Decline, Pass
 
 COMMUTING_RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
+VALUE_INDEPENDENT = ("Shape", "Size")  # read only the shape, never the values
 
 
 class _Fail(Exception):
@@ -74,19 +75,29 @@ class _Fail(Exception):
 def _reshape_map(src, dst, a):
     """Axis of `dst` that holds axis `a` of `src` through a row-major reshape, or None.
 
-    Axis a survives as axis b when the dims are equal and the products of the dims after
-    them are equal: then (outer, channel, inner) indexing is the same on both sides."""
+    Axis a survives as axis b when the dims are equal and either the products of the dims
+    after them are equal (static), or the dims before them are the same list (static or the
+    same symbolic names): the element count is preserved, so then the suffixes match too, and
+    (outer, channel, inner) indexing is the same on both sides."""
     ss, ds = G.shape(src), G.shape(dst)
     if ss is None or ds is None or a >= len(ss):
         return None
     n = ss[a]
-    inner = ss[a + 1:]
-    if not isinstance(n, int) or not all(isinstance(v, int) for v in inner):
+    if not isinstance(n, int):
         return None
-    inner_p = int(np.prod(inner)) if inner else 1
+
+    def known(v):
+        return isinstance(v, int) or (isinstance(v, str) and v and not v.startswith("unk__"))
+
+    inner = ss[a + 1:]
+    inner_p = int(np.prod(inner)) if all(isinstance(v, int) for v in inner) else None
     for b in range(len(ds) - 1, -1, -1):
+        if ds[b] != n:
+            continue
         tail = ds[b + 1:]
-        if ds[b] == n and all(isinstance(v, int) for v in tail) and (int(np.prod(tail)) if tail else 1) == inner_p:
+        if inner_p is not None and all(isinstance(v, int) for v in tail) and (int(np.prod(tail)) if tail else 1) == inner_p:
+            return b
+        if ss[:a] == ds[:b] and all(known(v) for v in ss[:a]):
             return b
     return None
 
@@ -398,7 +409,7 @@ class _Closure:
 
     # -- phase 2: every reader of a changed value must be mean-invariant ---------------------
     def _reader_ok(self, c, t, a) -> bool:
-        if id(c) in self.removed:
+        if id(c) in self.removed or c.op in VALUE_INDEPENDENT:
             return True
         ln = self.ln_by_reader.get(id(c))
         if ln is not None and ln.x is t:
@@ -419,7 +430,7 @@ class _Closure:
         return all(self._reader_ok(c, t, a) for c in G.consumers(t))
 
     def _changed_reader(self, c, t, a):
-        if id(c) in self.removed:
+        if id(c) in self.removed or c.op in VALUE_INDEPENDENT:
             return
         ln = self.ln_by_reader.get(id(c))
         if ln is not None and ln.x is t:
