@@ -1,0 +1,340 @@
+"""The CLI contract: exit codes, one-line errors, nothing written on failure, inputs untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import make_model, preln_stream_model, run_cli, sha, vi
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    p = tmp_path / "model.onnx"
+    onnx.save(preln_stream_model(), p)
+    return p
+
+
+def assert_bad_input(r, out, inputs_before: dict):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("normopt: error:"), r.stderr
+    assert not os.path.exists(out)
+    for p, h in inputs_before.items():
+        assert sha(p) == h, f"{p} changed"
+    d = os.path.dirname(out) or "."
+    assert not os.path.isdir(d) or not [f for f in os.listdir(d) if f.startswith(".normopt-")]
+
+
+# --- issue 2, "done when" ----------------------------------------------------------------------
+
+
+def test_verify_self_is_equivalent(model_path):
+    r = run_cli("verify", model_path, model_path)
+    assert r.returncode == 0, r.stderr
+    assert "EQUIVALENT" in r.stdout
+
+
+def test_verify_detects_one_weight_changed_by_005(model_path, tmp_path):
+    m = onnx.load(model_path)
+    for i in m.graph.initializer:
+        if len(i.dims) == 2 and i.data_type == onnx.TensorProto.FLOAT and i.name != "tok_table":
+            arr = numpy_helper.to_array(i).copy()
+            arr[0, 0] += 0.05
+            i.CopyFrom(numpy_helper.from_array(arr, i.name))
+            break
+    cand = tmp_path / "cand.onnx"
+    onnx.save(m, cand)
+    r = run_cli("verify", model_path, cand, "--json", tmp_path / "v.json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    data = json.loads((tmp_path / "v.json").read_text())
+    assert data["equivalent"] is False
+    assert data["outputs"][0]["max_abs"] > 1e-4
+
+
+def test_verify_random_bytes_exit_2(model_path, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    r = run_cli("verify", model_path, junk)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_optimize_junk_writes_nothing(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(np.random.default_rng(1).bytes(2048))
+    out = tmp_path / "out.onnx"
+    assert_bad_input(run_cli("optimize", junk, "-o", out), out, {junk: sha(junk)})
+
+
+def test_bench_prints_medians_p90_ratios(model_path, tmp_path):
+    opt = tmp_path / "opt.onnx"
+    assert run_cli("optimize", model_path, "-o", opt).returncode == 0
+    r = run_cli("bench", model_path, opt, "--runs", "10", "--warmup", "2", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "median ms" in r.stdout and "p90 ms" in r.stdout and "95% CI" in r.stdout
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and ".onnx" in ln]
+    assert len(rows) == 2
+    lo, hi = rows[1].split("|")[5].strip(" []").split(",")
+    assert float(lo) <= float(rows[1].split("|")[4]) <= float(hi)
+    r = run_cli("bench", model_path, opt, "--runs", "4", "--warmup", "1", "--format", "json")
+    data = json.loads(r.stdout)
+    assert [m["label"] for m in data["models"]] == ["model.onnx", "opt.onnx"]
+
+
+# --- optimize ----------------------------------------------------------------------------------
+
+
+def test_optimize_writes_verified_output_and_report(model_path, tmp_path):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    before = sha(model_path)
+    r = run_cli("optimize", model_path, "-o", out, "--report", rep)
+    assert r.returncode == 0, r.stderr
+    assert "ln_to_rms" in r.stdout and "verified" in r.stdout
+    assert sha(model_path) == before
+    report = json.loads(rep.read_text())
+    names = [p["name"] for p in report["passes"]]
+    assert names == ["fold_constants", "remove_identity", "explicit_defaults", "ln_to_rms"]
+    ln = report["passes"][-1]
+    assert ln["applied"] == 3 and ln["ops_after"].get("SimplifiedLayerNormalization") == 3
+    assert ln["ops_before"]["LayerNormalization"] == 3 and ln["seconds"] >= 0
+    assert report["verification"]["equivalent"] is True
+    assert run_cli("verify", model_path, out).returncode == 0
+
+
+def test_optimize_refuses_to_write_a_wrong_model(model_path, tmp_path, monkeypatch):
+    """A pass that breaks equivalence: optimize exits 1 and writes nothing."""
+    import normopt.api as api
+    from normopt.errors import VerificationFailed
+    from normopt.pipeline import Analysis, Pass, Pipeline
+
+    class Broken(Pass):
+        name = "broken"
+
+        def analyze(self, graph, ctx):
+            mm = next(n for n in graph.nodes if n.op == "MatMul")
+            return Analysis(matches=[mm.inputs[1]])
+
+        def apply(self, graph, matches, ctx):
+            v = matches[0].values.copy()
+            v[0, 0] += 0.5  # one weight: not a per-token shift that a LayerNorm would absorb
+            matches[0].values = v
+            return 1
+
+    monkeypatch.setattr(api, "build_pipeline", lambda *a, **k: Pipeline([Broken()]))
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    with pytest.raises(VerificationFailed) as e:
+        api.optimize(str(model_path), str(out), report_path=str(rep))
+    assert not out.exists()
+    assert e.value.result is not None and not e.value.result.equivalent
+    report = json.loads(rep.read_text())
+    assert report["verification"]["equivalent"] is False
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".normopt-")]
+
+
+def test_optimize_preserves_identity_of_model(tmp_path):
+    m = preln_stream_model()
+    m.doc_string = "my model"
+    m.graph.doc_string = "graph doc"
+    m.producer_name = "exporter-x"
+    m.model_version = 7
+    helper.set_model_props(m, {"author": "me", "license": "mit"})
+    src, out = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(m, src)
+    assert run_cli("optimize", src, "-o", out).returncode == 0
+    o = onnx.load(out)
+    assert o.doc_string == "my model" and o.graph.doc_string == "graph doc"
+    assert o.producer_name == "exporter-x" and o.model_version == 7
+    assert {p.key: p.value for p in o.metadata_props} == {"author": "me", "license": "mit"}
+    assert [i.name for i in o.graph.input] == [i.name for i in m.graph.input]
+    assert [i.name for i in o.graph.output] == [i.name for i in m.graph.output]
+    assert {(i.domain, i.version) for i in m.opset_import} <= {(i.domain, i.version) for i in o.opset_import}
+    from normopt.io import check_model
+
+    check_model(o)
+
+
+def test_external_data_in_external_data_out(tmp_path):
+    m = preln_stream_model(d=64)
+    src = tmp_path / "ext.onnx"
+    onnx.save(m, src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    r = run_cli("optimize", src, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert (out.parent / "o.onnx.data").exists()
+    assert run_cli("verify", src, out).returncode == 0
+
+
+# --- bad inputs: one line, exit 2, nothing written, input untouched ---------------------------------
+
+
+def _opset12(tmp_path):
+    m = preln_stream_model()
+    m.opset_import[0].version = 12
+    p = tmp_path / "old.onnx"
+    onnx.save(m, p)
+    return p
+
+
+def _no_outputs(tmp_path):
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2])], [])
+    p = tmp_path / "noout.onnx"
+    onnx.save(m, p)
+    return p
+
+
+def _missing_external(tmp_path):
+    p = tmp_path / "ext.onnx"
+    onnx.save(preln_stream_model(d=64), p, save_as_external_data=True, location="ext.bin", size_threshold=0)
+    os.remove(tmp_path / "ext.bin")
+    return p
+
+
+def _short_external(tmp_path):
+    p = tmp_path / "ext2.onnx"
+    onnx.save(preln_stream_model(d=64), p, save_as_external_data=True, location="ext2.bin", size_threshold=0)
+    with open(tmp_path / "ext2.bin", "r+b") as f:
+        f.truncate(100)
+    return p
+
+
+def _truncated(tmp_path):
+    p = tmp_path / "trunc.onnx"
+    onnx.save(preln_stream_model(), p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    return p
+
+
+def _json(tmp_path):
+    p = tmp_path / "model.json"
+    p.write_text(json.dumps({"graph": {"node": []}}))
+    return p
+
+
+def _empty(tmp_path):
+    p = tmp_path / "empty.onnx"
+    p.write_bytes(b"")
+    return p
+
+
+def _directory(tmp_path):
+    p = tmp_path / "adir.onnx"
+    p.mkdir()
+    return p
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_opset12, _no_outputs, _missing_external, _short_external, _truncated, _json, _empty, _directory],
+    ids=["opset12", "no-outputs", "missing-external-data", "short-external-data", "truncated", "json", "empty", "directory"],
+)
+def test_bad_model_inputs(tmp_path, make):
+    src = make(tmp_path)
+    out = tmp_path / "out.onnx"
+    before = {}
+    if os.path.isfile(src):
+        before[src] = sha(src)
+    for f in tmp_path.iterdir():
+        if f.is_file() and f != src:
+            before[f] = sha(f)
+    assert_bad_input(run_cli("optimize", src, "-o", out), out, before)
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "out.onnx"
+    assert_bad_input(run_cli("optimize", tmp_path / "nope.onnx", "-o", out), out, {})
+
+
+def test_output_equal_to_input(model_path):
+    before = sha(model_path)
+    r = run_cli("optimize", model_path, "-o", model_path)
+    assert r.returncode == 2 and "input" in r.stderr
+    assert sha(model_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
+def test_unwritable_output_dir(model_path, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        assert_bad_input(run_cli("optimize", model_path, "-o", ro / "o.onnx"), ro / "o.onnx", {model_path: sha(model_path)})
+    finally:
+        ro.chmod(stat.S_IRWXU)
+
+
+def test_missing_output_dir(model_path, tmp_path):
+    out = tmp_path / "no" / "such" / "o.onnx"
+    assert_bad_input(run_cli("optimize", model_path, "-o", out), out, {model_path: sha(model_path)})
+
+
+def test_unknown_shape_name(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    r = run_cli("optimize", model_path, "-o", out, "--shape", "nosuch=1x2")
+    assert_bad_input(r, out, {model_path: sha(model_path)})
+    assert "nosuch" in r.stderr
+
+
+def test_dynamic_dim_without_shape_names_it(tmp_path):
+    m = preln_stream_model()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    src, out = tmp_path / "dyn.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
+    r = run_cli("optimize", src, "-o", out)
+    assert_bad_input(r, out, {src: sha(src)})
+    assert "batch" in r.stderr and "ids" in r.stderr
+    r = run_cli("optimize", src, "-o", out, "--shape", "batch=1")
+    assert r.returncode == 0, r.stderr
+
+
+def test_unknown_pass(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert_bad_input(run_cli("optimize", model_path, "-o", out, "--passes", "nope"), out, {model_path: sha(model_path)})
+
+
+def test_cuda_provider_without_gpu_is_a_clear_error(model_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA provider is available here")
+    r = run_cli("verify", model_path, model_path, "--provider", "cuda")
+    assert r.returncode == 2 and "onnxruntime-gpu" in r.stderr
+
+
+# --- passes / inspect --------------------------------------------------------------------------
+
+
+def test_passes_lists_pipeline_in_order():
+    r = run_cli("passes")
+    assert r.returncode == 0
+    names = [ln.split()[1] for ln in r.stdout.splitlines()]
+    assert names == ["fold_constants", "remove_identity", "explicit_defaults", "ln_to_rms"]
+
+
+def test_inspect_lists_norms_with_outcomes(tmp_path):
+    src = tmp_path / "exposed.onnx"
+    onnx.save(preln_stream_model(expose_stream=True, ln_form="div"), src)
+    r = run_cli("inspect", src, "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3 and all(row["kind"] == "decomposed LN" for row in rows)
+    assert all("graph output" in row["outcome"] for row in rows)
+    good = tmp_path / "good.onnx"
+    onnx.save(preln_stream_model(), good)
+    rows = json.loads(run_cli("inspect", good, "--json").stdout)
+    assert all("converts to RMSNorm" in row["outcome"] for row in rows)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_write_failure_even_as_root(model_path):
+    """/proc refuses new files even for root: the staged write fails cleanly."""
+    out = "/proc/normopt-test-output.onnx"
+    assert_bad_input(run_cli("optimize", model_path, "-o", out), out, {model_path: sha(model_path)})
