@@ -1,7 +1,7 @@
-"""remove_identity: drop Identity nodes and inference-mode Dropout.
+"""remove_identity: drop Identity nodes, no-op Casts and inference-mode Dropout.
 
-Identity: Identity(x) = x, and Dropout(x) = x when training_mode is absent or false and its
-mask output is unused.
+Identity: Identity(x) = x; Cast(x, to=T) = x when x already has type T; Dropout(x) = x when
+training_mode is absent or false and its mask output is unused.
 
 Preconditions: an Identity whose output is a graph output is kept when its input is a graph
 input or an initializer, or is itself a graph output (the output name must survive); otherwise
@@ -10,13 +10,16 @@ the producer is renamed to write the graph output directly.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+
 from .. import graph as G
 from ..pipeline import Analysis, Decline, Pass
 
 
 class RemoveIdentity(Pass):
     name = "remove_identity"
-    description = "remove Identity nodes and inference-mode Dropout (canonicalization)"
+    description = "remove Identity nodes, no-op Casts and inference-mode Dropout (canonicalization)"
 
     def analyze(self, graph, ctx):
         a = Analysis()
@@ -28,6 +31,14 @@ class RemoveIdentity(Pass):
                     continue
                 if len(node.outputs) > 1 and (node.outputs[1].outputs or G.is_graph_output(graph, node.outputs[1])):
                     a.declined.append(Decline(node.name, "Dropout", "its mask output is read"))
+                    continue
+            elif node.op == "Cast":
+                src = G.tensor_dtype(node.inputs[0])
+                try:
+                    to = onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs.get("to", 0)))
+                except Exception:
+                    continue
+                if src is None or np.dtype(src) != np.dtype(to):
                     continue
             elif node.op != "Identity":
                 continue

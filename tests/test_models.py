@@ -1,0 +1,166 @@
+"""Equivalence and conversion counts on real exports: HF transformers models built from configs
+with random weights (TorchScript and dynamo exporters) and normopt's own builders.
+
+Each case asserts the number of LayerNorms converted and equivalence with ONNX Runtime running
+the original export (several seeds, fp32 atol 1e-4 / rtol 1e-3; fp16 looser)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+from normopt.api import optimize
+from normopt.runtime_tests.inputs import InputOptions, input_specs
+
+pytestmark = pytest.mark.usefixtures("torch_available")
+
+# (kind, LNs converted with 2 layers, LNs in the model)
+HF_CASES = [
+    ("gpt2", 5, 5),
+    ("gpt2-lm", 5, 5),  # tied token table read by lm_head
+    ("vit", 5, 5),
+    ("opt", 5, 5),  # do_layer_norm_before=True
+    ("clip-vision", 6, 6),  # pooler output: pre_layrnorm + 4 block LNs + post_layernorm
+    ("whisper-encoder", 5, 5),  # conv -> gelu front end: one explicit centering
+    ("bert", 1, 5),  # Post-LN: only the embedding LN
+    ("clip-vision-hidden", 1, 5),  # last_hidden_state exposes the raw stream: only pre_layrnorm
+    ("llama", 0, 0),  # already RMSNorm
+]
+
+
+def _opts(path, kind):
+    m = onnx.load(path, load_external_data=False)
+    shapes = {}
+    for s in input_specs(m):
+        shapes[s.name] = tuple(d if isinstance(d, int) else (2 if i == 0 else 16) for i, d in enumerate(s.dims))
+    ranges = {"attention_mask": (1, 2)} if any(s.name == "attention_mask" for s in input_specs(m)) else {}
+    return InputOptions(shapes=shapes, int_ranges=ranges)
+
+
+def _run(src, out, opts, **kw):
+    r = optimize(str(src), str(out), input_opts=opts, **kw)
+    assert r.verification.equivalent
+    ln = next(p for p in r.report.passes if p.name == "ln_to_rms")
+    return r, ln
+
+
+def _count(path, op):
+    return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)[op]
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("kind,converted,total", HF_CASES, ids=[c[0] for c in HF_CASES])
+def test_hf_export(tmp_path, kind, converted, total, dynamo):
+    from normopt.models.hf import export_hf
+
+    if kind == "llama" and not dynamo:
+        pytest.skip("the TorchScript exporter cannot export LlamaModel (aten::diff) with torch 2.13")
+    src = tmp_path / f"{kind}.onnx"
+    export_hf(kind, str(src), opset=18 if dynamo else 17, dynamo=dynamo, dynamic=not (kind == "llama"))
+    opts = _opts(src, kind)
+    r, ln = _run(src, tmp_path / "out.onnx", opts)
+    assert ln.applied == converted, (ln.matched, ln.declined)
+    assert len(ln.declined) == total - converted
+    assert _count(tmp_path / "out.onnx", "SimplifiedLayerNormalization") == converted
+    if dynamo:
+        assert (tmp_path / "out.onnx.data").exists()  # external data in, external data out
+
+
+def test_hf_gpt2_opset14_decomposed(tmp_path):
+    from normopt.models.hf import export_hf
+
+    src = tmp_path / "gpt2_14.onnx"
+    export_hf("gpt2", str(src), opset=14)
+    assert _count(src, "LayerNormalization") == 0 and _count(src, "ReduceMean") == 10
+    r, ln = _run(src, tmp_path / "o.onnx", _opts(src, "gpt2"))
+    assert ln.applied == 5
+    assert _count(tmp_path / "o.onnx", "ReduceMean") == 0
+
+
+def test_hf_gpt2_fp16(tmp_path):
+    from normopt.models.hf import export_hf
+
+    src = tmp_path / "gpt2_fp16.onnx"
+    export_hf("gpt2", str(src), opset=18, dynamo=True, fp16=True)
+    r, ln = _run(src, tmp_path / "o.onnx", _opts(src, "gpt2"))
+    assert ln.applied == 5
+    assert r.verification.outputs[0].dtype == "float16"
+
+
+def test_hf_gpt2_lm_logits_keep_tied_table(tmp_path):
+    """Left tied, centering the token table moves the logits by whole units: the table must be
+    copied. The verification would catch it; here we also check the lm_head's table."""
+    from normopt.models.hf import export_hf
+
+    src = tmp_path / "lm.onnx"
+    export_hf("gpt2-lm", str(src))
+    _run(src, tmp_path / "o.onnx", _opts(src, "gpt2-lm"))
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(src).graph.initializer}
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(tmp_path / "o.onnx").graph.initializer}
+    tables = [a for a in after.values() if a.ndim == 2 and a.shape[0] == 512]
+    assert any(np.abs(t.astype(np.float64).mean(1)).max() < 1e-5 for t in tables)  # centered copy for the Gather
+    originals = [b for b in before.values() if b.ndim == 2 and 512 in b.shape]
+    assert any(any(a.shape == o.shape and np.array_equal(a, o) for a in after.values()) for o in originals)
+
+
+# --- normopt's own builders ------------------------------------------------------------------------
+
+OWN = [
+    # name, builder kwargs, converted, total LNs
+    ("gpt", dict(kind="gpt"), 5, 5),
+    ("gpt-tied-lm", dict(kind="gpt", lm_head=True, tied=True), 5, 5),
+    ("gpt-layerscale", dict(kind="gpt", layer_scale=0.5), 5, 5),
+    ("vit-cls", dict(kind="vit"), 5, 5),
+    ("vit-mean", dict(kind="vit", pool="mean"), 5, 5),
+    ("vit-layerscale", dict(kind="vit", layer_scale=0.1), 5, 5),
+    ("dual-patchnorm", dict(kind="vit", dual_patchnorm=True), 6, 7),  # the LN on raw patches stays
+    ("bert-postln", dict(kind="bert"), 1, 5),
+    ("llama", dict(kind="llama"), 0, 0),
+]
+
+
+def _build(kind, **kw):
+    from normopt.models import builders as B
+
+    return {"gpt": B.gpt, "vit": B.vit, "bert": B.bert, "llama": B.llama}[kind]("tiny", **kw)
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name,kw,converted,total", OWN, ids=[c[0] for c in OWN])
+def test_own_builders(tmp_path, name, kw, converted, total, fp16):
+    from normopt.models.export import example_inputs, export
+
+    kw = dict(kw)
+    model = _build(kw.pop("kind"), **kw)
+    src = tmp_path / f"{name}.onnx"
+    export(model, example_inputs(model, batch=2, seq=16), str(src), fp16=fp16)
+    r, ln = _run(src, tmp_path / "o.onnx", InputOptions())
+    assert ln.applied == converted, (ln.matched, ln.declined)
+    assert len(ln.declined) == total - converted
+
+
+def test_target_onnx_on_gpt(tmp_path):
+    from normopt.models.export import example_inputs, export
+
+    model = _build("gpt")
+    src = tmp_path / "g.onnx"
+    export(model, example_inputs(model, batch=2, seq=16), str(src))
+    r, ln = _run(src, tmp_path / "o.onnx", InputOptions(), target="onnx")
+    assert ln.applied == 5
+    assert _count(tmp_path / "o.onnx", "SimplifiedLayerNormalization") == 0
+    assert _count(tmp_path / "o.onnx", "LayerNormalization") == 0
+
+
+def test_norm_models_untouched_by_ln_pass(tmp_path):
+    """RepBN (SLAB) and Unified-Norm models have no LayerNorm: nothing converts, still equivalent."""
+    from normopt.models import builders as B
+    from normopt.models.export import example_inputs, export
+
+    for name, model in [("slab", B.slab("tiny")), ("un", B.unified("tiny"))]:
+        src = tmp_path / f"{name}.onnx"
+        export(model, example_inputs(model, batch=2), str(src))
+        r, ln = _run(src, tmp_path / f"{name}.o.onnx", InputOptions())
+        assert ln.applied == 0 and not ln.declined
