@@ -22,8 +22,19 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference; for graphs with ORT contrib ops (which ONNX has no schemas for),
+    ONNX Runtime's symbolic shape inference, which knows them."""
     if model.ByteSize() > TWO_GB:
         return model
+    if any(n.domain == "com.microsoft" for n in model.graph.node):
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+            if out is not None:
+                return out
+        except Exception:
+            pass
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:

@@ -35,6 +35,7 @@ class Context:
     target: str = "ort"  # "ort": ORT contrib ops; "onnx": standard ops only
     provider: str = "cpu"
     notes: list = field(default_factory=list)
+    state: dict = field(default_factory=dict)  # what one pass leaves for a later one, by node name
 
 
 class Pass:

@@ -164,3 +164,28 @@ def test_norm_models_untouched_by_ln_pass(tmp_path):
         export(model, example_inputs(model, batch=2), str(src))
         r, ln = _run(src, tmp_path / f"{name}.o.onnx", InputOptions())
         assert ln.applied == 0 and not ln.declined
+
+
+@pytest.mark.parametrize("kind,model_type,converted", [("gpt2", "gpt2", 5), ("bert", "bert", 1)])
+def test_ort_transformers_optimized_exports(tmp_path, kind, model_type, converted):
+    """Graphs already passed through onnxruntime.transformers.optimizer carry
+    com.microsoft SkipLayerNormalization: streams that convert are split and converted; the
+    SkipLNs of streams left alone come back as they were."""
+    from onnxruntime.transformers import optimizer
+
+    from normopt.models.hf import export_hf
+
+    src = tmp_path / f"{kind}.onnx"
+    export_hf(kind, str(src), opset=17)
+    fused = tmp_path / f"{kind}.ort.onnx"
+    optimizer.optimize_model(str(src), model_type=model_type, num_heads=4, hidden_size=64).save_model_to_file(str(fused))
+    n_skip = _count(fused, "SkipLayerNormalization")
+    assert n_skip > 0
+    out = tmp_path / "o.onnx"
+    r, ln = _run(fused, out, _opts(fused, kind))
+    assert ln.applied == converted, (ln.matched, ln.declined)
+    after = collections.Counter(n.op_type for n in onnx.load(out).graph.node)
+    assert after["LayerNormalization"] + after["SkipLayerNormalization"] + after["SimplifiedLayerNormalization"] >= converted
+    if kind == "bert":
+        # only the embedding LN converts; every Post-LN SkipLN is restored unchanged in kind
+        assert after["SkipLayerNormalization"] == n_skip

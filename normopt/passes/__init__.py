@@ -9,6 +9,7 @@ from .explicit_defaults import ExplicitDefaults
 from .fold_constants import FoldConstants
 from .ln_to_rms import LayerNormToRMSNorm
 from .remove_identity import RemoveIdentity
+from .skip_layernorm import RefuseSkipLayerNorm, SplitSkipLayerNorm
 
 
 def all_passes():
@@ -18,8 +19,11 @@ def all_passes():
         FoldConstants(),
         RemoveIdentity(),
         ExplicitDefaults(),
+        SplitSkipLayerNorm(),
         # Pre-RMSNorm: LayerNorm -> RMSNorm on zero-mean residual streams
         LayerNormToRMSNorm(),
+        # what ln_to_rms left as LayerNorm goes back to the SkipLayerNormalization it came as
+        RefuseSkipLayerNorm(),
     ]
 
 

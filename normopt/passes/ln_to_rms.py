@@ -581,6 +581,35 @@ def _fold_beta(graph, namer, beta_v, readers):
                 lin.inputs.append(c)
 
 
+def _fold_layerscale(namer, mul, si, lin, bias_edge):
+    """s * (x W + b) = x (W diag(s)) + s * b: scale the linear's output channels, then let the
+    linear write the Mul's output directly (the Mul is removed)."""
+    sv = G.f64(G.const_value(mul.inputs[si])).reshape(-1)
+
+    def scaled(tensor, scale):
+        v = G.const_value(tensor)
+        return G.new_const(namer, f"{tensor.name}_ls", G.cast_like(G.f64(v) * scale, v))
+
+    w = G.const_value(lin.inputs[1])
+    if lin.op == "MatMul":
+        w_scale = sv[None, :]
+    elif lin.op == "Gemm":
+        w_scale = sv[:, None] if int(lin.attrs.get("transB", 0)) else sv[None, :]
+    else:  # Conv: output channels are axis 0 of the weight
+        w_scale = sv.reshape((-1,) + (1,) * (w.ndim - 1))
+    lin.inputs[1] = scaled(lin.inputs[1], w_scale)
+    if lin.op in ("Gemm", "Conv") and len(lin.inputs) > 2 and lin.inputs[2].name:
+        lin.inputs[2] = scaled(lin.inputs[2], sv)  # Gemm C / Conv B, broadcast on the last axis
+    if bias_edge is not None:
+        add, bi = bias_edge
+        add.inputs[bi] = scaled(add.inputs[bi], sv)
+    u, t = mul.inputs[1 - si], mul.outputs[0]
+    mul.inputs.clear()
+    mul.outputs.clear()
+    pu = G.producer(u)
+    pu.outputs[[i for i, o in enumerate(pu.outputs) if o is u][0]] = t
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -647,35 +676,7 @@ class LayerNormToRMSNorm(Pass):
 
             # 1. LayerScale folds: Mul(linear(x) [+ b], s) -> linear with W*s, b*s
             for mul, si, lin, bias_edge in s.layerscales:
-                sv = G.f64(G.const_value(mul.inputs[si])).reshape(-1)
-                widx = 1
-                w = G.const_value(lin.inputs[widx])
-                if lin.op == "MatMul":
-                    nw = G.f64(w) * sv[None, :]
-                elif lin.op == "Gemm":
-                    nw = G.f64(w) * (sv[:, None] if int(lin.attrs.get("transB", 0)) else sv[None, :])
-                    alpha = float(lin.attrs.get("alpha", 1.0))
-                    if len(lin.inputs) > 2 and lin.inputs[2].name:
-                        cv = G.const_value(lin.inputs[2])
-                        lin.inputs[2] = G.new_const(namer, f"{lin.inputs[2].name}_ls", G.cast_like(G.f64(cv) * sv, cv))
-                    del alpha
-                else:  # Conv
-                    nw = G.f64(w) * sv.reshape((-1,) + (1,) * (w.ndim - 1))
-                    if len(lin.inputs) > 2 and lin.inputs[2].name:
-                        bv = G.const_value(lin.inputs[2])
-                        lin.inputs[2] = G.new_const(namer, f"{lin.inputs[2].name}_ls", G.cast_like(G.f64(bv) * sv, bv))
-                lin.inputs[widx] = G.new_const(namer, f"{lin.inputs[widx].name}_ls", G.cast_like(nw, w))
-                if bias_edge is not None:
-                    add, bi = bias_edge
-                    bv = G.const_value(add.inputs[bi])
-                    add.inputs[bi] = G.new_const(namer, f"{add.inputs[bi].name}_ls", G.cast_like(G.f64(bv) * sv.reshape(bv.shape) if bv.size == sv.size else G.f64(bv) * sv, bv))
-                # the Mul's output is now written by the Mul's input producer
-                u = mul.inputs[1 - si]
-                t = mul.outputs[0]
-                mul.inputs.clear()
-                mul.outputs.clear()
-                pu = G.producer(u)
-                pu.outputs[[i for i, o in enumerate(pu.outputs) if o is u][0]] = t
+                _fold_layerscale(namer, mul, si, lin, bias_edge)
             # 2. writers: tables, linears, constants
             for g in s.tables:
                 g.inputs[0] = centered_const(g.inputs[0], 1)
