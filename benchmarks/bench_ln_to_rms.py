@@ -8,7 +8,8 @@ then
     (after its own fusions): norm ops, the residual Adds that feed them and the beta Adds that
     follow them.
 
-Usage:  python benchmarks/bench_ln_to_rms.py [--quick] [--runs N] [--out benchmarks/results/ln_to_rms.md]
+Usage:  python benchmarks/bench_ln_to_rms.py [--quick] [--runs N] [--threads 1 2] [--only NAME]
+                                             [--out benchmarks/results/ln_to_rms.md]
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ def norm_path_ms(path: str, feeds: dict, threads: int, runs: int) -> tuple[float
         norm_in = {n.input[0] for n in g.node if n.name in norm_nodes}
         norm_out = {o for n in g.node if n.name in norm_nodes for o in n.output}
         path_adds = {n.name for n in g.node if n.op_type == "Add" and (set(n.output) & norm_in or set(n.input) & norm_out)}
-        sess = make_session(path, "cpu", "all", threads, profile_prefix=os.path.join(tmp, "prof"))
+        sess = make_session(path, "cpu", "all", threads, profile_prefix=os.path.join(tmp, "prof"), spin=False)
         for _ in range(3):
             sess.run(None, feeds)
         sess.end_profiling()
-        sess = make_session(path, "cpu", "all", threads, profile_prefix=os.path.join(tmp, "prof2"))
+        sess = make_session(path, "cpu", "all", threads, profile_prefix=os.path.join(tmp, "prof2"), spin=False)
         for _ in range(runs):
             sess.run(None, feeds)
         prof = sess.end_profiling()
@@ -85,15 +86,19 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only the small models")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--profile-runs", type=int, default=20)
+    ap.add_argument("--threads", type=int, nargs="*", default=None, help="override the thread settings")
+    ap.add_argument("--only", default=None, help="only models whose name contains this")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ln_to_rms.md"))
     args = ap.parse_args()
-    lines = [f"# ln_to_rms on ORT CPU\n", f"machine: {machine_description()}; ORT_ENABLE_ALL; {args.runs} interleaved runs after 5 warm-ups; ratio = optimized / original (median of paired ratios, bootstrap 95% CI)\n",
+    lines = [f"# ln_to_rms on ORT CPU\n", f"machine: {machine_description()}; ORT_ENABLE_ALL; intra-op spinning off; {args.runs} interleaved runs after 5 warm-ups; ratio = optimized / original (median of paired ratios, bootstrap 95% CI)\n",
              "| model | threads | original ms (median / p90) | normopt ms (median / p90) | ratio | 95% CI | norm-path ms original | norm-path ms normopt | norm-path change |",
              "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name, (builder, kw, batch, seq, threads_list) in MODELS.items():
-            if args.quick and name not in QUICK:
+            if (args.quick and name not in QUICK) or (args.only and args.only not in name):
                 continue
+            if args.threads:
+                threads_list = tuple(args.threads)
             model = builder(**kw)
             src = os.path.join(tmp, "model.onnx")
             dst = os.path.join(tmp, "model.opt.onnx")

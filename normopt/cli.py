@@ -162,11 +162,12 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
 @click.option("--runs", default=50, show_default=True)
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
+@click.option("--spin", is_flag=True, help="keep ORT's intra-op thread spinning on (off by default: spinning idle sessions disturb interleaved runs)")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
 @click.option("--output", default=None, help="also write the table here")
 @input_options
 @guarded
-def bench(models, provider, threads, runs, warmup, level, fmt, output, shape, int_range, inputs):
+def bench(models, provider, threads, runs, warmup, level, spin, fmt, output, shape, int_range, inputs):
     """Latency of MODELS, interleaved; ratios are paired against the first model."""
     from . import io as nio
     from .runtime_tests.latency import bench as run
@@ -188,7 +189,7 @@ def bench(models, provider, threads, runs, warmup, level, fmt, output, shape, in
             last[0] = i
 
         res = run(list(zip(labels, models)), provider=provider, threads=threads, runs=runs, warmup=warmup,
-                  input_opts=_input_opts(shape, int_range, inputs), level=level, progress=progress)
+                  input_opts=_input_opts(shape, int_range, inputs), level=level, progress=progress, spin=spin)
     text = {"md": res.markdown, "csv": res.csv, "json": res.json}[fmt]()
     click.echo(text)
     if output:

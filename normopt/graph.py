@@ -114,6 +114,14 @@ def consumers(tensor):
     return list(tensor.outputs) if tensor is not None else []
 
 
+def replace_uses(old, new) -> None:
+    """Every node that reads `old` reads `new` instead."""
+    for c in list(old.outputs):
+        for i, t in enumerate(c.inputs):
+            if t is old:
+                c.inputs[i] = new
+
+
 def is_graph_output(graph: gs.Graph, tensor) -> bool:
     return any(t is tensor for t in graph.outputs)
 

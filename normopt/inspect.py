@@ -1,5 +1,6 @@
 """``normopt inspect``: every normalization in a model, with its place, its kind, and the pass
-that would rewrite it or the reason none would (a dry run of the pipeline, nothing written)."""
+that would rewrite it or the reason none would (a dry run of the pipeline in memory; nothing
+is written)."""
 
 from __future__ import annotations
 
@@ -9,41 +10,37 @@ from .norms import find_norms
 from .passes import build_pipeline
 from .pipeline import Context, Report
 
-PASS_FOR_KIND = {
-    "BatchNormalization": "no pass yet folds BatchNormalization (affine-norm folding is planned)",
-    "per-channel affine": "no pass yet folds per-channel affine chains (affine-norm folding is planned)",
-    "SkipLayerNormalization": "no pass rewrites SkipLayerNormalization yet",
+NOT_YET = {
+    "BatchNormalization": "no pass folds BatchNormalization yet (affine-norm folding is planned)",
+    "per-channel affine": "no pass folds per-channel affine chains yet (affine-norm folding is planned)",
 }
 
 
 def inspect_model(path: str, target: str = "ort") -> list[dict]:
     loaded = nio.load_model(path)
     graph = G.to_graph(loaded.model)
-    pipe = build_pipeline()
-    report = Report()
-    # canonicalize like the pipeline does, then list norms on that graph
-    canon = [p for p in pipe.passes if p.name in ("fold_constants", "remove_identity", "explicit_defaults")]
-    rest = [p for p in pipe.passes if p not in canon]
-    from .pipeline import Pipeline
-
-    graph = Pipeline(canon).run_graph(graph, Context(target=target), report)
     sites = find_norms(graph)
-    ctx = Context(target=target)
     outcome = {}
-    for p in rest:
-        analysis = p.analyze(graph, ctx)
+
+    def record(p, analysis):
         for m in analysis.matches:
             for ln in getattr(m, "lns", []):
-                outcome.setdefault(ln.name, f"{p.name}: converts to RMSNorm ({m.describe().split(';')[0]})")
+                outcome.setdefault(ln.name, f"{p.name}: converts to RMSNorm")
         for d in analysis.declined:
             outcome.setdefault(d.target, f"left alone by {p.name}: {d.reason}")
+
+    build_pipeline().run_graph(graph, Context(target=target), Report(), on_analysis=record)
     rows = []
     for s in sites:
         out = outcome.get(s.node)
+        if out is None and s.kind == "SkipLayerNormalization":
+            # split into Add + LayerNormalization named after it, then converted or re-fused
+            split = [v for k, v in outcome.items() if k.startswith(s.node + "_ln")]
+            out = split[0] if split else None
         if out is None:
             if s.kind.startswith("RMS"):
                 out = "already RMSNorm: nothing to do"
             else:
-                out = PASS_FOR_KIND.get(s.kind, "no pass rewrites this kind")
+                out = NOT_YET.get(s.kind, "no pass rewrites this kind")
         rows.append({"kind": s.kind, "node": s.node, "input": s.input, "detail": s.detail, "outcome": out})
     return rows

@@ -101,11 +101,14 @@ class Pipeline:
     def names(self):
         return [p.name for p in self.passes]
 
-    def run_graph(self, graph: gs.Graph, ctx: Context, report: Report) -> gs.Graph:
+    def run_graph(self, graph: gs.Graph, ctx: Context, report: Report, on_analysis=None) -> gs.Graph:
+        """Run every pass; on_analysis(pass, analysis), if given, sees each analysis before apply."""
         for p in self.passes:
             t0 = time.perf_counter()
             before = G.op_counts(graph)
             analysis = p.analyze(graph, ctx)
+            if on_analysis is not None:
+                on_analysis(p, analysis)
             applied = 0
             if analysis.matches:
                 applied = p.apply(graph, analysis.matches, ctx) or 0

@@ -189,3 +189,8 @@ def test_ort_transformers_optimized_exports(tmp_path, kind, model_type, converte
     if kind == "bert":
         # only the embedding LN converts; every Post-LN SkipLN is restored unchanged in kind
         assert after["SkipLayerNormalization"] == n_skip
+    from normopt.inspect import inspect_model
+
+    rows = [r for r in inspect_model(str(fused)) if r["kind"] == "SkipLayerNormalization"]
+    assert len(rows) == n_skip
+    assert all("ln_to_rms" in r["outcome"] for r in rows), rows

@@ -51,11 +51,7 @@ class FoldConstants(Pass):
                 val = G.const_value(node.outputs[0])
                 out = node.outputs[0]
                 if val is not None and not G.is_graph_output(graph, out):
-                    const = gs.Constant(out.name, val)
-                    for c in list(out.outputs):
-                        for i, t in enumerate(c.inputs):
-                            if t is out:
-                                c.inputs[i] = const
+                    G.replace_uses(out, gs.Constant(out.name, val))
                     node.outputs.clear()
         graph.cleanup(remove_unused_graph_inputs=False)
         return max(0, before - len(graph.nodes))

@@ -58,14 +58,8 @@ class RemoveIdentity(Pass):
             if G.is_graph_output(graph, y):
                 # the producer of x writes y instead; x's other readers read y
                 prod = G.producer(x)
-                for c in list(x.outputs):
-                    for i, t in enumerate(c.inputs):
-                        if t is x:
-                            c.inputs[i] = y
-                prod.outputs[prod.outputs.index(x)] = y
+                G.replace_uses(x, y)
+                prod.outputs[[i for i, o in enumerate(prod.outputs) if o is x][0]] = y
             else:
-                for c in list(y.outputs):
-                    for i, t in enumerate(c.inputs):
-                        if t is y:
-                            c.inputs[i] = x
+                G.replace_uses(y, x)
         return len(matches)

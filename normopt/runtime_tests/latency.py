@@ -51,6 +51,7 @@ class BenchResult:
     warmup: int
     level: str
     machine: str
+    spin: bool = False
 
     def to_dict(self, with_times=False):
         d = asdict(self)
@@ -60,7 +61,8 @@ class BenchResult:
         return d
 
     def markdown(self) -> str:
-        head = f"machine: {self.machine}; EP: {self.provider}; threads: {self.threads or 'default'}; level: {self.level}; {self.runs} interleaved runs after {self.warmup} warm-up\n\n"
+        head = (f"machine: {self.machine}; EP: {self.provider}; threads: {self.threads or 'default'}; level: {self.level}; "
+                f"intra-op spinning {'on' if self.spin else 'off'}; {self.runs} interleaved runs after {self.warmup} warm-up\n\n")
         rows = ["| model | median ms | p90 ms | ratio vs first | 95% CI | norm ops |", "|---|---:|---:|---:|---|---:|"]
         for m in self.models:
             rows.append(f"| {m.label} | {m.median_ms:.3f} | {m.p90_ms:.3f} | {m.ratio:.3f} | [{m.ci_low:.3f}, {m.ci_high:.3f}] | {m.norm_ops} |")
@@ -141,11 +143,12 @@ def bench(
     input_opts: InputOptions | None = None,
     level: str = "all",
     progress=None,
+    spin: bool = False,
 ) -> BenchResult:
     """models: list of (label, path or ModelProto). progress(i, total) is called per round."""
     protos = [m if isinstance(m, onnx.ModelProto) else onnx.load_model(m, load_external_data=False) for _, m in models]
     feeds = make_feeds(protos[0], 0, input_opts)
-    runners = [_Runner(make_session(m, provider, level, threads), feeds, provider) for _, m in models]
+    runners = [_Runner(make_session(m, provider, level, threads, spin=spin), feeds, provider) for _, m in models]
     for r in runners:
         for _ in range(warmup):
             r()
@@ -176,4 +179,4 @@ def bench(
                 times_ms=[float(x) for x in t],
             )
         )
-    return BenchResult(out, provider, threads, runs, warmup, level, machine_description())
+    return BenchResult(out, provider, threads, runs, warmup, level, machine_description(), spin)

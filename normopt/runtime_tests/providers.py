@@ -36,9 +36,15 @@ def providers_for(provider: str) -> list[str]:
     raise NormoptError(f"unknown provider '{provider}' (cpu or cuda)")
 
 
-def make_session(model, provider="cpu", level="all", threads: int | None = None, profile_prefix=None):
-    """An InferenceSession from a path (external data resolved beside it) or a ModelProto."""
+def make_session(model, provider="cpu", level="all", threads: int | None = None, profile_prefix=None,
+                 spin: bool = True):
+    """An InferenceSession from a path (external data resolved beside it) or a ModelProto.
+
+    spin=False turns off intra-op thread spinning: with several sessions run in turn, a
+    session's idle workers otherwise keep spinning and steal the cores of the next one."""
     so = ort.SessionOptions()
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = LEVELS[level]
     so.log_severity_level = 3
     if threads:
