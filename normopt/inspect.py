@@ -10,12 +10,6 @@ from .norms import find_norms
 from .passes import build_pipeline
 from .pipeline import Context, Report
 
-NOT_YET = {
-    "BatchNormalization": "no pass folds BatchNormalization yet (affine-norm folding is planned)",
-    "per-channel affine": "no pass folds per-channel affine chains yet (affine-norm folding is planned)",
-}
-
-
 def inspect_model(path: str, target: str = "ort") -> list[dict]:
     loaded = nio.load_model(path)
     graph = G.to_graph(loaded.model)
@@ -26,6 +20,10 @@ def inspect_model(path: str, target: str = "ort") -> list[dict]:
         for m in analysis.matches:
             for ln in getattr(m, "lns", []):
                 outcome.setdefault(ln.name, f"{p.name}: converts to RMSNorm")
+            plan = getattr(m, "plan", None)
+            if plan:  # an affine norm
+                lins = [lin.name for lin, _ in plan[1]] if plan[0] == "forward" else [plan[1][0].name]
+                outcome.setdefault(m.name, f"{p.name}: folds {plan[0]} into {', '.join(lins)}")
         for d in analysis.declined:
             outcome.setdefault(d.target, f"left alone by {p.name}: {d.reason}")
 
@@ -41,6 +39,6 @@ def inspect_model(path: str, target: str = "ort") -> list[dict]:
             if s.kind.startswith("RMS"):
                 out = "already RMSNorm: nothing to do"
             else:
-                out = NOT_YET.get(s.kind, "no pass rewrites this kind")
+                out = "no pass rewrites this kind"
         rows.append({"kind": s.kind, "node": s.node, "input": s.input, "detail": s.detail, "outcome": out})
     return rows

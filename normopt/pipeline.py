@@ -38,12 +38,16 @@ class Context:
     state: dict = field(default_factory=dict)  # what one pass leaves for a later one, by node name
 
 
+MAX_ROUNDS = 8
+
+
 class Pass:
     """Base class. Subclasses set ``name`` and ``description`` and implement analyze/apply."""
 
     name = "pass"
     description = ""
     opt_in = False
+    repeat = False  # re-analyze and apply until nothing more applies (at most MAX_ROUNDS)
 
     def analyze(self, graph: gs.Graph, ctx: Context) -> Analysis:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -110,14 +114,22 @@ class Pipeline:
             if on_analysis is not None:
                 on_analysis(p, analysis)
             applied = 0
-            if analysis.matches:
-                applied = p.apply(graph, analysis.matches, ctx) or 0
+            matched = list(analysis.matches)
+            for _ in range(MAX_ROUNDS if p.repeat else 1):
+                if not analysis.matches:
+                    break
+                done = p.apply(graph, analysis.matches, ctx) or 0
                 graph = G.refresh(graph)
+                applied += done
+                if not p.repeat or done == 0:
+                    break
+                analysis = p.analyze(graph, ctx)
+                matched += analysis.matches
             report.passes.append(
                 PassReport(
                     name=p.name,
                     description=p.description,
-                    matched=[describe(m) for m in analysis.matches],
+                    matched=[describe(m) for m in matched],
                     applied=int(applied),
                     declined=[asdict(d) for d in analysis.declined],
                     ops_before=before,

@@ -48,6 +48,22 @@ class RepBN(nn.Module):
         return x.transpose(1, 2)
 
 
+class PRepBN(nn.Module):
+    """SLAB's progressive norm: lambda * LN(x) + (1 - lambda) * RepBN(x) while training with
+    lambda decaying to 0; in eval mode only RepBN remains (as in SLAB's LinearNorm)."""
+
+    def __init__(self, d, lam=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.norm2 = RepBN(d)
+        self.register_buffer("lam", torch.tensor(float(lam)))
+
+    def forward(self, x):
+        if self.training:
+            return self.lam * self.norm1(x) + (1 - self.lam) * self.norm2(x)
+        return self.norm2(x)
+
+
 class ChannelBN(nn.Module):
     def __init__(self, d):
         super().__init__()
@@ -58,7 +74,9 @@ class ChannelBN(nn.Module):
 
 
 class UnifiedNormInference(nn.Module):
-    """Unified Normalization (arXiv 2208.01313) at inference: no mean subtraction."""
+    """Unified Normalization (arXiv 2208.01313) at inference: no mean subtraction,
+    y = x / sqrt(running_var + eps) * w + b, computed as the reference code does it: the
+    channels moved to axis 1 of a 4-D tensor, [1, C, 1, 1] statistics, and back."""
 
     def __init__(self, d, eps=1e-5):
         super().__init__()
@@ -67,8 +85,12 @@ class UnifiedNormInference(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d))
         self.eps = eps
 
-    def forward(self, x):
-        return x / torch.sqrt(self.running_var + self.eps) * self.weight + self.bias
+    def forward(self, x):  # x: [B, N, C] (or time-major [T, B, C]); channels last
+        c = x.shape[-1]
+        y = x.transpose(1, 2).unsqueeze(-1)  # [*, C, N, 1]
+        shape = (1, c, 1, 1)
+        y = y / torch.sqrt(self.running_var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return y.squeeze(-1).transpose(1, 2)
 
 
 def make_norm(kind: str, d: int) -> nn.Module:
@@ -76,6 +98,7 @@ def make_norm(kind: str, d: int) -> nn.Module:
         "ln": lambda: nn.LayerNorm(d),
         "rms": lambda: RMSNorm(d),
         "repbn": lambda: RepBN(d),
+        "prepbn": lambda: PRepBN(d),
         "bn": lambda: ChannelBN(d),
         "un": lambda: UnifiedNormInference(d),
         "none": nn.Identity,
@@ -116,8 +139,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, heads, norm="ln", post_norm=False, causal=False, layer_scale=None, gated=False, bias=True):
+    def __init__(self, d, heads, norm="ln", post_norm=False, causal=False, layer_scale=None, gated=False, bias=True,
+                 time_major=False):
         super().__init__()
+        self.time_major = time_major
         self.n1, self.n2 = make_norm(norm, d), make_norm(norm, d)
         self.attn = Attention(d, heads, causal, bias)
         self.mlp = MLP(d, 4 * d if not gated else int(8 * d / 3), gated, bias)
@@ -129,7 +154,8 @@ class Block(nn.Module):
         if self.post:
             x = self.n1(x + self.attn(x))
             return self.n2(x + self.mlp(x))
-        a = self.attn(self.n1(x))
+        h = self.n1(x)
+        a = self.attn(h.transpose(0, 1)).transpose(0, 1) if self.time_major else self.attn(h)
         x = x + (a * self.ls1 if self.ls1 is not None else a)
         m = self.mlp(self.n2(x))
         return x + (m * self.ls2 if self.ls2 is not None else m)
@@ -168,8 +194,9 @@ class Encoder(nn.Module):
     on the cls token (``pool='cls'``) or on the token mean (``pool='mean'``)."""
 
     def __init__(self, layers=2, d=64, heads=4, image=32, patch=8, channels=3, classes=10, norm="ln",
-                 pool="cls", dual_patchnorm=False, layer_scale=None, patch_bn=False, post_norm=False):
+                 pool="cls", dual_patchnorm=False, layer_scale=None, patch_bn=False, post_norm=False, time_major=False):
         super().__init__()
+        self.time_major = time_major
         self.patch = patch
         self.dual = dual_patchnorm
         n = (image // patch) ** 2
@@ -183,7 +210,7 @@ class Encoder(nn.Module):
             self.embed_bn = nn.BatchNorm2d(d) if patch_bn else None
         self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.pos = nn.Parameter(torch.randn(1, n + (1 if pool == "cls" else 0), d) * 0.02)
-        self.blocks = nn.ModuleList(Block(d, heads, norm, post_norm, False, layer_scale) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, norm, post_norm, False, layer_scale, time_major=time_major) for _ in range(layers))
         self.norm = make_norm(norm, d)
         self.pool = pool
         self.head = nn.Linear(d, classes)
@@ -202,9 +229,13 @@ class Encoder(nn.Module):
         if self.pool == "cls":
             x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1)
         x = x + self.pos
+        if self.time_major:  # fairseq layout: [T, B, C] through the blocks and the final norm
+            x = x.transpose(0, 1)
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
+        if self.time_major:
+            x = x.transpose(0, 1)
         x = x[:, 0] if self.pool == "cls" else x.mean(1)
         return self.head(x)
 
@@ -225,7 +256,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
         elif isinstance(m, RepBN):
-            m.alpha.copy_(0.5 + torch.rand(1, generator=g))
+            m.alpha.copy_(0.5 + torch.rand(1, generator=g))  # a distinct eta per layer
         elif isinstance(m, UnifiedNormInference):
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
             m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
@@ -269,8 +300,30 @@ def slab(size="tiny", norm="repbn", **kw) -> Encoder:
 
 
 def unified(size="tiny", **kw) -> Encoder:
-    """Unified-Norm transformer (pre-norm layout) in its inference form."""
+    """Unified-Norm transformer in its inference form, fairseq pre-norm layout (time-major)."""
+    kw.setdefault("time_major", True)
     return vit(size, norm="un", pool="mean", **kw)
+
+
+class NormAfterLinear(nn.Module):
+    """Linear -> BatchNorm over channels -> GELU -> Linear (a BN with no linear reader, so it
+    folds backward); with ``wrong_axis`` the BN normalizes the token axis of [B, N, C]
+    (BatchNorm1d(N) applied directly), which no neighbouring linear op can absorb."""
+
+    def __init__(self, d=32, tokens=16, wrong_axis=False):
+        super().__init__()
+        self.fc1 = nn.Linear(d, d)
+        self.bn = nn.BatchNorm1d(tokens) if wrong_axis else ChannelBN(d)
+        self.fc2 = nn.Linear(d, d)
+        self.wrong = wrong_axis
+
+    def forward(self, x):
+        h = self.bn(self.fc1(x))
+        return self.fc2(h if self.wrong else nn.functional.gelu(h))
+
+
+def norm_after_linear(wrong_axis=False, d=32, tokens=16) -> NormAfterLinear:
+    return randomize(NormAfterLinear(d, tokens, wrong_axis))
 
 
 def bert(size="tiny", **kw) -> Decoder:

@@ -14,7 +14,10 @@ import torch
 
 def example_inputs(model, batch=1, seq=16, image=None):
     """Example inputs for the builders in normopt.models.builders."""
-    from .builders import BertLike, Decoder, Encoder
+    from .builders import BertLike, Decoder, Encoder, NormAfterLinear
+
+    if isinstance(model, NormAfterLinear):
+        return {"x": torch.randn(batch, model.bn.num_features if model.wrong else seq, model.fc1.in_features)}
 
     if isinstance(model, Encoder):
         size = image or (model.patch * int(round((model.pos.shape[1] - (1 if model.pool == "cls" else 0)) ** 0.5)))
@@ -30,8 +33,11 @@ def example_inputs(model, batch=1, seq=16, image=None):
 
 
 def export(model, inputs: dict, path: str, opset: int = 17, dynamo: bool = False, output_names=None,
-           dynamic_axes: dict | None = None, fp16: bool = False, quiet: bool = True) -> str:
-    """Export ``model(**inputs)`` to ``path``. Returns the path."""
+           dynamic_axes: dict | None = None, fp16: bool = False, quiet: bool = True, fold: bool = True) -> str:
+    """Export ``model(**inputs)`` to ``path``. Returns the path.
+
+    fold=False turns off the TorchScript exporter's constant folding, which otherwise fuses
+    an eval BatchNorm into the Conv before it (to test that normopt does that fold)."""
     model = model.eval()
     if fp16:
         model = model.half()
@@ -54,5 +60,5 @@ def export(model, inputs: dict, path: str, opset: int = 17, dynamo: bool = False
                               dynamo=True, dynamic_shapes=dyn, external_data=True)
         else:
             torch.onnx.export(model, args, path, input_names=names, output_names=output_names, opset_version=opset,
-                              dynamo=False, dynamic_axes=dynamic_axes, do_constant_folding=True)
+                              dynamo=False, dynamic_axes=dynamic_axes, do_constant_folding=fold)
     return path

@@ -1,11 +1,14 @@
-"""The ordered pipeline. It reads like the papers: canonicalize, then fold the redundant mean
-of Pre-LN streams (Pre-RMSNorm, arXiv 2305.14858)."""
+"""The ordered pipeline. It reads like the papers: canonicalize; fold the redundant mean of
+Pre-LN streams (Pre-RMSNorm, arXiv 2305.14858); fold inference-time affine norms (SLAB's
+RepBN/PRepBN, BatchNorm, Unified Norm) into adjacent linear ops; tidy the layout ops left."""
 
 from __future__ import annotations
 
 from ..errors import NormoptError
 from ..pipeline import Pipeline
+from .cancel_layout import CancelLayoutPairs
 from .explicit_defaults import ExplicitDefaults
+from .fold_affine import FoldAffineNorms
 from .fold_constants import FoldConstants
 from .ln_to_rms import LayerNormToRMSNorm
 from .remove_identity import RemoveIdentity
@@ -24,6 +27,9 @@ def all_passes():
         LayerNormToRMSNorm(),
         # what ln_to_rms left as LayerNorm goes back to the SkipLayerNormalization it came as
         RefuseSkipLayerNorm(),
+        # SLAB / BatchNorm / Unified Norm: inference-time affine norms fold into linear ops
+        FoldAffineNorms(),
+        CancelLayoutPairs(),
     ]
 
 

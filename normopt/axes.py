@@ -1,0 +1,192 @@
+"""Where an axis goes through ops that move or select data without mixing channels.
+
+Shared by the passes that carry a per-axis property through the graph (TVM FoldScaleAxis
+style): ln_to_rms carries "zero-mean along axis a"; fold_affine carries "per-channel affine
+along axis a". Each caller says which ops commute with its property (``ops``): per-token
+Mul/Div and ReduceSum commute with centering but not with an affine; Concat commutes with
+centering only when every input is centered too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import graph as G
+
+COMMUTING_RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
+LAYOUT_OPS = frozenset(COMMUTING_RESHAPES + ("Transpose", "Gather", "Slice", "Expand", "Tile", "ReduceMean"))
+CENTERING_OPS = LAYOUT_OPS | {"Concat", "ReduceSum", "Mul", "Div"}
+VALUE_INDEPENDENT = ("Shape", "Size")  # read only the shape, never the values
+
+
+class AxisError(Exception):
+    """An axis or rank cannot be tracked."""
+
+
+# ---------------------------------------------------------------------------------------------
+# axis mapping through ops that commute with per-token centering
+
+
+def reshape_map(src, dst, a):
+    """Axis of `dst` that holds axis `a` of `src` through a row-major reshape, or None.
+
+    Axis a survives as axis b when the dims are equal and either the products of the dims
+    after them are equal (static), or the dims before them are the same list (static or the
+    same symbolic names): the element count is preserved, so then the suffixes match too, and
+    (outer, channel, inner) indexing is the same on both sides."""
+    ss, ds = G.shape(src), G.shape(dst)
+    if ss is None or ds is None or a >= len(ss):
+        return None
+    n = ss[a]
+    if not isinstance(n, int):
+        return None
+
+    def known(v):
+        return isinstance(v, int) or (isinstance(v, str) and v and not v.startswith("unk__"))
+
+    inner = ss[a + 1:]
+    inner_p = int(np.prod(inner)) if all(isinstance(v, int) for v in inner) else None
+    for b in range(len(ds) - 1, -1, -1):
+        if ds[b] != n:
+            continue
+        tail = ds[b + 1:]
+        if inner_p is not None and all(isinstance(v, int) for v in tail) and (int(np.prod(tail)) if tail else 1) == inner_p:
+            return b
+        if ss[:a] == ds[:b] and all(known(v) for v in ss[:a]):
+            return b
+    return None
+
+
+def broadcast_axis(inp, out, a):
+    """Axis of a broadcasting input that lines up with output axis a: None when the input
+    lacks that axis, -1 when it has size 1 there (broadcast along a)."""
+    ri, ro = G.rank(inp), G.rank(out)
+    if ri is None or ro is None:
+        raise AxisError(f"rank of '{inp.name}' unknown")
+    ai = a - (ro - ri)
+    if ai < 0:
+        return None
+    s = G.shape(inp)
+    if s is not None and s[ai] == 1 and G.static_dim(out, a) != 1:
+        return -1
+    return ai
+
+
+def forward_axis(node, t, a, ops=CENTERING_OPS):
+    """Where axis a of input t goes in node's output, if node commutes with per-token
+    centering along a (or, with ops=LAYOUT_OPS, with a per-channel affine); else None."""
+    op, out = node.op, node.outputs[0]
+    if op not in ops:
+        return None
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        r = G.rank(t)
+        if perm is None and r is not None:
+            perm = list(reversed(range(r)))
+        return list(perm).index(a) if perm is not None else None
+    if op in COMMUTING_RESHAPES:
+        return reshape_map(t, out, a) if node.inputs[0] is t else None
+    if op == "Gather":
+        if node.inputs[0] is not t:
+            return None
+        r = G.rank(t)
+        g = G.normalize_axis(int(node.attrs.get("axis", 0)), r)
+        q = G.rank(node.inputs[1]) if G.const_value(node.inputs[1]) is None else G.const_value(node.inputs[1]).ndim
+        if g == a or q is None:
+            return None
+        return a if a < g else a + q - 1
+    if op == "Slice":
+        if node.inputs[0] is not t:
+            return None
+        r = G.rank(t)
+        starts = G.const_value(node.inputs[1])
+        axes = G.const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
+        if axes is None:
+            if len(node.inputs) > 3 and node.inputs[3].name:
+                return None
+            if starts is None:
+                return None
+            axes = np.arange(starts.size)
+        axes = [G.normalize_axis(int(x), r) for x in np.asarray(axes).reshape(-1)]
+        return None if a in axes else a
+    if op == "Concat":
+        r = G.rank(t)
+        return None if G.normalize_axis(int(node.attrs["axis"]), r) == a else a
+    if op == "Expand":
+        if node.inputs[0] is not t:
+            return None
+        ro, ri = G.rank(out), G.rank(t)
+        if ro is None or ri is None or G.static_dim(t, a) in (None, 1):
+            return None
+        return a + (ro - ri)
+    if op == "Tile":
+        reps = G.const_value(node.inputs[1])
+        if node.inputs[0] is not t or reps is None or int(reps.reshape(-1)[a]) != 1:
+            return None
+        return a
+    if op in ("ReduceMean", "ReduceSum"):
+        r = G.rank(t)
+        axes, keep = G.reduce_axes(node, r)
+        if axes is False or axes is None or a in axes:
+            return None
+        return a if keep else a - sum(1 for x in axes if x < a)
+    if op in ("Mul", "Div"):
+        if op == "Div" and node.inputs[0] is not t:
+            return None
+        other = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+        if other is t:
+            return None
+        ao = G.rank(out)
+        if ao is None or G.rank(t) is None:
+            return None
+        a_out = a + (ao - G.rank(t))
+        try:
+            ax = broadcast_axis(other, out, a_out)
+        except AxisError:
+            return None
+        return a_out if ax in (None, -1) else None  # other is per-token (size 1 along a)
+    return None
+
+
+def backward_axis(node, out_axis, ops=CENTERING_OPS):
+    """For a commuting node whose output must be zero-mean along out_axis: list of
+    (input index, input axis) to demand, or None when it does not commute."""
+    op, out = node.op, node.outputs[0]
+    if op not in ops:
+        return None
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        if perm is None:
+            r = G.rank(out)
+            perm = list(reversed(range(r))) if r is not None else None
+        return None if perm is None else [(0, list(perm)[out_axis])]
+    if op in COMMUTING_RESHAPES:
+        b = reshape_map(out, node.inputs[0], out_axis)
+        return None if b is None else [(0, b)]
+    if op in ("Gather", "Slice", "Expand", "Tile", "ReduceMean", "ReduceSum"):
+        t = node.inputs[0]
+        r = G.rank(t)
+        if r is None:
+            return None
+        for a in range(r):
+            try:
+                if forward_axis(node, t, a, ops) == out_axis:
+                    return [(0, a)]
+            except Exception:
+                return None
+        return None
+    if op == "Concat":
+        return None if forward_axis(node, node.inputs[0], out_axis, ops) is None else [(i, out_axis) for i in range(len(node.inputs))]
+    if op in ("Mul", "Div"):  # x * s with s per-token (size 1 along the axis)
+        ro = G.rank(out)
+        for i in ([0] if op == "Div" else [0, 1]):
+            t = node.inputs[i]
+            rt = G.rank(t)
+            if ro is None or rt is None or out_axis - (ro - rt) < 0:
+                continue
+            a = out_axis - (ro - rt)
+            if G.static_dim(t, a) != 1 and forward_axis(node, t, a, ops) == out_axis:
+                return [(i, a)]
+        return None
+    return None

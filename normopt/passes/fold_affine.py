@@ -1,0 +1,474 @@
+"""fold_affine: fold inference-time affine norms into adjacent MatMul / Gemm / Conv.
+
+Identity (normopt-math.md section 2). At inference RepBN, PRepBN (lambda = 0), BatchNorm and
+Unified Norm are each a per-channel affine y = a * x + t along one axis:
+
+    BatchNormalization(g, b, rm, rv, eps):  a = g / sqrt(rv + eps),        t = b - a * rm
+    RepBN = BN(x) + eta * x:                a = g / sqrt(rv + eps) + eta,  t = b - g * rm / sqrt(rv + eps)
+    Unified Norm (inference):               a = w / sqrt(rv + eps),        t = b   (no mean subtraction)
+    chains of Mul / Div / Add / Sub by per-channel constants compose the same way.
+
+Fold forward into a consumer:   (a * x + t) W + c = x (diag(a) W) + (t W + c)
+Fold backward into a producer:  a * (x W + c) + t = x (W diag(a)) + (a * c + t)
+
+Preconditions, checked per affine (a failed one is declined with its reason):
+  - the affine's axis, carried through every Transpose / Reshape / Squeeze / Unsqueeze /
+    Gather / Slice / Expand / Tile / ReduceMean (over other axes) on the way, is the channel
+    axis of the linear op: MatMul's input feature axis (the last) with a constant 2-D weight;
+    Gemm's A feature axis (transA honoured; transB, alpha, beta honoured); Conv's channel
+    axis 1 with group 1 and no padding (zero padding of a*x+t is not a*pad(x)+t);
+    a mismatch is never folded (ORT's MatmulBNFusion ignores the Transpose perm here);
+  - forward: every consumer path of the affine's output ends in such a linear op, and no
+    intermediate is a graph output;
+  - backward (only when forward is impossible): the producer path is single-consumer and
+    starts at such a linear op, on its output channel axis;
+  - weights are new tensors (an initializer read elsewhere is never edited), computed in
+    float64 and cast back to the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import graph as G
+from ..axes import LAYOUT_OPS, VALUE_INDEPENDENT, AxisError, forward_axis
+from ..pipeline import Analysis, Decline, Pass
+
+ELEMENTWISE = ("Mul", "Div", "Add", "Sub")
+
+
+@dataclass(eq=False)
+class Affine:
+    kind: str
+    name: str
+    x: object
+    y: object
+    axis: int
+    a: np.ndarray
+    t: np.ndarray
+    nodes: list = field(default_factory=list)
+    plan: tuple | None = None  # ("forward", [(linear, feature axis)]) | ("backward", (linear, path))
+
+    def describe(self) -> str:
+        return f"{self.kind} '{self.name}' (axis {self.axis}, {len(self.a)} channels) folded {self.plan[0] if self.plan else ''}"
+
+
+# ---------------------------------------------------------------------------------------------
+# recognizers
+
+
+def _per_channel(value, x, out, axis_hint=None):
+    """(axis, vector) for a constant that broadcasts against x along one axis, or a scalar
+    (axis None). None when it varies along several axes or the rank is unknown."""
+    v = np.asarray(value)
+    r = G.rank(out)
+    if r is None or v.ndim > r:
+        return None
+    if v.size == 1:
+        return (None, v.reshape(()))
+    shape = (1,) * (r - v.ndim) + v.shape
+    axes = [i for i, s in enumerate(shape) if s != 1]
+    if len(axes) != 1:
+        return None
+    return axes[0], v.reshape(-1)
+
+
+def _bn(graph, node):
+    if int(node.attrs.get("training_mode", 0)) or any(o.outputs for o in node.outputs[1:]):
+        return None
+    vals = [G.const_value(t) for t in node.inputs[1:5]]
+    if any(v is None for v in vals) or G.rank(node.inputs[0]) is None:
+        return None
+    g, b, rm, rv = (G.f64(v).reshape(-1) for v in vals)
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    inv = g / np.sqrt(rv + eps)
+    x, y = node.inputs[0], node.outputs[0]
+    aff = Affine("BatchNormalization", node.name, x, y, 1, inv, b - inv * rm, [node])
+    # SLAB RepBN: Add(BN(x), Mul(x, eta)) with both reading the same x
+    cons = G.consumers(y)
+    if len(cons) == 1 and cons[0].op == "Add" and not G.is_graph_output(graph, y):
+        add = cons[0]
+        other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+        mul = G.producer(other)
+        if mul is not None and mul.op == "Mul" and len(G.consumers(other)) == 1 and not G.is_graph_output(graph, other):
+            for xi in (0, 1):
+                eta = G.const_value(mul.inputs[1 - xi])
+                if mul.inputs[xi] is x and eta is not None:
+                    pc = _per_channel(eta, x, y)
+                    if pc is not None and pc[0] in (None, 1):
+                        aff.kind = "RepBN"
+                        aff.a = aff.a + G.f64(pc[1])
+                        aff.y = add.outputs[0]
+                        aff.nodes += [mul, add]
+                    break
+    return aff
+
+
+def _chain(graph, node, in_chain):
+    """A maximal chain of Mul/Div/Add/Sub by per-channel constants starting at node."""
+    nodes, a, t, axis, x = [], None, None, None, None
+    cur = node
+    while cur is not None and cur.op in ELEMENTWISE and id(cur) not in in_chain:
+        ci = [i for i, inp in enumerate(cur.inputs) if G.const_value(inp) is not None]
+        if len(ci) != 1 or len(cur.inputs) != 2:
+            break
+        c_idx = ci[0]
+        v_in = cur.inputs[1 - c_idx]
+        if x is not None and v_in is not nodes[-1].outputs[0]:
+            break
+        pc = _per_channel(G.const_value(cur.inputs[c_idx]), v_in, cur.outputs[0])
+        if pc is None or G.rank(v_in) != G.rank(cur.outputs[0]):
+            break
+        ax, vec = pc
+        if ax is not None:
+            if axis is not None and ax != axis:
+                break
+            if a is not None and len(a) != 1 and len(vec) != len(a):
+                break
+        c = G.f64(vec)
+        if x is None:
+            x = v_in
+            a, t = np.ones(1), np.zeros(1)
+        op = cur.op
+        if op == "Mul":
+            a, t = a * c, t * c
+        elif op == "Div":
+            if c_idx == 0:  # c / x is not affine
+                break
+            a, t = a / c, t / c
+        elif op == "Add":
+            t = t + c
+        else:  # Sub
+            a, t = (a, t - c) if c_idx == 1 else (-a, c - t)
+        axis = ax if ax is not None else axis
+        nodes.append(cur)
+        out = cur.outputs[0]
+        cons = G.consumers(out)
+        if len(cons) != 1 or G.is_graph_output(graph, out):
+            break
+        cur = cons[0]
+    if not nodes or axis is None:
+        return None  # nothing, or scalars only (a scaling, not a norm)
+    d = G.static_dim(x, axis)
+    if d is None:
+        return None
+    a = np.broadcast_to(a, (d,)).copy()
+    t = np.broadcast_to(t, (d,)).copy()
+    kind = "per-channel affine (" + "/".join(n.op for n in nodes) + ")"
+    return Affine(kind, nodes[0].name, x, nodes[-1].outputs[0], axis, a, t, nodes)
+
+
+def _is_linear_bias(node):
+    """Add(linear(x), const): a linear op's own bias, not a norm."""
+    if node.op != "Add":
+        return False
+    for i in (0, 1):
+        p = G.producer(node.inputs[i])
+        if p is not None and p.op in ("MatMul", "Gemm", "Conv") and G.const_value(node.inputs[1 - i]) is not None:
+            return True
+    return False
+
+
+NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
+            "SkipSimplifiedLayerNormalization")
+
+
+def _has_reduce_ancestor(t, depth=5) -> bool:
+    p = G.producer(t)
+    if p is None or depth == 0:
+        return False
+    if p.op in ("ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum"):
+        return True
+    return any(_has_reduce_ancestor(i, depth - 1) for i in p.inputs if G.const_value(i) is None)
+
+
+def _is_norm_tail(node):
+    """gamma/beta of a norm that is still there, fused or decomposed (x * f(reduce(x)) or
+    x / f(reduce(x))): left to the norm, which ORT fuses only with its gamma Mul in place."""
+    for inp in node.inputs:
+        p = G.producer(inp)
+        if p is None:
+            continue
+        if p.op in NORM_OPS:
+            return True
+        if p.op in ("Div", "Mul") and all(G.const_value(q) is None for q in p.inputs):
+            if any(_has_reduce_ancestor(q) for q in p.inputs):
+                return True
+        if p.op == "Mul" and _is_norm_tail(p):  # beta after gamma
+            return True
+    return False
+
+
+def find_affines(graph) -> list[Affine]:
+    found, claimed = [], set()
+    for node in graph.nodes:
+        if node.op == "BatchNormalization":
+            aff = _bn(graph, node)
+            if aff is not None:
+                found.append(aff)
+                claimed.update(id(n) for n in aff.nodes)
+    for node in graph.nodes:
+        # nodes come in topological order: a chain that starts earlier has claimed its nodes
+        if id(node) in claimed or node.op not in ELEMENTWISE or _is_linear_bias(node) or _is_norm_tail(node):
+            continue
+        aff = _chain(graph, node, claimed)
+        if aff is not None:
+            found.append(aff)
+            claimed.update(id(n) for n in aff.nodes)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# feasibility
+
+
+def _linear_input_axis(node, t):
+    """The feature axis of `t` as input A of a linear op with constant weights, else None."""
+    r = G.rank(t)
+    if node.op == "MatMul" and node.inputs[0] is t:
+        w = G.const_value(node.inputs[1])
+        return r - 1 if w is not None and w.ndim == 2 and r is not None else None
+    if node.op == "Gemm" and node.inputs[0] is t and G.const_value(node.inputs[1]) is not None:
+        if len(node.inputs) > 2 and node.inputs[2].name and G.const_value(node.inputs[2]) is None:
+            return None
+        return 0 if int(node.attrs.get("transA", 0)) else 1
+    if node.op == "Conv" and node.inputs[0] is t and G.const_value(node.inputs[1]) is not None:
+        pads = node.attrs.get("pads", [])
+        if int(node.attrs.get("group", 1)) != 1 or any(pads) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+            return None
+        if len(node.inputs) > 2 and node.inputs[2].name and G.const_value(node.inputs[2]) is None:
+            return None
+        return 1
+    return None
+
+
+def _forward_plan(graph, t, axis, seen=None):
+    """[(linear node, its input tensor)] covering every consumer path of t, or a reason."""
+    if G.is_graph_output(graph, t):
+        return f"'{t.name}' is a graph output"
+    targets = []
+    for c in G.consumers(t):
+        if c.op in VALUE_INDEPENDENT:
+            continue  # reads the shape only, which the fold does not change
+        la = _linear_input_axis(c, t)
+        if la is not None:
+            if la != axis:
+                return f"axis {axis} of '{t.name}' is not the channel axis ({la}) of {c.op} '{c.name}'"
+            targets.append((c, t))
+            continue
+        try:
+            b = forward_axis(c, t, axis, LAYOUT_OPS)
+        except (AxisError, TypeError, KeyError):
+            b = None
+        if b is None or c.inputs[0] is not t:
+            return f"'{t.name}' is read by {c.op} '{c.name}', which is neither a linear op on the channel axis nor a layout op"
+        sub = _forward_plan(graph, c.outputs[0], b)
+        if isinstance(sub, str):
+            return sub
+        targets.extend(sub)
+    return targets if targets else f"'{t.name}' has no readers"
+
+
+def _backward_plan(graph, x, axis):
+    """(linear node, bias Add or None, out axis) producing x through single-consumer layout ops."""
+    t, a = x, axis
+    for _ in range(16):
+        if G.is_graph_output(graph, t) or len(G.consumers(t)) != 1:
+            return f"'{t.name}' is read elsewhere or is a graph output"
+        p = G.producer(t)
+        if p is None:
+            return f"'{t.name}' is a graph input"
+        if p.op == "Add":
+            ci = [i for i in (0, 1) if G.const_value(p.inputs[i]) is not None]
+            lin = G.producer(p.inputs[1 - ci[0]]) if len(ci) == 1 else None
+            if lin is not None and lin.op in ("MatMul", "Gemm", "Conv") and len(G.consumers(p.inputs[1 - ci[0]])) == 1:
+                return _check_out_axis(graph, lin, p.inputs[1 - ci[0]], a, (p, ci[0]))
+            return f"'{t.name}' is produced by Add '{p.name}', not a linear op"
+        if p.op in ("MatMul", "Gemm", "Conv"):
+            return _check_out_axis(graph, p, t, a, None)
+        if p.op in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+            src = p.inputs[0]
+            r = G.rank(src)
+            found = None
+            for b in range(r or 0):
+                try:
+                    if forward_axis(p, src, b, LAYOUT_OPS) == a:
+                        found = b
+                        break
+                except (AxisError, TypeError):
+                    break
+            if found is None:
+                return f"axis {a} cannot be traced through {p.op} '{p.name}'"
+            t, a = src, found
+            continue
+        return f"'{t.name}' is produced by {p.op} '{p.name}', not a linear op"
+    return "producer chain too long"
+
+
+def _check_out_axis(graph, lin, out, a, bias_edge):
+    r = G.rank(out)
+    if lin.op == "MatMul":
+        w = G.const_value(lin.inputs[1])
+        ok = w is not None and w.ndim == 2 and r is not None and a == r - 1
+    elif lin.op == "Gemm":
+        ok = G.const_value(lin.inputs[1]) is not None and a == 1 and (len(lin.inputs) < 3 or not lin.inputs[2].name or G.const_value(lin.inputs[2]) is not None)
+    else:
+        ok = G.const_value(lin.inputs[1]) is not None and a == 1 and (len(lin.inputs) < 3 or not lin.inputs[2].name or G.const_value(lin.inputs[2]) is not None)
+    if not ok:
+        return f"axis {a} is not the output channel axis of {lin.op} '{lin.name}' (or its weights are not constant)"
+    return (lin, bias_edge)
+
+
+# ---------------------------------------------------------------------------------------------
+# rewriting
+
+
+def _new(namer, like_tensor, values64, suffix):
+    like = G.const_value(like_tensor)
+    return G.new_const(namer, f"{like_tensor.name}_{suffix}", G.cast_like(values64, like))
+
+
+def _add_bias_after(graph, namer, lin, shift64, dtype_like):
+    """lin's output y becomes lin' -> Add(shift) -> y."""
+    y = lin.outputs[0]
+    mid = G.new_var(namer, f"{y.name}_nobias", y.dtype, y.shape)
+    lin.outputs[0] = mid
+    c = G.new_const(namer, f"{lin.name}_bias", G.cast_like(shift64, dtype_like))
+    G.add_node(graph, namer, "Add", [mid, c], [y], base=f"{lin.name}_bias_add")
+
+
+def _fold_forward(graph, namer, lin, a, t):
+    w_t = lin.inputs[1]
+    w = G.f64(G.const_value(w_t))
+    like = G.const_value(w_t)
+    if lin.op == "MatMul":
+        lin.inputs[1] = _new(namer, w_t, a[:, None] * w, "fa")
+        shift = t @ w
+        cons = G.consumers(lin.outputs[0])
+        if len(cons) == 1 and cons[0].op == "Add" and not G.is_graph_output(graph, lin.outputs[0]):
+            add = cons[0]
+            bi = 1 if add.inputs[0] is lin.outputs[0] else 0
+            bv = G.const_value(add.inputs[bi])
+            if bv is not None and bv.ndim <= 1:
+                add.inputs[bi] = _new(namer, add.inputs[bi], np.broadcast_to(G.f64(bv), shift.shape) + shift, "fa")
+                return
+        if np.any(shift):
+            _add_bias_after(graph, namer, lin, shift, like)
+    elif lin.op == "Gemm":
+        trans_b = int(lin.attrs.get("transB", 0))
+        b_eff = w.T if trans_b else w  # [K, N]
+        new_b = a[:, None] * b_eff
+        lin.inputs[1] = _new(namer, w_t, new_b.T if trans_b else new_b, "fa")
+        alpha, beta = float(lin.attrs.get("alpha", 1.0)), float(lin.attrs.get("beta", 1.0))
+        shift = alpha * (t @ b_eff)
+        _gemm_add_c(namer, lin, shift, beta, like)
+    else:  # Conv without padding: bias += sum over (cin, k) of W * t[cin]
+        lin.inputs[1] = _new(namer, w_t, w * a.reshape((1, -1) + (1,) * (w.ndim - 2)), "fa")
+        shift = (w * t.reshape((1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape[0], -1).sum(1)
+        if len(lin.inputs) > 2 and lin.inputs[2].name:
+            lin.inputs[2] = _new(namer, lin.inputs[2], G.f64(G.const_value(lin.inputs[2])) + shift, "fa")
+        else:
+            while len(lin.inputs) < 2:
+                lin.inputs.append(gs.Variable.empty())
+            lin.inputs.append(G.new_const(namer, f"{lin.name}_B", G.cast_like(shift, like)))
+
+
+def _gemm_add_c(namer, lin, shift, beta, like):
+    has_c = len(lin.inputs) > 2 and lin.inputs[2].name
+    if has_c and beta != 0.0:
+        cv = G.f64(G.const_value(lin.inputs[2]))
+        nc = cv + shift / beta
+        lin.inputs[2] = _new(namer, lin.inputs[2], np.broadcast_to(nc, np.broadcast_shapes(cv.shape, shift.shape)), "fa")
+        return
+    lin.attrs["beta"] = 1.0
+    c = G.new_const(namer, f"{lin.name}_C", G.cast_like(shift, like))
+    if has_c:
+        lin.inputs[2] = c
+    else:
+        lin.inputs.append(c)
+
+
+def _fold_backward(graph, namer, lin, bias_edge, a, t):
+    w_t = lin.inputs[1]
+    w = G.f64(G.const_value(w_t))
+    like = G.const_value(w_t)
+    if lin.op == "MatMul":
+        lin.inputs[1] = _new(namer, w_t, w * a[None, :], "fb")
+    elif lin.op == "Gemm":
+        trans_b = int(lin.attrs.get("transB", 0))
+        lin.inputs[1] = _new(namer, w_t, w * (a[:, None] if trans_b else a[None, :]), "fb")
+    else:
+        lin.inputs[1] = _new(namer, w_t, w * a.reshape((-1,) + (1,) * (w.ndim - 1)), "fb")
+    if bias_edge is not None:  # MatMul + Add(b): b' = a*b + t
+        add, bi = bias_edge
+        bv = G.f64(G.const_value(add.inputs[bi]))
+        add.inputs[bi] = _new(namer, add.inputs[bi], a * np.broadcast_to(bv, a.shape) + t, "fb")
+    elif lin.op == "Gemm":
+        beta = float(lin.attrs.get("beta", 1.0))
+        has_c = len(lin.inputs) > 2 and lin.inputs[2].name
+        if has_c and beta != 0.0:
+            cv = G.f64(G.const_value(lin.inputs[2]))
+            nc = a * np.broadcast_to(cv, np.broadcast_shapes(cv.shape, a.shape)) + t / beta
+            lin.inputs[2] = _new(namer, lin.inputs[2], nc, "fb")
+        else:
+            _gemm_add_c(namer, lin, t, 0.0, like)
+    elif lin.op == "Conv":
+        if len(lin.inputs) > 2 and lin.inputs[2].name:
+            lin.inputs[2] = _new(namer, lin.inputs[2], a * G.f64(G.const_value(lin.inputs[2])) + t, "fb")
+        else:
+            while len(lin.inputs) < 2:
+                lin.inputs.append(gs.Variable.empty())
+            lin.inputs.append(G.new_const(namer, f"{lin.name}_B", G.cast_like(t, like)))
+    elif np.any(t):
+        _add_bias_after(graph, namer, lin, t, like)
+
+
+def _remove(aff):
+    G.replace_uses(aff.y, aff.x)
+    for n in aff.nodes:
+        n.inputs.clear()
+        n.outputs.clear()
+
+
+class FoldAffineNorms(Pass):
+    repeat = True  # two folds into one linear op are applied in successive rounds
+    name = "fold_affine"
+    description = "fold RepBN/PRepBN, BatchNorm, Unified Norm and per-channel affine chains into adjacent MatMul/Gemm/Conv (SLAB, arXiv 2405.11582)"
+
+    def analyze(self, graph, ctx):
+        a = Analysis()
+        for aff in find_affines(graph):
+            fwd = _forward_plan(graph, aff.y, aff.axis)
+            if not isinstance(fwd, str):
+                aff.plan = ("forward", fwd)
+                a.matches.append(aff)
+                continue
+            bwd = _backward_plan(graph, aff.x, aff.axis)
+            if not isinstance(bwd, str):
+                aff.plan = ("backward", bwd)
+                a.matches.append(aff)
+                continue
+            a.declined.append(Decline(aff.name, aff.kind, f"forward: {fwd}; backward: {bwd}"))
+        return a
+
+    def apply(self, graph, matches, ctx):
+        namer = G.Namer(graph)
+        touched = set()
+        n = 0
+        for aff in matches:
+            lins = [lin for lin, _ in aff.plan[1]] if aff.plan[0] == "forward" else [aff.plan[1][0]]
+            if any(id(lin) in touched for lin in lins):
+                continue  # a second fold into the same linear op waits for the next round
+            touched.update(id(lin) for lin in lins)
+            if aff.plan[0] == "forward":
+                for lin, _ in aff.plan[1]:
+                    _fold_forward(graph, namer, lin, aff.a, aff.t)
+            else:
+                lin, bias_edge = aff.plan[1]
+                _fold_backward(graph, namer, lin, bias_edge, aff.a, aff.t)
+            _remove(aff)
+            n += 1
+        return n
