@@ -15,20 +15,20 @@ Usage:  python benchmarks/bench_ln_to_rms.py [--quick] [--runs N] [--threads 1 2
 from __future__ import annotations
 
 import argparse
-import collections
-import json
 import os
 import sys
 import tempfile
 
 import onnx
 
+from _common import write_table
+
 from normopt.api import optimize
 from normopt.models import builders as B
 from normopt.models.export import example_inputs, export
 from normopt.runtime_tests.inputs import InputOptions, make_feeds
 from normopt.runtime_tests.latency import bench, machine_description
-from normopt.runtime_tests.providers import make_session
+from normopt.runtime_tests.profile import kernel_ms
 
 NORM_OPS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
             "SkipSimplifiedLayerNormalization"}
@@ -43,42 +43,14 @@ MODELS = {
 QUICK = {"6x256 (seq 64, b8)", "12x192 (197 tok, b1)"}
 
 
-def norm_path_ms(path: str, feeds: dict, threads: int, runs: int) -> tuple[float, dict]:
-    """Kernel time per inference in the norm path, from ORT's profiler."""
-    with tempfile.TemporaryDirectory() as tmp:
-        opt_path = os.path.join(tmp, "ort_optimized.onnx")
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.optimized_model_filepath = opt_path
-        so.log_severity_level = 3
-        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        g = onnx.load(opt_path, load_external_data=False).graph
-        norm_nodes = {n.name for n in g.node if n.op_type in NORM_OPS}
-        norm_in = {n.input[0] for n in g.node if n.name in norm_nodes}
-        norm_out = {o for n in g.node if n.name in norm_nodes for o in n.output}
-        path_adds = {n.name for n in g.node if n.op_type == "Add" and (set(n.output) & norm_in or set(n.input) & norm_out)}
-        sess = make_session(path, "cpu", "all", threads, profile_prefix=os.path.join(tmp, "prof"), spin=False)
-        for _ in range(3):
-            sess.run(None, feeds)
-        sess.end_profiling()
-        sess = make_session(path, "cpu", "all", threads, profile_prefix=os.path.join(tmp, "prof2"), spin=False)
-        for _ in range(runs):
-            sess.run(None, feeds)
-        prof = sess.end_profiling()
-        events = json.load(open(prof))
-    total = collections.Counter()
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        node = e["name"][: -len("_kernel_time")]
-        op = e.get("args", {}).get("op_name", "")
-        if node in norm_nodes or node in path_adds:
-            total[op] += e["dur"]
-    per = {op: us / runs / 1000.0 for op, us in total.items()}
-    return sum(per.values()), per
+def norm_path_nodes(g: onnx.ModelProto):
+    """Norm ops, the residual Adds that feed them and the beta Adds that follow them."""
+    g = g.graph
+    norm_nodes = {n.name for n in g.node if n.op_type in NORM_OPS}
+    norm_in = {n.input[0] for n in g.node if n.name in norm_nodes}
+    norm_out = {o for n in g.node if n.name in norm_nodes for o in n.output}
+    adds = {n.name for n in g.node if n.op_type == "Add" and (set(n.output) & norm_in or set(n.input) & norm_out)}
+    return norm_nodes | adds
 
 
 def main():
@@ -111,17 +83,14 @@ def main():
             for threads in threads_list:
                 r = bench([("original", src), ("normopt", dst)], threads=threads, runs=args.runs, warmup=5)
                 a, b = r.models
-                na, _ = norm_path_ms(src, feeds, threads, args.profile_runs)
-                nb, _ = norm_path_ms(dst, feeds, threads, args.profile_runs)
+                na, _ = kernel_ms(src, feeds, norm_path_nodes, threads, args.profile_runs)
+                nb, _ = kernel_ms(dst, feeds, norm_path_nodes, threads, args.profile_runs)
                 row = (f"| {name} | {threads} | {a.median_ms:.2f} / {a.p90_ms:.2f} | {b.median_ms:.2f} / {b.p90_ms:.2f} | "
                        f"{b.ratio:.3f} | [{b.ci_low:.3f}, {b.ci_high:.3f}] | {na:.3f} | {nb:.3f} | {100 * (nb - na) / na:+.0f}% |")
                 print(row, file=sys.stderr)
                 lines.append(row)
             del model
-    text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    text = write_table(lines, args.out)
     print(text)
 
 

@@ -256,11 +256,50 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
         elif isinstance(m, RepBN):
-            m.alpha.copy_(0.5 + torch.rand(1, generator=g))  # a distinct eta per layer
+            m.alpha.copy_(0.1 + 0.4 * torch.rand(1, generator=g))  # a distinct eta per layer
         elif isinstance(m, UnifiedNormInference):
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
             m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
             m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+    return model.eval()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, inputs: dict, batches: int = 3, seed: int = 0) -> nn.Module:
+    """Give BatchNorm and Unified Norm the statistics of the activations they see, as a
+    trained model has (random statistics let activations grow layer after layer, and a deep
+    random model then shows fp32 noise far above a real one's). BN: running mean/var gathered
+    in train mode over a few random batches; UN: running_var = E[x^2] per channel. The
+    parameters (gamma, beta, eta) stay as randomize() set them."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    uns = [m for m in model.modules() if isinstance(m, UnifiedNormInference)]
+    if not bns and not uns:
+        return model
+    g = torch.Generator().manual_seed(seed)
+    sums = {id(m): [0.0, 0] for m in uns}
+
+    def hook(mod, args):
+        x = args[0].detach().double()
+        sq = (x * x).reshape(-1, x.shape[-1])
+        acc = sums[id(mod)]
+        acc[0] = acc[0] + sq.sum(0)
+        acc[1] += sq.shape[0]
+
+    handles = [m.register_forward_pre_hook(hook) for m in uns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.eval()
+    for m in bns:
+        m.train()
+    for _ in range(batches):
+        batch = {k: (torch.randn(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+        model(**batch)
+    for h in handles:
+        h.remove()
+    for m in uns:
+        total, n = sums[id(m)]
+        m.running_var.copy_((total / n).float())
     return model.eval()
 
 
@@ -290,19 +329,26 @@ def vit(size="tiny", **kw) -> Encoder:
     if size != "tiny":
         cfg.update(image=224, patch=16, classes=1000)
     cfg.update(kw)
-    return randomize(Encoder(**cfg))
+    model = randomize(Encoder(**cfg))
+    return _calibrated(model) if cfg.get("patch_bn") else model
+
+
+def _calibrated(model):
+    from .export import example_inputs
+
+    return calibrate(model, example_inputs(model, batch=4))
 
 
 def slab(size="tiny", norm="repbn", **kw) -> Encoder:
     """SLAB-style encoder with RepBN (or PRepBN at inference) in both pre-norm positions and
-    the final norm, mean-pooled like SLAB's DeiT."""
-    return vit(size, norm=norm, pool="mean", **kw)
+    the final norm, mean-pooled like SLAB's DeiT; BN statistics calibrated."""
+    return _calibrated(vit(size, norm=norm, pool="mean", **kw))
 
 
 def unified(size="tiny", **kw) -> Encoder:
     """Unified-Norm transformer in its inference form, fairseq pre-norm layout (time-major)."""
     kw.setdefault("time_major", True)
-    return vit(size, norm="un", pool="mean", **kw)
+    return _calibrated(vit(size, norm="un", pool="mean", **kw))
 
 
 class NormAfterLinear(nn.Module):
@@ -323,7 +369,7 @@ class NormAfterLinear(nn.Module):
 
 
 def norm_after_linear(wrong_axis=False, d=32, tokens=16) -> NormAfterLinear:
-    return randomize(NormAfterLinear(d, tokens, wrong_axis))
+    return _calibrated(randomize(NormAfterLinear(d, tokens, wrong_axis)))
 
 
 def bert(size="tiny", **kw) -> Decoder:
