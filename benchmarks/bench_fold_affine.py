@@ -34,7 +34,7 @@ from normopt.runtime_tests.profile import kernel_ms
 SHAPES = {
     # name: (size kwargs, batch, threads, runs scale)
     "DeiT-S 12x384, 197 tok, b1": (dict(size="deit-s"), 1, 1, 1.0),
-    "DeiT-S 12x384, 197 tok, b8": (dict(size="deit-s"), 8, 2, 0.3),
+    "DeiT-S 12x384, 197 tok, b8": (dict(size="deit-s"), 8, 2, 0.75),
     "12x192, 197 tok, b1": (dict(size="d192", image=224, patch=16), 1, 1, 1.0),
 }
 NORMS = {"RepBN (SLAB)": "repbn", "Unified Norm": "un"}
@@ -71,11 +71,12 @@ def main():
         for sname, (kw, batch, threads, scale) in SHAPES.items():
             if args.quick and sname not in QUICK:
                 continue
-            floor_model = B.vit(norm="none", pool="mean", **kw)
-            floor = os.path.join(tmp, "floor.onnx")
-            export(floor_model, example_inputs(floor_model, batch=batch), floor)
             for nname, norm in NORMS.items():
                 m = B.slab(norm=norm, **kw) if norm == "repbn" else B.unified(**kw)
+                # the floor: the same network (same layout: UN runs fairseq's time-major) without norms
+                floor_model = B.vit(norm="none", pool="mean", time_major=m.time_major, **kw)
+                floor = os.path.join(tmp, "floor.onnx")
+                export(floor_model, example_inputs(floor_model, batch=batch), floor)
                 src, dst = os.path.join(tmp, "unfolded.onnx"), os.path.join(tmp, "normopt.onnx")
                 export(m, example_inputs(m, batch=batch), src)
                 res = optimize(src, dst)

@@ -239,3 +239,20 @@ def test_inspect_reports_folds_and_declines(tmp_path):
         export(m, example_inputs(m, batch=2), str(src))
         rows = [r for r in inspect_model(str(src)) if r["kind"] == "BatchNormalization"]
         assert len(rows) == 1 and rows[0]["outcome"].startswith(expect), rows
+
+
+@pytest.mark.usefixtures("torch_available")
+def test_rms_beta_folds_through_token_gather_into_head(tmp_path):
+    """The beta Add ln_to_rms keeps after the final SimplifiedLayerNormalization (its reader is
+    a cls-token Gather, not a linear op) folds forward through the Gather into the head."""
+    from normopt.models import builders as B
+    from normopt.models.export import example_inputs, export
+
+    m = B.vit("tiny")
+    src = tmp_path / "vit.onnx"
+    export(m, example_inputs(m, batch=2), str(src))
+    r = optimize(str(src), str(tmp_path / "o.onnx"))
+    assert fold_report(r.report).applied == 1
+    out = onnx.load(tmp_path / "o.onnx")
+    assert leftover_norms(out) == []
+    assert ops(out)["SimplifiedLayerNormalization"] == 5

@@ -172,10 +172,6 @@ def _is_linear_bias(node):
     return False
 
 
-NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
-            "SkipSimplifiedLayerNormalization")
-
-
 def _has_reduce_ancestor(t, depth=5) -> bool:
     p = G.producer(t)
     if p is None or depth == 0:
@@ -186,14 +182,14 @@ def _has_reduce_ancestor(t, depth=5) -> bool:
 
 
 def _is_norm_tail(node):
-    """gamma/beta of a norm that is still there, fused or decomposed (x * f(reduce(x)) or
-    x / f(reduce(x))): left to the norm, which ORT fuses only with its gamma Mul in place."""
+    """gamma/beta of a decomposed norm (x * f(reduce(x)) or x / f(reduce(x))): left to the
+    norm, which ORT fuses only with its gamma Mul in place. (An Add after a fused norm op,
+    such as the beta ln_to_rms keeps after SimplifiedLayerNormalization, is a plain shift and
+    may fold.)"""
     for inp in node.inputs:
         p = G.producer(inp)
         if p is None:
             continue
-        if p.op in NORM_OPS:
-            return True
         if p.op in ("Div", "Mul") and all(G.const_value(q) is None for q in p.inputs):
             if any(_has_reduce_ancestor(q) for q in p.inputs):
                 return True
