@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .io import TWO_GB, default_opset
+from .io import ORT_DEFAULT_DOMAIN_CONTRIB_OPS, TWO_GB, default_opset
 
 # ---------------------------------------------------------------------------------------------
 # import / export
@@ -26,7 +26,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     ONNX Runtime's symbolic shape inference, which knows them."""
     if model.ByteSize() > TWO_GB:
         return model
-    if any(n.domain == "com.microsoft" for n in model.graph.node):
+    if any(n.domain == "com.microsoft" or n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS for n in model.graph.node):
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 

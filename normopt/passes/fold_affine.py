@@ -268,6 +268,33 @@ def _forward_plan(graph, t, axis, seen=None):
     return targets if targets else f"'{t.name}' has no readers"
 
 
+def _needs_new_bias(graph, lin) -> bool:
+    """A MatMul whose output is not already followed by a constant bias Add (Gemm and Conv take
+    the shift in their C / B input at no cost)."""
+    if lin.op != "MatMul":
+        return False
+    cons = G.consumers(lin.outputs[0])
+    if len(cons) == 1 and cons[0].op == "Add" and not G.is_graph_output(graph, lin.outputs[0]):
+        add = cons[0]
+        other = add.inputs[1] if add.inputs[0] is lin.outputs[0] else add.inputs[0]
+        bv = G.const_value(other)
+        return bv is None or bv.ndim > 1
+    return True
+
+
+def _forward_cost_ok(graph, targets, aff):
+    """Folding t forward into a bias-less MatMul adds an Add over its outputs. Fold only if
+    the elements those new Adds touch are at most those of the affine ops removed (an LM
+    head's vocabulary is far wider than the norm it would absorb)."""
+    if not np.any(aff.t):
+        return targets
+    added = sum(int(G.const_value(lin.inputs[1]).shape[1]) for lin, _ in targets if _needs_new_bias(graph, lin))
+    removed = len(aff.a) * len(aff.nodes)
+    if added > removed:
+        return f"folding would add bias Adds over {added} output channels to remove {len(aff.nodes)} op(s) over {len(aff.a)} channels"
+    return targets
+
+
 def _backward_plan(graph, x, axis):
     """(linear node, bias Add or None, out axis) producing x through single-consumer layout ops."""
     t, a = x, axis
@@ -438,6 +465,8 @@ class FoldAffineNorms(Pass):
         a = Analysis()
         for aff in find_affines(graph):
             fwd = _forward_plan(graph, aff.y, aff.axis)
+            if not isinstance(fwd, str):
+                fwd = _forward_cost_ok(graph, fwd, aff)
             if not isinstance(fwd, str):
                 aff.plan = ("forward", fwd)
                 a.matches.append(aff)
