@@ -307,7 +307,9 @@ def _backward_plan(graph, x, axis):
         if p.op == "Add":
             ci = [i for i in (0, 1) if G.const_value(p.inputs[i]) is not None]
             lin = G.producer(p.inputs[1 - ci[0]]) if len(ci) == 1 else None
-            if lin is not None and lin.op in ("MatMul", "Gemm", "Conv") and len(G.consumers(p.inputs[1 - ci[0]])) == 1:
+            mid = p.inputs[1 - ci[0]] if len(ci) == 1 else None
+            if lin is not None and lin.op in ("MatMul", "Gemm", "Conv") and len(G.consumers(mid)) == 1 \
+                    and not G.is_graph_output(graph, mid):
                 return _check_out_axis(graph, lin, p.inputs[1 - ci[0]], a, (p, ci[0]))
             return f"'{t.name}' is produced by Add '{p.name}', not a linear op"
         if p.op in ("MatMul", "Gemm", "Conv"):
@@ -449,11 +451,20 @@ def _fold_backward(graph, namer, lin, bias_edge, a, t):
         _add_bias_after(graph, namer, lin, t, like)
 
 
-def _remove(aff):
-    G.replace_uses(aff.y, aff.x)
+def _remove(graph, aff):
+    """Drop the affine's nodes. Its readers read x; where y is a graph output (possible only
+    for a backward fold, where x has no other reader), x's producer writes y instead, so the
+    output keeps its name and its producer."""
+    x, y = aff.x, aff.y
     for n in aff.nodes:
         n.inputs.clear()
         n.outputs.clear()
+    if G.is_graph_output(graph, y):
+        prod = G.producer(x)
+        G.replace_uses(x, y)
+        prod.outputs[[i for i, o in enumerate(prod.outputs) if o is x][0]] = y
+    else:
+        G.replace_uses(y, x)
 
 
 class FoldAffineNorms(Pass):
@@ -494,6 +505,6 @@ class FoldAffineNorms(Pass):
             else:
                 lin, bias_edge = aff.plan[1]
                 _fold_backward(graph, namer, lin, bias_edge, aff.a, aff.t)
-            _remove(aff)
+            _remove(graph, aff)
             n += 1
         return n

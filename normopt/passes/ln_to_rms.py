@@ -219,7 +219,8 @@ class _Closure:
                     if G.const_value(p.inputs[bi]) is not None and G.const_value(p.inputs[1 - bi]) is None:
                         lin = G.producer(p.inputs[1 - bi])
                         bias_edge = (p, bi)
-                        if len(G.consumers(p.inputs[1 - bi])) != 1:
+                        mid = p.inputs[1 - bi]  # the linear's own output changes too
+                        if len(G.consumers(mid)) != 1 or G.is_graph_output(self.graph, mid):
                             lin = None
                         break
                 else:

@@ -1,0 +1,210 @@
+"""A generator of random transformer-like ONNX graphs for property-based tests (hypothesis).
+
+Ingredients, drawn per example:
+  depth 1-6, width 8-96, tokens 1-8; opset 13-23; fp32 or fp16;
+  blocks Pre-LN, Post-LN or parallel (x + f(N1(x)) + g(N2(x)));
+  norms: LayerNormalization op (opset >= 17), decomposed LN (Div or Reciprocal, keepdims 0+Unsqueeze
+  or 1, axes as attribute or input by opset, epsilon given or left to the default), decomposed
+  RMSNorm, RMSNormalization op (opset >= 23), SLAB RepBN (Transpose-BN-Mul-Add-Transpose),
+  Unified Norm (Div/Mul/Add by constants), BatchNormalization, or none;
+  a norm over an axis other than the last; a Transpose whose perm moves the channel axis;
+  writers MatMul+bias or Gemm (transB, alpha, beta), optional LayerScale;
+  shared weights between blocks, a token table tied to the head;
+  extra graph outputs that expose the stream or an intermediate value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+NORMS = ["ln_op", "ln_dec", "rms_dec", "rms_op", "repbn", "un", "bn", "none"]
+
+
+class Builder:
+    def __init__(self, opset, dtype, seed):
+        self.opset, self.dtype = opset, np.dtype(dtype)
+        self.et = helper.np_dtype_to_tensor_dtype(self.dtype)
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.count = [], [], 0
+
+    def name(self, base):
+        self.count += 1
+        return f"{base}_{self.count}"
+
+    def const(self, arr, base="c", dtype=None):
+        n = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr, dtype=dtype or self.dtype), n))
+        return n
+
+    def ints(self, vals):
+        return self.const(np.asarray(vals, np.int64), "i", np.int64)
+
+    def node(self, op, inputs, base=None, n_out=1, **attrs):
+        outs = [self.name(base or op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name("n_" + op), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def rand(self, *shape, scale=1.0):
+        return (scale * self.rng.standard_normal(shape)).astype(self.dtype)
+
+    def reduce_mean(self, x, axis, keepdims=1):
+        if self.opset >= 18:
+            return self.node("ReduceMean", [x, self.ints([axis])], keepdims=keepdims)
+        return self.node("ReduceMean", [x], axes=[axis], keepdims=keepdims)
+
+    # -- norms ---------------------------------------------------------------------------------
+    def norm(self, x, kind, d, axis, variant):
+        g = self.const(1 + 0.2 * self.rng.standard_normal(d), "gamma")
+        b = self.const(0.2 * self.rng.standard_normal(d), "beta")
+        eps = variant.get("eps")
+        if kind == "ln_op":
+            kw = {"epsilon": eps} if eps is not None else {}
+            if axis != -1:
+                kw["axis"] = axis  # gamma must then cover the normalized axes
+                g = self.const(1 + 0.2 * self.rng.standard_normal(variant["norm_shape"]), "gamma")
+                b = self.const(0.2 * self.rng.standard_normal(variant["norm_shape"]), "beta")
+            return self.node("LayerNormalization", [x, g, b], **kw)
+        if kind in ("ln_dec", "rms_dec"):
+            e = self.const(eps if eps is not None else 1e-5, "eps")
+            keep = variant.get("keepdims", 1)
+            if kind == "ln_dec":
+                m = self.reduce_mean(x, axis, keep)
+                if not keep:
+                    m = self.node("Unsqueeze", [m, self.ints([axis])])
+                c = self.node("Sub", [x, m])
+            else:
+                c = x
+            sq = self.node("Pow", [c, self.const(2.0, "two")]) if variant.get("pow", True) else self.node("Mul", [c, c])
+            v = self.reduce_mean(sq, axis, 1)
+            s = self.node("Sqrt", [self.node("Add", [v, e])])
+            if variant.get("recip"):
+                n = self.node("Mul", [c, self.node("Reciprocal", [s])])
+            else:
+                n = self.node("Div", [c, s])
+            if axis != -1:
+                return n  # no per-channel gamma on a non-last axis
+            y = self.node("Mul", [n, g])
+            return self.node("Add", [y, b]) if kind == "ln_dec" else y
+        if kind == "rms_op":
+            return self.node("RMSNormalization", [x, g], axis=-1, **({"epsilon": eps} if eps is not None else {}))
+        if kind in ("repbn", "bn"):
+            perm = variant.get("perm", [0, 2, 1])
+            xt = self.node("Transpose", [x], perm=perm)
+            c = d if perm == [0, 2, 1] else variant["tokens"]
+            bn = self.node("BatchNormalization", [xt, self.const(1 + 0.2 * self.rng.standard_normal(c), "bn_g"),
+                                                  self.const(0.2 * self.rng.standard_normal(c), "bn_b"),
+                                                  self.const(0.3 * self.rng.standard_normal(c), "bn_m"),
+                                                  self.const(0.5 + self.rng.random(c), "bn_v")])
+            if kind == "repbn":
+                bn = self.node("Add", [bn, self.node("Mul", [xt, self.const(0.1 + 0.4 * self.rng.random(1), "eta")])])
+            return self.node("Transpose", [bn], perm=perm)
+        if kind == "un":
+            s = self.const(np.sqrt(0.5 + self.rng.random(d)), "un_s")
+            return self.node("Add", [self.node("Mul", [self.node("Div", [x, s]), g]), b])
+        return x
+
+    # -- writers -------------------------------------------------------------------------------
+    def linear(self, x, d_in, d_out, kind, shared, n):
+        if kind == "gemm":
+            trans_b = int(self.rng.integers(0, 2))
+            w = shared.get(("gemm", d_in, d_out, trans_b)) or self.const(self.rand(*((d_out, d_in) if trans_b else (d_in, d_out)), scale=1 / np.sqrt(d_in)), "W")
+            shared[("gemm", d_in, d_out, trans_b)] = w
+            x2 = self.node("Reshape", [x, self.ints([n, d_in])])
+            y = self.node("Gemm", [x2, w, self.const(self.rand(d_out, scale=0.1), "C")], transB=trans_b,
+                          alpha=float(self.rng.choice([1.0, 0.5, 1.5])), beta=float(self.rng.choice([1.0, 0.7, 2.0])))
+            return self.node("Reshape", [y, self.ints([1, n, d_out])])
+        w = shared.get(("mm", d_in, d_out)) or self.const(self.rand(d_in, d_out, scale=1 / np.sqrt(d_in)), "W")
+        shared[("mm", d_in, d_out)] = w
+        return self.node("Add", [self.node("MatMul", [x, w]), self.const(self.rand(d_out, scale=0.1), "b")])
+
+    def sublayer(self, x, d, n, cfg, shared):
+        h = self.linear(x, d, 2 * d, cfg["writer"], shared if cfg["share"] else {}, n)
+        h = self.node("Relu", [h])
+        y = self.linear(h, 2 * d, d, cfg["writer"], shared if cfg["share"] else {}, n)
+        if cfg["layer_scale"]:
+            y = self.node("Mul", [y, self.const(0.1 + self.rng.random(d), "ls")])
+        return y
+
+
+@st.composite
+def transformer_graphs(draw):
+    opset = draw(st.integers(13, 23))
+    dtype = draw(st.sampled_from([np.float32, np.float16]))
+    depth = draw(st.integers(1, 6))
+    d = draw(st.sampled_from([8, 16, 24, 32, 48, 64, 96]))
+    n = draw(st.sampled_from([1, 3, 8]))
+    seed = draw(st.integers(0, 2**16))
+    b = Builder(opset, dtype, seed)
+    vocab = draw(st.sampled_from([8, 32]))
+    use_ids = draw(st.booleans())
+    tied = use_ids and draw(st.booleans())
+    inputs = []
+    if use_ids:
+        table = b.const(b.rand(vocab, d), "table")
+        inputs.append(helper.make_tensor_value_info("ids", TensorProto.INT64, [1, n]))
+        x = b.node("Add", [b.node("Gather", [table, "ids"], axis=0), b.const(b.rand(1, n, d, scale=0.1), "pos")])
+    else:
+        table = None
+        inputs.append(helper.make_tensor_value_info("x", b.et, [1, n, d]))
+        x = "x"
+    allowed = [k for k in NORMS if (k != "ln_op" or opset >= 17) and (k != "rms_op" or opset >= 23)]
+    if dtype == np.float16:
+        allowed = [k for k in allowed if k not in ("repbn", "bn")]  # no fp16 BatchNormalization kernel on ORT CPU
+    shared, extra_outputs = {}, []
+    family = draw(st.sampled_from(allowed))  # one norm kind per model, with occasional odd blocks out
+
+    def draw_norm():
+        kind = family if draw(st.integers(0, 7)) else draw(st.sampled_from(allowed))
+        variant = {"eps": draw(st.sampled_from([None, 1e-5, 1e-6, 1e-3])), "keepdims": draw(st.sampled_from([0, 1])),
+                   "recip": draw(st.booleans()), "pow": draw(st.booleans()), "tokens": n}
+        axis = -1
+        if kind in ("ln_op", "ln_dec", "rms_dec") and draw(st.integers(0, 9)) == 0:
+            axis = -2  # a norm over an axis other than the last
+            variant["norm_shape"] = (n, d)
+        if kind in ("repbn", "bn") and draw(st.integers(0, 5)) == 0:
+            # no channel move: BN's axis 1 is then the token axis, not the linear ops' channels
+            variant["perm"] = [0, 1, 2]
+        if kind == "ln_op" and axis != -1 and variant["eps"] is None:
+            variant["eps"] = 1e-5
+        return kind, axis, variant
+
+    for i in range(depth):
+        layout = draw(st.sampled_from(["pre", "pre", "pre", "pre", "post", "parallel"]))
+        cfg = {"writer": draw(st.sampled_from(["matmul", "gemm"])), "share": draw(st.booleans()),
+               "layer_scale": draw(st.booleans())}
+        k1, a1, v1 = draw_norm()
+        if layout == "pre":
+            x = b.node("Add", [x, b.sublayer(b.norm(x, k1, d, a1, v1), d, n, cfg, shared)])
+        elif layout == "post":
+            x = b.norm(b.node("Add", [x, b.sublayer(x, d, n, cfg, shared)]), k1, d, a1, v1)
+        else:
+            k2, a2, v2 = draw_norm()
+            f = b.sublayer(b.norm(x, k1, d, a1, v1), d, n, cfg, shared)
+            g = b.sublayer(b.norm(x, k2, d, a2, v2), d, n, cfg, shared)
+            x = b.node("Add", [b.node("Add", [x, f]), g])
+        if draw(st.integers(0, 11)) == 0:
+            extra_outputs.append(x)  # expose the raw stream
+    if draw(st.integers(0, 3)):  # a final norm, mostly
+        kf, af, vf = draw_norm()
+        x = b.norm(x, kf, d, af, vf)
+    outputs = [x]
+    if tied:
+        outputs = [b.node("MatMul", [x, b.node("Transpose", [table], perm=[1, 0])])]
+        out_dims = [[1, n, vocab]]
+    else:
+        out_dims = [[1, n, d]]
+    if draw(st.integers(0, 4)) == 0 and b.nodes:
+        inter = b.nodes[draw(st.integers(0, len(b.nodes) - 1))].output[0]  # an intermediate value
+        if inter not in outputs:
+            extra_outputs.append(inter)
+    outs = [helper.make_tensor_value_info(o, b.et, dims) for o, dims in zip(outputs, out_dims)]
+    for o in dict.fromkeys(extra_outputs):
+        if o not in outputs:
+            outs.append(helper.make_tensor_value_info(o, b.et, None))
+    graph = helper.make_graph(b.nodes, "fuzz", inputs, outs, b.inits)
+    ops = [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=ops, ir_version=helper.find_min_ir_version_for(ops))
+    return model

@@ -1,0 +1,123 @@
+"""Property-based fuzzing of the whole pipeline (hypothesis).
+
+Property: for any generated graph, the pipeline either rewrites it into a model that ONNX
+Runtime shows equivalent to the input, or leaves it alone with reasons. It never crashes and
+never produces a non-equivalent model:
+  * exactly (both models under ORT_DISABLE_ALL), always;
+  * under ORT_ENABLE_ALL too, whenever ORT computes the input consistently at that level
+    (ORT 1.31's SkipLayerNormFusion miscomputes LN over a non-last axis by itself).
+
+fp16 models: an output that misses the fp16 tolerance passes only if its error against the
+fp32 twin of the model stays within rounding scale of the original's (normopt's verification
+declines to write it anyway); anything larger is a bug.
+
+Profiles: CI runs 50 examples; NORMOPT_FUZZ=long runs 500 (README). A failing example is
+written to tests/regressions/ (shrunk by hypothesis) and replayed by test_regressions.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+
+from normopt import optimize_model
+from normopt.io import check_model
+from normopt.runtime_tests.equivalence import compare
+from normopt.runtime_tests.inputs import make_feeds
+from normopt.runtime_tests.providers import SessionError, make_session
+
+from fuzz_graphs import transformer_graphs
+
+LONG = os.environ.get("NORMOPT_FUZZ") == "long"
+REGRESSIONS = os.path.join(os.path.dirname(__file__), "regressions")
+settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _save_regression(model) -> str:
+    data = model.SerializeToString()
+    os.makedirs(REGRESSIONS, exist_ok=True)
+    path = os.path.join(REGRESSIONS, f"fuzz_{hashlib.sha256(data).hexdigest()[:12]}.onnx")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _fp32_twin(model):
+    """The same model with fp16 weights and I/O in fp32: the function fp16 approximates."""
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    for i in twin.graph.initializer:
+        if i.data_type == onnx.TensorProto.FLOAT16:
+            i.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(i).astype(np.float32), i.name))
+    for v in list(twin.graph.input) + list(twin.graph.output):
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return twin
+
+
+def _within_fp16_rounding(model, out) -> bool:
+    """fp16 output that misses the fp16 tolerance: is its error against the fp32 truth of the
+    same order as the original's own fp16 error (rounding), or something else (a bug)?
+    (normopt's own verification declines to write such a model; this tells bug from noise.)"""
+    truth_model = _fp32_twin(model)
+    for seed in range(2):
+        f16 = make_feeds(model, seed)
+        f32 = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in f16.items()}
+        names = [o.name for o in model.graph.output]
+        truth = make_session(truth_model, "cpu", "disable").run(names, f32)
+        a = make_session(model, "cpu", "disable").run(names, f16)
+        b = make_session(out, "cpu", "disable").run(names, f16)
+        for t, x, y in zip(truth, a, b):
+            t64 = t.astype(np.float64)
+            err_orig = np.abs(x.astype(np.float64) - t64).max()
+            err_opt = np.abs(y.astype(np.float64) - t64).max()
+            if err_opt > 3 * err_orig + 1e-2:
+                return False
+    return True
+
+
+def check_property(model, save=True):
+    try:
+        ref_ok_all = compare(model, model, seeds=1, level="all").equivalent
+    except SessionError:
+        return False  # ORT cannot run the generated input itself (e.g. a kernel missing for fp16)
+    fp16 = model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 or any(
+        i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    try:
+        out, report = optimize_model(model)
+        check_model(out)
+        exact = compare(model, out, seeds=2, level="disable")
+        if fp16 and not exact.equivalent:
+            assert _within_fp16_rounding(model, out), exact.summary_lines()
+            return True  # rounding only; normopt's verification declines to write it
+        assert exact.equivalent, exact.summary_lines()
+        if ref_ok_all:
+            deployed = compare(model, out, seeds=2, level="all")
+            assert deployed.equivalent, deployed.summary_lines()
+    except Exception:
+        if save:
+            _save_regression(model)
+        raise
+    return True
+
+
+@settings(settings.get_profile("long" if LONG else "ci"))
+@given(transformer_graphs())
+def test_pipeline_never_breaks_equivalence(model):
+    assume(check_property(model))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REGRESSIONS, "*.onnx"))) or [None])
+def test_regressions(path):
+    if path is None:
+        pytest.skip("no saved fuzz regressions")
+    assert check_property(onnx.load(path), save=False)
