@@ -14,6 +14,7 @@ from .passes import build_pipeline
 from .pipeline import Context, Report
 from .runtime_tests.equivalence import EquivalenceResult, compare
 from .runtime_tests.inputs import InputOptions
+from .runtime_tests.localize import localize
 
 
 @dataclass
@@ -89,6 +90,12 @@ def optimize(
                         + "; nothing was written"
                     )
                     report.notes.append(msg)
+                try:
+                    result.first_divergence = localize(in_path, staged.path, input_opts, atol, rtol, level=verify_level,
+                                                       skip=report.changed_values)
+                except Exception as exc:  # localization is a diagnostic: never mask the failure
+                    result.first_divergence = {"error": f"{type(exc).__name__}: {exc}"}
+                report.verification = result.to_dict()
                 _write_report(report_path, report)
                 raise VerificationFailed(msg, result)
         written = staged.commit()
@@ -96,7 +103,11 @@ def optimize(
     return OptimizeResult(written, report, result)
 
 
-def verify(reference: str, candidate: str, **kwargs) -> EquivalenceResult:
+def verify(reference: str, candidate: str, localize_divergence: bool = False, **kwargs) -> EquivalenceResult:
     nio.load_model(reference)
     nio.load_model(candidate)
-    return compare(reference, candidate, **kwargs)
+    result = compare(reference, candidate, **kwargs)
+    if localize_divergence and not result.equivalent and not result.problems:
+        result.first_divergence = localize(reference, candidate, kwargs.get("input_opts"), kwargs.get("atol"), kwargs.get("rtol"),
+                                           kwargs.get("provider", "cpu"), kwargs.get("level", "all"))
+    return result

@@ -137,16 +137,17 @@ def optimize(model, output, passes, report_path, target, no_verify, verify_level
 @click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
               help="graph optimization level of the candidate's session")
 @click.option("--json", "json_path", default=None, help="write per-output metrics as JSON")
+@click.option("--localize", is_flag=True, help="when they differ, name the first node whose value diverges")
 @input_options
 @guarded
-def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, shape, int_range, inputs):
+def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, localize, shape, int_range, inputs):
     """Check that CANDIDATE computes the same as REFERENCE (exit 0 equivalent, 1 differs)."""
     from .api import verify as run
     from .runtime_tests.providers import providers_for
 
     providers_for(provider)
     res = run(reference, candidate, seeds=seeds, atol=atol, rtol=rtol, input_opts=_input_opts(shape, int_range, inputs),
-              provider=provider, level=level)
+              provider=provider, level=level, localize_divergence=localize)
     for line in res.summary_lines():
         click.echo(line)
     if json_path:

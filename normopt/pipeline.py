@@ -39,6 +39,13 @@ class Context:
 
 
 MAX_ROUNDS = 8
+CHANGED = "changed_values"  # ctx.state key: names of values a pass changes on purpose
+
+
+def mark_changed(ctx, *names) -> None:
+    """Record values whose contents a rewrite changes by design (first-divergence
+    localization does not compare them)."""
+    ctx.state.setdefault(CHANGED, set()).update(n for n in names if n)
 
 
 class Pass:
@@ -84,12 +91,14 @@ class Report:
     passes: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     verification: dict | None = None
+    changed_values: list = field(default_factory=list)  # tensors whose values passes changed on purpose
 
     def to_dict(self) -> dict:
         return {
             "passes": [asdict(p) for p in self.passes],
             "notes": list(self.notes),
             "verification": self.verification,
+            "changed_values": list(self.changed_values),
         }
 
     def declined(self):
@@ -146,6 +155,7 @@ class Pipeline:
         graph = self.run_graph(graph, ctx, report)
         out = G.to_model(graph, model)
         report.notes.extend(ctx.notes)
+        report.changed_values = sorted(ctx.state.get(CHANGED, ()))
         return out, report
 
 

@@ -342,3 +342,45 @@ def test_write_failure_even_as_root(model_path):
     """/proc refuses new files even for root: the staged write fails cleanly."""
     out = "/proc/normopt-test-output.onnx"
     assert_bad_input(run_cli("optimize", model_path, "-o", out), out, {model_path: sha(model_path)})
+
+
+def test_verify_localize_names_first_diverging_node(model_path, tmp_path):
+    m = onnx.load(model_path)
+    target = next(n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] == "l1_w1")
+    w = next(i for i in m.graph.initializer if i.name == "l1_w1")
+    arr = numpy_helper.to_array(w).copy()
+    arr[:, 0] += 0.5
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    cand = tmp_path / "cand.onnx"
+    onnx.save(m, cand)
+    r = run_cli("verify", model_path, cand, "--localize", "--json", tmp_path / "v.json")
+    assert r.returncode == 1
+    fd = json.loads((tmp_path / "v.json").read_text())["first_divergence"]
+    assert fd["node"] == target.name and fd["value"] == target.output[0], fd
+    assert "first divergence" in r.stdout
+
+
+def test_optimize_failure_report_names_first_divergence(model_path, tmp_path, monkeypatch):
+    """optimize localizes its own failed verification, skipping values passes changed on purpose."""
+    import normopt.api as api
+    from normopt.errors import VerificationFailed
+    from normopt.passes import all_passes
+    from normopt.pipeline import Analysis, Pass, Pipeline
+
+    class Broken(Pass):
+        name = "broken"
+
+        def analyze(self, graph, ctx):
+            return Analysis(matches=[next(n for n in graph.nodes if n.op == "Relu")])
+
+        def apply(self, graph, matches, ctx):
+            matches[0].op = "Sigmoid"  # a wrong rewrite, after ln_to_rms centered the stream
+            return 1
+
+    monkeypatch.setattr(api, "build_pipeline", lambda *a, **k: Pipeline(all_passes() + [Broken()]))
+    rep = tmp_path / "r.json"
+    with pytest.raises(VerificationFailed) as e:
+        api.optimize(str(model_path), str(tmp_path / "o.onnx"), report_path=str(rep))
+    fd = e.value.result.first_divergence
+    assert fd is not None and fd["op"] == "Sigmoid", fd
+    assert json.loads(rep.read_text())["verification"]["first_divergence"]["op"] == "Sigmoid"

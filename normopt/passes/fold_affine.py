@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from .. import graph as G
 from ..axes import LAYOUT_OPS, VALUE_INDEPENDENT, AxisError, forward_axis
-from ..pipeline import Analysis, Decline, Pass
+from ..pipeline import Analysis, Decline, Pass, mark_changed
 
 ELEMENTWISE = ("Mul", "Div", "Add", "Sub")
 
@@ -239,6 +239,21 @@ def _linear_input_axis(node, t):
             return None
         return 1
     return None
+
+
+def _between(src, dst_tensors):
+    """Names of the tensors on the layout paths from src to the given tensors."""
+    names, stack = set(), [src]
+    targets = {t.name for t in dst_tensors}
+    while stack:
+        t = stack.pop()
+        names.add(t.name)
+        if t.name in targets:
+            continue
+        for c in G.consumers(t):
+            if c.op in LAYOUT_OPS and c.inputs[0] is t:
+                stack.append(c.outputs[0])
+    return names
 
 
 def _forward_plan(graph, t, axis, seen=None):
@@ -500,10 +515,15 @@ class FoldAffineNorms(Pass):
                 continue  # a second fold into the same linear op waits for the next round
             touched.update(id(lin) for lin in lins)
             if aff.plan[0] == "forward":
+                # the readers' inputs now carry x, and a MatMul's output lacks t.W until its bias
+                mark_changed(ctx, *_between(aff.y, [t for _, t in aff.plan[1]]), *(lin.outputs[0].name for lin, _ in aff.plan[1]))
                 for lin, _ in aff.plan[1]:
                     _fold_forward(graph, namer, lin, aff.a, aff.t)
             else:
                 lin, bias_edge = aff.plan[1]
+                # the linear's output (and its bias Add, layout ops) now carry the affine's result
+                mark_changed(ctx, lin.outputs[0].name, *(bias_edge[0].outputs[0].name,) if bias_edge else (),
+                             *_between(lin.outputs[0], [aff.x]))
                 _fold_backward(graph, namer, lin, bias_edge, aff.a, aff.t)
             _remove(graph, aff)
             n += 1

@@ -60,7 +60,7 @@ from .. import graph as G
 from ..axes import COMMUTING_RESHAPES, AxisError as _Fail, backward_axis as _backward_axis, broadcast_axis as _broadcast_axis
 from ..axes import VALUE_INDEPENDENT, forward_axis as _forward_axis, reshape_map as _reshape_map
 from ..norms import LayerNormMatch, find_layernorms
-from ..pipeline import Analysis, Decline, Pass
+from ..pipeline import Analysis, Decline, Pass, mark_changed
 
 
 
@@ -500,6 +500,7 @@ class LayerNormToRMSNorm(Pass):
         n = 0
         for s in matches:
             cache = {}
+            mark_changed(ctx, *s.values)  # the stream values are now zero-mean (centered)
 
             def centered_const(tensor, axis):
                 key = (tensor.name, axis)
@@ -545,6 +546,8 @@ class LayerNormToRMSNorm(Pass):
                 else:
                     readers = _linear_readers(graph, y) if beta_v is not None else None
                     if readers:
+                        # y (and what its readers see before their bias) no longer includes beta
+                        mark_changed(ctx, y.name, *(lin.inputs[0].name for lin, _ in readers), *(lin.outputs[0].name for lin, _ in readers))
                         _fold_beta(graph, namer, beta_v, readers)
                         _emit_rms(graph, namer, ln, x, y, ctx.target, opset)
                     else:

@@ -1,0 +1,71 @@
+"""First-divergence localization: which node's value first differs between two models.
+
+Intermediate values that exist in both graphs under the same name are added as extra outputs
+to both; both run on the same inputs (reference under ORT_DISABLE_ALL, candidate under the
+given level); the candidate's nodes are walked in topological order and the first value that
+is not allclose is reported with the node that produces it. Values a pass changed on purpose
+(``skip``: a centered stream, the input of a folded affine's consumer) are not compared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .. import graph as G
+from .equivalence import default_tolerance
+from .inputs import InputOptions, make_feeds
+from .providers import make_session
+
+MAX_VALUES = 4000
+
+
+def _typed_values(model: onnx.ModelProto) -> dict:
+    inferred = G.infer_shapes(model)
+    return {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+            if vi.type.tensor_type.elem_type}
+
+
+def _with_outputs(model, names, typed):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in existing:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(typed[n])
+            m.graph.output.append(vi)
+    return m
+
+
+def localize(reference, candidate, input_opts: InputOptions | None = None, atol=None, rtol=None,
+             provider="cpu", level="all", skip=()) -> dict | None:
+    ref = reference if isinstance(reference, onnx.ModelProto) else onnx.load(reference)
+    cand = candidate if isinstance(candidate, onnx.ModelProto) else onnx.load(candidate)
+    skip = set(skip)
+    ref_typed, cand_typed = _typed_values(ref), _typed_values(cand)
+    ref_produced = {o for n in ref.graph.node for o in n.output}
+    order = [(node, o) for node in cand.graph.node for o in node.output
+             if o and o in ref_produced and o in ref_typed and o in cand_typed and o not in skip]
+    order = order[:MAX_VALUES]
+    names = list(dict.fromkeys(o for _, o in order))
+    if not names:
+        return None
+    feeds = make_feeds(ref, 0, input_opts)
+    r_sess = make_session(_with_outputs(ref, names, ref_typed), "cpu", "disable")
+    c_sess = make_session(_with_outputs(cand, names, cand_typed), provider, level)
+    r_vals = dict(zip(names, r_sess.run(names, feeds)))
+    c_vals = dict(zip(names, c_sess.run(names, feeds)))
+    for node, name in order:
+        r, c = np.asarray(r_vals[name]), np.asarray(c_vals[name])
+        if r.shape != c.shape:
+            return {"node": node.name, "op": node.op_type, "value": name, "reason": f"shape {list(c.shape)} vs {list(r.shape)}"}
+        if r.dtype.kind in "fc":
+            a0, r0 = default_tolerance(r.dtype)
+            a, rt = (a0 if atol is None else atol), (r0 if rtol is None else rtol)
+            if not np.allclose(c, r, atol=a, rtol=rt, equal_nan=True):
+                diff = float(np.nanmax(np.abs(c.astype(np.float64) - r.astype(np.float64))))
+                return {"node": node.name, "op": node.op_type, "value": name, "max_abs": diff}
+        elif not np.array_equal(c, r):
+            return {"node": node.name, "op": node.op_type, "value": name, "reason": "values differ"}
+    return None
