@@ -4,7 +4,10 @@ constant lookup, axis and shape helpers, and weight math in float64."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
+import os
+import tempfile
 
 import numpy as np
 import onnx
@@ -21,20 +24,34 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(infer_shapes(model))
 
 
+@contextlib.contextmanager
+def _scratch_cwd():
+    """Run in a throw-away working directory, so a library's stray files never land in the user's."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="normopt-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference; for graphs with ORT contrib ops (which ONNX has no schemas for),
-    ONNX Runtime's symbolic shape inference, which knows them."""
+    """Shapes for every value: ONNX Runtime's symbolic shape inference first (it knows ORT's
+    contrib ops and resolves more Shape-built dims than ONNX's data propagation), without
+    merging conflicting dims on a guess; ONNX shape inference where it fails."""
     if model.ByteSize() > TWO_GB:
         return model
-    if any(n.domain == "com.microsoft" or n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS for n in model.graph.node):
-        try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    contrib = any(n.domain == "com.microsoft" or n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS for n in model.graph.node)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-            out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-            if out is not None:
-                return out
-        except Exception:
-            pass
+        with _scratch_cwd():  # on incomplete inference it saves a debug model into the cwd
+            out = SymbolicShapeInference.infer_shapes(model, auto_merge=contrib, guess_output_rank=contrib)
+        if out is not None:
+            return out
+    except Exception:
+        pass
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:

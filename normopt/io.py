@@ -20,6 +20,8 @@ from .errors import NormoptError
 
 MIN_OPSET = 13
 TWO_GB = 2**31 - 1
+# op domains ONNX Runtime implements (plus the model's own local functions)
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview.training"}
 # ORT contrib ops that ORT registers in the default ONNX domain; the ONNX checker does not know them.
 ORT_DEFAULT_DOMAIN_CONTRIB_OPS = {"SimplifiedLayerNormalization"}
 
@@ -52,8 +54,14 @@ def load_model(path: str, load_external: bool = True) -> LoadedModel:
         raise NormoptError(f"{path}: no such file")
     if os.path.isdir(path):
         raise NormoptError(f"{path}: is a directory, not an ONNX model file")
-    if os.path.getsize(path) == 0:
+    size = os.path.getsize(path)
+    if size == 0:
         raise NormoptError(f"{path}: empty file, not an ONNX model")
+    if size > TWO_GB:
+        raise NormoptError(
+            f"{path}: {size / 2**30:.1f} GB in one file; protobuf cannot hold a model over 2 GB: "
+            "save it with external data (onnx.save_model(..., save_as_external_data=True))"
+        )
     try:
         model = onnx.load_model(path, load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, RuntimeWarning-as-error, ...
@@ -67,6 +75,11 @@ def load_model(path: str, load_external: bool = True) -> LoadedModel:
         raise NormoptError(f"{path}: opset {opset} is not supported (normopt needs opset >= {MIN_OPSET})")
     if len(model.graph.output) == 0:
         raise NormoptError(f"{path}: the graph has no outputs")
+    local = {f.domain for f in model.functions}
+    unknown = sorted({n.domain for n in model.graph.node} - KNOWN_DOMAINS - local)
+    if unknown:
+        op = next(n.op_type for n in model.graph.node if n.domain == unknown[0])
+        raise NormoptError(f"{path}: op '{op}' of domain '{unknown[0]}' is unknown to ONNX Runtime")
 
     base_dir = os.path.dirname(os.path.abspath(path))
     ext = list(_external_tensors(model))

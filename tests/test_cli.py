@@ -384,3 +384,91 @@ def test_optimize_failure_report_names_first_divergence(model_path, tmp_path, mo
     fd = e.value.result.first_divergence
     assert fd is not None and fd["op"] == "Sigmoid", fd
     assert json.loads(rep.read_text())["verification"]["first_divergence"]["op"] == "Sigmoid"
+
+
+# --- more bad inputs (issue 6): graphs that are not valid, resources, harness options --------------
+
+
+def _cycle(tmp_path):
+    nodes = [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Relu", ["x"], ["y"])]
+    return _save(tmp_path, "cycle.onnx", make_model(nodes, [vi("x", [2])], [vi("y", [2]), vi("a", [2])]))
+
+
+def _dangling(tmp_path):
+    nodes = [helper.make_node("Add", ["x", "nowhere"], ["y"])]
+    return _save(tmp_path, "dangling.onnx", make_model(nodes, [vi("x", [2])], [vi("y", [2])]))
+
+
+def _duplicate_outputs(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["y"])]
+    return _save(tmp_path, "dup.onnx", make_model(nodes, [vi("x", [2])], [vi("y", [2])]))
+
+
+def _unknown_domain(tmp_path):
+    nodes = [helper.make_node("Frobnicate", ["x"], ["y"], domain="org.example")]
+    return _save(tmp_path, "unk.onnx", make_model(nodes, [vi("x", [2])], [vi("y", [2])], extra_opsets=[("org.example", 1)]))
+
+
+def _over_2gb(tmp_path):
+    p = tmp_path / "huge.onnx"
+    onnx.save(preln_stream_model(), p)
+    with open(p, "r+b") as f:  # sparse: no disk is used
+        f.truncate(2**31 + 1024)
+    return p
+
+
+def _save(tmp_path, name, model):
+    p = tmp_path / name
+    p.write_bytes(model.SerializeToString())  # bypass onnx.save's checks: these are invalid on purpose
+    return p
+
+
+@pytest.mark.parametrize("make", [_cycle, _dangling, _duplicate_outputs, _unknown_domain, _over_2gb],
+                         ids=["cycle", "dangling-input", "duplicate-outputs", "unknown-domain-op", "over-2GB-no-external-data"])
+def test_bad_graphs(tmp_path, make):
+    src = make(tmp_path)
+    out = tmp_path / "out.onnx"
+    assert_bad_input(run_cli("optimize", src, "-o", out), out, {} if src.stat().st_size > 2**31 else {src: sha(src)})
+
+
+def test_disk_full(model_path, tmp_path):
+    """A write that fails part-way (file size limit, as a full disk does): exit 2, nothing left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "o.onnx"
+    r = subprocess.run([sys.executable, "-m", "normopt.cli", "optimize", str(model_path), "-o", str(out)],
+                       capture_output=True, text=True, preexec_fn=limit)
+    assert_bad_input(r, out, {model_path: sha(model_path)})
+
+
+def test_npz_inputs_with_wrong_names_dtypes_shapes(model_path, tmp_path):
+    good = {"ids": np.zeros((1, 8), np.int64)}
+    for name, feeds in [("names", {"tokens": good["ids"]}), ("dtype", {"ids": good["ids"].astype(np.int32)}),
+                        ("shape", {"ids": np.zeros((1, 9), np.int64)})]:
+        npz = tmp_path / f"{name}.npz"
+        np.savez(npz, **feeds)
+        out = tmp_path / "o.onnx"
+        r = run_cli("optimize", model_path, "-o", out, "--inputs", npz)
+        assert_bad_input(r, out, {model_path: sha(model_path)})
+        assert name in r.stderr or "names" in r.stderr
+    npz = tmp_path / "good.npz"
+    np.savez(npz, **good)
+    assert run_cli("verify", model_path, model_path, "--inputs", npz).returncode == 0
+
+
+def test_unbounded_int_input(tmp_path):
+    m = make_model([helper.make_node("Cast", ["n"], ["y"], to=onnx.TensorProto.FLOAT)], [vi("n", [2], onnx.TensorProto.INT64)], [vi("y", [2])])
+    src, out = tmp_path / "int.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
+    r = run_cli("optimize", src, "-o", out)
+    assert_bad_input(r, out, {src: sha(src)})
+    assert "--int-range n=" in r.stderr
+    assert run_cli("optimize", src, "-o", out, "--int-range", "n=0:5").returncode == 0
+

@@ -7,6 +7,7 @@ the original export (several seeds, fp32 atol 1e-4 / rtol 1e-3; fp16 looser)."""
 from __future__ import annotations
 
 import collections
+import os
 
 import numpy as np
 import onnx
@@ -194,3 +195,46 @@ def test_ort_transformers_optimized_exports(tmp_path, kind, model_type, converte
     rows = [r for r in inspect_model(str(fused)) if r["kind"] == "SkipLayerNormalization"]
     assert len(rows) == n_skip
     assert all("ln_to_rms" in r["outcome"] for r in rows), rows
+
+
+@pytest.mark.parametrize("name", ["gpt2-hf", "gpt-tied-lm", "slab", "unified", "bert-postln", "dual-patchnorm"])
+def test_idempotent_and_deterministic(tmp_path, name):
+    """optimize(optimize(m)) leaves the graph unchanged; two runs give byte-identical files."""
+    from normopt.models import builders as B
+    from normopt.models.export import example_inputs, export
+    from normopt.models.hf import export_hf
+
+    src = tmp_path / "m.onnx"
+    opts = InputOptions()
+    if name == "gpt2-hf":
+        export_hf("gpt2", str(src))
+        opts = _opts(src, "gpt2")
+    else:
+        model = {"gpt-tied-lm": lambda: B.gpt("tiny", lm_head=True, tied=True), "slab": lambda: B.slab("tiny"),
+                 "unified": lambda: B.unified("tiny"), "bert-postln": lambda: B.bert("tiny"),
+                 "dual-patchnorm": lambda: B.vit("tiny", dual_patchnorm=True)}[name]()
+        export(model, example_inputs(model, batch=2, seq=16), str(src))
+    a, b, c = (tmp_path / f"{k}.onnx" for k in "abc")
+    optimize(str(src), str(a), input_opts=opts)
+    optimize(str(src), str(b), input_opts=opts)
+    assert a.read_bytes() == b.read_bytes()
+    r = optimize(str(a), str(c), input_opts=opts)
+    assert onnx.load(c).graph.SerializeToString() == onnx.load(a).graph.SerializeToString()
+    assert all(p.applied == 0 for p in r.report.passes), [(p.name, p.matched) for p in r.report.passes if p.applied]
+
+
+def test_optimize_writes_nothing_but_its_output(tmp_path):
+    """No stray files in the working directory. ORT's symbolic shape inference saves a debug
+    model into the cwd when its inference is incomplete, as it is on this BERT export."""
+    import subprocess
+    import sys
+
+    from normopt.models.hf import export_hf
+
+    work = tmp_path / "work"
+    work.mkdir()
+    export_hf("bert", str(work / "m.onnx"))
+    r = subprocess.run([sys.executable, "-m", "normopt.cli", "optimize", "m.onnx", "-o", "o.onnx", "--shape", "batch=2",
+                        "--shape", "sequence=16"], cwd=work, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(work)) == ["m.onnx", "o.onnx"]

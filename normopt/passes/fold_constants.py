@@ -30,6 +30,7 @@ def _foldable(node) -> bool:
 
 
 class FoldConstants(Pass):
+    repeat = True  # folding a chain makes shapes static that let the next round fold more
     name = "fold_constants"
     description = "fold constant subgraphs and static-shape Shape/Gather/Concat chains (canonicalization)"
 
