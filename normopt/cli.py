@@ -97,6 +97,9 @@ def main():
 @click.option("--report", "report_path", default=None, type=str, help="write the JSON report here")
 @click.option("--target", type=click.Choice(["ort", "onnx"]), default="ort", show_default=True)
 @click.option("--no-verify", is_flag=True, help="skip the ONNX Runtime equivalence check")
+@click.option("--crms", is_flag=True, help="opt-in Pre-CRMSNorm: kept only where it measures faster on --provider")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="execution provider the model is tuned for (CRMS decision)")
 @click.option("--verify-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
               help="ORT graph-optimization level of the output's session during verification")
 @click.option("--seeds", default=3, show_default=True)
@@ -104,14 +107,20 @@ def main():
 @click.option("--rtol", type=float, default=None)
 @input_options
 @guarded
-def optimize(model, output, passes, report_path, target, no_verify, verify_level, seeds, atol, rtol, shape, int_range, inputs):
+def optimize(model, output, passes, report_path, target, no_verify, crms, provider, verify_level, seeds, atol, rtol, shape, int_range,
+             inputs):
     """Optimize MODEL into -o OUTPUT; verified against MODEL before it is written."""
     from .api import optimize as run
+    from .runtime_tests.providers import providers_for
 
+    providers_for(provider)
     names = [p.strip() for p in passes.split(",") if p.strip()] if passes else None
     opts = _input_opts(shape, int_range, inputs)
     res = run(model, output, passes=names, target=target, verify=not no_verify, report_path=report_path,
-              seeds=seeds, atol=atol, rtol=rtol, input_opts=opts, verify_level=verify_level)
+              seeds=seeds, atol=atol, rtol=rtol, input_opts=opts, verify_level=verify_level,
+              opt_in=["crms"] if crms else None, provider=provider)
+    for note in res.report.notes:
+        click.echo(note)
     for p in res.report.passes:
         click.echo(p.summary())
     declined = list(res.report.declined())

@@ -106,6 +106,13 @@ def check_property(model, save=True):
             # changed on purpose was recorded (no false alarm for users)
             fd = localize(model, out, level="disable", skip=report.changed_values)
             assert fd is None, fd
+        # the opt-in Pre-CRMSNorm pass too (exact equivalence)
+        crms_out, _ = optimize_model(model, opt_in=["crms"])
+        crms_exact = compare(model, crms_out, seeds=2, level="disable")
+        if fp16 and not crms_exact.equivalent:
+            assert _within_fp16_rounding(model, crms_out), crms_exact.summary_lines()
+        else:
+            assert crms_exact.equivalent, crms_exact.summary_lines()
         if ref_ok_all:
             deployed = compare(model, out, seeds=2, level="all")
             if fp16 and not deployed.equivalent:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from ..errors import NormoptError
 from ..pipeline import Pipeline
 from .cancel_layout import CancelLayoutPairs
+from .crms import CompressRMSStreams
 from .explicit_defaults import ExplicitDefaults
 from .fold_affine import FoldAffineNorms
 from .fold_constants import FoldConstants
@@ -25,6 +26,8 @@ def all_passes():
         SplitSkipLayerNorm(),
         # Pre-RMSNorm: LayerNorm -> RMSNorm on zero-mean residual streams
         LayerNormToRMSNorm(),
+        # Pre-CRMSNorm (opt-in): zero-mean streams carried in d-1 channels
+        CompressRMSStreams(),
         # what ln_to_rms left as LayerNorm goes back to the SkipLayerNormalization it came as
         RefuseSkipLayerNorm(),
         # SLAB / BatchNorm / Unified Norm: inference-time affine norms fold into linear ops

@@ -57,12 +57,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import graph as G
-from ..axes import COMMUTING_RESHAPES, AxisError as _Fail, backward_axis as _backward_axis, broadcast_axis as _broadcast_axis
+from ..axes import COMMUTING_RESHAPES, AxisError, AxisError as _Fail, backward_axis as _backward_axis, broadcast_axis as _broadcast_axis
 from ..axes import VALUE_INDEPENDENT, forward_axis as _forward_axis, reshape_map as _reshape_map
 from ..norms import LayerNormMatch, find_layernorms
 from ..pipeline import Analysis, Decline, Pass, mark_changed
 
 
+
+ZERO_MEAN_READERS = "zero_mean_readers"  # ctx.state key: RMS nodes that read a proved zero-mean stream
 
 # ---------------------------------------------------------------------------------------------
 # analysis results
@@ -78,6 +80,7 @@ class Stream:
     linears: list = field(default_factory=list)  # (node, kind)
     layerscales: list = field(default_factory=list)  # (mul node, s input index, linear node, bias edge or None)
     centerings: dict = field(default_factory=dict)  # tensor name -> (tensor, axis, [(node, idx)])
+    centered: list = field(default_factory=list)  # Sub nodes x - ReduceMean(x) already in the graph
     values: dict = field(default_factory=dict)  # tensor name -> axis (values made zero-mean)
 
     def describe(self) -> str:
@@ -87,6 +90,17 @@ class Stream:
             f"{len(self.linears)} linear writers, {len(self.constants)} constants, "
             f"{len(self.layerscales)} LayerScales folded, {len(self.centerings)} explicit centerings"
         )
+
+
+def _is_centering(node, a) -> bool:
+    """Sub(x, ReduceMean(x, axes=[a], keepdims=1))."""
+    if node.op != "Sub" or len(node.inputs) != 2:
+        return False
+    m = G.producer(node.inputs[1])
+    if m is None or m.op != "ReduceMean" or m.inputs[0] is not node.inputs[0]:
+        return False
+    axes, keep = G.reduce_axes(m, G.rank(node.inputs[0]))
+    return bool(keep) and axes == (a,)
 
 
 class _Closure:
@@ -118,6 +132,10 @@ class _Closure:
         p = G.producer(t)
         if p is None:
             return self.center(t, a, edge)
+        if _is_centering(p, a):  # already x - ReduceMean(x) along a: zero-mean as it stands
+            self.s.centered.append(p)
+            self.mark(t, a)
+            return
         op = p.op
         if op in ("Add", "Sub") and len(p.inputs) == 2:
             self.mark(t, a)
@@ -323,11 +341,11 @@ def _emit_rms(graph, namer, ln: LayerNormMatch, x, out, target, opset):
         gamma = G.new_const(namer, f"{ln.name}_gamma", gv.reshape(-1))
     eps = float(ln.epsilon)
     if target == "ort":
-        G.add_node(graph, namer, "SimplifiedLayerNormalization", [x, gamma], [out],
-                   {"axis": -1, "epsilon": eps, "stash_type": 1}, base=f"{ln.name}_rms")
+        return G.add_node(graph, namer, "SimplifiedLayerNormalization", [x, gamma], [out],
+                          {"axis": -1, "epsilon": eps, "stash_type": 1}, base=f"{ln.name}_rms")
     elif target == "onnx" and opset >= 23:
-        G.add_node(graph, namer, "RMSNormalization", [x, gamma], [out],
-                   {"axis": -1, "epsilon": eps, "stash_type": 1}, base=f"{ln.name}_rms")
+        return G.add_node(graph, namer, "RMSNormalization", [x, gamma], [out],
+                          {"axis": -1, "epsilon": eps, "stash_type": 1}, base=f"{ln.name}_rms")
     else:  # decomposed, in the form ORT's SimplifiedLayerNormFusion recognizes
         two = G.new_const(namer, "normopt_two", np.asarray(2.0, dtype=dtype))
         epsc = G.new_const(namer, "normopt_eps", np.asarray(eps, dtype=dtype))
@@ -342,6 +360,7 @@ def _emit_rms(graph, namer, ln: LayerNormMatch, x, out, target, opset):
         G.add_node(graph, namer, "Sqrt", [mse], [rms])
         G.add_node(graph, namer, "Div", [x, rms], [nrm])
         G.add_node(graph, namer, "Mul", [nrm, gamma], [out])
+    return None  # decomposed: not a single RMS node
 
 
 def _linear_readers(graph, y):
@@ -542,17 +561,19 @@ class LayerNormToRMSNorm(Pass):
                     node.inputs.clear()
                 beta_v = G.const_value(ln.beta) if ln.beta is not None else None
                 if ln.beta is None or (beta_v is not None and not np.any(beta_v)):
-                    _emit_rms(graph, namer, ln, x, y, ctx.target, opset)
+                    rms = _emit_rms(graph, namer, ln, x, y, ctx.target, opset)
                 else:
                     readers = _linear_readers(graph, y) if beta_v is not None else None
                     if readers:
                         # y (and what its readers see before their bias) no longer includes beta
                         mark_changed(ctx, y.name, *(lin.inputs[0].name for lin, _ in readers), *(lin.outputs[0].name for lin, _ in readers))
                         _fold_beta(graph, namer, beta_v, readers)
-                        _emit_rms(graph, namer, ln, x, y, ctx.target, opset)
+                        rms = _emit_rms(graph, namer, ln, x, y, ctx.target, opset)
                     else:
                         mid = G.new_var(namer, f"{ln.name}_rms_out", G.tensor_dtype(x))
-                        _emit_rms(graph, namer, ln, x, mid, ctx.target, opset)
+                        rms = _emit_rms(graph, namer, ln, x, mid, ctx.target, opset)
                         G.add_node(graph, namer, "Add", [mid, ln.beta], [y], base=f"{ln.name}_beta")
+                if rms is not None:  # for the opt-in crms pass: streams proved zero-mean
+                    ctx.state.setdefault(ZERO_MEAN_READERS, set()).add(rms.name)
                 n += 1
         return n
