@@ -139,6 +139,17 @@ def replace_uses(old, new) -> None:
                 c.inputs[i] = new
 
 
+def bypass(graph: gs.Graph, x, y) -> None:
+    """A node that computed y from x is gone: y's readers read x. If y is a graph output, x's
+    producer writes y instead, so the output keeps its name (x then must have no other role)."""
+    if is_graph_output(graph, y):
+        prod = producer(x)
+        replace_uses(x, y)
+        prod.outputs[[i for i, o in enumerate(prod.outputs) if o is x][0]] = y
+    else:
+        replace_uses(y, x)
+
+
 def is_graph_output(graph: gs.Graph, tensor) -> bool:
     return any(t is tensor for t in graph.outputs)
 

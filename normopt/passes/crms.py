@@ -31,7 +31,7 @@ import numpy as np
 from .. import graph as G
 from ..norms import LayerNormMatch
 from ..pipeline import Analysis, Decline, Pass, mark_changed
-from .ln_to_rms import ZERO_MEAN_READERS, AxisError, _Closure, _Fail, _linear_readers
+from .ln_to_rms import ZERO_MEAN_READERS, AxisError, _Closure, _Fail, _linear_readers, writer_weights
 
 RMS_OPS = ("SimplifiedLayerNormalization", "RMSNormalization")
 
@@ -132,15 +132,8 @@ class CompressRMSStreams(Pass):
 
             mark_changed(ctx, *s.values)
             # writers keep d-1 channels
-            for g in s.tables:
-                g.inputs[0] = sliced(g.inputs[0], 1)
-            for lin, kind in s.linears:
-                if kind == "MatMul":
-                    lin.inputs[1] = sliced(lin.inputs[1], 1)
-                elif kind == "Gemm":
-                    lin.inputs[1] = sliced(lin.inputs[1], 0 if int(lin.attrs.get("transB", 0)) else 1)
-                else:
-                    lin.inputs[1] = sliced(lin.inputs[1], 0)
+            for node, idx, axis in writer_weights(s):
+                node.inputs[idx] = sliced(node.inputs[idx], axis)
             for node, idx, axis in s.constants:
                 v = G.const_value(node.inputs[idx])
                 if axis is not None and v.shape[axis] == d:

@@ -470,16 +470,10 @@ def _remove(graph, aff):
     """Drop the affine's nodes. Its readers read x; where y is a graph output (possible only
     for a backward fold, where x has no other reader), x's producer writes y instead, so the
     output keeps its name and its producer."""
-    x, y = aff.x, aff.y
     for n in aff.nodes:
         n.inputs.clear()
         n.outputs.clear()
-    if G.is_graph_output(graph, y):
-        prod = G.producer(x)
-        G.replace_uses(x, y)
-        prod.outputs[[i for i, o in enumerate(prod.outputs) if o is x][0]] = y
-    else:
-        G.replace_uses(y, x)
+    G.bypass(graph, aff.x, aff.y)
 
 
 class FoldAffineNorms(Pass):

@@ -320,6 +320,21 @@ class _Closure:
 # rewriting helpers
 
 
+def writer_weights(s: Stream):
+    """(node, input index, output-channel axis of that weight) for every table and linear
+    writer of a stream: tables [rows, d] on axis 1; MatMul W [k, d] on 1; Gemm B on 0 with
+    transB, else 1; Conv W [Cout, ...] on 0."""
+    for g in s.tables:
+        yield g, 0, 1
+    for lin, kind in s.linears:
+        if kind == "MatMul":
+            yield lin, 1, 1
+        elif kind == "Gemm":
+            yield lin, 1, 0 if int(lin.attrs.get("transB", 0)) else 1
+        else:
+            yield lin, 1, 0
+
+
 def _center(values: np.ndarray, axis) -> np.ndarray:
     v = G.f64(values)
     if axis is None:
@@ -531,15 +546,8 @@ class LayerNormToRMSNorm(Pass):
             for mul, si, lin, bias_edge in s.layerscales:
                 _fold_layerscale(namer, mul, si, lin, bias_edge)
             # 2. writers: tables, linears, constants
-            for g in s.tables:
-                g.inputs[0] = centered_const(g.inputs[0], 1)
-            for lin, kind in s.linears:
-                if kind == "MatMul":
-                    lin.inputs[1] = centered_const(lin.inputs[1], 1)
-                elif kind == "Gemm":
-                    lin.inputs[1] = centered_const(lin.inputs[1], 0 if int(lin.attrs.get("transB", 0)) else 1)
-                else:
-                    lin.inputs[1] = centered_const(lin.inputs[1], 0)
+            for node, idx, axis in writer_weights(s):
+                node.inputs[idx] = centered_const(node.inputs[idx], axis)
             for node, idx, axis in s.constants:
                 node.inputs[idx] = centered_const(node.inputs[idx], axis)
             # 3. explicit centerings: x_c = x - ReduceMean(x, axis); mean-invariant readers read x_c

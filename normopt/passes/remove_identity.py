@@ -55,11 +55,5 @@ class RemoveIdentity(Pass):
             x, y = node.inputs[0], node.outputs[0]
             node.outputs.clear()
             node.inputs.clear()
-            if G.is_graph_output(graph, y):
-                # the producer of x writes y instead; x's other readers read y
-                prod = G.producer(x)
-                G.replace_uses(x, y)
-                prod.outputs[[i for i, o in enumerate(prod.outputs) if o is x][0]] = y
-            else:
-                G.replace_uses(y, x)
+            G.bypass(graph, x, y)
         return len(matches)
