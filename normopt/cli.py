@@ -172,12 +172,16 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
 @click.option("--runs", default=50, show_default=True)
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
+@click.option("--baselines", default=None, help="ort-transformers,onnxscript: add the first MODEL optimized by peers, and by normopt")
+@click.option("--model-type", default=None, help="model type for ort-transformers (inferred when not given)")
+@click.option("--plot", "plot_path", default=None, help="also write a bar chart of the paired ratios (needs matplotlib)")
 @click.option("--spin", is_flag=True, help="keep ORT's intra-op thread spinning on (off by default: spinning idle sessions disturb interleaved runs)")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
 @click.option("--output", default=None, help="also write the table here")
 @input_options
 @guarded
-def bench(models, provider, threads, runs, warmup, level, spin, fmt, output, shape, int_range, inputs):
+def bench(models, provider, threads, runs, warmup, level, baselines, model_type, plot_path, spin, fmt, output, shape, int_range,
+          inputs):
     """Latency of MODELS, interleaved; ratios are paired against the first model."""
     from . import io as nio
     from .runtime_tests.latency import bench as run
@@ -188,9 +192,36 @@ def bench(models, provider, threads, runs, warmup, level, spin, fmt, output, sha
         raise NormoptError("--runs must be at least 2")
     for m in models:
         nio.load_model(m, load_external=False)
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise NormoptError("--plot needs matplotlib: pip install 'normopt[plot]'") from None
     labels = [os.path.basename(m) for m in models]
     if len(set(labels)) < len(labels):
         labels = list(models)
+    entries = list(zip(labels, models))
+    skipped = []
+    if baselines:
+        from .api import optimize_model
+        from .runtime_tests import baselines as B
+        from .runtime_tests.equivalence import compare
+
+        names = B.parse(baselines)
+        original = nio.load_model(models[0]).model
+        opts = _input_opts(shape, int_range, inputs)
+        for b in B.build(names, original, model_type, opts):
+            click.echo(f"baseline {b.label}: {b.status}", err=True)
+            if b.model is not None:
+                entries.append((b.label, b.model))
+            else:
+                skipped.append((b.label, b.status))
+        ours, _ = optimize_model(original)
+        res = compare(original, ours, input_opts=opts)
+        if res.equivalent:
+            entries.append(("normopt", ours))
+        else:
+            skipped.append(("normopt", "NOT EQUIVALENT"))
     with click.progressbar(length=runs, label="benchmarking", file=sys.stderr) as bar:
         last = [0]
 
@@ -198,9 +229,14 @@ def bench(models, provider, threads, runs, warmup, level, spin, fmt, output, sha
             bar.update(i - last[0])
             last[0] = i
 
-        res = run(list(zip(labels, models)), provider=provider, threads=threads, runs=runs, warmup=warmup,
+        res = run(entries, provider=provider, threads=threads, runs=runs, warmup=warmup,
                   input_opts=_input_opts(shape, int_range, inputs), level=level, progress=progress, spin=spin)
+    res.not_timed = skipped
     text = {"md": res.markdown, "csv": res.csv, "json": res.json}[fmt]()
+    if plot_path:
+        from .runtime_tests.plot import plot_ratios
+
+        plot_ratios(res, plot_path)
     click.echo(text)
     if output:
         with open(output, "w") as f:

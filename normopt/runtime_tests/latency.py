@@ -52,6 +52,7 @@ class BenchResult:
     level: str
     machine: str
     spin: bool = False
+    not_timed: list = field(default_factory=list)  # (label, why): baselines that failed or differ
 
     def to_dict(self, with_times=False):
         d = asdict(self)
@@ -66,12 +67,16 @@ class BenchResult:
         rows = ["| model | median ms | p90 ms | ratio vs first | 95% CI | norm ops |", "|---|---:|---:|---:|---|---:|"]
         for m in self.models:
             rows.append(f"| {m.label} | {m.median_ms:.3f} | {m.p90_ms:.3f} | {m.ratio:.3f} | [{m.ci_low:.3f}, {m.ci_high:.3f}] | {m.norm_ops} |")
+        for label, why in self.not_timed:
+            rows.append(f"| {label} | not timed: {why} | | | | |")
         return head + "\n".join(rows)
 
     def csv(self) -> str:
         rows = ["model,median_ms,p90_ms,ratio,ci_low,ci_high,norm_ops,provider,threads,machine"]
         for m in self.models:
             rows.append(f"{m.label},{m.median_ms:.4f},{m.p90_ms:.4f},{m.ratio:.4f},{m.ci_low:.4f},{m.ci_high:.4f},{m.norm_ops},{self.provider},{self.threads or ''},\"{self.machine}\"")
+        for label, why in self.not_timed:
+            rows.append(f"{label},,,,,,,{self.provider},{self.threads or ''},\"not timed: {why}\"")
         return "\n".join(rows)
 
     def json(self) -> str:

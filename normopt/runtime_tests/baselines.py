@@ -1,0 +1,92 @@
+"""Peer optimizers as latency baselines, each checked for equivalence before it is timed.
+
+* ``ort-transformers``: ``onnxruntime.transformers.optimizer.optimize_model`` with the model type
+  given or inferred from the graph (a causal mask: gpt2; a 4-D float input: vit; else bert);
+* ``onnxscript``: ``onnxscript.optimizer.optimize`` then ``onnxscript.rewriter.ort_fusions``.
+
+A baseline that fails or is not equivalent to the original is reported as such, never timed
+silently.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import onnx
+
+from ..errors import NormoptError
+
+KNOWN = ("ort-transformers", "onnxscript")
+
+
+@dataclass
+class Baseline:
+    label: str
+    model: onnx.ModelProto | None
+    status: str  # "equivalent" | "NOT EQUIVALENT: ..." | "failed: ..."
+
+
+def infer_model_type(model: onnx.ModelProto) -> str:
+    ops = {n.op_type for n in model.graph.node}
+    if "Trilu" in ops or any("causal" in (n.name or "").lower() for n in model.graph.node):
+        return "gpt2"
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name not in inits and len(vi.type.tensor_type.shape.dim) == 4 and vi.type.tensor_type.elem_type in (1, 10):
+            return "vit"
+    return "bert"
+
+
+def ort_transformers(model: onnx.ModelProto, model_type: str | None = None) -> onnx.ModelProto:
+    from onnxruntime.transformers import optimizer
+
+    with tempfile.TemporaryDirectory() as tmp:  # the optimizer reads a path for large models
+        path = os.path.join(tmp, "in.onnx")
+        onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 2**31 - 1)
+        out = optimizer.optimize_model(path, model_type=model_type or infer_model_type(model))
+        return out.model
+
+
+def onnxscript_fusions(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_ir as ir
+    from onnxscript import optimizer
+    from onnxscript.rewriter import ort_fusions
+
+    folded = optimizer.optimize(model)
+    irm = ir.from_proto(folded)
+    irm, _ = ort_fusions.optimize_for_ort(irm)
+    return ir.to_proto(irm)
+
+
+def parse(spec: str) -> list[str]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [n for n in names if n not in KNOWN]
+    if bad:
+        raise NormoptError(f"--baselines: unknown baseline(s) {bad} (known: {', '.join(KNOWN)})")
+    return names
+
+
+def build(names, original: onnx.ModelProto, model_type=None, input_opts=None) -> list[Baseline]:
+    from .equivalence import compare
+
+    out = []
+    for name in names:
+        try:
+            m = ort_transformers(original, model_type) if name == "ort-transformers" else onnxscript_fusions(original)
+        except Exception as exc:
+            out.append(Baseline(name, None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"))
+            continue
+        try:
+            res = compare(original, m, seeds=2, input_opts=input_opts)
+        except Exception as exc:
+            out.append(Baseline(name, None, f"failed to run: {str(exc).splitlines()[0][:120]}"))
+            continue
+        if res.equivalent:
+            out.append(Baseline(name, m, "equivalent"))
+        else:
+            worst = max(res.outputs, key=lambda o: o.max_abs, default=None)
+            detail = f"max abs {worst.max_abs:.3g} on '{worst.name}'" if worst else "; ".join(res.problems)[:120]
+            out.append(Baseline(name, None, f"NOT EQUIVALENT ({detail})"))
+    return out
