@@ -24,16 +24,33 @@ class OptimizeResult:
     verification: EquivalenceResult | None
 
 
-def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt_in=None, provider: str = "cpu"):
-    """Run the pipeline in memory. Returns (optimized ModelProto, Report). No verification."""
+def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt_in=None, provider: str = "cpu",
+                   tune: bool = False):
+    """Run the pipeline in memory. Returns (optimized ModelProto, Report). No verification.
+    tune=False (the API default) uses fixed emission defaults; the CLI tunes unless --no-tune."""
     if target not in ("ort", "onnx"):
         raise NormoptError(f"unknown target '{target}' (ort or onnx)")
-    ctx = Context(target=target, provider=provider)
+    ctx = Context(target=target, provider=provider, tune=tune)
     out, report = build_pipeline(passes, opt_in).run(model, ctx)
     return out, report
 
 
-def _keep_crms_if_faster(model, crms_model, crms_report, target, provider, input_opts, runs=20):
+def _never_slower(model, out_model, report, provider, input_opts, runs=20):
+    """The final guard: time input and output interleaved on the provider; if the output is
+    measurably slower (the paired CI lies above 1), write the input's graph unchanged."""
+    from .runtime_tests.latency import bench
+
+    res = bench([("input", model), ("output", out_model)], provider=provider, runs=runs, warmup=3, input_opts=input_opts)
+    r = res.models[1]
+    verdict = f"output / input = {r.ratio:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] on {provider}, {runs} interleaved runs"
+    if r.ci_low > 1.0:
+        report.notes.append(f"guard: the optimized model measured slower ({verdict}); wrote the input unchanged")
+        return model
+    report.notes.append(f"guard: {verdict}")
+    return out_model
+
+
+def _keep_crms_if_faster(model, crms_model, crms_report, target, provider, input_opts, runs=20, tune=True):
     """Pre-CRMSNorm's d-1 width can misalign GEMMs: time the CRMS and the plain RMS variants
     interleaved on the provider and keep CRMS only if it is faster (CI's upper bound < 1)."""
     from .runtime_tests.latency import bench
@@ -41,7 +58,7 @@ def _keep_crms_if_faster(model, crms_model, crms_report, target, provider, input
     crms = next((p for p in crms_report.passes if p.name == "crms"), None)
     if crms is None or crms.applied == 0:
         return crms_model, crms_report
-    plain_model, plain_report = optimize_model(model, None, target, None, provider)
+    plain_model, plain_report = optimize_model(model, None, target, None, provider, tune)
     res = bench([("rms", plain_model), ("crms", crms_model)], provider=provider, runs=runs, warmup=3, input_opts=input_opts)
     r = res.models[1]
     keep = r.ci_high < 1.0
@@ -74,9 +91,12 @@ def optimize(
     opt_in=None,
     verify_level: str = "all",
     provider: str = "cpu",
+    tune: bool = False,
 ) -> OptimizeResult:
     """Optimize IN into OUT. Unless verify=False, OUT is verified against IN with ONNX Runtime
-    (CPU) before it is written; a model that differs is never written (VerificationFailed)."""
+    (CPU) before it is written; a model that differs is never written (VerificationFailed).
+    tune=True (the CLI's default) times emission choices and CRMS on `provider` and guards
+    against an output slower than the input; tune=False is deterministic."""
     nio.check_output_path(in_path, out_path)
     loaded = nio.load_model(in_path)
     if verify:
@@ -84,9 +104,11 @@ def optimize(
         from .runtime_tests.inputs import make_feeds
 
         make_feeds(loaded.model, 0, input_opts)
-    out_model, report = optimize_model(loaded.model, passes, target, opt_in)
+    out_model, report = optimize_model(loaded.model, passes, target, opt_in, provider, tune)
     if opt_in and "crms" in opt_in and not passes:
-        out_model, report = _keep_crms_if_faster(loaded.model, out_model, report, target, provider, input_opts)
+        out_model, report = _keep_crms_if_faster(loaded.model, out_model, report, target, provider, input_opts, tune=tune)
+    if tune and not passes:
+        out_model = _never_slower(loaded.model, out_model, report, provider, input_opts)
     try:
         nio.check_model(out_model)
     except Exception as exc:

@@ -34,6 +34,7 @@ class Analysis:
 class Context:
     target: str = "ort"  # "ort": ORT contrib ops; "onnx": standard ops only
     provider: str = "cpu"
+    tune: bool = True  # decide emission forms by timing them on the provider (False: fixed defaults)
     notes: list = field(default_factory=list)
     state: dict = field(default_factory=dict)  # what one pass leaves for a later one, by node name
 

@@ -15,7 +15,7 @@ from conftest import make_model, preln_stream_model, run_cli, sha, vi
 
 
 PIPELINE = ["fold_constants", "remove_identity", "explicit_defaults", "split_skip_layernorm", "ln_to_rms",
-            "crms", "refuse_skip_layernorm", "fold_affine", "cancel_layout"]
+            "crms", "refuse_skip_layernorm", "fold_affine", "cancel_layout", "fuse_skip"]
 
 
 @pytest.fixture

@@ -106,6 +106,13 @@ def check_property(model, save=True):
             # changed on purpose was recorded (no false alarm for users)
             fd = localize(model, out, level="disable", skip=report.changed_values)
             assert fd is None, fd
+        # Skip-op emission (the CUDA defaults fuse; the fused ops run on CPU too)
+        skip_out, _ = optimize_model(model, provider="cuda")
+        skip_exact = compare(model, skip_out, seeds=2, level="disable")
+        if fp16 and not skip_exact.equivalent:
+            assert _within_fp16_rounding(model, skip_out), skip_exact.summary_lines()
+        else:
+            assert skip_exact.equivalent, skip_exact.summary_lines()
         # the opt-in Pre-CRMSNorm pass too (exact equivalence)
         crms_out, _ = optimize_model(model, opt_in=["crms"])
         crms_exact = compare(model, crms_out, seeds=2, level="disable")

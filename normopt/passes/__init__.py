@@ -11,6 +11,7 @@ from .crms import CompressRMSStreams
 from .explicit_defaults import ExplicitDefaults
 from .fold_affine import FoldAffineNorms
 from .fold_constants import FoldConstants
+from .fuse_skip import FuseSkipNorms
 from .ln_to_rms import LayerNormToRMSNorm
 from .remove_identity import RemoveIdentity
 from .skip_layernorm import RefuseSkipLayerNorm, SplitSkipLayerNorm
@@ -33,6 +34,8 @@ def all_passes():
         # SLAB / BatchNorm / Unified Norm: inference-time affine norms fold into linear ops
         FoldAffineNorms(),
         CancelLayoutPairs(),
+        # emission: ORT's Skip ops where they measure faster on the provider
+        FuseSkipNorms(),
     ]
 
 
