@@ -175,14 +175,16 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
 @click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
 @click.option("--baselines", default=None, help="ort-transformers,onnxscript: add the first MODEL optimized by peers, and by normopt")
 @click.option("--model-type", default=None, help="model type for ort-transformers (inferred when not given)")
+@click.option("--num-heads", type=int, default=0, help="attention heads, for ort-transformers (0: let it detect)")
+@click.option("--hidden-size", type=int, default=0, help="hidden size, for ort-transformers (0: let it detect)")
 @click.option("--plot", "plot_path", default=None, help="also write a bar chart of the paired ratios (needs matplotlib)")
 @click.option("--spin", is_flag=True, help="keep ORT's intra-op thread spinning on (off by default: spinning idle sessions disturb interleaved runs)")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
 @click.option("--output", default=None, help="also write the table here")
 @input_options
 @guarded
-def bench(models, provider, threads, runs, warmup, level, baselines, model_type, plot_path, spin, fmt, output, shape, int_range,
-          inputs):
+def bench(models, provider, threads, runs, warmup, level, baselines, model_type, num_heads, hidden_size, plot_path, spin, fmt, output,
+          shape, int_range, inputs):
     """Latency of MODELS, interleaved; ratios are paired against the first model."""
     from . import io as nio
     from .runtime_tests.latency import bench as run
@@ -211,7 +213,7 @@ def bench(models, provider, threads, runs, warmup, level, baselines, model_type,
         names = B.parse(baselines)
         original = nio.load_model(models[0]).model
         opts = _input_opts(shape, int_range, inputs)
-        for b in B.build(names, original, model_type, opts):
+        for b in B.build(names, original, model_type, opts, num_heads, hidden_size):
             click.echo(f"baseline {b.label}: {b.status}", err=True)
             if b.model is not None:
                 entries.append((b.label, b.model))

@@ -22,7 +22,7 @@ def test_both_baselines_build_and_verify():
 
 
 def test_a_baseline_that_differs_is_not_timed(monkeypatch):
-    def broken(model, model_type=None):
+    def broken(model, *args):
         bad = onnx.ModelProto()
         bad.CopyFrom(model)
         w = next(i for i in bad.graph.initializer if i.name == "l0_w1")

@@ -39,13 +39,14 @@ def infer_model_type(model: onnx.ModelProto) -> str:
     return "bert"
 
 
-def ort_transformers(model: onnx.ModelProto, model_type: str | None = None) -> onnx.ModelProto:
+def ort_transformers(model: onnx.ModelProto, model_type: str | None = None, num_heads: int = 0, hidden_size: int = 0) -> onnx.ModelProto:
     from onnxruntime.transformers import optimizer
 
     with tempfile.TemporaryDirectory() as tmp:  # the optimizer reads a path for large models
         path = os.path.join(tmp, "in.onnx")
         onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 2**31 - 1)
-        out = optimizer.optimize_model(path, model_type=model_type or infer_model_type(model))
+        out = optimizer.optimize_model(path, model_type=model_type or infer_model_type(model), num_heads=num_heads,
+                                       hidden_size=hidden_size)
         return out.model
 
 
@@ -68,13 +69,14 @@ def parse(spec: str) -> list[str]:
     return names
 
 
-def build(names, original: onnx.ModelProto, model_type=None, input_opts=None) -> list[Baseline]:
+def build(names, original: onnx.ModelProto, model_type=None, input_opts=None, num_heads=0, hidden_size=0) -> list[Baseline]:
     from .equivalence import compare
 
     out = []
     for name in names:
         try:
-            m = ort_transformers(original, model_type) if name == "ort-transformers" else onnxscript_fusions(original)
+            m = (ort_transformers(original, model_type, num_heads, hidden_size) if name == "ort-transformers"
+                 else onnxscript_fusions(original))
         except Exception as exc:
             out.append(Baseline(name, None, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"))
             continue
@@ -85,6 +87,8 @@ def build(names, original: onnx.ModelProto, model_type=None, input_opts=None) ->
             continue
         if res.equivalent:
             out.append(Baseline(name, m, "equivalent"))
+        elif any("does not load" in p or "fails to run" in p for p in res.problems):
+            out.append(Baseline(name, None, "failed: " + "; ".join(res.problems)[:160]))
         else:
             worst = max(res.outputs, key=lambda o: o.max_abs, default=None)
             detail = f"max abs {worst.max_abs:.3g} on '{worst.name}'" if worst else "; ".join(res.problems)[:120]
