@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import onnx
+import onnx.version_converter
 
 from . import io as nio
 from .errors import NormoptError, VerificationFailed
@@ -25,47 +26,73 @@ class OptimizeResult:
 
 
 def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt_in=None, provider: str = "cpu",
-                   tune: bool = False):
+                   tune: bool = False, options: dict | None = None):
     """Run the pipeline in memory. Returns (optimized ModelProto, Report). No verification.
     tune=False (the API default) uses fixed emission defaults; the CLI tunes unless --no-tune."""
     if target not in ("ort", "onnx"):
         raise NormoptError(f"unknown target '{target}' (ort or onnx)")
     ctx = Context(target=target, provider=provider, tune=tune)
+    ctx.state.update(options or {})
     out, report = build_pipeline(passes, opt_in).run(model, ctx)
+    report.beta_folded = ctx.state.get("beta_folded", 0)
     return out, report
 
 
-def _never_slower(model, out_model, report, provider, input_opts, runs=20):
-    """The final guard: time input and output interleaved on the provider; if the output is
-    measurably slower (the paired CI lies above 1), write the input's graph unchanged."""
-    from .runtime_tests.latency import bench
-
-    res = bench([("input", model), ("output", out_model)], provider=provider, runs=runs, warmup=3, input_opts=input_opts)
-    r = res.models[1]
-    verdict = f"output / input = {r.ratio:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] on {provider}, {runs} interleaved runs"
-    if r.ci_low > 1.0:
-        report.notes.append(f"guard: the optimized model measured slower ({verdict}); wrote the input unchanged")
+def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """--opset N: convert the default-domain opset up with ONNX's version converter (the
+    result is verified against the original input like any rewrite)."""
+    current = nio.default_opset(model)
+    if opset < current:
+        raise NormoptError(f"--opset {opset} is below the model's opset {current}; only upgrades are supported")
+    if opset == current:
         return model
-    report.notes.append(f"guard: {verdict}")
-    return out_model
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as exc:
+        raise NormoptError(f"--opset {opset}: ONNX's version converter cannot upgrade this model ({str(exc).splitlines()[0][:200]})") from None
 
 
-def _keep_crms_if_faster(model, crms_model, crms_report, target, provider, input_opts, runs=20, tune=True):
-    """Pre-CRMSNorm's d-1 width can misalign GEMMs: time the CRMS and the plain RMS variants
-    interleaved on the provider and keep CRMS only if it is faster (CI's upper bound < 1)."""
+def _ab(a, b, provider, input_opts, runs=20):
+    """Paired ratio b / a (median, 95% CI) from interleaved runs on the provider."""
     from .runtime_tests.latency import bench
 
-    crms = next((p for p in crms_report.passes if p.name == "crms"), None)
-    if crms is None or crms.applied == 0:
-        return crms_model, crms_report
-    plain_model, plain_report = optimize_model(model, None, target, None, provider, tune)
-    res = bench([("rms", plain_model), ("crms", crms_model)], provider=provider, runs=runs, warmup=3, input_opts=input_opts)
-    r = res.models[1]
-    keep = r.ci_high < 1.0
-    note = (f"crms: measured on {provider}, {runs} interleaved runs: CRMS / RMS = {r.ratio:.3f} "
-            f"[{r.ci_low:.3f}, {r.ci_high:.3f}]; {'kept CRMS' if keep else 'kept RMS (CRMS not faster)'}")
-    (crms_report if keep else plain_report).notes.append(note)
-    return (crms_model, crms_report) if keep else (plain_model, plain_report)
+    r = bench([("a", a), ("b", b)], provider=provider, runs=runs, warmup=3, input_opts=input_opts).models[1]
+    return r.ratio, r.ci_low, r.ci_high
+
+
+def _tuned(model, out, report, target, opt_in, provider, input_opts):
+    """Whole-model decisions, each an interleaved A/B on the provider, then the guard:
+    1. beta folded into the readers' biases (default) or kept as an Add;
+    2. Pre-CRMSNorm (--crms) or plain RMSNorm (d-1 widths can misalign GEMMs);
+    3. never slower: if the output measures slower than the input, write the input unchanged.
+    A variant replaces the default only if it measures faster (its CI's upper bound < 1)."""
+    options, notes = {}, []
+    if getattr(report, "beta_folded", 0):
+        kept, kept_report = optimize_model(model, None, target, opt_in, provider, True, {"fold_beta": False})
+        r, lo, hi = _ab(out, kept, provider, input_opts)
+        use = hi < 1.0
+        notes.append(f"ln_to_rms: beta kept / beta folded = {r:.3f} [{lo:.3f}, {hi:.3f}] on {provider}; "
+                     f"{'kept beta as an Add' if use else 'folded beta'}")
+        if use:
+            options, out, report = {"fold_beta": False}, kept, kept_report
+    crms = next((p for p in report.passes if p.name == "crms"), None)
+    if crms is not None and crms.applied:
+        plain, plain_report = optimize_model(model, None, target, None, provider, True, options)
+        r, lo, hi = _ab(plain, out, provider, input_opts)
+        keep = hi < 1.0
+        notes.append(f"crms: measured on {provider}, 20 interleaved runs: CRMS / RMS = {r:.3f} [{lo:.3f}, {hi:.3f}]; "
+                     f"{'kept CRMS' if keep else 'kept RMS (CRMS not faster)'}")
+        if not keep:
+            out, report = plain, plain_report
+    r, lo, hi = _ab(model, out, provider, input_opts)
+    verdict = f"output / input = {r:.3f} [{lo:.3f}, {hi:.3f}] on {provider}, 20 interleaved runs"
+    if lo > 1.0:
+        notes.append(f"guard: the optimized model measured slower ({verdict}); wrote the input unchanged")
+        out = model
+    else:
+        notes.append(f"guard: {verdict}")
+    report.notes.extend(notes)
+    return out, report
 
 
 def _write_report(path, report: Report):
@@ -92,6 +119,7 @@ def optimize(
     verify_level: str = "all",
     provider: str = "cpu",
     tune: bool = False,
+    opset: int | None = None,
 ) -> OptimizeResult:
     """Optimize IN into OUT. Unless verify=False, OUT is verified against IN with ONNX Runtime
     (CPU) before it is written; a model that differs is never written (VerificationFailed).
@@ -99,16 +127,16 @@ def optimize(
     against an output slower than the input; tune=False is deterministic."""
     nio.check_output_path(in_path, out_path)
     loaded = nio.load_model(in_path)
+    if opset is not None:
+        loaded.model = _upgrade_opset(loaded.model, opset)
     if verify:
         # resolve inputs before any work: a dynamic dim without --shape is a usage error
         from .runtime_tests.inputs import make_feeds
 
         make_feeds(loaded.model, 0, input_opts)
     out_model, report = optimize_model(loaded.model, passes, target, opt_in, provider, tune)
-    if opt_in and "crms" in opt_in and not passes:
-        out_model, report = _keep_crms_if_faster(loaded.model, out_model, report, target, provider, input_opts, tune=tune)
     if tune and not passes:
-        out_model = _never_slower(loaded.model, out_model, report, provider, input_opts)
+        out_model, report = _tuned(loaded.model, out_model, report, target, opt_in, provider, input_opts)
     try:
         nio.check_model(out_model)
     except Exception as exc:
@@ -141,6 +169,12 @@ def optimize(
                 report.verification = result.to_dict()
                 _write_report(report_path, report)
                 raise VerificationFailed(msg, result)
+            if verify_level != "disable":
+                # every output must also load and run with ORT's optimizations off
+                exact = compare(in_path, staged.path, seeds=1, atol=atol, rtol=rtol, input_opts=input_opts, level="disable")
+                if not exact.equivalent:
+                    _write_report(report_path, report)
+                    raise VerificationFailed("the optimized model differs under ORT_DISABLE_ALL; nothing was written", exact)
         written = staged.commit()
     _write_report(report_path, report)
     return OptimizeResult(written, report, result)

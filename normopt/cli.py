@@ -100,6 +100,7 @@ def main():
 @click.option("--crms", is_flag=True, help="opt-in Pre-CRMSNorm: kept only where it measures faster on --provider")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="execution provider the model is tuned for (CRMS decision)")
+@click.option("--opset", type=int, default=None, help="upgrade the model to this opset first (e.g. 23 for RMSNormalization with --target onnx)")
 @click.option("--no-tune", is_flag=True, help="fixed emission defaults, no timing (deterministic, for CI)")
 @click.option("--verify-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
               help="ORT graph-optimization level of the output's session during verification")
@@ -108,8 +109,8 @@ def main():
 @click.option("--rtol", type=float, default=None)
 @input_options
 @guarded
-def optimize(model, output, passes, report_path, target, no_verify, crms, provider, no_tune, verify_level, seeds, atol, rtol, shape,
-             int_range, inputs):
+def optimize(model, output, passes, report_path, target, no_verify, crms, provider, opset, no_tune, verify_level, seeds, atol, rtol,
+             shape, int_range, inputs):
     """Optimize MODEL into -o OUTPUT; verified against MODEL before it is written."""
     from .api import optimize as run
     from .runtime_tests.providers import providers_for
@@ -119,7 +120,7 @@ def optimize(model, output, passes, report_path, target, no_verify, crms, provid
     opts = _input_opts(shape, int_range, inputs)
     res = run(model, output, passes=names, target=target, verify=not no_verify, report_path=report_path,
               seeds=seeds, atol=atol, rtol=rtol, input_opts=opts, verify_level=verify_level,
-              opt_in=["crms"] if crms else None, provider=provider, tune=not no_tune)
+              opt_in=["crms"] if crms else None, provider=provider, tune=not no_tune, opset=opset)
     for note in res.report.notes:
         click.echo(note)
     for p in res.report.passes:

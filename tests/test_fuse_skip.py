@@ -100,3 +100,36 @@ def test_guard_writes_input_when_output_is_slower(tmp_path, monkeypatch):
     res = api.optimize(str(src), str(out), tune=True)
     assert any("wrote the input unchanged" in n for n in res.report.notes)
     assert ops(onnx.load(out)) == ops(onnx.load(src))
+
+
+def test_opset23_upgrade_gives_rmsnormalization(tmp_path):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(preln_stream_model(opset=17), src)
+    r = run_cli("optimize", src, "-o", out, "--target", "onnx", "--opset", "23", "--no-tune")
+    assert r.returncode == 0, r.stderr
+    o = onnx.load(out)
+    assert next(i.version for i in o.opset_import if i.domain in ("", "ai.onnx")) == 23
+    assert ops(o)["RMSNormalization"] == 3 and all(n.domain in ("", "ai.onnx") for n in o.graph.node)
+    assert run_cli("verify", src, out).returncode == 0
+    r = run_cli("optimize", src, "-o", tmp_path / "x.onnx", "--opset", "15")
+    assert r.returncode == 2 and "below" in r.stderr
+
+
+def test_tuned_cli_records_rms_form_and_beta_decisions(tmp_path):
+    src, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    m = preln_stream_model(opset=23, layers=2)
+    m.ir_version = 10
+    onnx.save(m, src)
+    r = run_cli("optimize", src, "-o", out, "--report", rep)
+    assert r.returncode == 0, r.stderr
+    notes = json.loads(rep.read_text())["notes"]
+    assert any(n.startswith("ln_to_rms: emits ") and "RMSNormalization" in n for n in notes), notes
+    assert any(n.startswith("ln_to_rms: beta kept / beta folded") for n in notes), notes
+    assert run_cli("verify", src, out).returncode == 0
+
+
+def test_beta_kept_variant_is_equivalent():
+    m = preln_stream_model(layers=2)
+    out, rep = optimize_model(m, options={"fold_beta": False})
+    assert rep.beta_folded == 0 and ops(out)["Add"] == ops(m)["Add"] + 3
+    assert compare(m, out, seeds=2).equivalent

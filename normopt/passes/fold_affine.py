@@ -484,6 +484,10 @@ class FoldAffineNorms(Pass):
     def analyze(self, graph, ctx):
         a = Analysis()
         for aff in find_affines(graph):
+            p = G.producer(aff.x)
+            if not ctx.state.get("fold_beta", True) and p is not None and p.op in ("SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization"):
+                a.declined.append(Decline(aff.name, aff.kind, "a norm's beta, kept as an Add (measured faster)"))
+                continue
             fwd = _forward_plan(graph, aff.y, aff.axis)
             if not isinstance(fwd, str):
                 fwd = _forward_cost_ok(graph, fwd, aff)

@@ -23,9 +23,6 @@ the sum may have other readers (it becomes output 3); fp32/fp16 only (no fp64 ke
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -78,21 +75,11 @@ def _micro_model(op, shape, dtype, beta):
 
 def time_family(norm_op, shape, dtype, beta, provider, runs=60):
     """Median ms of the unfused (Add + norm) and fused (Skip) forms, interleaved."""
-    from ..runtime_tests.providers import make_session
+    from ..runtime_tests.micro import time_models
 
-    rng = np.random.default_rng(0)
-    feeds = {k: rng.standard_normal(shape).astype(dtype) for k in ("a", "s")}
-    sess = [make_session(_micro_model(op, shape, dtype, beta), provider, "all", spin=False) for op in (norm_op, FUSED[norm_op])]
-    for s in sess:
-        for _ in range(5):
-            s.run(None, feeds)
-    t = [[], []]
-    for k in range(runs):
-        for j in (k % 2, 1 - k % 2):
-            t0 = time.perf_counter()
-            sess[j].run(None, feeds)
-            t[j].append((time.perf_counter() - t0) * 1000)
-    return statistics.median(t[0]), statistics.median(t[1])
+    models = [_micro_model(op, shape, dtype, beta) for op in (norm_op, FUSED[norm_op])]
+    unfused, fused = time_models(models, {"a": shape, "s": shape}, dtype, provider, runs)
+    return unfused, fused
 
 
 class FuseSkipNorms(Pass):

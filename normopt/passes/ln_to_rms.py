@@ -342,7 +342,50 @@ def _center(values: np.ndarray, axis) -> np.ndarray:
     return G.cast_like(v - v.mean(axis=axis, keepdims=True), values)
 
 
-def _emit_rms(graph, namer, ln: LayerNormMatch, x, out, target, opset):
+RMS_FORMS = {"ort": ["SimplifiedLayerNormalization", "RMSNormalization", "decomposed"], "onnx": ["RMSNormalization", "decomposed"]}
+
+
+def _rms_micro(form, shape, dtype, opset):
+    from onnx import helper, numpy_helper
+
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    d = shape[-1]
+    inits = [numpy_helper.from_array(np.ones(d, dtype), "g")]
+    if form == "decomposed":
+        inits += [numpy_helper.from_array(np.asarray(2.0, dtype), "two"), numpy_helper.from_array(np.asarray(1e-5, dtype), "eps")]
+        rm = (helper.make_node("ReduceMean", ["sq", "ax"], ["ms"], keepdims=1) if opset >= 18
+              else helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1))
+        if opset >= 18:
+            inits.append(numpy_helper.from_array(np.asarray([-1], np.int64), "ax"))
+        nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]), rm, helper.make_node("Add", ["ms", "eps"], ["mse"]),
+                 helper.make_node("Sqrt", ["mse"], ["r"]), helper.make_node("Div", ["x", "r"], ["n"]),
+                 helper.make_node("Mul", ["n", "g"], ["y"])]
+    else:
+        nodes = [helper.make_node(form, ["x", "g"], ["y"], axis=-1, epsilon=1e-5)]
+    g = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", et, shape)], [helper.make_tensor_value_info("y", et, shape)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=helper.find_min_ir_version_for([helper.make_opsetid("", opset)]))
+
+
+def choose_rms_form(ctx, shape, dtype, opset):
+    """The RMS form to emit: timed on the provider when ctx.tune (cached per shape), else the
+    default (ort: SimplifiedLayerNormalization; onnx: RMSNormalization at opset >= 23, else
+    decomposed)."""
+    forms = [f for f in RMS_FORMS[ctx.target] if f != "RMSNormalization" or opset >= 23]
+    if not ctx.tune or len(forms) == 1:
+        return forms[0]
+    key = ("rms_form", ctx.target, tuple(shape), str(np.dtype(dtype)), opset)
+    if key not in ctx.state:
+        from ..runtime_tests.micro import time_models
+
+        ms = time_models([_rms_micro(f, shape, dtype, opset) for f in forms], {"x": shape}, dtype, ctx.provider)
+        best = forms[int(np.argmin(ms))]
+        ctx.state[key] = best
+        ctx.notes.append(f"ln_to_rms: emits {best} at {list(shape)} {np.dtype(dtype)} (measured on {ctx.provider}: "
+                         + ", ".join(f"{f} {t * 1000:.1f} us" for f, t in zip(forms, ms)) + ")")
+    return ctx.state[key]
+
+
+def _emit_rms(graph, namer, ln: LayerNormMatch, x, out, target, opset, form=None):
     """Emit RMSNorm(x) * gamma into tensor `out` (beta handled by the caller)."""
     dtype = G.tensor_dtype(x) or (G.const_value(ln.gamma).dtype if ln.gamma is not None else np.float32)
     d = G.static_dim(x, -1)
@@ -355,10 +398,11 @@ def _emit_rms(graph, namer, ln: LayerNormMatch, x, out, target, opset):
     elif gv is not None and gv.ndim != 1:
         gamma = G.new_const(namer, f"{ln.name}_gamma", gv.reshape(-1))
     eps = float(ln.epsilon)
-    if target == "ort":
+    form = form or ("SimplifiedLayerNormalization" if target == "ort" else ("RMSNormalization" if opset >= 23 else "decomposed"))
+    if form == "SimplifiedLayerNormalization":
         return G.add_node(graph, namer, "SimplifiedLayerNormalization", [x, gamma], [out],
                           {"axis": -1, "epsilon": eps, "stash_type": 1}, base=f"{ln.name}_rms")
-    elif target == "onnx" and opset >= 23:
+    elif form == "RMSNormalization":
         return G.add_node(graph, namer, "RMSNormalization", [x, gamma], [out],
                           {"axis": -1, "epsilon": eps, "stash_type": 1}, base=f"{ln.name}_rms")
     else:  # decomposed, in the form ORT's SimplifiedLayerNormFusion recognizes
@@ -564,22 +608,26 @@ class LayerNormToRMSNorm(Pass):
             for ln in s.lns:
                 y = ln.y
                 x = ln.readers[0].inputs[0]  # after step 3 this may be the explicitly centered value
+                shp = G.shape(x) or [1, 128, G.static_dim(x, -1) or 1]
+                shp = [v if isinstance(v, int) else (1 if i == 0 else 128) for i, v in enumerate(shp)]
+                form = choose_rms_form(ctx, shp, G.tensor_dtype(x) or np.float32, opset)
                 for node in ln.nodes:
                     node.outputs.clear()
                     node.inputs.clear()
                 beta_v = G.const_value(ln.beta) if ln.beta is not None else None
                 if ln.beta is None or (beta_v is not None and not np.any(beta_v)):
-                    rms = _emit_rms(graph, namer, ln, x, y, ctx.target, opset)
+                    rms = _emit_rms(graph, namer, ln, x, y, ctx.target, opset, form)
                 else:
-                    readers = _linear_readers(graph, y) if beta_v is not None else None
+                    readers = _linear_readers(graph, y) if beta_v is not None and ctx.state.get("fold_beta", True) else None
                     if readers:
+                        ctx.state["beta_folded"] = ctx.state.get("beta_folded", 0) + 1
                         # y (and what its readers see before their bias) no longer includes beta
                         mark_changed(ctx, y.name, *(lin.inputs[0].name for lin, _ in readers), *(lin.outputs[0].name for lin, _ in readers))
                         _fold_beta(graph, namer, beta_v, readers)
-                        rms = _emit_rms(graph, namer, ln, x, y, ctx.target, opset)
+                        rms = _emit_rms(graph, namer, ln, x, y, ctx.target, opset, form)
                     else:
                         mid = G.new_var(namer, f"{ln.name}_rms_out", G.tensor_dtype(x))
-                        rms = _emit_rms(graph, namer, ln, x, mid, ctx.target, opset)
+                        rms = _emit_rms(graph, namer, ln, x, mid, ctx.target, opset, form)
                         G.add_node(graph, namer, "Add", [mid, ln.beta], [y], base=f"{ln.name}_beta")
                 if rms is not None:  # for the opt-in crms pass: streams proved zero-mean
                     ctx.state.setdefault(ZERO_MEAN_READERS, set()).add(rms.name)
