@@ -12,8 +12,9 @@ def plot_ratios(result, path: str) -> str:
     labels = [m.label for m in result.models]
     ratios = [m.ratio for m in result.models]
     err = [[m.ratio - m.ci_low for m in result.models], [m.ci_high - m.ratio for m in result.models]]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(labels)), 3.5))
-    ax.bar(labels, ratios, yerr=err, capsize=4, color=["#888888"] + ["#3b78b0"] * (len(labels) - 1))
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(labels)), 3.8))
+    ax.bar(range(len(labels)), ratios, yerr=err, capsize=4, color=["#888888"] + ["#3b78b0"] * (len(labels) - 1))
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_ylabel(f"latency / {labels[0]}")
     ax.set_title(f"{result.provider.upper()}, {result.threads or 'default'} thread(s); 95% CI", fontsize=9)
