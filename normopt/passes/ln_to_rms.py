@@ -342,6 +342,7 @@ def _center(values: np.ndarray, axis) -> np.ndarray:
     return G.cast_like(v - v.mean(axis=axis, keepdims=True), values)
 
 
+MARGIN = 0.05  # a tuned choice leaves its default only for a form measured at least 5% faster
 RMS_FORMS = {"ort": ["SimplifiedLayerNormalization", "RMSNormalization", "decomposed"], "onnx": ["RMSNormalization", "decomposed"]}
 
 
@@ -378,7 +379,9 @@ def choose_rms_form(ctx, shape, dtype, opset):
         from ..runtime_tests.micro import time_models
 
         ms = time_models([_rms_micro(f, shape, dtype, opset) for f in forms], {"x": shape}, dtype, ctx.provider)
-        best = forms[int(np.argmin(ms))]
+        # leave the default (forms[0]) only for a form at least MARGIN faster: noise never flips it
+        alt = int(np.argmin(ms[1:])) + 1
+        best = forms[alt] if ms[alt] < (1 - MARGIN) * ms[0] else forms[0]
         ctx.state[key] = best
         ctx.notes.append(f"ln_to_rms: emits {best} at {list(shape)} {np.dtype(dtype)} (measured on {ctx.provider}: "
                          + ", ".join(f"{f} {t * 1000:.1f} us" for f, t in zip(forms, ms)) + ")")
