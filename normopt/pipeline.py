@@ -161,5 +161,12 @@ class Pipeline:
 
 
 def describe(match) -> str:
+    """One line per match: its describe(), a node as "Op 'name'", a tuple of those joined."""
     d = getattr(match, "describe", None)
-    return d() if callable(d) else str(match)
+    if callable(d):
+        return d()
+    if isinstance(match, gs.Node):
+        return f"{match.op} '{match.name}'"
+    if isinstance(match, tuple):
+        return " + ".join(describe(m) for m in match)
+    return str(match)

@@ -86,3 +86,10 @@ def test_noop_cast_and_eval_dropout_removed():
     out, _ = optimize_model(m, passes=["remove_identity"])
     assert ops(out) == collections.Counter({"Cast": 2})  # real casts stay
     assert compare(m, out).equivalent
+
+
+def test_report_describes_node_matches_on_one_line():
+    nodes = [helper.make_node("LayerNormalization", ["x", "g"], ["y"], name="ln0")]
+    m = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 4])], [init("g", np.ones(4, np.float32))])
+    _, report = optimize_model(m, passes=["explicit_defaults"])
+    assert report.passes[0].matched == ["LayerNormalization 'ln0'"]
