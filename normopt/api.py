@@ -33,9 +33,7 @@ def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt
         raise NormoptError(f"unknown target '{target}' (ort or onnx)")
     ctx = Context(target=target, provider=provider, tune=tune)
     ctx.state.update(options or {})
-    out, report = build_pipeline(passes, opt_in).run(model, ctx)
-    report.beta_folded = ctx.state.get("beta_folded", 0)
-    return out, report
+    return build_pipeline(passes, opt_in).run(model, ctx)
 
 
 def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -67,7 +65,7 @@ def _tuned(model, out, report, target, opt_in, provider, input_opts):
     3. never slower: if the output measures slower than the input, write the input unchanged.
     A variant replaces the default only if it measures faster (its CI's upper bound < 1)."""
     options, notes = {}, []
-    if getattr(report, "beta_folded", 0):
+    if report.beta_folded:
         kept, kept_report = optimize_model(model, None, target, opt_in, provider, True, {"fold_beta": False})
         r, lo, hi = _ab(out, kept, provider, input_opts)
         use = hi < 1.0
@@ -171,7 +169,7 @@ def optimize(
                 raise VerificationFailed(msg, result)
             if verify_level != "disable":
                 # every output must also load and run with ORT's optimizations off
-                exact = compare(in_path, staged.path, seeds=1, atol=atol, rtol=rtol, input_opts=input_opts, level="disable")
+                exact = compare(in_path, staged.path, level="disable", **{**kw, "seeds": 1})
                 if not exact.equivalent:
                     _write_report(report_path, report)
                     raise VerificationFailed("the optimized model differs under ORT_DISABLE_ALL; nothing was written", exact)

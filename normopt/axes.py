@@ -10,7 +10,6 @@ centering only when every input is centered too.
 from __future__ import annotations
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from . import graph as G
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .io import ORT_DEFAULT_DOMAIN_CONTRIB_OPS, TWO_GB, default_opset
+from .io import ORT_DEFAULT_DOMAIN_CONTRIB_OPS, TWO_GB
 
 # ---------------------------------------------------------------------------------------------
 # import / export
@@ -258,10 +258,6 @@ def f64(array: np.ndarray) -> np.ndarray:
 
 def cast_like(array64: np.ndarray, like: np.ndarray) -> np.ndarray:
     return np.asarray(array64).astype(np.asarray(like).dtype)
-
-
-def model_opset(model: onnx.ModelProto) -> int:
-    return default_opset(model) or 0
 
 
 def tensor_dtype(tensor):

@@ -25,7 +25,7 @@ from . import graph as G
 class LayerNormMatch:
     kind: str  # "LayerNormalization" | "decomposed LN" | "SkipLayerNormalization"
     name: str  # anchor node name
-    x: object  # input tensor being normalized (for SkipLN: None, see `skip_inputs`)
+    x: object  # input tensor being normalized
     y: object  # normalized output tensor
     axes: tuple | None  # normalized axes (non-negative), None when the rank is unknown
     rank: int | None

@@ -93,6 +93,7 @@ class Report:
     notes: list = field(default_factory=list)
     verification: dict | None = None
     changed_values: list = field(default_factory=list)  # tensors whose values passes changed on purpose
+    beta_folded: int = 0  # LN betas ln_to_rms folded into linear readers (the beta A/B needs it)
 
     def to_dict(self) -> dict:
         return {
@@ -157,6 +158,7 @@ class Pipeline:
         out = G.to_model(graph, model)
         report.notes.extend(ctx.notes)
         report.changed_values = sorted(ctx.state.get(CHANGED, ()))
+        report.beta_folded = ctx.state.get("beta_folded", 0)
         return out, report
 
 

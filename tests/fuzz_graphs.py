@@ -16,7 +16,6 @@ Ingredients, drawn per example:
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 

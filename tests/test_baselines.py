@@ -3,7 +3,6 @@ differ (never timed silently), and timed next to normopt when they are equivalen
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper

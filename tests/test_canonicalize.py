@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
@@ -65,7 +64,6 @@ def test_explicit_defaults():
 
 
 def test_reduce_axes_attribute_and_input():
-    g = gs.Graph(opset=17)
     x = gs.Variable("x", np.float32, [2, 3, 4])
     n1 = gs.Node("ReduceMean", inputs=[x], outputs=[gs.Variable("a")], attrs={"axes": [-1], "keepdims": 0})
     n2 = gs.Node("ReduceMean", inputs=[x, gs.Constant("ax", np.array([1, -1], np.int64))], outputs=[gs.Variable("b")])

@@ -4,7 +4,6 @@ what was compressed and equivalence against ONNX Runtime running the original mo
 from __future__ import annotations
 
 import collections
-import json
 
 import onnx
 import pytest

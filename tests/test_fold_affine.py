@@ -9,7 +9,7 @@ import collections
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from normopt import graph as G
 from normopt import optimize_model

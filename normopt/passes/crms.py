@@ -31,7 +31,8 @@ import numpy as np
 from .. import graph as G
 from ..norms import LayerNormMatch
 from ..pipeline import Analysis, Decline, Pass, mark_changed
-from .ln_to_rms import ZERO_MEAN_READERS, AxisError, _Closure, _Fail, _linear_readers, writer_weights
+from ..axes import AxisError
+from .ln_to_rms import ZERO_MEAN_READERS, _Closure, _linear_readers, writer_weights
 
 RMS_OPS = ("SimplifiedLayerNormalization", "RMSNormalization")
 
@@ -71,7 +72,7 @@ class CompressRMSStreams(Pass):
                 for m in s.lns:
                     done.add(id(m))
                 reason = self._check(graph, s)
-            except (_Fail, AxisError) as exc:
+            except AxisError as exc:
                 reason = str(exc)
                 s = None
             except Exception as exc:  # an analysis bug must never produce a rewrite
@@ -89,9 +90,10 @@ class CompressRMSStreams(Pass):
         if s.centerings or s.layerscales:
             return "the stream is not zero-mean as it stands (it would need new centering)"
         axes = set(s.values.values())
+        tensors = graph.tensors()
         d = None
         for name in s.values:
-            t = graph.tensors()[name]
+            t = tensors[name]
             if G.rank(t) is None:
                 return f"rank of '{name}' unknown"
             dim = G.static_dim(t, s.values[name])
@@ -145,11 +147,12 @@ class CompressRMSStreams(Pass):
                 sub.outputs[0] = full
                 self._slice_node(graph, namer, full, out, ax, d)
             # shape constants on the stream
+            tensors = graph.tensors()
             for name, ax in s.values.items():
-                p = G.producer(graph.tensors()[name])
+                p = G.producer(tensors[name])
                 if p is not None and p.op in ("Reshape", "Expand") and len(p.inputs) > 1:
                     shp = np.array(G.const_value(p.inputs[1]))
-                    k = ax if p.op == "Reshape" else ax - (G.rank(graph.tensors()[name]) - len(shp))
+                    k = ax if p.op == "Reshape" else ax - (G.rank(tensors[name]) - len(shp))
                     if int(shp[k]) == d:
                         shp[k] = d - 1
                         p.inputs[1] = G.new_const(namer, f"{p.inputs[1].name}_crms", shp)

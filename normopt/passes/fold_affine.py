@@ -60,8 +60,8 @@ class Affine:
 # recognizers
 
 
-def _per_channel(value, x, out, axis_hint=None):
-    """(axis, vector) for a constant that broadcasts against x along one axis, or a scalar
+def _per_channel(value, out):
+    """(axis, vector) for a constant that broadcasts against `out` along one axis, or a scalar
     (axis None). None when it varies along several axes or the rank is unknown."""
     v = np.asarray(value)
     r = G.rank(out)
@@ -97,7 +97,7 @@ def _bn(graph, node):
             for xi in (0, 1):
                 eta = G.const_value(mul.inputs[1 - xi])
                 if mul.inputs[xi] is x and eta is not None:
-                    pc = _per_channel(eta, x, y)
+                    pc = _per_channel(eta, y)
                     if pc is not None and pc[0] in (None, 1):
                         aff.kind = "RepBN"
                         aff.a = aff.a + G.f64(pc[1])
@@ -119,7 +119,7 @@ def _chain(graph, node, in_chain):
         v_in = cur.inputs[1 - c_idx]
         if x is not None and v_in is not nodes[-1].outputs[0]:
             break
-        pc = _per_channel(G.const_value(cur.inputs[c_idx]), v_in, cur.outputs[0])
+        pc = _per_channel(G.const_value(cur.inputs[c_idx]), cur.outputs[0])
         if pc is None or G.rank(v_in) != G.rank(cur.outputs[0]):
             break
         ax, vec = pc
@@ -256,7 +256,7 @@ def _between(src, dst_tensors):
     return names
 
 
-def _forward_plan(graph, t, axis, seen=None):
+def _forward_plan(graph, t, axis):
     """[(linear node, its input tensor)] covering every consumer path of t, or a reason."""
     if G.is_graph_output(graph, t):
         return f"'{t.name}' is a graph output"
@@ -353,9 +353,7 @@ def _check_out_axis(graph, lin, out, a, bias_edge):
     if lin.op == "MatMul":
         w = G.const_value(lin.inputs[1])
         ok = w is not None and w.ndim == 2 and r is not None and a == r - 1
-    elif lin.op == "Gemm":
-        ok = G.const_value(lin.inputs[1]) is not None and a == 1 and (len(lin.inputs) < 3 or not lin.inputs[2].name or G.const_value(lin.inputs[2]) is not None)
-    else:
+    else:  # Gemm and Conv: output channels on axis 1; C / B, if any, must be constant
         ok = G.const_value(lin.inputs[1]) is not None and a == 1 and (len(lin.inputs) < 3 or not lin.inputs[2].name or G.const_value(lin.inputs[2]) is not None)
     if not ok:
         return f"axis {a} is not the output channel axis of {lin.op} '{lin.name}' (or its weights are not constant)"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from .. import graph as G
-from ..pipeline import Analysis, Decline, Pass
+from ..pipeline import Analysis, Pass
 
 SIZE_LIMIT = 64 * 1024 * 1024
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from .. import graph as G
 from ..pipeline import Analysis, Decline, Pass
@@ -141,8 +141,7 @@ class FuseSkipNorms(Pass):
                 p = G.producer(t)
                 if p is not None and p.op == "Add" and len(t.outputs) == 1 and not G.is_graph_output(graph, t):
                     bi = [k for k in (0, 1) if G.const_value(p.inputs[k]) is not None]
-                    if len(bi) == 1 and G.const_value(p.inputs[bi[0]]).reshape(-1).size == G.shape(t)[-1] and \
-                            G.const_value(p.inputs[bi[0]]).size == G.shape(t)[-1] and G.const_value(p.inputs[1 - bi[0]]) is None:
+                    if len(bi) == 1 and G.const_value(p.inputs[bi[0]]).size == G.shape(t)[-1] and G.const_value(p.inputs[1 - bi[0]]) is None:
                         bias = p.inputs[bi[0]]
                         u = p.inputs[1 - bi[0]]
                         p.inputs.clear()

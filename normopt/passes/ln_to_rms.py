@@ -57,12 +57,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import graph as G
-from ..axes import COMMUTING_RESHAPES, AxisError, AxisError as _Fail, backward_axis as _backward_axis, broadcast_axis as _broadcast_axis
+from ..axes import AxisError as _Fail  # a stream that cannot convert (an untraceable axis is one)
+from ..axes import backward_axis as _backward_axis, broadcast_axis as _broadcast_axis
 from ..axes import VALUE_INDEPENDENT, forward_axis as _forward_axis, reshape_map as _reshape_map
 from ..norms import LayerNormMatch, find_layernorms
 from ..pipeline import Analysis, Decline, Pass, mark_changed
-
-
 
 ZERO_MEAN_READERS = "zero_mean_readers"  # ctx.state key: RMS nodes that read a proved zero-mean stream
 
