@@ -10,6 +10,7 @@ import onnx
 import onnx.version_converter
 
 from . import io as nio
+from . import weights as W
 from .errors import NormoptError, VerificationFailed
 from .passes import build_pipeline
 from .pipeline import Context, Report
@@ -26,14 +27,19 @@ class OptimizeResult:
 
 
 def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt_in=None, provider: str = "cpu",
-                   tune: bool = False, options: dict | None = None):
+                   tune: bool = False, options: dict | None = None, progress=None, threads: int | None = None,
+                   shapes: dict | None = None):
     """Run the pipeline in memory. Returns (optimized ModelProto, Report). No verification.
-    tune=False (the API default) uses fixed emission defaults; the CLI tunes unless --no-tune."""
+    tune=False (the API default) uses fixed emission defaults; the CLI tunes unless --no-tune.
+
+    `model` may be an in-memory model or a skeleton from normopt.io.load_model; a skeleton's
+    result references its weights by path (write it with normopt.io.save_model). Inside
+    ``normopt.weights.using(store)`` new large tensors go to the store's spill file."""
     if target not in ("ort", "onnx"):
         raise NormoptError(f"unknown target '{target}' (ort or onnx)")
-    ctx = Context(target=target, provider=provider, tune=tune)
+    ctx = Context(target=target, provider=provider, tune=tune, threads=threads, shapes=dict(shapes or {}))
     ctx.state.update(options or {})
-    return build_pipeline(passes, opt_in).run(model, ctx)
+    return build_pipeline(passes, opt_in).run(model, ctx, progress=progress)
 
 
 def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -50,24 +56,26 @@ def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         raise NormoptError(f"--opset {opset}: ONNX's version converter cannot upgrade this model ({str(exc).splitlines()[0][:200]})") from None
 
 
-def _ab(a, b, provider, input_opts, runs=20):
+def _ab(a, b, provider, input_opts, runs=20, threads=None):
     """Paired ratio b / a (median, 95% CI) from interleaved runs on the provider."""
     from .runtime_tests.latency import bench
 
-    r = bench([("a", a), ("b", b)], provider=provider, runs=runs, warmup=3, input_opts=input_opts).models[1]
+    r = bench([("a", a), ("b", b)], provider=provider, runs=runs, warmup=3, input_opts=input_opts, threads=threads).models[1]
     return r.ratio, r.ci_low, r.ci_high
 
 
-def _tuned(model, out, report, target, opt_in, provider, input_opts):
+def _tuned(model, out, report, target, opt_in, provider, input_opts, threads=None):
     """Whole-model decisions, each an interleaved A/B on the provider, then the guard:
     1. beta folded into the readers' biases (default) or kept as an Add;
     2. Pre-CRMSNorm (--crms) or plain RMSNorm (d-1 widths can misalign GEMMs);
     3. never slower: if the output measures slower than the input, write the input unchanged.
     A variant replaces the default only if it measures faster (its CI's upper bound < 1)."""
     options, notes = {}, []
+    shapes = input_opts.shapes if input_opts else None
     if report.beta_folded:
-        kept, kept_report = optimize_model(model, None, target, opt_in, provider, True, {"fold_beta": False})
-        r, lo, hi = _ab(out, kept, provider, input_opts)
+        kept, kept_report = optimize_model(model, None, target, opt_in, provider, True, {"fold_beta": False},
+                                           threads=threads, shapes=shapes)
+        r, lo, hi = _ab(out, kept, provider, input_opts, threads=threads)
         use = hi < 1.0
         notes.append(f"ln_to_rms: beta kept / beta folded = {r:.3f} [{lo:.3f}, {hi:.3f}] on {provider}; "
                      f"{'kept beta as an Add' if use else 'folded beta'}")
@@ -75,14 +83,14 @@ def _tuned(model, out, report, target, opt_in, provider, input_opts):
             options, out, report = {"fold_beta": False}, kept, kept_report
     crms = next((p for p in report.passes if p.name == "crms"), None)
     if crms is not None and crms.applied:
-        plain, plain_report = optimize_model(model, None, target, None, provider, True, options)
-        r, lo, hi = _ab(plain, out, provider, input_opts)
+        plain, plain_report = optimize_model(model, None, target, None, provider, True, options, threads=threads, shapes=shapes)
+        r, lo, hi = _ab(plain, out, provider, input_opts, threads=threads)
         keep = hi < 1.0
         notes.append(f"crms: measured on {provider}, 20 interleaved runs: CRMS / RMS = {r:.3f} [{lo:.3f}, {hi:.3f}]; "
                      f"{'kept CRMS' if keep else 'kept RMS (CRMS not faster)'}")
         if not keep:
             out, report = plain, plain_report
-    r, lo, hi = _ab(model, out, provider, input_opts)
+    r, lo, hi = _ab(model, out, provider, input_opts, threads=threads)
     verdict = f"output / input = {r:.3f} [{lo:.3f}, {hi:.3f}] on {provider}, 20 interleaved runs"
     if lo > 1.0:
         notes.append(f"guard: the optimized model measured slower ({verdict}); wrote the input unchanged")
@@ -118,64 +126,123 @@ def optimize(
     provider: str = "cpu",
     tune: bool = False,
     opset: int | None = None,
+    progress=None,
+    threads: int | None = None,
 ) -> OptimizeResult:
     """Optimize IN into OUT. Unless verify=False, OUT is verified against IN with ONNX Runtime
     (CPU) before it is written; a model that differs is never written (VerificationFailed).
     tune=True (the CLI's default) times emission choices and CRMS on `provider` and guards
-    against an output slower than the input; tune=False is deterministic."""
+    against an output slower than the input; tune=False is deterministic.
+
+    Memory: the model is read as a skeleton (weights stay in their files), tensors a pass
+    creates are spilled beside the output, the output is streamed tensor by tensor, and the
+    two verification sessions are never resident at once."""
+    say = progress or (lambda msg: None)
     nio.check_output_path(in_path, out_path)
     loaded = nio.load_model(in_path)
+    model = loaded.model
     if opset is not None:
-        loaded.model = _upgrade_opset(loaded.model, opset)
+        model = _upgrade_opset(model, opset)
     if verify:
         # resolve inputs before any work: a dynamic dim without --shape is a usage error
         from .runtime_tests.inputs import make_feeds
 
-        make_feeds(loaded.model, 0, input_opts)
-    out_model, report = optimize_model(loaded.model, passes, target, opt_in, provider, tune)
-    if tune and not passes:
-        out_model, report = _tuned(loaded.model, out_model, report, target, opt_in, provider, input_opts)
+        make_feeds(model, 0, input_opts)
+        check_memory(loaded)
+    store = W.WeightStore(os.path.dirname(os.path.abspath(out_path)))
     try:
-        nio.check_model(out_model)
-    except Exception as exc:
-        report.notes.append(f"output fails onnx.checker: {exc}")
-        _write_report(report_path, report)
-        raise VerificationFailed(f"internal error: the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    with nio.StagedModel(out_model, out_path, loaded.had_external_data) as staged:
-        result = None
-        if verify:
-            kw = dict(seeds=seeds, atol=atol, rtol=rtol, input_opts=input_opts)
-            result = compare(in_path, staged.path, level=verify_level, **kw)
-            report.verification = result.to_dict()
-            if not result.equivalent:
-                msg = "the optimized model is not equivalent to the input; nothing was written"
-                if verify_level != "disable" and compare(in_path, in_path, level=verify_level, **kw).equivalent is False:
-                    # ONNX Runtime's own graph optimizations change the input's results
-                    ok_exact = compare(in_path, staged.path, level="disable", **kw).equivalent
-                    msg = (
-                        f"ONNX Runtime's graph optimizations (level '{verify_level}') change the results of the INPUT model "
-                        f"itself; normopt's output is {'equivalent' if ok_exact else 'NOT equivalent'} to it under ORT_DISABLE_ALL"
-                        + ("; pass --verify-level disable to accept it" if ok_exact else "")
-                        + "; nothing was written"
-                    )
-                    report.notes.append(msg)
-                try:
-                    result.first_divergence = localize(in_path, staged.path, input_opts, atol, rtol, level=verify_level,
-                                                       skip=report.changed_values)
-                except Exception as exc:  # localization is a diagnostic: never mask the failure
-                    result.first_divergence = {"error": f"{type(exc).__name__}: {exc}"}
-                report.verification = result.to_dict()
-                _write_report(report_path, report)
-                raise VerificationFailed(msg, result)
-            if verify_level != "disable":
-                # every output must also load and run with ORT's optimizations off
-                exact = compare(in_path, staged.path, level="disable", **{**kw, "seeds": 1})
-                if not exact.equivalent:
-                    _write_report(report_path, report)
-                    raise VerificationFailed("the optimized model differs under ORT_DISABLE_ALL; nothing was written", exact)
-        written = staged.commit()
+        with W.using(store):
+            out_model, report = optimize_model(model, passes, target, opt_in, provider, tune, progress=progress,
+                                               threads=threads, shapes=(input_opts.shapes if input_opts else None))
+            if tune and not passes:
+                say("tuning: timing variants and the output against the input ...")
+                out_model, report = _tuned(model, out_model, report, target, opt_in, provider, input_opts, threads)
+        try:
+            nio.check_model(out_model)
+        except Exception as exc:
+            report.notes.append(f"output fails onnx.checker: {exc}")
+            _write_report(report_path, report)
+            raise VerificationFailed(f"internal error: the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        say("writing the output ...")
+        with nio.StagedModel(out_model, out_path, loaded.had_external_data) as staged:
+            store.close()  # the output holds its own copy of every spilled tensor now
+            del out_model
+            result = None
+            if verify:
+                say(f"verifying against the input with ONNX Runtime ({provider}) ...")
+                result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
+                                        verify_level, provider)
+            written = staged.commit()
+    finally:
+        store.close()
     _write_report(report_path, report)
     return OptimizeResult(written, report, result)
+
+
+def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol, input_opts, verify_level, provider):
+    kw = dict(seeds=seeds, atol=atol, rtol=rtol, input_opts=input_opts)
+    result = compare(in_path, staged_path, level=verify_level, **kw)
+    report.verification = result.to_dict()
+    if not result.equivalent:
+        msg = "the optimized model is not equivalent to the input; nothing was written"
+        if verify_level != "disable" and compare(in_path, in_path, level=verify_level, **kw).equivalent is False:
+            # ONNX Runtime's own graph optimizations change the input's results
+            ok_exact = compare(in_path, staged_path, level="disable", **kw).equivalent
+            msg = (
+                f"ONNX Runtime's graph optimizations (level '{verify_level}') change the results of the INPUT model "
+                f"itself; normopt's output is {'equivalent' if ok_exact else 'NOT equivalent'} to it under ORT_DISABLE_ALL"
+                + ("; pass --verify-level disable to accept it" if ok_exact else "")
+                + "; nothing was written"
+            )
+            report.notes.append(msg)
+        try:
+            result.first_divergence = localize(in_path, staged_path, input_opts, atol, rtol, level=verify_level,
+                                               skip=report.changed_values)
+        except Exception as exc:  # localization is a diagnostic: never mask the failure
+            result.first_divergence = {"error": f"{type(exc).__name__}: {exc}"}
+        report.verification = result.to_dict()
+        _write_report(report_path, report)
+        raise VerificationFailed(msg, result)
+    if verify_level != "disable":
+        # every output must also load and run with ORT's optimizations off
+        exact = compare(in_path, staged_path, level="disable", **{**kw, "seeds": 1, "stress": False})
+        if not exact.equivalent:
+            _write_report(report_path, report)
+            raise VerificationFailed("the optimized model differs under ORT_DISABLE_ALL; nothing was written", exact)
+    return result
+
+
+# ONNX Runtime holds a model's weights, its prepacked copies and its arena: about this many
+# times the weights at peak, plus a fixed overhead (measured on the benchmark's LLM-shaped models)
+SESSION_FACTOR = 2.0
+SESSION_OVERHEAD = 512 << 20
+
+
+def verification_bytes(weight_bytes: int) -> int:
+    return int(SESSION_FACTOR * weight_bytes + SESSION_OVERHEAD)
+
+
+def available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(loaded) -> None:
+    """Before verification: one ONNX Runtime session at a time must fit in memory."""
+    need = verification_bytes(loaded.weight_bytes)
+    avail = available_bytes()
+    if avail is not None and need > avail:
+        raise NormoptError(
+            f"verification needs about {need / 2**30:.1f} GB of memory (one ONNX Runtime session at a time, "
+            f"{loaded.weight_bytes / 2**30:.1f} GB of weights) and {avail / 2**30:.1f} GB is available; "
+            "--no-verify skips the equivalence check and writes the output unverified"
+        )
 
 
 def verify(reference: str, candidate: str, localize_divergence: bool = False, **kwargs) -> EquivalenceResult:

@@ -214,7 +214,7 @@ def bench(models, provider, threads, runs, warmup, level, baselines, model_type,
         names = B.parse(baselines)
         original = nio.load_model(models[0]).model
         opts = _input_opts(shape, int_range, inputs)
-        for b in B.build(names, original, model_type, opts, num_heads, hidden_size):
+        for b in B.build(names, models[0], model_type, opts, num_heads, hidden_size):
             click.echo(f"baseline {b.label}: {b.status}", err=True)
             if b.model is not None:
                 entries.append((b.label, b.model))

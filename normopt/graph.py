@@ -12,16 +12,54 @@ import tempfile
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from . import weights as W
 from .io import ORT_DEFAULT_DOMAIN_CONTRIB_OPS, TWO_GB
 
 # ---------------------------------------------------------------------------------------------
 # import / export
+#
+# The graph normopt rewrites is a *skeleton* (see weights.py): large tensors are RefValues that
+# reference file regions, so importing, exporting, refreshing shapes and checking cost time and
+# memory in proportion to the graph, never to the weights.
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import a model into graphsurgeon, with inferred shapes when shape inference works."""
-    return gs.import_onnx(infer_shapes(model))
+    """Import a model (a skeleton or an in-memory model) into graphsurgeon, with inferred shapes
+    when shape inference works. External tensors with absolute locations become RefValues."""
+    graph = gs.import_onnx(infer_shapes(model))
+    wrap_refs(graph)
+    return graph
+
+
+def all_graphs(graph: gs.Graph):
+    """The graph and every subgraph (If branches, Loop/Scan bodies), outermost first."""
+    yield graph
+    yield from graph.subgraphs(recursive=True)
+
+
+def wrap_refs(graph: gs.Graph) -> None:
+    """Give every constant whose TensorProto is an absolute external reference RefValues, so
+    reading it maps the file region instead of loading (and caching) the whole tensor."""
+    for g in all_graphs(graph):
+        for t in g.tensors().values():
+            _wrap(t)
+        for node in g.nodes:
+            for v in node.attrs.values():
+                if isinstance(v, gs.Constant):
+                    _wrap(v)
+
+
+def _wrap(t) -> None:
+    if not isinstance(t, gs.Constant):
+        return
+    lv = t._values
+    if isinstance(lv, W.RefValues) or not isinstance(lv, LazyValues) or isinstance(lv, SparseValues):
+        return
+    ref = W.external_ref(lv.tensor)
+    if ref is not None and os.path.isabs(ref[0]):
+        t._values = W.RefValues(lv.tensor)
 
 
 @contextlib.contextmanager
@@ -36,33 +74,57 @@ def _scratch_cwd():
             os.chdir(old)
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelProto:
     """Shapes for every value: ONNX Runtime's symbolic shape inference first (it knows ORT's
     contrib ops and resolves more Shape-built dims than ONNX's data propagation), without
-    merging conflicting dims on a guess; ONNX shape inference where it fails."""
-    if model.ByteSize() > TWO_GB:
+    merging conflicting dims on a guess; ONNX shape inference where it fails. On a skeleton
+    (large tensors referenced, not loaded) this is cheap whatever the size of the weights."""
+    if model.ByteSize() > TWO_GB:  # an in-memory model with its weights: infer on its skeleton
         return model
     contrib = any(n.domain == "com.microsoft" or n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS for n in model.graph.node)
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    if symbolic:
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        with _scratch_cwd():  # on incomplete inference it saves a debug model into the cwd
-            out = SymbolicShapeInference.infer_shapes(model, auto_merge=contrib, guess_output_rank=contrib)
-        if out is not None:
-            return out
-    except Exception:
-        pass
+            with _scratch_cwd(), _quiet_logging():  # on incomplete inference it saves a debug model into the cwd
+                out = SymbolicShapeInference.infer_shapes(model, auto_merge=contrib, guess_output_rank=contrib)
+            if out is not None:
+                return out
+        except Exception:
+            pass
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         return model
 
 
+@contextlib.contextmanager
+def _quiet_logging():
+    import logging
+
+    log = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    old = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def export(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a ModelProto: a skeleton where constants are references (RefValues). An
+    initializer that graphsurgeon copies into each subgraph reading it goes back to the main
+    graph, once."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    _hoist_subgraph_initializers(model)
+    return model
+
+
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export, restoring what graphsurgeon drops: IR version, producer, doc strings, metadata,
     and every opset import of the original (plus any domain the passes added)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = export(graph)
     model.ir_version = original.ir_version
     model.producer_name = original.producer_name
     model.producer_version = original.producer_version
@@ -84,17 +146,122 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
         model.opset_import.append(onnx.helper.make_opsetid(dom, ver))
     # graph value_info from shape inference is stale after rewriting: drop it
     del model.graph.value_info[:]
+    _order_like(model.graph.initializer, original.graph.initializer)
     return model
 
 
-def refresh(graph: gs.Graph) -> gs.Graph:
-    """Re-run shape inference on the current graph (after a pass changed it)."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    opset = graph.opset
+def _order_like(inits, original) -> None:
+    """Initializers in the input's order, the ones a pass created after them (so optimizing an
+    optimized model gives the same bytes)."""
+    rank_of = {t.name: i for i, t in enumerate(original)}
+    order = sorted(range(len(inits)), key=lambda i: (rank_of.get(inits[i].name, len(rank_of)), i))
+    if order == list(range(len(inits))):
+        return
+    items = [onnx.TensorProto() for _ in order]
+    for dst, i in zip(items, order):
+        dst.CopyFrom(inits[i])
+    del inits[:]
+    inits.extend(items)
+
+
+def snapshot(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph's state as a skeleton ModelProto (structure, shapes; weights by reference)."""
     model = gs.export_onnx(graph, do_type_check=False)
-    new = gs.import_onnx(infer_shapes(model))
-    new.opset = opset
-    return new
+    return model
+
+
+def restore(model: onnx.ModelProto) -> gs.Graph:
+    """A graph from a snapshot, shapes as they were (no re-inference)."""
+    graph = gs.import_onnx(model)
+    wrap_refs(graph)
+    return graph
+
+
+def _subgraph_protos(graph_proto):
+    for node in graph_proto.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield attr.g
+                yield from _subgraph_protos(attr.g)
+            for g in attr.graphs:
+                yield g
+                yield from _subgraph_protos(g)
+
+
+def _same_tensor(a, b) -> bool:
+    ra, rb = W.external_ref(a), W.external_ref(b)
+    if ra is not None or rb is not None:
+        return ra == rb and list(a.dims) == list(b.dims) and a.data_type == b.data_type
+    return a.SerializeToString() == b.SerializeToString()
+
+
+def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
+    main = model.graph
+    subs = list(_subgraph_protos(main))
+    if not subs:
+        return
+    names_main = {i.name for i in main.input} | {o for n in main.node for o in n.output}
+    main_inits = {i.name: i for i in main.initializer}
+    defined_in_subs = collections.Counter()
+    for g in subs:  # names a subgraph defines itself (inputs, node outputs): hoisting must not shadow them
+        defined_in_subs.update(i.name for i in g.input)
+        defined_in_subs.update(o for n in g.node for o in n.output)
+    for g in subs:
+        keep = []
+        for init in g.initializer:
+            name = init.name
+            if name in names_main or defined_in_subs[name]:
+                keep.append(init)
+                continue
+            if name in main_inits:
+                if not _same_tensor(main_inits[name], init):
+                    keep.append(init)
+                continue  # the same tensor is already in the main graph
+            new = main.initializer.add()
+            new.CopyFrom(init)
+            main_inits[name] = new
+        if len(keep) != len(g.initializer):
+            kept = [onnx.TensorProto() for _ in keep]
+            for k, t in zip(kept, keep):
+                k.CopyFrom(t)
+            del g.initializer[:]
+            g.initializer.extend(kept)
+
+
+def refresh(graph: gs.Graph) -> gs.Graph:
+    """After a pass: clean up, sort, and re-infer every value's shape on the skeleton. The graph
+    objects stay the same (no re-import); shapes that inference no longer gives are dropped."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    for sub in graph.subgraphs(recursive=True):
+        sub.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = export(graph)
+    inferred = infer_shapes(model)
+    infos = {}
+    for g in [inferred.graph, *_subgraph_protos(inferred.graph)]:
+        for vi in list(g.value_info) + list(g.output) + list(g.input):
+            if vi.type.HasField("tensor_type"):
+                infos[vi.name] = vi.type.tensor_type
+    for g in all_graphs(graph):
+        io_names = {t.name for t in g.inputs}
+        for t in g.tensors().values():
+            if not isinstance(t, gs.Variable) or t.name in io_names:
+                continue
+            tt = infos.get(t.name)
+            if tt is None:
+                t.shape = None
+                continue
+            if tt.elem_type:
+                t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            t.shape = [_dim(d) for d in tt.shape.dim] if tt.HasField("shape") else None
+    return graph
+
+
+def _dim(d):
+    if d.HasField("dim_value"):
+        return int(d.dim_value)
+    if d.HasField("dim_param"):
+        return d.dim_param
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,16 +269,17 @@ def refresh(graph: gs.Graph) -> gs.Graph:
 
 
 def const_value(tensor) -> np.ndarray | None:
-    """The value of a constant tensor: an initializer or the output of a Constant node."""
+    """The value of a constant tensor: an initializer or the output of a Constant node. A
+    referenced weight comes back as a read-only memory-mapped view and is not cached."""
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return _values(tensor)
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         node = tensor.inputs[0]
         val = node.attrs.get("value")
         if isinstance(val, gs.Constant):
-            return np.asarray(val.values)
+            return _values(val)
         if val is not None:
             return np.asarray(val)
         for key in ("value_float", "value_int"):
@@ -121,6 +289,20 @@ def const_value(tensor) -> np.ndarray | None:
             if key in node.attrs:
                 return np.asarray(node.attrs[key])
     return None
+
+
+def _values(c: gs.Constant) -> np.ndarray:
+    if isinstance(c._values, W.RefValues):
+        return c._values.load()
+    return np.asarray(c.values)
+
+
+def const_info(tensor):
+    """(shape tuple, numpy dtype) of a constant without reading its values, or None."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(tensor.shape), tensor_dtype(tensor)
+    v = const_value(tensor) if tensor is not None and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant" else None
+    return None if v is None else (tuple(v.shape), v.dtype)
 
 
 def producer(tensor):
@@ -164,7 +346,7 @@ def rank(tensor) -> int | None:
 def shape(tensor):
     """Shape as a list (ints for static dims, str/None otherwise), or None when unknown."""
     if isinstance(tensor, gs.Constant):
-        return list(tensor.values.shape)
+        return list(tensor.shape)
     s = getattr(tensor, "shape", None)
     return None if s is None else list(s)
 
@@ -215,7 +397,9 @@ class Namer:
     """Unique tensor/node names in a graph."""
 
     def __init__(self, graph: gs.Graph):
-        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
+        self.used = set()
+        for g in all_graphs(graph):  # names are unique across subgraphs too (outer scope is visible)
+            self.used |= set(g.tensors().keys()) | {n.name for n in g.nodes if n.name}
         self.counter = itertools.count()
 
     def __call__(self, base: str) -> str:
@@ -228,7 +412,14 @@ class Namer:
 
 
 def new_const(namer: Namer, base: str, array: np.ndarray) -> gs.Constant:
-    return gs.Constant(namer(base), np.ascontiguousarray(array))
+    """A new constant. One of at least weights.SPILL_BYTES goes to the active weight store's
+    spill file at once and is referenced from there (the caller's array can then be freed)."""
+    name = namer(base)
+    array = np.asarray(array)
+    store = W.current_store()
+    if store is not None and array.nbytes >= W.SPILL_BYTES:
+        return gs.Constant(name, W.RefValues(store.spill(name, array)))
+    return gs.Constant(name, _contiguous(array))
 
 
 def new_var(namer: Namer, base: str, dtype=None, shape=None) -> gs.Variable:
@@ -262,7 +453,10 @@ def cast_like(array64: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 def tensor_dtype(tensor):
     if isinstance(tensor, gs.Constant):
-        return tensor.values.dtype
+        dt = tensor.dtype
+        if isinstance(dt, (int, np.integer)):
+            return W.np_dtype(int(dt))
+        return np.dtype(dt)
     dt = getattr(tensor, "dtype", None)
     if dt is None:
         return None
@@ -273,3 +467,9 @@ def tensor_dtype(tensor):
             return onnx.helper.tensor_dtype_to_np_dtype(dt)
         except Exception:
             return None
+
+
+def _contiguous(value) -> np.ndarray:
+    """A C-contiguous array of the same shape (np.ascontiguousarray would make a 0-d array 1-d)."""
+    value = np.asarray(value)
+    return value if value.flags["C_CONTIGUOUS"] else value.copy(order="C")

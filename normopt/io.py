@@ -8,14 +8,15 @@ verification or a crash never leaves a partial file behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 
 import onnx
-from onnx import external_data_helper
 
+from . import weights as W
 from .errors import NormoptError
 
 MIN_OPSET = 13
@@ -32,6 +33,7 @@ class LoadedModel:
     path: str
     had_external_data: bool
     opset: int
+    weight_bytes: int = 0
     notes: list = field(default_factory=list)
 
 
@@ -42,14 +44,11 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def _external_tensors(model: onnx.ModelProto):
-    for tensor in external_data_helper._get_all_tensors(model):
-        if external_data_helper.uses_external_data(tensor):
-            yield tensor
-
-
-def load_model(path: str, load_external: bool = True) -> LoadedModel:
-    """Read and validate a model. Raises NormoptError with one line on any bad input."""
+def load_model(path: str, load_external: bool = False, min_opset: int = MIN_OPSET) -> LoadedModel:
+    """Read and validate a model as a *skeleton* (weights.read_skeleton): tensors over 1 KiB are
+    references into the model file or its external-data files, never loaded. Raises
+    NormoptError with one line on any bad input. (load_external is accepted for compatibility
+    and ignored: weights are always read on demand.)"""
     if not os.path.exists(path):
         raise NormoptError(f"{path}: no such file")
     if os.path.isdir(path):
@@ -63,16 +62,16 @@ def load_model(path: str, load_external: bool = True) -> LoadedModel:
             "save it with external data (onnx.save_model(..., save_as_external_data=True))"
         )
     try:
-        model = onnx.load_model(path, load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError, RuntimeWarning-as-error, ...
+        model = W.read_skeleton(path)
+    except Exception as exc:  # a wire-format error, protobuf DecodeError, ...
         raise NormoptError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise NormoptError(f"{path}: not a valid ONNX model (no graph, IR version or opset)")
     opset = default_opset(model)
     if opset is None:
         raise NormoptError(f"{path}: the model imports no default-domain (ai.onnx) opset")
-    if opset < MIN_OPSET:
-        raise NormoptError(f"{path}: opset {opset} is not supported (normopt needs opset >= {MIN_OPSET})")
+    if opset < min_opset:
+        raise NormoptError(f"{path}: opset {opset} is not supported (normopt needs opset >= {min_opset})")
     if len(model.graph.output) == 0:
         raise NormoptError(f"{path}: the graph has no outputs")
     local = {f.domain for f in model.functions}
@@ -81,59 +80,77 @@ def load_model(path: str, load_external: bool = True) -> LoadedModel:
         op = next(n.op_type for n in model.graph.node if n.domain == unknown[0])
         raise NormoptError(f"{path}: op '{op}' of domain '{unknown[0]}' is unknown to ONNX Runtime")
 
-    base_dir = os.path.dirname(os.path.abspath(path))
-    ext = list(_external_tensors(model))
-    for tensor in ext:
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = os.path.normpath(os.path.join(base_dir, info.location))
+    me = os.path.abspath(path)
+    external = False
+    for tensor in W.iter_tensors(model):
+        ref = W.external_ref(tensor)
+        if ref is None or ref[0] == me:
+            continue
+        external = True
+        location, offset, length = ref
+        shown = os.path.relpath(location, os.path.dirname(me))
         if not os.path.isfile(location):
+            raise NormoptError(f"{path}: external data file '{shown}' for tensor '{tensor.name}' is missing")
+        fsize = os.path.getsize(location)
+        needed = offset + (length if length is not None else W.tensor_nbytes(tensor))
+        if needed > fsize or offset > fsize:
             raise NormoptError(
-                f"{path}: external data file '{info.location}' for tensor '{tensor.name}' is missing"
-            )
-        size = os.path.getsize(location)
-        offset = info.offset or 0
-        needed = offset + (info.length if info.length is not None else 0)
-        if needed > size or offset > size:
-            raise NormoptError(
-                f"{path}: external data file '{info.location}' is shorter ({size} bytes) than "
+                f"{path}: external data file '{shown}' is shorter ({fsize} bytes) than "
                 f"tensor '{tensor.name}' needs ({needed} bytes)"
             )
-    if ext and load_external:
-        try:
-            external_data_helper.load_external_data_for_model(model, base_dir)
-        except Exception as exc:
-            raise NormoptError(f"{path}: cannot read external data ({exc})") from None
+        if length is None:
+            W.set_external(tensor, location, offset, W.tensor_nbytes(tensor))
     try:
         check_model(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NormoptError(f"{path}: invalid ONNX model: {first}") from None
-    return LoadedModel(model=model, path=path, had_external_data=bool(ext), opset=opset)
+    return LoadedModel(model=model, path=path, had_external_data=external, opset=opset,
+                       weight_bytes=W.weight_bytes(model))
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker on the model, with ORT's default-domain contrib ops treated as opaque.
+    """onnx.checker on the model's skeleton (in path mode, weights never loaded), with ORT's
+    default-domain contrib ops treated as opaque.
 
     ORT registers SimplifiedLayerNormalization in the default domain; the ONNX checker has no
     schema for it. We check a copy whose contrib nodes are moved to com.microsoft, which the
-    checker does not validate, so everything else is still checked.
-    """
-    probe = model
-    if any(n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        for node in probe.graph.node:
+    checker does not validate, so everything else is still checked. External references point
+    at one empty sentinel file: the checker wants the file to exist, not its bytes."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    moved = False
+    for g in _graphs(probe.graph):
+        for node in g.node:
             if node.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS and node.domain in ("", "ai.onnx"):
                 node.domain = "com.microsoft"
-        if not any(i.domain == "com.microsoft" for i in probe.opset_import):
-            probe.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    if probe.ByteSize() > TWO_GB:
-        with tempfile.TemporaryDirectory() as tmp:
-            p = os.path.join(tmp, "check.onnx")
-            onnx.save_model(probe, p, save_as_external_data=True, location="check.onnx.data")
-            onnx.checker.check_model(p)
-    else:
-        onnx.checker.check_model(probe)
+                moved = True
+    if moved and not any(i.domain == "com.microsoft" for i in probe.opset_import):
+        probe.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    with tempfile.TemporaryDirectory(prefix="normopt-check-") as tmp:
+        open(os.path.join(tmp, "w.data"), "wb").close()
+        for t in W.iter_tensors(probe):
+            ref = W.external_ref(t)
+            if ref is not None:
+                W.set_external(t, "w.data", ref[1], ref[2] if ref[2] is not None else W.tensor_nbytes(t))
+            elif W.tensor_nbytes(t) > W.INLINE_BYTES and t.HasField("raw_data"):
+                # an in-memory model's weights: the checker reads dims and type, not bytes
+                n = len(t.raw_data)
+                W.set_external(t, "w.data", 0, n)
+        p = os.path.join(tmp, "check.onnx")
+        with open(p, "wb") as f:
+            f.write(probe.SerializeToString())
+        onnx.checker.check_model(p)
+
+
+def _graphs(graph):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for g in attr.graphs:
+                yield from _graphs(g)
 
 
 def check_output_path(in_path: str, out_path: str) -> None:
@@ -153,8 +170,8 @@ def check_output_path(in_path: str, out_path: str) -> None:
 class StagedModel:
     """A model written to a temporary directory beside its destination.
 
-    ``path`` can be loaded (for verification) before ``commit`` renames it into place.
-    """
+    ``path`` can be loaded (for verification) before ``commit`` renames it into place. The model
+    may be a skeleton: referenced weights are streamed into the output (write_model)."""
 
     def __init__(self, model: onnx.ModelProto, out_path: str, external_data: bool):
         self.out_path = os.path.abspath(out_path)
@@ -166,19 +183,9 @@ class StagedModel:
         except OSError as exc:
             raise NormoptError(f"cannot write to {out_dir}: {exc.strerror}") from None
         self.path = os.path.join(self.tmpdir, self.name)
-        self.external = external_data or model.ByteSize() > TWO_GB
+        self.external = external_data or W.weight_bytes(model) + model.ByteSize() > TWO_GB
         try:
-            if self.external:
-                onnx.save_model(
-                    model,
-                    self.path,
-                    save_as_external_data=True,
-                    all_tensors_to_one_file=True,
-                    location=self.data_name,
-                    size_threshold=1024,
-                )
-            else:
-                onnx.save_model(model, self.path)
+            write_model(model, self.path, self.external, self.data_name)
         except OSError as exc:
             self.discard()
             raise NormoptError(f"cannot write {out_path}: {exc.strerror or exc}") from None
@@ -210,3 +217,205 @@ class StagedModel:
 def save_model(model: onnx.ModelProto, out_path: str, external_data: bool = False) -> str:
     """Write atomically (temp file in the target directory, then rename)."""
     return StagedModel(model, out_path, external_data).commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming writer
+
+
+class _Sources:
+    """Open source files, by path, for copying referenced regions."""
+
+    def __init__(self):
+        self.files = {}
+
+    def fd(self, path):
+        if path not in self.files:
+            self.files[path] = open(path, "rb")
+        return self.files[path].fileno()
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+
+
+def _copy_region(sources, src_path, src_off, length, dst_fd, dst_off):
+    """Copy bytes file to file without bringing them into this process (copy_file_range), or
+    in 16 MiB blocks where the kernel cannot."""
+    src = sources.fd(src_path)
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src, dst_fd, length - done, src_off + done, dst_off + done)
+            if n == 0:
+                raise OSError(f"{src_path}: short read at offset {src_off + done}")
+            done += n
+        return
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while done < length:
+        block = os.pread(src, min(16 << 20, length - done), src_off + done)
+        if not block:
+            raise OSError(f"{src_path}: short read at offset {src_off + done}")
+        os.pwrite(dst_fd, block, dst_off + done)
+        done += len(block)
+
+
+def _inline(tensor: onnx.TensorProto) -> None:
+    """Replace an absolute external reference by the tensor's bytes."""
+    loc, off, length = W.external_ref(tensor)
+    data = W.read_bytes(loc, off, length if length is not None else W.tensor_nbytes(tensor))
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = data
+
+
+def _raw_bytes(tensor: onnx.TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return onnx.numpy_helper.to_array(tensor).tobytes()
+
+
+def _is_ref(tensor) -> bool:
+    ref = W.external_ref(tensor)
+    return ref is not None and os.path.isabs(ref[0])
+
+
+def write_model(model: onnx.ModelProto, path: str, external: bool, data_name: str | None = None) -> None:
+    """Write `model` (a skeleton with absolute references, or an in-memory model) to `path`,
+    streaming referenced weights tensor by tensor; the caller's model is not modified.
+
+    external=True: tensors of at least 1 KiB go to `data_name` beside `path`, each region
+    copied once (tensors sharing a region share it), at 64 KiB-aligned offsets for tensors of
+    1 MiB or more so ONNX Runtime can memory-map them. external=False: one protobuf; the main
+    graph's referenced initializers are appended to it as they are read."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    sources = _Sources()
+    try:
+        for t in _attribute_tensors(out):  # Constant/attribute tensors stay inline
+            if _is_ref(t):
+                _inline(t)
+        if external:
+            _write_external(out, path, data_name or os.path.basename(path) + ".data", sources)
+        else:
+            _write_single(out, path, sources)
+    finally:
+        sources.close()
+
+
+def _attribute_tensors(model):
+    for g in _graphs(model.graph):
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+
+
+def _write_external(out, path, data_name, sources):
+    data_path = os.path.join(os.path.dirname(path), data_name)
+    written = {}
+    with open(data_path, "wb") as data:
+        fd = data.fileno()
+        end = 0
+        for g in _graphs(out.graph):
+            for t in g.initializer:
+                n = W.tensor_nbytes(t)
+                if n < W.INLINE_BYTES:
+                    if _is_ref(t):
+                        _inline(t)
+                    continue
+                ref = W.external_ref(t) if _is_ref(t) else None
+                key = (ref[0], ref[1], n) if ref else None
+                if key is not None and key in written:
+                    W.set_external(t, data_name, written[key], n)
+                    continue
+                align = W.ALIGN_LARGE if n >= (1 << 20) else W.ALIGN_SMALL
+                off = -(-end // align) * align
+                if ref:
+                    _copy_region(sources, ref[0], ref[1], n, fd, off)
+                    written[key] = off
+                else:
+                    raw = _raw_bytes(t)
+                    os.pwrite(fd, raw, off)
+                    n = len(raw)
+                W.set_external(t, data_name, off, n)
+                end = off + n
+        os.ftruncate(fd, end)
+    with open(path, "wb") as f:
+        f.write(out.SerializeToString())
+
+
+def _write_single(out, path, sources):
+    """One protobuf: the graph without its initializers, then every main-graph initializer as its
+    own field entry, in order; a referenced one is its header followed by its bytes, copied from
+    their file (protobuf reads repeated fields in the order they appear, wherever they are)."""
+    main = out.graph
+    for g in list(_graphs(main))[1:]:
+        for t in g.initializer:
+            if _is_ref(t):
+                _inline(t)
+    entries = []  # (prefix bytes, (loc, off, n) or None)
+    for t in main.initializer:
+        if _is_ref(t):
+            loc, off, n = W.external_ref(t)
+            head = onnx.TensorProto()
+            head.CopyFrom(t)
+            del head.external_data[:]
+            head.ClearField("data_location")
+            hb = head.SerializeToString()
+            raw_hdr = W._key(9, 2) + W._enc_varint(n)
+            entry_len = len(hb) + len(raw_hdr) + n
+            entries.append((W._key(5, 2) + W._enc_varint(entry_len) + hb + raw_hdr, (loc, off, n)))
+        else:
+            tb = t.SerializeToString()
+            entries.append((W._key(5, 2) + W._enc_varint(len(tb)) + tb, None))
+    del main.initializer[:]
+    graph_bytes = main.SerializeToString()
+    graph_len = len(graph_bytes) + sum(len(h) + (r[2] if r else 0) for h, r in entries)
+    out.ClearField("graph")
+    model_bytes = out.SerializeToString()
+    with open(path, "wb") as f:
+        f.write(model_bytes + W._key(7, 2) + W._enc_varint(graph_len) + graph_bytes)
+        f.flush()
+        fd = f.fileno()
+        pos = f.tell()
+        for h, ref in entries:
+            os.pwrite(fd, h, pos)
+            pos += len(h)
+            if ref:
+                _copy_region(sources, ref[0], ref[1], ref[2], fd, pos)
+                pos += ref[2]
+        os.ftruncate(fd, pos)
+
+
+def copy_model_files(in_path: str, out_path: str) -> str:
+    """A byte-identical copy of a model and the external-data files it names, written atomically
+    (used when no pass changed anything)."""
+    loaded = load_model(in_path)
+    base = os.path.dirname(os.path.abspath(in_path))
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    files = sorted({W.external_ref(t)[0] for t in W.iter_tensors(loaded.model)
+                    if W.external_ref(t) is not None and W.external_ref(t)[0] != os.path.abspath(in_path)})
+    tmp = tempfile.mkdtemp(prefix=".normopt-", dir=out_dir)
+    try:
+        moves = []
+        for src in files:
+            rel = os.path.relpath(src, base)
+            dst = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(src, dst)
+            moves.append((dst, os.path.join(out_dir, rel)))
+        staged = os.path.join(tmp, os.path.basename(out_path))
+        shutil.copyfile(in_path, staged)
+        for src, dst in moves:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        os.replace(staged, os.path.abspath(out_path))
+    except OSError as exc:
+        raise NormoptError(f"cannot write {out_path}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.abspath(out_path)

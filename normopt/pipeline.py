@@ -8,6 +8,7 @@ matched, applied and declined, the node counts by op type before and after, and 
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +38,8 @@ class Context:
     tune: bool = True  # decide emission forms by timing them on the provider (False: fixed defaults)
     notes: list = field(default_factory=list)
     state: dict = field(default_factory=dict)  # what one pass leaves for a later one, by node name
+    threads: int | None = None  # intra-op threads the tuning micro-benchmarks run with (the deployment's)
+    shapes: dict = field(default_factory=dict)  # --shape values: dynamic dims are tuned at these sizes
 
 
 MAX_ROUNDS = 8
@@ -74,6 +77,7 @@ class PassReport:
     ops_before: dict
     ops_after: dict
     seconds: float
+    error: str | None = None  # "internal error in <pass>: ..." when the pass raised (its changes dropped)
 
     def summary(self) -> str:
         delta = []
@@ -84,6 +88,8 @@ class PassReport:
         s = f"{self.name:<22} matched {len(self.matched):>3}  applied {self.applied:>3}  declined {len(self.declined):>3}  {self.seconds*1000:7.1f} ms"
         if delta:
             s += "  [" + ", ".join(delta) + "]"
+        if self.error:
+            s += "  FAILED"
         return s
 
 
@@ -94,10 +100,12 @@ class Report:
     verification: dict | None = None
     changed_values: list = field(default_factory=list)  # tensors whose values passes changed on purpose
     beta_folded: int = 0  # LN betas ln_to_rms folded into linear readers (the beta A/B needs it)
+    errors: list = field(default_factory=list)  # "internal error in <pass>: ..." (changes dropped, run went on)
 
     def to_dict(self) -> dict:
         return {
             "passes": [asdict(p) for p in self.passes],
+            "errors": list(self.errors),
             "notes": list(self.notes),
             "verification": self.verification,
             "changed_values": list(self.changed_values),
@@ -116,50 +124,82 @@ class Pipeline:
     def names(self):
         return [p.name for p in self.passes]
 
-    def run_graph(self, graph: gs.Graph, ctx: Context, report: Report, on_analysis=None) -> gs.Graph:
-        """Run every pass; on_analysis(pass, analysis), if given, sees each analysis before apply."""
-        for p in self.passes:
+    def run_graph(self, graph: gs.Graph, ctx: Context, report: Report, on_analysis=None, progress=None) -> gs.Graph:
+        """Run every pass; on_analysis(pass, analysis), if given, sees each analysis before apply;
+        progress(message) hears each pass start and end.
+
+        A pass that raises never ends the run: the graph and the pass state go back to what
+        they were before the pass (a snapshot of the skeleton: structure only, weights by
+        reference), the report records ``internal error in <pass>: <message>``, and the next
+        pass runs."""
+        for i, p in enumerate(self.passes, 1):
+            if progress:
+                progress(f"pass {i}/{len(self.passes)} {p.name} ...")
             t0 = time.perf_counter()
             before = G.op_counts(graph)
-            analysis = p.analyze(graph, ctx)
-            if on_analysis is not None:
-                on_analysis(p, analysis)
-            applied = 0
-            matched = list(analysis.matches)
-            for _ in range(MAX_ROUNDS if p.repeat else 1):
-                if not analysis.matches:
-                    break
-                done = p.apply(graph, analysis.matches, ctx) or 0
-                graph = G.refresh(graph)
-                applied += done
-                if not p.repeat or done == 0:
-                    break
-                analysis = p.analyze(graph, ctx)
-                matched += analysis.matches
-            report.passes.append(
-                PassReport(
-                    name=p.name,
-                    description=p.description,
-                    matched=[describe(m) for m in matched],
-                    applied=int(applied),
-                    declined=[asdict(d) for d in analysis.declined],
-                    ops_before=before,
-                    ops_after=G.op_counts(graph),
-                    seconds=time.perf_counter() - t0,
-                )
-            )
+            snapshot, state = G.snapshot(graph), copy.deepcopy(ctx.state)
+            notes_before = len(ctx.notes)
+            try:
+                graph, pr = self._run_pass(p, graph, ctx, on_analysis)
+            except Exception as exc:
+                graph = G.restore(snapshot)
+                ctx.state.clear()
+                ctx.state.update(state)
+                del ctx.notes[notes_before:]
+                msg = f"internal error in {p.name}: {type(exc).__name__}: {_one_line(exc)}; its changes were dropped"
+                report.errors.append(msg)
+                pr = PassReport(p.name, p.description, [], 0, [], before, before, 0.0, error=msg)
+            pr.ops_before = before
+            pr.ops_after = G.op_counts(graph)
+            pr.seconds = time.perf_counter() - t0
+            report.passes.append(pr)
+            if progress:
+                progress(f"pass {i}/{len(self.passes)} {p.name}: applied {pr.applied} in {pr.seconds:.1f} s"
+                         + (" (FAILED, changes dropped)" if pr.error else ""))
         return graph
 
-    def run(self, model: onnx.ModelProto, ctx: Context | None = None) -> tuple[onnx.ModelProto, Report]:
+    def _run_pass(self, p, graph, ctx, on_analysis):
+        analysis = p.analyze(graph, ctx)
+        if on_analysis is not None:
+            on_analysis(p, analysis)
+        applied = 0
+        matched = list(analysis.matches)
+        for _ in range(MAX_ROUNDS if p.repeat else 1):
+            if not analysis.matches:
+                break
+            done = p.apply(graph, analysis.matches, ctx) or 0
+            graph = G.refresh(graph)
+            applied += done
+            if not p.repeat or done == 0:
+                break
+            analysis = p.analyze(graph, ctx)
+            matched += analysis.matches
+        return graph, PassReport(
+            name=p.name,
+            description=p.description,
+            matched=[describe(m) for m in matched],
+            applied=int(applied),
+            declined=[asdict(d) for d in analysis.declined],
+            ops_before={},
+            ops_after={},
+            seconds=0.0,
+        )
+
+    def run(self, model: onnx.ModelProto, ctx: Context | None = None, progress=None) -> tuple[onnx.ModelProto, Report]:
         ctx = ctx or Context()
         report = Report()
         graph = G.to_graph(model)
-        graph = self.run_graph(graph, ctx, report)
+        graph = self.run_graph(graph, ctx, report, progress=progress)
         out = G.to_model(graph, model)
         report.notes.extend(ctx.notes)
         report.changed_values = sorted(ctx.state.get(CHANGED, ()))
         report.beta_folded = ctx.state.get("beta_folded", 0)
         return out, report
+
+
+def _one_line(exc) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def describe(match) -> str:

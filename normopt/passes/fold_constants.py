@@ -1,32 +1,134 @@
-"""fold_constants: evaluate subgraphs whose inputs are all known.
+"""fold_constants: evaluate nodes whose inputs are all known.
 
-Identity: a node whose inputs are constants computes a constant; Shape of a tensor whose
-shape is static is a constant. Folding Shape/Gather/Concat chains built from static shapes,
-Add(eps)->Sqrt on constants, and Identity on initializers lets later passes see plain
-constants (Unified Norm's TorchScript export needs this; see normopt-math.md section 2).
+Identity: a node whose inputs are constants computes a constant; Shape (and Size) of a tensor
+whose shape is static is a constant. Folding Shape/Gather/Concat chains built from static
+shapes, Add(eps)->Sqrt on constants, Reshape/Identity of weights and Constant nodes lets later
+passes see plain constants (Unified Norm's TorchScript export, Paddle's Constant -> Identity ->
+Reshape weights; see normopt-math.md section 2).
 
-Preconditions: none beyond ONNX semantics. The evaluation is onnx-graphsurgeon's
-``fold_constants`` (it runs the constant subgraph with ONNX Runtime). Tensors larger than
-``SIZE_LIMIT`` bytes are not materialized, so folding never blows up model size.
+Preconditions, per node (a node that fails one is left to run as it is):
+  - the default ONNX domain, no subgraph attribute, not control flow (If/Loop/Scan: a constant
+    condition is left to ONNX Runtime rather than inlined);
+  - deterministic (no Random*, Multinomial, Bernoulli);
+  - not a quantization op (DequantizeLinear of int8 weights stays: folding it would turn a
+    quantized model into a float one);
+  - the output is at most ``MAX_BYTES``, except Identity/Reshape/Squeeze/Unsqueeze/Flatten of a
+    weight, which become the same bytes under a new shape (no copy);
+  - the output is not a graph output (its name must keep a producer).
+Evaluation is ONNX's reference implementation (onnx.reference), node by node in topological
+order, so a chain folds in one sweep.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .. import graph as G
+from .. import weights as W
 from ..pipeline import Analysis, Pass
 
-SIZE_LIMIT = 64 * 1024 * 1024
+MAX_BYTES = 1 << 20  # larger computed results stay computed (ONNX Runtime folds them at load)
+NEVER = {
+    "If", "Loop", "Scan", "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal",
+    "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Constant",
+}
+ALIASING = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}  # same bytes, new shape
 
 
-def _foldable(node) -> bool:
-    if node.op in ("Constant",):
+def _inputs(node):
+    return [t for t in node.inputs if t is not None and t.name]
+
+
+def _nbytes(t) -> int:
+    info = G.const_info(t)
+    if info is None or info[1] is None:
+        return 0
+    return int(np.prod(info[0])) * np.dtype(info[1]).itemsize if info[0] else np.dtype(info[1]).itemsize
+
+
+def _foldable(graph, node) -> bool:
+    if (node.domain or "") not in ("", "ai.onnx") or node.op in NEVER:
         return False
-    if node.op == "Shape":
-        return G.shape(node.inputs[0]) is not None and all(isinstance(d, int) for d in G.shape(node.inputs[0]))
-    ins = [t for t in node.inputs if t is not None and t.name]
-    return bool(ins) and all(G.const_value(t) is not None for t in ins)
+    if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+        return False
+    if any(G.is_graph_output(graph, o) for o in node.outputs) or len(node.outputs) != 1:
+        return False
+    if node.op in ("Shape", "Size"):
+        s = G.shape(node.inputs[0])
+        return s is not None and all(isinstance(d, int) and d >= 0 for d in s)
+    if _partial_shape(node) is not None:
+        return True
+    ins = _inputs(node)
+    if not ins or any(G.const_value(t) is None for t in ins):
+        return False
+    if node.op in ALIASING and isinstance(ins[0], gs.Constant) and isinstance(ins[0]._values, W.RefValues):
+        return True
+    return sum(_nbytes(t) for t in ins) <= 4 * MAX_BYTES
+
+
+def _partial_shape(node):
+    """Gather(Shape(x), idx) or Slice(Shape(x), ...) that selects only static dims of x: the dims
+    as an int64 array (the rest of x's shape may be dynamic)."""
+    if node.op not in ("Gather", "Slice") or not node.inputs:
+        return None
+    src = G.producer(node.inputs[0])
+    if src is None or src.op != "Shape" or not src.inputs:
+        return None
+    dims = G.shape(src.inputs[0])
+    if dims is None:
+        return None
+    start, end = int(src.attrs.get("start", 0)), src.attrs.get("end")
+    dims = dims[start:None if end is None else int(end)]
+    idx = np.arange(len(dims))
+    try:
+        if node.op == "Gather":
+            which = G.const_value(node.inputs[1])
+            if which is None or int(node.attrs.get("axis", 0)) != 0:
+                return None
+            sel = idx[np.asarray(which, np.int64)]
+        else:
+            args = [G.const_value(t) if t is not None and t.name else None for t in node.inputs[1:]]
+            if any(a is None for a, t in zip(args, node.inputs[1:]) if t is not None and t.name):
+                return None
+            starts, ends = args[0], args[1]
+            axes = args[2] if len(args) > 2 else None
+            steps = args[3] if len(args) > 3 else None
+            if axes is not None and [int(a) for a in np.asarray(axes).reshape(-1)] not in ([0], [-1]):
+                return None
+            step = int(np.asarray(steps).reshape(-1)[0]) if steps is not None else 1
+            sel = idx[int(np.asarray(starts).reshape(-1)[0]):int(np.asarray(ends).reshape(-1)[0]):step]
+    except (IndexError, ValueError, TypeError):
+        return None
+    picked = np.asarray([dims[i] for i in np.asarray(sel).reshape(-1)], dtype=object).reshape(np.shape(sel))
+    if not all(isinstance(d, int) and d >= 0 for d in picked.reshape(-1)):
+        return None
+    return picked.astype(np.int64)
+
+
+def _constant_nodes(graph):
+    """Constant nodes whose value can become an initializer of the same name."""
+    for node in graph.nodes:
+        if node.op == "Constant" and len(node.outputs) == 1 and not G.is_graph_output(graph, node.outputs[0]):
+            if G.const_value(node.outputs[0]) is not None:
+                yield node
+
+
+def _evaluate(node, values, opset):
+    from onnx.reference import ReferenceEvaluator
+
+    proto = OnnxExporter.export_node(node)
+    names = [t.name for t in node.inputs]
+    del proto.input[:]
+    proto.input.extend(names)
+    feeds = {t.name: v for t, v in zip(node.inputs, values) if t is not None and t.name}
+    ins = [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in feeds.items()]
+    outs = [onnx.helper.make_empty_tensor_value_info(o) for o in proto.output]
+    g = onnx.helper.make_graph([proto], "fold", ins, outs)
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    return ReferenceEvaluator(m).run(None, feeds)[0]
 
 
 class FoldConstants(Pass):
@@ -35,24 +137,72 @@ class FoldConstants(Pass):
     description = "fold constant subgraphs and static-shape Shape/Gather/Concat chains (canonicalization)"
 
     def analyze(self, graph, ctx):
-        matches = [n for n in graph.nodes if _foldable(n)]
-        return Analysis(matches=[f"{n.op} '{n.name}'" for n in matches] or (["shape chains"] if any(n.op == "Shape" for n in graph.nodes) else []))
+        matches = [n for n in graph.nodes if _foldable(graph, n)]
+        matches += list(_constant_nodes(graph))
+        return Analysis(matches=matches)
 
     def apply(self, graph, matches, ctx):
-        before = len(graph.nodes)
-        try:
-            graph.fold_constants(fold_shapes=True, size_threshold=SIZE_LIMIT, error_ok=True)
-        except Exception as exc:  # folding is an optimization; never fail the pipeline on it
-            ctx.notes.append(f"fold_constants: skipped ({type(exc).__name__}: {exc})")
-            return 0
+        opset = graph.opset or 17
+        n = 0
+        for node in list(_constant_nodes(graph)):  # Constant nodes become initializers
+            out = node.outputs[0]
+            G.replace_uses(out, _constant(out.name, G.const_value(out)))
+            node.outputs.clear()
+            n += 1
+        for node in list(graph.nodes):  # topological: a chain folds in this one sweep
+            if not node.outputs or not _foldable(graph, node):
+                continue
+            out = node.outputs[0]
+            try:
+                value = self._value(node, opset)
+            except Exception:
+                continue  # not evaluable here: ONNX Runtime computes it at run time
+            if value is None:
+                continue
+            G.replace_uses(out, value if isinstance(value, gs.Constant) else _constant(out.name, value))
+            node.outputs.clear()
+            node.inputs.clear()
+            n += 1
         graph.cleanup(remove_unused_graph_inputs=False)
-        # a Constant node folded into an initializer keeps its value; turn the rest into initializers
-        for node in list(graph.nodes):
-            if node.op == "Constant" and len(node.outputs) == 1:
-                val = G.const_value(node.outputs[0])
-                out = node.outputs[0]
-                if val is not None and not G.is_graph_output(graph, out):
-                    G.replace_uses(out, gs.Constant(out.name, val))
-                    node.outputs.clear()
-        graph.cleanup(remove_unused_graph_inputs=False)
-        return max(0, before - len(graph.nodes))
+        return n
+
+    @staticmethod
+    def _value(node, opset):
+        if node.op in ("Shape", "Size"):
+            s = G.shape(node.inputs[0])
+            if node.op == "Size":
+                return np.asarray(int(np.prod(s)), np.int64)
+            start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
+            return np.asarray(s[start:end if end is None else int(end)], np.int64)
+        part = _partial_shape(node)
+        if part is not None:
+            return part
+        ins = node.inputs
+        src = ins[0]
+        if node.op in ALIASING and isinstance(src, gs.Constant) and isinstance(src._values, W.RefValues):
+            # the same bytes under the output's static shape
+            out_shape = G.shape(node.outputs[0])
+            if out_shape is None or not all(isinstance(d, int) for d in out_shape):
+                return None
+            ref = src._values
+            t = onnx.TensorProto()
+            t.CopyFrom(ref.tensor)
+            t.name = node.outputs[0].name
+            del t.dims[:]
+            t.dims.extend(out_shape)
+            return gs.Constant(t.name, W.RefValues(t))
+        values = [G.const_value(t) if t is not None and t.name else None for t in ins]
+        out = np.asarray(_evaluate(node, values, opset))
+        if out.nbytes > MAX_BYTES:
+            return None
+        return out
+
+
+def _constant(name, value):
+    return gs.Constant(name, _contiguous(value))
+
+
+def _contiguous(value) -> np.ndarray:
+    """A C-contiguous array of the same shape (np.ascontiguousarray would make a 0-d array 1-d)."""
+    value = np.asarray(value)
+    return value if value.flags["C_CONTIGUOUS"] else value.copy(order="C")

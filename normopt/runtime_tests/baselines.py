@@ -39,9 +39,27 @@ def infer_model_type(model: onnx.ModelProto) -> str:
     return "bert"
 
 
-def ort_transformers(model: onnx.ModelProto, model_type: str | None = None, num_heads: int = 0, hidden_size: int = 0) -> onnx.ModelProto:
+def _full(model) -> onnx.ModelProto:
+    """A self-contained in-memory model for a peer tool: a path is loaded with its external data;
+    a skeleton (weights referenced by normopt) is written out and loaded back."""
+    if isinstance(model, str):
+        return onnx.load(model)
+    from ..weights import external_ref, iter_tensors
+
+    if not any(external_ref(t) is not None for t in iter_tensors(model)):
+        return model
+    from ..io import write_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "in.onnx")
+        write_model(model, path, external=True)
+        return onnx.load(path)
+
+
+def ort_transformers(model, model_type: str | None = None, num_heads: int = 0, hidden_size: int = 0) -> onnx.ModelProto:
     from onnxruntime.transformers import optimizer
 
+    model = _full(model)
     with tempfile.TemporaryDirectory() as tmp:  # the optimizer reads a path for large models
         path = os.path.join(tmp, "in.onnx")
         onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 2**31 - 1)
@@ -50,11 +68,12 @@ def ort_transformers(model: onnx.ModelProto, model_type: str | None = None, num_
         return out.model
 
 
-def onnxscript_fusions(model: onnx.ModelProto) -> onnx.ModelProto:
+def onnxscript_fusions(model) -> onnx.ModelProto:
     import onnx_ir as ir
     from onnxscript import optimizer
     from onnxscript.rewriter import ort_fusions
 
+    model = _full(model)
     folded = optimizer.optimize(model)
     irm = ir.from_proto(folded)
     irm, _ = ort_fusions.optimize_for_ort(irm)

@@ -168,7 +168,10 @@ def make_feeds(model: onnx.ModelProto, seed: int, opts: InputOptions | None = No
         if np.issubdtype(spec.dtype, np.floating):
             feeds[spec.name] = rng.standard_normal(shp).astype(spec.dtype)
         elif spec.dtype == np.bool_:
-            feeds[spec.name] = rng.integers(0, 2, shp).astype(np.bool_)
+            if int(np.prod(shp)) == 1:  # a flag (an If condition such as use_cache_branch): both values across seeds
+                feeds[spec.name] = np.full(shp, seed % 2 == 0, np.bool_)
+            else:
+                feeds[spec.name] = rng.integers(0, 2, shp).astype(np.bool_)
         elif np.issubdtype(spec.dtype, np.integer):
             if spec.name in opts.int_ranges:
                 lo, hi = opts.int_ranges[spec.name]
@@ -187,3 +190,26 @@ def make_feeds(model: onnx.ModelProto, seed: int, opts: InputOptions | None = No
         else:
             raise NormoptError(f"input '{spec.name}' has unsupported dtype {spec.dtype}")
     return feeds
+
+
+# stress inputs: a per-token offset (constant along the last axis, so a LayerNorm ignores it) and
+# a scale, large for the dtype; a rewrite that gets a mean or a scale wrong shows there
+STRESS = ("offset", "scale")
+_STRESS_SIZE = {"offset": {2: 4.0, 4: 50.0, 8: 50.0}, "scale": {2: 16.0, 4: 1000.0, 8: 1000.0}}
+
+
+def stress_feeds(feeds: dict, kind: str, seed: int) -> dict:
+    rng = np.random.default_rng(10_000 + seed)
+    out = {}
+    for name, v in feeds.items():
+        if not np.issubdtype(v.dtype, np.floating) or v.ndim == 0:
+            out[name] = v
+            continue
+        size = _STRESS_SIZE[kind].get(v.dtype.itemsize, _STRESS_SIZE[kind][4])
+        x = v.astype(np.float64)
+        if kind == "offset":
+            x = x + size * rng.standard_normal(v.shape[:-1] + (1,))
+        else:
+            x = x * size
+        out[name] = x.astype(v.dtype)
+    return out

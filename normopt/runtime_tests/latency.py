@@ -151,7 +151,9 @@ def bench(
     spin: bool = False,
 ) -> BenchResult:
     """models: list of (label, path or ModelProto). progress(i, total) is called per round."""
-    protos = [m if isinstance(m, onnx.ModelProto) else onnx.load_model(m, load_external_data=False) for _, m in models]
+    from ..weights import read_skeleton
+
+    protos = [m if isinstance(m, onnx.ModelProto) else read_skeleton(m) for _, m in models]
     feeds = make_feeds(protos[0], 0, input_opts)
     runners = [_Runner(make_session(m, provider, level, threads, spin=spin), feeds, provider) for _, m in models]
     for r in runners:
@@ -170,7 +172,7 @@ def bench(
     for i, (label, m) in enumerate(models):
         t = np.asarray(times[i])
         ratio, lo, hi = (1.0, 1.0, 1.0) if i == 0 else bootstrap_ratio(base, t)
-        full = m if isinstance(m, onnx.ModelProto) else onnx.load_model(m)
+        full = protos[i]
         out.append(
             ModelTiming(
                 label=label,

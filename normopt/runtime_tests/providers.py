@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import onnx
 import onnxruntime as ort
 
@@ -53,12 +56,27 @@ def make_session(model, provider="cpu", level="all", threads: int | None = None,
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     name = "<in-memory model>" if isinstance(model, onnx.ModelProto) else model
     try:
+        if isinstance(model, onnx.ModelProto) and _needs_file(model):
+            # a skeleton (weights referenced by absolute path) or a model over 2 GB: ONNX Runtime
+            # reads it from files; the temporary copy can go once the session holds the weights
+            from ..io import write_model
+
+            with tempfile.TemporaryDirectory(prefix="normopt-session-") as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                write_model(model, path, external=True)
+                return ort.InferenceSession(path, sess_options=so, providers=providers_for(provider))
+        src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
         return ort.InferenceSession(src, sess_options=so, providers=providers_for(provider))
     except NormoptError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SessionError(f"{name}: ONNX Runtime cannot load the model: {first[:300]}") from None
+
+
+def _needs_file(model: onnx.ModelProto) -> bool:
+    from .. import weights as W
+
+    return any(W.external_ref(t) is not None for t in W.iter_tensors(model)) or model.ByteSize() > 2**31 - 1
