@@ -189,3 +189,30 @@ def backward_axis(node, out_axis, ops=CENTERING_OPS):
                 return [(i, a)]
         return None
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# per-axis constants
+
+
+def per_axis(value, data):
+    """How a constant `value` that meets `data` in a broadcasting op varies, checked against the
+    data's static shape: (None, scalar) when it is one number; (axis, vector) when it varies along
+    exactly one axis of the data, and the data is not broadcast along that axis (its static dim
+    there equals the vector's length); None otherwise (several axes, the data's dim unknown or 1,
+    a constant of higher rank than the data). A [N, 1] constant with N == d is per-token, not
+    per-channel: it varies along axis -2."""
+    v = np.asarray(value)
+    r = G.rank(data)
+    if r is None or v.ndim > r:
+        return None
+    if v.size == 1:
+        return (None, v.reshape(()))
+    shape = (1,) * (r - v.ndim) + v.shape
+    axes = [i for i, s in enumerate(shape) if s != 1]
+    if len(axes) != 1:
+        return None
+    axis = axes[0]
+    if G.static_dim(data, axis) != shape[axis]:
+        return None
+    return axis, v.reshape(-1)

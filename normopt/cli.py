@@ -55,8 +55,8 @@ def _parse_shapes(values) -> dict:
             dims = tuple(int(x) for x in s.lower().split("x"))
         except ValueError:
             raise NormoptError(f"--shape {v}: '{s}' is not a shape like 1x128") from None
-        if any(d <= 0 for d in dims):
-            raise NormoptError(f"--shape {v}: dimensions must be positive")
+        if any(d < 0 for d in dims):
+            raise NormoptError(f"--shape {v}: dimensions must not be negative")
         shapes[k] = dims
     return shapes
 

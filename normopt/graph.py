@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import itertools
 import os
 import tempfile
@@ -82,6 +83,76 @@ def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelPro
     if model.ByteSize() > TWO_GB:  # an in-memory model with its weights: infer on its skeleton
         return model
     contrib = any(n.domain == "com.microsoft" or n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS for n in model.graph.node)
+    if any(True for _ in _subgraph_protos(model.graph)):
+        return _infer_with_subgraphs(model, symbolic, contrib)
+    return _infer(model, symbolic, contrib)
+
+
+def _infer_with_subgraphs(model, symbolic, contrib):
+    """ONNX's inference scopes subgraphs correctly but resolves fewer dims; ORT's symbolic
+    inference keeps one name table for all graphs (sibling If branches may reuse names, as
+    Optimum's merged decoder does) and trips on untyped branch outputs. So: ONNX's inference on
+    the whole model, then each branch refined by inference on it as a model of its own, its
+    outer-scope reads as typed inputs (nested branches recurse the same way)."""
+    base = _infer(model, False, contrib)
+    if symbolic:
+        opsets = list(base.opset_import)
+        _refine_branches(base.graph, _types(base.graph, {}), {t.name: t for t in base.graph.initializer}, opsets, contrib)
+    return base
+
+
+def _types(graph, outer: dict) -> dict:
+    types = dict(outer)
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if vi.type.WhichOneof("value"):
+            types[vi.name] = vi
+    for t in graph.initializer:
+        types[t.name] = onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    return types
+
+
+def _refine_branches(graph, types: dict, inits: dict, opsets, contrib) -> None:
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                if node.op_type != "If":
+                    continue  # Loop/Scan bodies have iteration inputs; ONNX's shapes stand
+                local = {i.name for i in sub.input} | {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
+                refs = [n for n in dict.fromkeys(_referenced(sub)) if n and n not in local]
+                if any(n not in types and n not in inits for n in refs):
+                    continue
+                g = onnx.helper.make_graph(list(sub.node), sub.name or "branch",
+                                           [types[n] for n in refs if n not in inits],
+                                           [o if o.type.WhichOneof("value") else onnx.helper.make_empty_tensor_value_info(o.name) for o in sub.output],
+                                           list(sub.initializer) + [inits[n] for n in refs if n in inits])
+                standalone = onnx.helper.make_model(g, opset_imports=opsets)
+                try:
+                    inferred = infer_shapes(standalone)
+                except Exception:
+                    continue
+                if inferred is standalone:
+                    continue
+                del sub.node[:]
+                sub.node.extend(inferred.graph.node)
+                del sub.value_info[:]
+                sub.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in local)
+                outs = {o.name: o for o in inferred.graph.output}
+                for o in sub.output:
+                    if o.name in outs and outs[o.name].type.WhichOneof("value"):
+                        o.type.CopyFrom(outs[o.name].type)
+
+
+def _referenced(graph):
+    for n in graph.node:
+        yield from n.input
+        for attr in n.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _referenced(g)
+    for o in graph.output:
+        yield o.name
+
+
+def _infer(model, symbolic, contrib):
     if symbolic:
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -96,6 +167,56 @@ def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelPro
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         return model
+
+
+_SUFFIX = "__normopt_g"
+
+
+def _unique_subgraph_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model where every name a subgraph defines (its inputs, node outputs and
+    initializers) carries a per-subgraph suffix, and every reference resolves lexically."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    counter = itertools.count()
+
+    def visit(graph, outer: dict):
+        for node in graph.node:
+            for attr in node.attribute:
+                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    k = next(counter)
+                    local = {n: f"{n}{_SUFFIX}{k}" for n in [i.name for i in g.input] + [t.name for t in g.initializer]
+                             + [o for nd in g.node for o in nd.output] if n}
+                    env = {**outer, **local}
+                    for vi in list(g.input) + list(g.output) + list(g.value_info):
+                        vi.name = env.get(vi.name, vi.name)
+                    for t in g.initializer:
+                        t.name = env.get(t.name, t.name)
+                    for nd in g.node:
+                        for i, n in enumerate(nd.input):
+                            nd.input[i] = env.get(n, n)
+                        for i, n in enumerate(nd.output):
+                            nd.output[i] = env.get(n, n)
+                    visit(g, env)
+
+    visit(out.graph, {})
+    return out
+
+
+def _restore_subgraph_names(model: onnx.ModelProto) -> None:
+    def base(n):
+        i = n.rfind(_SUFFIX)
+        return n[:i] if i >= 0 and n[i + len(_SUFFIX):].isdigit() else n
+
+    for g in _subgraph_protos(model.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            vi.name = base(vi.name)
+        for t in g.initializer:
+            t.name = base(t.name)
+        for nd in g.node:
+            for i, n in enumerate(nd.input):
+                nd.input[i] = base(n)
+            for i, n in enumerate(nd.output):
+                nd.output[i] = base(n)
 
 
 @contextlib.contextmanager
@@ -117,6 +238,10 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
     graph, once."""
     model = gs.export_onnx(graph, do_type_check=False)
     _hoist_subgraph_initializers(model)
+    for g in _subgraph_protos(model.graph):
+        # shapes graphsurgeon writes into branches are stale after a rewrite (and ORT rejects a
+        # branch whose value_info disagrees with the outer graph): inference derives them again
+        del g.value_info[:]
     return model
 
 
@@ -178,6 +303,7 @@ def restore(model: onnx.ModelProto) -> gs.Graph:
 
 
 def _subgraph_protos(graph_proto):
+    """Every subgraph, depth first, in node and attribute order."""
     for node in graph_proto.node:
         for attr in node.attribute:
             if attr.HasField("g"):
@@ -196,56 +322,68 @@ def _same_tensor(a, b) -> bool:
 
 
 def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
+    """graphsurgeon exports an outer initializer into every subgraph that reads it. Put each one
+    back in the main graph once, but only where its name means that one tensor everywhere in the
+    model (sibling branches may define the same name differently: those stay where they are)."""
     main = model.graph
     subs = list(_subgraph_protos(main))
     if not subs:
         return
-    names_main = {i.name for i in main.input} | {o for n in main.node for o in n.output}
-    main_inits = {i.name: i for i in main.initializer}
-    defined_in_subs = collections.Counter()
-    for g in subs:  # names a subgraph defines itself (inputs, node outputs): hoisting must not shadow them
-        defined_in_subs.update(i.name for i in g.input)
-        defined_in_subs.update(o for n in g.node for o in n.output)
+    other_defs = collections.Counter()  # definitions that are not initializers
+    inits = collections.defaultdict(list)  # name -> [(graph, TensorProto)]
+    for g in [main] + subs:
+        other_defs.update(i.name for i in g.input)
+        other_defs.update(o for n in g.node for o in n.output)
+        for t in g.initializer:
+            inits[t.name].append((g, t))
+    hoist = set()
+    for name, defs in inits.items():
+        if other_defs[name] or not any(g is not main for g, _ in defs):
+            continue
+        first = defs[0][1]
+        if all(_same_tensor(first, t) for _, t in defs[1:]):
+            hoist.add(name)
+    if not hoist:
+        return
+    have = {t.name for t in main.initializer}
+    for name in sorted(hoist):
+        if name not in have:
+            main.initializer.add().CopyFrom(next(t for g, t in inits[name] if g is not main))
     for g in subs:
-        keep = []
-        for init in g.initializer:
-            name = init.name
-            if name in names_main or defined_in_subs[name]:
-                keep.append(init)
-                continue
-            if name in main_inits:
-                if not _same_tensor(main_inits[name], init):
-                    keep.append(init)
-                continue  # the same tensor is already in the main graph
-            new = main.initializer.add()
-            new.CopyFrom(init)
-            main_inits[name] = new
-        if len(keep) != len(g.initializer):
-            kept = [onnx.TensorProto() for _ in keep]
-            for k, t in zip(kept, keep):
-                k.CopyFrom(t)
+        if any(t.name in hoist for t in g.initializer):
+            kept = []
+            for t in g.initializer:
+                if t.name not in hoist:
+                    k = onnx.TensorProto()
+                    k.CopyFrom(t)
+                    kept.append(k)
             del g.initializer[:]
             g.initializer.extend(kept)
 
 
 def refresh(graph: gs.Graph) -> gs.Graph:
     """After a pass: clean up, sort, and re-infer every value's shape on the skeleton. The graph
-    objects stay the same (no re-import); shapes that inference no longer gives are dropped."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    for sub in graph.subgraphs(recursive=True):
-        sub.cleanup(remove_unused_graph_inputs=False).toposort()
+    objects stay the same (no re-import); shapes that inference no longer gives are dropped.
+    Shapes map graph by graph: sibling If branches may use the same value names."""
+    for g in all_graphs(graph):
+        g.cleanup(remove_unused_graph_inputs=False).toposort()
     model = export(graph)
     inferred = infer_shapes(model)
-    infos = {}
-    for g in [inferred.graph, *_subgraph_protos(inferred.graph)]:
-        for vi in list(g.value_info) + list(g.output) + list(g.input):
+    gs_graphs = list(_ordered_graphs(graph))
+    pb_graphs = [inferred.graph, *_subgraph_protos(inferred.graph)]
+    if len(gs_graphs) != len(pb_graphs):  # should not happen; never guess across graphs
+        pb_graphs = [inferred.graph]
+        gs_graphs = [graph]
+    for g, pg in zip(gs_graphs, pb_graphs):
+        infos = {}
+        for vi in list(pg.value_info) + list(pg.output) + list(pg.input):
             if vi.type.HasField("tensor_type"):
                 infos[vi.name] = vi.type.tensor_type
-    for g in all_graphs(graph):
         io_names = {t.name for t in g.inputs}
+        mine = {id(o) for n in g.nodes for o in n.outputs} | {id(o) for o in g.outputs}
         for t in g.tensors().values():
-            if not isinstance(t, gs.Variable) or t.name in io_names:
-                continue
+            if not isinstance(t, gs.Variable) or t.name in io_names or id(t) not in mine:
+                continue  # outer values keep the shapes their own graph gives them
             tt = infos.get(t.name)
             if tt is None:
                 t.shape = None
@@ -254,6 +392,16 @@ def refresh(graph: gs.Graph) -> gs.Graph:
                 t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
             t.shape = [_dim(d) for d in tt.shape.dim] if tt.HasField("shape") else None
     return graph
+
+
+def _ordered_graphs(graph: gs.Graph):
+    """The graph and its subgraphs in the order _subgraph_protos walks the exported model."""
+    yield graph
+    for node in graph.nodes:
+        for v in node.attrs.values():
+            subs = [v] if isinstance(v, gs.Graph) else [x for x in v if isinstance(x, gs.Graph)] if isinstance(v, (list, tuple)) else []
+            for sub in subs:
+                yield from _ordered_graphs(sub)
 
 
 def _dim(d):
@@ -305,17 +453,93 @@ def const_info(tensor):
     return None if v is None else (tuple(v.shape), v.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# use-def that sees subgraphs
+#
+# graphsurgeon shares an outer value's Tensor with the subgraph nodes that read it (outer-scope
+# references), so tensor.outputs lists readers in every graph. An analysis runs on one graph at
+# a time, its *scope* (see Scope): from there
+#   - a value produced outside the graph (an outer value read by a branch) has no producer: it
+#     is an input, as a graph input is;
+#   - a read inside a nested subgraph is a read by the If/Loop/Scan node that owns it, which no
+#     pass treats as transparent: a rewrite never crosses into or out of a subgraph;
+#   - readers in other graphs are not this graph's business (and are never rewired).
+
+
+class Scope:
+    """The graph an analysis runs on, within the model's graph tree."""
+
+    def __init__(self, root: gs.Graph, graph: gs.Graph | None = None):
+        graph = graph if graph is not None else root
+        self.root, self.graph = root, graph
+        inner = set()
+        self.owner = {}  # id(node in a nested subgraph) -> the node of `graph` that owns it
+        for node in graph.nodes:
+            for sub in _node_subgraphs(node):
+                for g in all_graphs(sub):
+                    for n in g.nodes:
+                        self.owner[id(n)] = node
+                        inner.add(id(g))
+        mine = {id(graph)} | inner
+        self.foreign = {id(n) for g in all_graphs(root) if id(g) not in mine for n in g.nodes}
+
+
+def _node_subgraphs(node):
+    for v in node.attrs.values():
+        if isinstance(v, gs.Graph):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (x for x in v if isinstance(x, gs.Graph))
+
+
+_SCOPE: contextvars.ContextVar = contextvars.ContextVar("normopt_scope", default=None)
+
+
+@contextlib.contextmanager
+def scope(root: gs.Graph, graph: gs.Graph | None = None):
+    """Run an analysis or a rewrite on `graph` (default: the root) of the model rooted at `root`."""
+    token = _SCOPE.set(Scope(root, graph))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
 def producer(tensor):
-    return tensor.inputs[0] if tensor is not None and len(tensor.inputs) else None
+    if tensor is None or not len(tensor.inputs):
+        return None
+    p = tensor.inputs[0]
+    sc = _SCOPE.get()
+    if sc is not None and id(p) in sc.foreign:
+        return None  # produced in an outer graph: an input here
+    return p
 
 
 def consumers(tensor):
-    return list(tensor.outputs) if tensor is not None else []
+    """The nodes of the current graph that read `tensor`; a read inside a nested subgraph is
+    reported as a read by the node that owns that subgraph (once)."""
+    if tensor is None:
+        return []
+    sc = _SCOPE.get()
+    if sc is None:
+        return list(tensor.outputs)
+    out, seen = [], set()
+    for c in tensor.outputs:
+        if id(c) in sc.foreign:
+            continue
+        c = sc.owner.get(id(c), c)
+        if id(c) not in seen:
+            seen.add(id(c))
+            out.append(c)
+    return out
 
 
 def replace_uses(old, new) -> None:
-    """Every node that reads `old` reads `new` instead."""
+    """Every node of the current graph (and its subgraphs) that reads `old` reads `new` instead."""
+    sc = _SCOPE.get()
     for c in list(old.outputs):
+        if sc is not None and id(c) in sc.foreign:
+            continue
         for i, t in enumerate(c.inputs):
             if t is old:
                 c.inputs[i] = new
@@ -398,7 +622,9 @@ class Namer:
 
     def __init__(self, graph: gs.Graph):
         self.used = set()
-        for g in all_graphs(graph):  # names are unique across subgraphs too (outer scope is visible)
+        sc = _SCOPE.get()
+        root = sc.root if sc is not None else graph
+        for g in all_graphs(root):  # names are unique across subgraphs too (outer scope is visible)
             self.used |= set(g.tensors().keys()) | {n.name for n in g.nodes if n.name}
         self.counter = itertools.count()
 

@@ -40,6 +40,7 @@ class Context:
     state: dict = field(default_factory=dict)  # what one pass leaves for a later one, by node name
     threads: int | None = None  # intra-op threads the tuning micro-benchmarks run with (the deployment's)
     shapes: dict = field(default_factory=dict)  # --shape values: dynamic dims are tuned at these sizes
+    memo: dict = field(default_factory=dict)  # objects a pass shares between graphs of one run (not part of rollback)
 
 
 MAX_ROUNDS = 8
@@ -140,7 +141,7 @@ class Pipeline:
             snapshot, state = G.snapshot(graph), copy.deepcopy(ctx.state)
             notes_before = len(ctx.notes)
             try:
-                graph, pr = self._run_pass(p, graph, ctx, on_analysis)
+                graph, pr = self._run_everywhere(p, graph, ctx, on_analysis)
             except Exception as exc:
                 graph = G.restore(snapshot)
                 ctx.state.clear()
@@ -158,7 +159,24 @@ class Pipeline:
                          + (" (FAILED, changes dropped)" if pr.error else ""))
         return graph
 
-    def _run_pass(self, p, graph, ctx, on_analysis):
+    def _run_everywhere(self, p, root, ctx, on_analysis):
+        """The pass on the main graph, then branch by branch on every If whose condition
+        verification can drive (see subgraphs_to_run); its report covers them all."""
+        matched, declined, applied = [], [], 0
+        graphs, skipped = subgraphs_to_run(root)
+        for g in [root] + graphs:
+            if g is not root:
+                g.opset = root.opset
+            with G.scope(root, g):
+                m, d, n = self._run_pass(p, root, g, ctx, on_analysis)
+            matched += m
+            declined += d
+            applied += n
+        if p.name == "ln_to_rms":  # say once why a subgraph was not looked into
+            declined += [asdict(d) for d in skipped]
+        return root, PassReport(p.name, p.description, matched, int(applied), declined, {}, {}, 0.0)
+
+    def _run_pass(self, p, root, graph, ctx, on_analysis):
         analysis = p.analyze(graph, ctx)
         if on_analysis is not None:
             on_analysis(p, analysis)
@@ -168,22 +186,13 @@ class Pipeline:
             if not analysis.matches:
                 break
             done = p.apply(graph, analysis.matches, ctx) or 0
-            graph = G.refresh(graph)
+            G.refresh(root)
             applied += done
             if not p.repeat or done == 0:
                 break
             analysis = p.analyze(graph, ctx)
             matched += analysis.matches
-        return graph, PassReport(
-            name=p.name,
-            description=p.description,
-            matched=[describe(m) for m in matched],
-            applied=int(applied),
-            declined=[asdict(d) for d in analysis.declined],
-            ops_before={},
-            ops_after={},
-            seconds=0.0,
-        )
+        return [describe(m) for m in matched], [asdict(d) for d in analysis.declined], applied
 
     def run(self, model: onnx.ModelProto, ctx: Context | None = None, progress=None) -> tuple[onnx.ModelProto, Report]:
         ctx = ctx or Context()
@@ -195,6 +204,49 @@ class Pipeline:
         report.changed_values = sorted(ctx.state.get(CHANGED, ()))
         report.beta_folded = ctx.state.get("beta_folded", 0)
         return out, report
+
+
+def subgraphs_to_run(root):
+    """([If branches the passes run in], [Decline for each subgraph left alone]).
+
+    Control-flow policy: no rewrite crosses an If/Loop/Scan boundary (an outer value read
+    inside a subgraph is read by the owning node, which no pass sees through; see graph.Scope).
+    Inside an If branch the passes run on the branch as on a graph of its own, but only where
+    verification can drive both branches: the condition is a boolean graph input (possibly
+    through Not/Identity/Cast), whose flags the harness alternates between seeds, or a
+    constant. A branch whose condition is computed at run time, and every Loop/Scan body, is
+    left alone with that reason."""
+    runs, skipped = [], []
+    inputs = {id(t) for t in root.inputs}
+
+    def drivable(cond):
+        for _ in range(8):
+            if cond is None:
+                return False
+            if isinstance(cond, gs.Constant) or G.const_value(cond) is not None or id(cond) in inputs:
+                return True
+            prod = cond.inputs[0] if cond.inputs else None
+            if prod is None or prod.op not in ("Not", "Identity", "Cast") or not prod.inputs:
+                return False
+            cond = prod.inputs[0]
+        return False
+
+    def visit(g):
+        for node in g.nodes:
+            subs = [(k, v) for k, v in node.attrs.items() if isinstance(v, gs.Graph)]
+            if not subs:
+                continue
+            if node.op == "If" and drivable(node.inputs[0] if node.inputs else None):
+                for _, sub in subs:
+                    runs.append(sub)
+                    visit(sub)
+            else:
+                why = ("its condition is computed at run time, so verification cannot drive both branches"
+                       if node.op == "If" else f"{node.op} bodies are left alone")
+                skipped.append(Decline(node.name, node.op, f"subgraphs not rewritten: {why}"))
+
+    visit(root)
+    return runs, skipped
 
 
 def _one_line(exc) -> str:

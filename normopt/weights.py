@@ -441,3 +441,45 @@ def _node_tensors(node):
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(tensor_nbytes(t) for t in iter_tensors(model))
+
+
+def matvec(w: np.ndarray, vec: np.ndarray) -> np.ndarray:
+    """float64 w @ vec for a 2-D w, block by block over the rows of w."""
+    vec = np.asarray(vec, np.float64).reshape(-1)
+    out = np.empty(w.shape[0], np.float64)
+    step = _rows_per_block(w.shape)
+    for start in range(0, w.shape[0], step):
+        out[start:start + step] = np.asarray(w[start:start + step], dtype=np.float64) @ vec
+    return out
+
+
+def center(values: np.ndarray, axis) -> np.ndarray:
+    """values - mean(values, axis) in float64, cast back; axis None gives zeros (a per-token
+    constant is its own mean). Block by block along axis 0, so a large table is never held in
+    float64 whole."""
+    values = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    if axis is None:
+        return np.zeros(values.shape, values.dtype)
+    axis = axis % max(values.ndim, 1)
+    if values.ndim == 0:
+        return np.zeros((), values.dtype)
+    if axis == 0:
+        mean = axis_sum(values, 0) / values.shape[0]
+        return blockwise(values, lambda b, rows: b - mean)
+    return blockwise(values, lambda b, rows: b - b.mean(axis=axis, keepdims=True))
+
+
+def scale_axis(values: np.ndarray, vec: np.ndarray, axis: int) -> np.ndarray:
+    """values * vec along `axis` (vec has one entry per index of that axis), in float64, cast
+    back; block by block along axis 0."""
+    values = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    vec = np.asarray(vec, np.float64).reshape(-1)
+    if values.ndim == 0:
+        return np.asarray(values.astype(np.float64) * vec.reshape(()) if vec.size == 1 else values).astype(values.dtype)
+    axis = axis % values.ndim
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    v = vec.reshape(shape)
+    if axis == 0:
+        return blockwise(values, lambda b, rows: b * v[rows])
+    return blockwise(values, lambda b, rows: b * v)

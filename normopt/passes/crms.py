@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import graph as G
+from .. import weights as W
+from ..axes import per_axis
 from ..norms import LayerNormMatch
 from ..pipeline import Analysis, Decline, Pass, mark_changed
 from ..axes import AxisError
@@ -89,6 +91,10 @@ class CompressRMSStreams(Pass):
     def _check(self, graph, s):
         if s.centerings or s.layerscales:
             return "the stream is not zero-mean as it stands (it would need new centering)"
+        for m in s.lns:
+            gv = G.const_value(m.gamma) if m.gamma is not None else None
+            if gv is None or per_axis(gv, m.x) is None or (gv.size > 1 and per_axis(gv, m.x)[0] != G.rank(m.x) - 1):
+                return f"the scale of {m.kind} '{m.name}' is not a constant per-channel vector (it is folded into weights)"
         axes = set(s.values.values())
         tensors = graph.tensors()
         d = None
@@ -170,7 +176,7 @@ class CompressRMSStreams(Pass):
     def _reader(self, graph, namer, m, d):
         node = m.nodes[0]
         x, y = node.inputs[0], node.outputs[0]
-        gamma = G.f64(G.const_value(m.gamma)).reshape(-1)
+        gamma = np.broadcast_to(G.f64(G.const_value(m.gamma)).reshape(-1), (d,)).copy()
         dtype = G.tensor_dtype(x) or np.float32
         node.inputs.clear()
         node.outputs.clear()
@@ -196,7 +202,8 @@ class CompressRMSStreams(Pass):
         if len(cons) == 1 and cons[0].op == "Add" and not G.is_graph_output(graph, y):
             other = cons[0].inputs[1] if cons[0].inputs[0] is y else cons[0].inputs[0]
             bv = G.const_value(other)
-            if bv is not None and bv.size == d:
+            pa = per_axis(bv, y) if bv is not None else None
+            if pa is not None and pa[0] == G.rank(y) - 1 and bv.size == d:
                 beta, out = G.f64(bv).reshape(-1), cons[0].outputs[0]
                 cons[0].inputs.clear()
                 cons[0].outputs.clear()
@@ -222,15 +229,17 @@ class CompressRMSStreams(Pass):
         for lin, bias_edge in readers:
             w_t = lin.inputs[1]
             like = G.const_value(w_t)
-            w = G.f64(like)
             trans_b = lin.op == "Gemm" and int(lin.attrs.get("transB", 0))
-            w_eff = w.T if trans_b else w  # [d, k]
-            wg = gamma[:, None] * w_eff
-            wc = wg[: d - 1] - wg[d - 1][None, :]
-            lin.inputs[1] = G.new_const(namer, f"{w_t.name}_crms", G.cast_like(wc.T if trans_b else wc, like))
+            if trans_b:  # like is [k, d]: column c of W' is gamma_c W[:, c]; W_c[:, c] = W'[:, c] - W'[:, d-1]
+                last = gamma[d - 1] * G.f64(like[:, d - 1:d])
+                wc = W.blockwise(like, lambda b, rows: b[:, : d - 1] * gamma[None, : d - 1] - last[rows])
+            else:  # like is [d, k]: W_c = (gamma W)[:d-1] - (gamma W)[d-1]
+                last = gamma[d - 1] * G.f64(like[d - 1])
+                wc = W.blockwise(like[: d - 1], lambda b, rows: b * gamma[rows, None] - last[None, :])
+            lin.inputs[1] = G.new_const(namer, f"{w_t.name}_crms", wc)
             if beta is None:
                 continue
-            shift = beta @ w_eff
+            shift = W.matvec(like, beta) if trans_b else W.vecmat(beta, like)
             if lin.op == "MatMul":
                 add, bi = bias_edge
                 bv = G.const_value(add.inputs[bi])

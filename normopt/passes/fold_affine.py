@@ -34,7 +34,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import graph as G
-from ..axes import LAYOUT_OPS, VALUE_INDEPENDENT, AxisError, forward_axis
+from .. import weights as W
+from ..axes import LAYOUT_OPS, VALUE_INDEPENDENT, AxisError, forward_axis, per_axis
 from ..pipeline import Analysis, Decline, Pass, mark_changed
 
 ELEMENTWISE = ("Mul", "Div", "Add", "Sub")
@@ -60,20 +61,10 @@ class Affine:
 # recognizers
 
 
-def _per_channel(value, out):
-    """(axis, vector) for a constant that broadcasts against `out` along one axis, or a scalar
-    (axis None). None when it varies along several axes or the rank is unknown."""
-    v = np.asarray(value)
-    r = G.rank(out)
-    if r is None or v.ndim > r:
-        return None
-    if v.size == 1:
-        return (None, v.reshape(()))
-    shape = (1,) * (r - v.ndim) + v.shape
-    axes = [i for i, s in enumerate(shape) if s != 1]
-    if len(axes) != 1:
-        return None
-    return axes[0], v.reshape(-1)
+def _per_channel(value, data):
+    """(axis, vector) for a constant that varies along one axis of `data` (checked against the
+    data's static shape), or a scalar (axis None); see axes.per_axis."""
+    return per_axis(value, data)
 
 
 def _bn(graph, node):
@@ -97,7 +88,7 @@ def _bn(graph, node):
             for xi in (0, 1):
                 eta = G.const_value(mul.inputs[1 - xi])
                 if mul.inputs[xi] is x and eta is not None:
-                    pc = _per_channel(eta, y)
+                    pc = _per_channel(eta, x)
                     if pc is not None and pc[0] in (None, 1):
                         aff.kind = "RepBN"
                         aff.a = aff.a + G.f64(pc[1])
@@ -119,7 +110,10 @@ def _chain(graph, node, in_chain):
         v_in = cur.inputs[1 - c_idx]
         if x is not None and v_in is not nodes[-1].outputs[0]:
             break
-        pc = _per_channel(G.const_value(cur.inputs[c_idx]), cur.outputs[0])
+        dt = G.tensor_dtype(v_in)
+        if dt is None or not np.issubdtype(np.dtype(dt), np.floating):
+            break  # integer arithmetic (shape computations) is not a norm
+        pc = _per_channel(G.const_value(cur.inputs[c_idx]), v_in)
         if pc is None or G.rank(v_in) != G.rank(cur.outputs[0]):
             break
         ax, vec = pc
@@ -357,7 +351,16 @@ def _check_out_axis(graph, lin, out, a, bias_edge):
         ok = G.const_value(lin.inputs[1]) is not None and a == 1 and (len(lin.inputs) < 3 or not lin.inputs[2].name or G.const_value(lin.inputs[2]) is not None)
     if not ok:
         return f"axis {a} is not the output channel axis of {lin.op} '{lin.name}' (or its weights are not constant)"
-    return (lin, bias_edge)
+    if bias_edge is not None:
+        # the bias must broadcast into the linear output without widening it (Add(u, b) is u's shape)
+        b = G.const_info(bias_edge[0].inputs[bias_edge[1]])
+        us = G.shape(out)
+        if b is None or us is None or len(b[0]) > len(us):
+            return f"bias of '{bias_edge[0].name}' does not broadcast into the output of {lin.op} '{lin.name}'"
+        for bd, ud in zip(reversed(b[0]), reversed(us)):
+            if bd != 1 and bd != ud:
+                return f"bias of '{bias_edge[0].name}' (shape {list(b[0])}) does not broadcast into {lin.op} '{lin.name}' output {us}"
+    return (lin, bias_edge, r, a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,12 +382,14 @@ def _add_bias_after(graph, namer, lin, shift64, dtype_like):
 
 
 def _fold_forward(graph, namer, lin, a, t):
+    """(a*x + t) W + c = x (diag(a) W) + (t W + c): the linear op's input channels are scaled,
+    t W joins its bias. Weight math in float64, block by block."""
     w_t = lin.inputs[1]
-    w = G.f64(G.const_value(w_t))
-    like = G.const_value(w_t)
+    w = G.const_value(w_t)
+    like = w
     if lin.op == "MatMul":
-        lin.inputs[1] = _new(namer, w_t, a[:, None] * w, "fa")
-        shift = t @ w
+        lin.inputs[1] = G.new_const(namer, f"{w_t.name}_fa", W.scale_axis(w, a, 0))
+        shift = W.vecmat(t, w)
         cons = G.consumers(lin.outputs[0])
         if len(cons) == 1 and cons[0].op == "Add" and not G.is_graph_output(graph, lin.outputs[0]):
             add = cons[0]
@@ -396,16 +401,16 @@ def _fold_forward(graph, namer, lin, a, t):
         if np.any(shift):
             _add_bias_after(graph, namer, lin, shift, like)
     elif lin.op == "Gemm":
-        trans_b = int(lin.attrs.get("transB", 0))
-        b_eff = w.T if trans_b else w  # [K, N]
-        new_b = a[:, None] * b_eff
-        lin.inputs[1] = _new(namer, w_t, new_b.T if trans_b else new_b, "fa")
+        trans_b = int(lin.attrs.get("transB", 0))  # B' = B^T when transB: the input channels are its axis 1
+        lin.inputs[1] = G.new_const(namer, f"{w_t.name}_fa", W.scale_axis(w, a, 1 if trans_b else 0))
         alpha, beta = float(lin.attrs.get("alpha", 1.0)), float(lin.attrs.get("beta", 1.0))
-        shift = alpha * (t @ b_eff)
+        shift = alpha * (W.matvec(w, t) if trans_b else W.vecmat(t, w))
         _gemm_add_c(namer, lin, shift, beta, like)
     else:  # Conv without padding: bias += sum over (cin, k) of W * t[cin]
-        lin.inputs[1] = _new(namer, w_t, w * a.reshape((1, -1) + (1,) * (w.ndim - 2)), "fa")
-        shift = (w * t.reshape((1, -1) + (1,) * (w.ndim - 2))).reshape(w.shape[0], -1).sum(1)
+        lin.inputs[1] = G.new_const(namer, f"{w_t.name}_fa", W.scale_axis(w, a, 1))
+        tk = t.reshape((1, -1) + (1,) * (w.ndim - 2))
+        shift = np.concatenate([(G.f64(w[i:i + 256]) * tk).reshape(min(256, w.shape[0] - i), -1).sum(1)
+                                for i in range(0, w.shape[0], 256)])
         if len(lin.inputs) > 2 and lin.inputs[2].name:
             lin.inputs[2] = _new(namer, lin.inputs[2], G.f64(G.const_value(lin.inputs[2])) + shift, "fa")
         else:
@@ -429,38 +434,59 @@ def _gemm_add_c(namer, lin, shift, beta, like):
         lin.inputs.append(c)
 
 
-def _fold_backward(graph, namer, lin, bias_edge, a, t):
+def _along(vec, rank, axis):
+    """vec as an array of the given rank that varies along `axis` only."""
+    shape = [1] * rank
+    shape[axis] = -1
+    return np.asarray(vec, np.float64).reshape(shape)
+
+
+def _scaled_bias(bias, a, t, rank, axis):
+    """a*b + t for a bias b that broadcasts against a linear output of `rank` whose channels
+    are on `axis` (b may be [d], [1, 1, d], [N, d], [C, 1, 1], a scalar ...)."""
+    b = G.f64(bias)
+    b = b.reshape((1,) * (rank - b.ndim) + b.shape)
+    out = _along(a, rank, axis) * b + _along(t, rank, axis)
+    while out.ndim > max(bias.ndim, 1) and out.shape[0] == 1:
+        out = out[0]  # keep the bias's own rank where the result allows it
+    return out
+
+
+def _fold_backward(graph, namer, lin, bias_edge, a, t, rank, axis):
+    """a*(x W + c) + t = x (W diag(a)) + (a*c + t), for every bias the linear output carries:
+    its own (Gemm C, Conv B) and a following constant Add. t goes into exactly one of them."""
     w_t = lin.inputs[1]
-    w = G.f64(G.const_value(w_t))
-    like = G.const_value(w_t)
+    w = G.const_value(w_t)
+    like = w
     if lin.op == "MatMul":
-        lin.inputs[1] = _new(namer, w_t, w * a[None, :], "fb")
+        w_axis = 1
     elif lin.op == "Gemm":
-        trans_b = int(lin.attrs.get("transB", 0))
-        lin.inputs[1] = _new(namer, w_t, w * (a[:, None] if trans_b else a[None, :]), "fb")
+        w_axis = 0 if int(lin.attrs.get("transB", 0)) else 1
     else:
-        lin.inputs[1] = _new(namer, w_t, w * a.reshape((-1,) + (1,) * (w.ndim - 1)), "fb")
-    if bias_edge is not None:  # MatMul + Add(b): b' = a*b + t
-        add, bi = bias_edge
-        bv = G.f64(G.const_value(add.inputs[bi]))
-        add.inputs[bi] = _new(namer, add.inputs[bi], a * np.broadcast_to(bv, a.shape) + t, "fb")
-    elif lin.op == "Gemm":
+        w_axis = 0
+    lin.inputs[1] = G.new_const(namer, f"{w_t.name}_fb", W.scale_axis(w, a, w_axis))
+    zero = np.zeros_like(t)
+    has_own = lin.op in ("Gemm", "Conv") and len(lin.inputs) > 2 and lin.inputs[2].name
+    t_own = zero if bias_edge is not None else t  # t goes to the bias Add when there is one
+    if lin.op == "Gemm":
         beta = float(lin.attrs.get("beta", 1.0))
-        has_c = len(lin.inputs) > 2 and lin.inputs[2].name
-        if has_c and beta != 0.0:
-            cv = G.f64(G.const_value(lin.inputs[2]))
-            nc = a * np.broadcast_to(cv, np.broadcast_shapes(cv.shape, a.shape)) + t / beta
-            lin.inputs[2] = _new(namer, lin.inputs[2], nc, "fb")
-        else:
-            _gemm_add_c(namer, lin, t, 0.0, like)
+        if has_own and beta != 0.0:
+            cv = G.const_value(lin.inputs[2])
+            lin.inputs[2] = _new(namer, lin.inputs[2], _scaled_bias(cv, a, t_own / beta, 2, 1), "fb")
+        elif np.any(t_own):
+            _gemm_add_c(namer, lin, t_own, 0.0, like)
     elif lin.op == "Conv":
-        if len(lin.inputs) > 2 and lin.inputs[2].name:
-            lin.inputs[2] = _new(namer, lin.inputs[2], a * G.f64(G.const_value(lin.inputs[2])) + t, "fb")
-        else:
+        if has_own:  # Conv's B is per output channel by definition
+            lin.inputs[2] = _new(namer, lin.inputs[2], a * G.f64(G.const_value(lin.inputs[2])).reshape(-1) + t_own, "fb")
+        elif np.any(t_own):
             while len(lin.inputs) < 2:
                 lin.inputs.append(gs.Variable.empty())
-            lin.inputs.append(G.new_const(namer, f"{lin.name}_B", G.cast_like(t, like)))
-    elif np.any(t):
+            lin.inputs.append(G.new_const(namer, f"{lin.name}_B", G.cast_like(t_own, like)))
+    if bias_edge is not None:
+        add, bi = bias_edge
+        bv = G.const_value(add.inputs[bi])
+        add.inputs[bi] = _new(namer, add.inputs[bi], _scaled_bias(bv, a, t, rank, axis), "fb")
+    elif lin.op == "MatMul" and np.any(t):
         _add_bias_after(graph, namer, lin, t, like)
 
 
@@ -516,11 +542,11 @@ class FoldAffineNorms(Pass):
                 for lin, _ in aff.plan[1]:
                     _fold_forward(graph, namer, lin, aff.a, aff.t)
             else:
-                lin, bias_edge = aff.plan[1]
+                lin, bias_edge, rank, axis = aff.plan[1]
                 # the linear's output (and its bias Add, layout ops) now carry the affine's result
                 mark_changed(ctx, lin.outputs[0].name, *(bias_edge[0].outputs[0].name,) if bias_edge else (),
                              *_between(lin.outputs[0], [aff.x]))
-                _fold_backward(graph, namer, lin, bias_edge, aff.a, aff.t)
+                _fold_backward(graph, namer, lin, bias_edge, aff.a, aff.t, rank, axis)
             _remove(graph, aff)
             n += 1
         return n

@@ -14,6 +14,8 @@ Preconditions, per node (a node that fails one is left to run as it is):
     quantized model into a float one);
   - the output is at most ``MAX_BYTES``, except Identity/Reshape/Squeeze/Unsqueeze/Flatten of a
     weight, which become the same bytes under a new shape (no copy);
+  - no input is a weight (over ``SHARED_BYTES``) that other nodes read too: a tied embedding's
+    Transpose for the LM head stays, or the model would carry the table twice;
   - the output is not a graph output (its name must keep a producer).
 Evaluation is ONNX's reference implementation (onnx.reference), node by node in topological
 order, so a chain folds in one sweep.
@@ -31,6 +33,7 @@ from .. import weights as W
 from ..pipeline import Analysis, Pass
 
 MAX_BYTES = 1 << 20  # larger computed results stay computed (ONNX Runtime folds them at load)
+SHARED_BYTES = 64 << 10  # a constant this large that other nodes read is not folded into a second copy
 NEVER = {
     "If", "Loop", "Scan", "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "RandomNormal",
     "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Constant",
@@ -66,6 +69,8 @@ def _foldable(graph, node) -> bool:
         return False
     if node.op in ALIASING and isinstance(ins[0], gs.Constant) and isinstance(ins[0]._values, W.RefValues):
         return True
+    if any(_nbytes(t) > SHARED_BYTES and len(t.outputs) > 1 for t in ins):
+        return False  # a weight something else reads too: folding would store it twice
     return sum(_nbytes(t) for t in ins) <= 4 * MAX_BYTES
 
 

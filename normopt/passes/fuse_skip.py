@@ -28,6 +28,7 @@ import onnx
 from onnx import helper
 
 from .. import graph as G
+from ..axes import per_axis
 from ..pipeline import Analysis, Decline, Pass
 
 FUSED = {"SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization", "LayerNormalization": "SkipLayerNormalization"}
@@ -141,14 +142,16 @@ class FuseSkipNorms(Pass):
                 p = G.producer(t)
                 if p is not None and p.op == "Add" and len(t.outputs) == 1 and not G.is_graph_output(graph, t):
                     bi = [k for k in (0, 1) if G.const_value(p.inputs[k]) is not None]
-                    if len(bi) == 1 and G.const_value(p.inputs[bi[0]]).size == G.shape(t)[-1] and G.const_value(p.inputs[1 - bi[0]]) is None:
+                    pa = per_axis(G.const_value(p.inputs[bi[0]]), p.inputs[1 - bi[0]]) if len(bi) == 1 else None
+                    # the Skip op's bias is one vector over the last axis: a per-token [N, 1] bias is not one
+                    if pa is not None and pa[0] == len(G.shape(t)) - 1 and G.const_value(p.inputs[1 - bi[0]]) is None:
                         bias = p.inputs[bi[0]]
                         u = p.inputs[1 - bi[0]]
                         p.inputs.clear()
                         p.outputs.clear()
                         a, s = (u, s) if i == 0 else (a, u)
-                        if bias.values.ndim != 1:
-                            bias = G.new_const(namer, f"{bias.name}_1d", bias.values.reshape(-1))
+                        if G.const_value(bias).ndim != 1:
+                            bias = G.new_const(namer, f"{bias.name}_1d", G.const_value(bias).reshape(-1))
                         break
             gamma = norm.inputs[1]
             beta = norm.inputs[2] if norm.op == "LayerNormalization" and len(norm.inputs) > 2 and norm.inputs[2].name else None

@@ -57,6 +57,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import graph as G
+from .. import weights as W
 from ..axes import AxisError as _Fail  # a stream that cannot convert (an untraceable axis is one)
 from ..axes import backward_axis as _backward_axis, broadcast_axis as _broadcast_axis
 from ..axes import VALUE_INDEPENDENT, forward_axis as _forward_axis, reshape_map as _reshape_map
@@ -335,10 +336,8 @@ def writer_weights(s: Stream):
 
 
 def _center(values: np.ndarray, axis) -> np.ndarray:
-    v = G.f64(values)
-    if axis is None:
-        return G.cast_like(np.zeros_like(v), values)
-    return G.cast_like(v - v.mean(axis=axis, keepdims=True), values)
+    """values minus their mean along axis (float64, block by block; cast back)."""
+    return W.center(values, axis)
 
 
 MARGIN = 0.05  # a tuned choice leaves its default only for a form measured at least 5% faster
@@ -468,15 +467,13 @@ def _fold_beta(graph, namer, beta_v, readers):
             w = G.const_value(lin.inputs[1])
             add, bi = bias_edge
             bv = G.const_value(add.inputs[bi])
-            nb = G.f64(bv).reshape(-1) + b64 @ G.f64(w)
+            nb = G.f64(bv).reshape(-1) + W.vecmat(b64, w)
             add.inputs[bi] = G.new_const(namer, f"{add.inputs[bi].name}_beta", G.cast_like(nb.reshape(bv.shape if bv.ndim else (-1,)), bv))
         else:  # Gemm: alpha*(y+beta)B' + beta_g*C = alpha*yB' + (alpha*beta.B' + beta_g*C)
-            w = G.f64(G.const_value(lin.inputs[1]))
-            if int(lin.attrs.get("transB", 0)):
-                w = w.T
+            w = G.const_value(lin.inputs[1])
             alpha = float(lin.attrs.get("alpha", 1.0))
             beta_g = float(lin.attrs.get("beta", 1.0))
-            shift = alpha * (b64 @ w)
+            shift = alpha * (W.matvec(w, b64) if int(lin.attrs.get("transB", 0)) else W.vecmat(b64, w))
             has_c = len(lin.inputs) > 2 and lin.inputs[2].name
             if has_c and beta_g != 0.0:
                 like = G.const_value(lin.inputs[2])
@@ -499,23 +496,24 @@ def _fold_layerscale(namer, mul, si, lin, bias_edge):
     linear write the Mul's output directly (the Mul is removed)."""
     sv = G.f64(G.const_value(mul.inputs[si])).reshape(-1)
 
-    def scaled(tensor, scale):
+    def scaled(tensor, axis):
         v = G.const_value(tensor)
-        return G.new_const(namer, f"{tensor.name}_ls", G.cast_like(G.f64(v) * scale, v))
+        if v.ndim == 0 or v.shape[axis] == 1:  # a scalar bias (or C) broadcast over the channels
+            return G.new_const(namer, f"{tensor.name}_ls", G.cast_like(G.f64(v) * sv.reshape((1,) * max(v.ndim - 1, 0) + (-1,)), v))
+        return G.new_const(namer, f"{tensor.name}_ls", W.scale_axis(v, sv, axis))
 
-    w = G.const_value(lin.inputs[1])
     if lin.op == "MatMul":
-        w_scale = sv[None, :]
+        w_axis = 1
     elif lin.op == "Gemm":
-        w_scale = sv[:, None] if int(lin.attrs.get("transB", 0)) else sv[None, :]
+        w_axis = 0 if int(lin.attrs.get("transB", 0)) else 1
     else:  # Conv: output channels are axis 0 of the weight
-        w_scale = sv.reshape((-1,) + (1,) * (w.ndim - 1))
-    lin.inputs[1] = scaled(lin.inputs[1], w_scale)
+        w_axis = 0
+    lin.inputs[1] = scaled(lin.inputs[1], w_axis)
     if lin.op in ("Gemm", "Conv") and len(lin.inputs) > 2 and lin.inputs[2].name:
-        lin.inputs[2] = scaled(lin.inputs[2], sv)  # Gemm C / Conv B, broadcast on the last axis
+        lin.inputs[2] = scaled(lin.inputs[2], -1)  # Gemm C / Conv B, on the last axis
     if bias_edge is not None:
         add, bi = bias_edge
-        add.inputs[bi] = scaled(add.inputs[bi], sv)
+        add.inputs[bi] = scaled(add.inputs[bi], -1)
     u, t = mul.inputs[1 - si], mul.outputs[0]
     mul.inputs.clear()
     mul.outputs.clear()
@@ -579,14 +577,14 @@ class LayerNormToRMSNorm(Pass):
         opset = graph.opset or 17
         n = 0
         for s in matches:
-            cache = {}
+            cache = ctx.memo.setdefault("centered", {})  # shared by every graph: a table both If branches read is centered once
             mark_changed(ctx, *s.values)  # the stream values are now zero-mean (centered)
 
             def centered_const(tensor, axis):
-                key = (tensor.name, axis)
+                key = (id(tensor), axis)
                 if key not in cache:
-                    cache[key] = G.new_const(namer, f"{tensor.name}_centered", _center(G.const_value(tensor), axis))
-                return cache[key]
+                    cache[key] = (tensor, G.new_const(namer, f"{tensor.name}_centered", _center(G.const_value(tensor), axis)))
+                return cache[key][1]
 
             # 1. LayerScale folds: Mul(linear(x) [+ b], s) -> linear with W*s, b*s
             for mul, si, lin, bias_edge in s.layerscales:

@@ -40,8 +40,11 @@ def _with_outputs(model, names, typed):
 
 def localize(reference, candidate, input_opts: InputOptions | None = None, atol=None, rtol=None,
              provider="cpu", level="all", skip=()) -> dict | None:
-    ref = reference if isinstance(reference, onnx.ModelProto) else onnx.load(reference)
-    cand = candidate if isinstance(candidate, onnx.ModelProto) else onnx.load(candidate)
+    from ..weights import read_skeleton
+
+    # structure only: the sessions below read the weights from their files
+    ref = reference if isinstance(reference, onnx.ModelProto) else read_skeleton(reference)
+    cand = candidate if isinstance(candidate, onnx.ModelProto) else read_skeleton(candidate)
     skip = set(skip)
     ref_typed, cand_typed = _typed_values(ref), _typed_values(cand)
     ref_produced = {o for n in ref.graph.node for o in n.output}
@@ -53,9 +56,11 @@ def localize(reference, candidate, input_opts: InputOptions | None = None, atol=
         return None
     feeds = make_feeds(ref, 0, input_opts)
     r_sess = make_session(_with_outputs(ref, names, ref_typed), "cpu", "disable")
-    c_sess = make_session(_with_outputs(cand, names, cand_typed), provider, level)
     r_vals = dict(zip(names, r_sess.run(names, feeds)))
+    del r_sess  # one session at a time
+    c_sess = make_session(_with_outputs(cand, names, cand_typed), provider, level)
     c_vals = dict(zip(names, c_sess.run(names, feeds)))
+    del c_sess
     for node, name in order:
         r, c = np.asarray(r_vals[name]), np.asarray(c_vals[name])
         if r.shape != c.shape:
