@@ -42,18 +42,26 @@ def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt
     return build_pipeline(passes, opt_in).run(model, ctx, progress=progress)
 
 
-def _upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """--opset N: convert the default-domain opset up with ONNX's version converter (the
-    result is verified against the original input like any rewrite)."""
+def prepare_opset(model: onnx.ModelProto, opset: int | None = None):
+    """(model, note or None). --opset N converts the default-domain opset up to N; a model below
+    the passes' floor (opset 13) is converted up to it. ONNX's version converter does it on the
+    skeleton; the output is written at the new opset and verified against the original input
+    like any rewrite."""
     current = nio.default_opset(model)
-    if opset < current:
-        raise NormoptError(f"--opset {opset} is below the model's opset {current}; only upgrades are supported")
-    if opset == current:
-        return model
+    target = opset if opset is not None else (nio.MIN_OPSET if current < nio.MIN_OPSET else current)
+    if target < current:
+        raise NormoptError(f"--opset {target} is below the model's opset {current}; only upgrades are supported")
+    if target == current:
+        return model, None
     try:
-        return onnx.version_converter.convert_version(model, opset)
+        out = onnx.version_converter.convert_version(model, target)
+        nio.check_model(out)
     except Exception as exc:
-        raise NormoptError(f"--opset {opset}: ONNX's version converter cannot upgrade this model ({str(exc).splitlines()[0][:200]})") from None
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        how = f"--opset {target}" if opset is not None else f"normopt works at opset >= {nio.MIN_OPSET}"
+        raise NormoptError(f"{how}: ONNX's version converter cannot upgrade this opset-{current} model ({first})") from None
+    why = "as asked (--opset)" if opset is not None else f"normopt's passes need opset >= {nio.MIN_OPSET}"
+    return out, f"opset: upgraded from {current} to {target} with onnx.version_converter ({why}); the output is written at opset {target}"
 
 
 def _ab(a, b, provider, input_opts, runs=20, threads=None):
@@ -140,9 +148,7 @@ def optimize(
     say = progress or (lambda msg: None)
     nio.check_output_path(in_path, out_path)
     loaded = nio.load_model(in_path)
-    model = loaded.model
-    if opset is not None:
-        model = _upgrade_opset(model, opset)
+    model, upgrade = prepare_opset(loaded.model, opset)
     if verify:
         # resolve inputs before any work: a dynamic dim without --shape is a usage error
         from .runtime_tests.inputs import make_feeds
@@ -157,6 +163,8 @@ def optimize(
             if tune and not passes:
                 say("tuning: timing variants and the output against the input ...")
                 out_model, report = _tuned(model, out_model, report, target, opt_in, provider, input_opts, threads)
+        if upgrade:
+            report.notes.insert(0, upgrade)
         try:
             nio.check_model(out_model)
         except Exception as exc:

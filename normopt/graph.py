@@ -29,8 +29,9 @@ from .io import ORT_DEFAULT_DOMAIN_CONTRIB_OPS, TWO_GB
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import a model (a skeleton or an in-memory model) into graphsurgeon, with inferred shapes
     when shape inference works. External tensors with absolute locations become RefValues."""
-    graph = gs.import_onnx(infer_shapes(model))
+    graph = gs.import_onnx(model)
     wrap_refs(graph)
+    _apply_shapes(graph, infer_shapes(model))
     return graph
 
 
@@ -82,6 +83,7 @@ def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelPro
     (large tensors referenced, not loaded) this is cheap whatever the size of the weights."""
     if model.ByteSize() > TWO_GB:  # an in-memory model with its weights: infer on its skeleton
         return model
+    model = _weights_as_inputs(model)
     contrib = any(n.domain == "com.microsoft" or n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS for n in model.graph.node)
     if any(True for _ in _subgraph_protos(model.graph)):
         return _infer_with_subgraphs(model, symbolic, contrib)
@@ -152,21 +154,74 @@ def _referenced(graph):
         yield o.name
 
 
-def _infer(model, symbolic, contrib):
-    if symbolic:
-        try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            with _scratch_cwd(), _quiet_logging():  # on incomplete inference it saves a debug model into the cwd
-                out = SymbolicShapeInference.infer_shapes(model, auto_merge=contrib, guess_output_rank=contrib)
-            if out is not None:
-                return out
-        except Exception:
-            pass
+def _symbolic(model, merge):
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with _scratch_cwd(), _quiet_logging():  # on incomplete inference it saves a debug model into the cwd
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=merge, guess_output_rank=merge)
     except Exception:
+        return None
+
+
+def _infer(model, symbolic, contrib):
+    """ORT's symbolic inference (merging dims only for contrib-op graphs, as ORT's own tools do);
+    where it gives up, ONNX's inference, with the values it leaves unshaped filled from a merging
+    symbolic run: their ranks and static sizes only, each symbolic dim a fresh name, so no dim
+    equality that merging guessed ever reaches an analysis."""
+    if symbolic:
+        out = _symbolic(model, contrib)
+        if out is not None:
+            return out
+    try:
+        base = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        base = model
+    if symbolic and not contrib:
+        merged = _symbolic(model, True)
+        if merged is not None:
+            _fill_unshaped(base.graph, merged.graph)
+    return base
+
+
+def _fill_unshaped(base, merged):
+    have = {vi.name for vi in list(base.value_info) + list(base.output) + list(base.input)
+            if vi.type.tensor_type.HasField("shape")}
+    fresh = itertools.count()
+    for vi in merged.value_info:
+        if vi.name in have or not vi.type.tensor_type.HasField("shape"):
+            continue
+        new = base.value_info.add()
+        new.CopyFrom(vi)
+        for d in new.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value"):
+                d.dim_param = f"normopt_unk_{next(fresh)}"
+
+
+def _weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """For shape inference only: a copy where every referenced tensor (a weight, by absolute
+    path) is a typed graph input instead of an initializer, so no inference code tries to read
+    its bytes (ONNX rejects absolute external paths); shapes never depend on weight values."""
+    refs = [(g, t) for g in [model.graph, *_subgraph_protos(model.graph)] for t in g.initializer if W.external_ref(t) is not None]
+    if not refs:
         return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graphs = [out.graph, *_subgraph_protos(out.graph)]
+    have = {i.name for i in out.graph.input}
+    for g in graphs:
+        keep = []
+        for t in g.initializer:
+            if W.external_ref(t) is None:
+                k = onnx.TensorProto()
+                k.CopyFrom(t)
+                keep.append(k)
+            elif t.name not in have:
+                out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                have.add(t.name)
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return out
 
 
 _SUFFIX = "__normopt_g"
@@ -367,8 +422,12 @@ def refresh(graph: gs.Graph) -> gs.Graph:
     Shapes map graph by graph: sibling If branches may use the same value names."""
     for g in all_graphs(graph):
         g.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = export(graph)
-    inferred = infer_shapes(model)
+    _apply_shapes(graph, infer_shapes(export(graph)))
+    return graph
+
+
+def _apply_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
+    """Every value's dtype and shape from an inferred model of the same structure, graph by graph."""
     gs_graphs = list(_ordered_graphs(graph))
     pb_graphs = [inferred.graph, *_subgraph_protos(inferred.graph)]
     if len(gs_graphs) != len(pb_graphs):  # should not happen; never guess across graphs
@@ -391,7 +450,6 @@ def refresh(graph: gs.Graph) -> gs.Graph:
             if tt.elem_type:
                 t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
             t.shape = [_dim(d) for d in tt.shape.dim] if tt.HasField("shape") else None
-    return graph
 
 
 def _ordered_graphs(graph: gs.Graph):

@@ -11,8 +11,11 @@ from .passes import build_pipeline
 from .pipeline import Context, Report
 
 def inspect_model(path: str, target: str = "ort") -> list[dict]:
+    from .api import prepare_opset
+
     loaded = nio.load_model(path)
-    graph = G.to_graph(loaded.model)
+    model, _ = prepare_opset(loaded.model)  # as optimize sees it
+    graph = G.to_graph(model)
     sites = find_norms(graph)
     outcome = {}
 

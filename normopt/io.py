@@ -19,7 +19,8 @@ import onnx
 from . import weights as W
 from .errors import NormoptError
 
-MIN_OPSET = 13
+MIN_OPSET = 13  # the passes' floor: a model below it is upgraded to it (api.prepare_opset)
+MIN_LOADABLE_OPSET = 7  # ONNX Runtime's floor for the default domain
 TWO_GB = 2**31 - 1
 # op domains ONNX Runtime implements (plus the model's own local functions)
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview.training"}
@@ -44,7 +45,7 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def load_model(path: str, load_external: bool = False, min_opset: int = MIN_OPSET) -> LoadedModel:
+def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOADABLE_OPSET) -> LoadedModel:
     """Read and validate a model as a *skeleton* (weights.read_skeleton): tensors over 1 KiB are
     references into the model file or its external-data files, never loaded. Raises
     NormoptError with one line on any bad input. (load_external is accepted for compatibility
@@ -71,7 +72,7 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_OPSE
     if opset is None:
         raise NormoptError(f"{path}: the model imports no default-domain (ai.onnx) opset")
     if opset < min_opset:
-        raise NormoptError(f"{path}: opset {opset} is not supported (normopt needs opset >= {min_opset})")
+        raise NormoptError(f"{path}: opset {opset} is not supported (ONNX Runtime needs opset >= {min_opset})")
     if len(model.graph.output) == 0:
         raise NormoptError(f"{path}: the graph has no outputs")
     local = {f.domain for f in model.functions}

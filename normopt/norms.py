@@ -35,6 +35,21 @@ class LayerNormMatch:
     nodes: list = field(default_factory=list)
     readers: list = field(default_factory=list)  # nodes that read x directly
     extra_outputs_used: bool = False
+    gamma_value: np.ndarray | None = None  # computed gamma over the normalized dims (decomposed forms)
+    beta_value: np.ndarray | None = None
+
+    def gamma_array(self):
+        """gamma as a flat array over the normalized dims, or None (no scale, or a run-time one)."""
+        if self.gamma_value is not None:
+            return self.gamma_value
+        v = G.const_value(self.gamma) if self.gamma is not None else None
+        return None if v is None else v.reshape(-1)
+
+    def beta_array(self):
+        if self.beta_value is not None:
+            return self.beta_value
+        v = G.const_value(self.beta) if self.beta is not None else None
+        return None if v is None else v.reshape(-1)
 
     def over_last_axis(self) -> bool:
         return self.rank is not None and self.axes == (self.rank - 1,)
@@ -89,123 +104,408 @@ def _match_layernorm_op(node) -> LayerNormMatch:
     )
 
 
-def _match_decomposed(graph, mean1) -> LayerNormMatch | None:
-    x = mean1.inputs[0]
-    r = G.rank(x)
-    axes, keep = G.reduce_axes(mean1, r)
-    if axes is False or axes is None or r is None:
+# ---------------------------------------------------------------------------------------------
+# LayerNorm matched by what it computes
+#
+# Exporters write LayerNorm in many arrangements: (x - mean) / sqrt(var + eps) * g + b (PyTorch
+# opset <= 16, Paddle), (x - mean) * rsqrt(var + eps) * g + b, Keras' x * s + (-mean * s + b) and
+# TF's moments form x * s + (b - mean * s) with s = g * rsqrt(var + eps), flax's
+# var = max(0, E[x^2] - E[x]^2), means as ReduceMean (axes attribute or input, keepdims 1, or 0
+# with the Unsqueeze that restores the axes), as GlobalAveragePool on a rank-3 tensor (tf2onnx
+# below opset 18), or as ReduceSum times 1/n. The recognizer finds a mean and a variance of x
+# over the same axes, then evaluates the nodes after them as a polynomial in the symbols
+#     x, m = mean(x), r = 1 / sqrt(var + eps), and the constants they meet,
+# and accepts the furthest value whose polynomial is exactly  c*G*r*x - c*G*r*m + B  (G, B built
+# from constants only): LN(x) with gamma = c*G and beta = B, each checked to vary along the
+# normalized axes only (a [N, 1] constant is per-token, not per-channel).
+
+
+def _mean_of(graph, node):
+    """(x, axes, out tensor, nodes) when node starts a mean of x over `axes` (keeping them)."""
+    if not node.inputs:
         return None
-    nodes = [mean1]
-    m = mean1.outputs[0]
-    if not keep:
-        # keepdims=0 is only a LayerNorm when the reduced axes are put back before the Sub
-        cons = G.consumers(m)
-        if len(cons) != 1 or cons[0].op != "Unsqueeze":
+    x = node.inputs[0]
+    r = G.rank(x)
+    if r is None:
+        return None
+    if node.op == "GlobalAveragePool":
+        if r < 3:
             return None
-        unsq = cons[0]
-        u_axes, _ = G.reduce_axes(unsq, r)  # same attribute/input convention as Reduce*
+        return x, tuple(range(2, r)), node.outputs[0], [node]
+    if node.op not in ("ReduceMean", "ReduceSum"):
+        return None
+    axes, keep = G.reduce_axes(node, r)
+    if axes is False or axes is None or not axes:
+        return None
+    nodes, out = [node], node.outputs[0]
+    if not keep:
+        cons = G.consumers(out)
+        if len(cons) != 1 or cons[0].op != "Unsqueeze" or G.is_graph_output(graph, out):
+            return None
+        u_axes, _ = G.reduce_axes(cons[0], r)  # same attribute/input convention as Reduce*
         if u_axes != axes:
             return None
-        nodes.append(unsq)
-        m = unsq.outputs[0]
-    subs = [c for c in G.consumers(m) if c.op == "Sub" and c.inputs[0] is x and c.inputs[1] is m]
-    if len(subs) != 1 or not _only_consumer(m, subs[0], graph):
-        return None
-    sub = subs[0]
-    nodes.append(sub)
-    d = sub.outputs[0]
-    sq = None
-    norm_node = None
-    for c in G.consumers(d):
-        if c.op == "Pow" and c.inputs[0] is d and _const_scalar(c.inputs[1]) == 2.0:
-            sq = c
-        elif c.op == "Mul" and c.inputs[0] is d and c.inputs[1] is d:
-            sq = c
-        elif (c.op == "Div" and c.inputs[0] is d) or (c.op == "Mul" and any(t is d for t in c.inputs)):
-            norm_node = c
-    if sq is None or norm_node is None or len(G.consumers(d)) != 2 or G.is_graph_output(graph, d):
-        return None
-    nodes.append(sq)
-    var_in = sq.outputs[0]
-    c = G.consumers(var_in)
-    if len(c) != 1 or c[0].op != "ReduceMean" or G.is_graph_output(graph, var_in):
-        return None
-    mean2 = c[0]
-    axes2, keep2 = G.reduce_axes(mean2, r)
-    if axes2 != axes or not keep2:
-        return None
-    nodes.append(mean2)
-    var = mean2.outputs[0]
-    c = G.consumers(var)
-    if len(c) != 1 or c[0].op != "Add" or G.is_graph_output(graph, var):
-        return None
-    add_eps = c[0]
-    eps = _const_scalar(_other(add_eps, var))
-    if eps is None:
-        return None
-    nodes.append(add_eps)
-    c = G.consumers(add_eps.outputs[0])
-    if len(c) != 1 or c[0].op != "Sqrt" or G.is_graph_output(graph, add_eps.outputs[0]):
-        return None
-    sqrt = c[0]
-    nodes.append(sqrt)
-    s = sqrt.outputs[0]
-    if G.is_graph_output(graph, s):
-        return None
-    if norm_node.op == "Div":
-        if norm_node.inputs[1] is not s or len(G.consumers(s)) != 1:
+        nodes.append(cons[0])
+        out = cons[0].outputs[0]
+    if node.op == "ReduceSum":  # a sum times 1/n (or divided by n) is a mean
+        n = 1
+        for a in axes:
+            dim = G.static_dim(x, a)
+            if dim is None:
+                return None
+            n *= dim
+        cons = G.consumers(out)
+        if len(cons) != 1 or G.is_graph_output(graph, out) or cons[0].op not in ("Mul", "Div"):
             return None
-    else:  # Mul(d, Reciprocal(sqrt))
-        c = G.consumers(s)
-        if len(c) != 1 or c[0].op != "Reciprocal":
+        k = _const_scalar(_other(cons[0], out))
+        if k is None or (cons[0].op == "Div" and cons[0].inputs[0] is not out):
             return None
-        recip = c[0]
-        if _other(norm_node, d) is not recip.outputs[0] or len(G.consumers(recip.outputs[0])) != 1:
+        if not np.isclose(k if cons[0].op == "Mul" else 1.0 / k, 1.0 / n, rtol=1e-6, atol=0):
             return None
-        nodes.append(recip)
-    nodes.append(norm_node)
-    y = norm_node.outputs[0]
-    gamma = beta = None
-    c = G.consumers(y)
-    if len(c) == 1 and c[0].op == "Mul" and not G.is_graph_output(graph, y):
-        g = _other(c[0], y)
-        gv = G.const_value(g)
-        if gv is not None and gv.size > 1:
-            gamma = g
-            nodes.append(c[0])
-            y = c[0].outputs[0]
-    c = G.consumers(y)
-    if len(c) == 1 and c[0].op == "Add" and not G.is_graph_output(graph, y):
-        b = _other(c[0], y)
-        bv = G.const_value(b)
-        if bv is not None and bv.size > 1:
-            beta = b
-            nodes.append(c[0])
-            y = c[0].outputs[0]
-    return LayerNormMatch(
-        kind="decomposed LN",
-        name=mean1.name or sub.name,
-        x=x,
-        y=y,
-        axes=axes,
-        rank=r,
-        epsilon=eps,
-        gamma=gamma,
-        beta=beta,
-        nodes=nodes,
-        readers=[mean1, sub],
-    )
+        nodes.append(cons[0])
+        out = cons[0].outputs[0]
+    return x, axes, out, nodes
+
+
+def _square_of(node, t):
+    """True when node computes t * t (Mul(t, t) or Pow(t, 2))."""
+    if node.op == "Mul" and len(node.inputs) == 2 and node.inputs[0] is t and node.inputs[1] is t:
+        return True
+    return node.op == "Pow" and node.inputs[0] is t and _const_scalar(node.inputs[1]) == 2.0
+
+
+def _means_of(graph, t, axes):
+    """Means of t over `axes` (their output tensors and nodes)."""
+    found = []
+    for c in G.consumers(t):
+        m = _mean_of(graph, c)
+        if m is not None and m[0] is t and m[1] == axes:
+            found.append(m)
+    return found
+
+
+def _variances(graph, x, axes, mu):
+    """(var tensor, nodes) for var(x) over `axes` computed from mean mu: E[(x - m)^2], or
+    E[x^2] - m^2 (optionally clamped at 0 by Max/Relu)."""
+    out = []
+    for sub in G.consumers(x):  # E[(x - m)^2]
+        if sub.op == "Sub" and sub.inputs[0] is x and sub.inputs[1] is mu:
+            d = sub.outputs[0]
+            for sq in G.consumers(d):
+                if _square_of(sq, d):
+                    for mean in _means_of(graph, sq.outputs[0], axes):
+                        out.append((mean[2], [sub, sq] + mean[3]))
+    for sq in G.consumers(x):  # E[x^2] - m^2
+        if not _square_of(sq, x):
+            continue
+        for m2 in _means_of(graph, sq.outputs[0], axes):
+            for msq in G.consumers(mu):
+                if not _square_of(msq, mu):
+                    continue
+                for sub in G.consumers(m2[2]):
+                    if sub.op == "Sub" and sub.inputs[0] is m2[2] and sub.inputs[1] is msq.outputs[0]:
+                        v, nodes = sub.outputs[0], [sq] + m2[3] + [msq, sub]
+                        cons = G.consumers(v)
+                        if len(cons) == 1 and (cons[0].op == "Relu" or (cons[0].op == "Max" and len(cons[0].inputs) == 2
+                                                                           and _const_scalar(_other(cons[0], v)) == 0.0)):
+                            nodes.append(cons[0])
+                            v = cons[0].outputs[0]
+                        out.append((v, nodes))
+    return out
+
+
+class _Poly:
+    """A polynomial over symbols (x, m, r, and constants "k<i>"), with negative powers allowed
+    for single-term divisors: {monomial: coefficient}, monomial = sorted ((symbol, power), ...)."""
+
+    def __init__(self, terms=None):
+        self.t = {k: v for k, v in (terms or {}).items() if v != 0.0}
+
+    @staticmethod
+    def sym(name, power=1):
+        return _Poly({((name, power),): 1.0})
+
+    @staticmethod
+    def num(v):
+        return _Poly({(): float(v)})
+
+    def __add__(self, o):
+        t = dict(self.t)
+        for k, v in o.t.items():
+            t[k] = t.get(k, 0.0) + v
+        return _Poly(t)
+
+    def __neg__(self):
+        return _Poly({k: -v for k, v in self.t.items()})
+
+    def __sub__(self, o):
+        return self + (-o)
+
+    def __mul__(self, o):
+        t = {}
+        for k1, v1 in self.t.items():
+            for k2, v2 in o.t.items():
+                powers = dict(k1)
+                for s_, p_ in k2:
+                    powers[s_] = powers.get(s_, 0) + p_
+                k = tuple(sorted((s_, p_) for s_, p_ in powers.items() if p_ != 0))
+                t[k] = t.get(k, 0.0) + v1 * v2
+        return _Poly(t)
+
+    def inverse(self):
+        if len(self.t) != 1:
+            return None
+        (k, v), = self.t.items()
+        return _Poly({tuple((s_, -p_) for s_, p_ in k): 1.0 / v})
+
+    def symbols(self):
+        return {s_ for k in self.t for s_, _ in k}
+
+
+_SOURCES = ("x", "m", "r")
+
+
+def _ln_form(poly: _Poly):
+    """(c, G monomial, B terms) when poly == c*G*r*x - c*G*r*m + B with G and B over constants."""
+    xs = {k: v for k, v in poly.t.items() if any(s_ == "x" for s_, _ in k)}
+    ms = {k: v for k, v in poly.t.items() if any(s_ == "m" for s_, _ in k)}
+    rest = {k: v for k, v in poly.t.items() if k not in xs and k not in ms}
+    if len(xs) != 1 or len(ms) != 1 or any(s_ in _SOURCES for k in rest for s_, _ in k):
+        return None
+    (kx, cx), = xs.items()
+    (km, cm), = ms.items()
+    px, pm = dict(kx), dict(km)
+    if px.pop("x", 0) != 1 or px.pop("r", 0) != 1 or pm.pop("m", 0) != 1 or pm.pop("r", 0) != 1:
+        return None
+    if px != pm or not np.isclose(cx, -cm, rtol=1e-9, atol=0) or any(s_ in _SOURCES for s_ in px):
+        return None
+    return cx, tuple(sorted(px.items())), rest
+
+
+EVAL_OPS = ("Add", "Sub", "Mul", "Div", "Neg", "Reciprocal", "Sqrt", "Pow", "Identity")
+
+
+def _match_algebraic(graph, mean_node) -> LayerNormMatch | None:
+    found = _mean_of(graph, mean_node)
+    if found is None:
+        return None
+    x, axes, mu, mean_nodes = found
+    dt = G.tensor_dtype(x)
+    if dt is None or not np.issubdtype(np.dtype(dt), np.floating):
+        return None
+    r = G.rank(x)
+    for var, var_nodes in _variances(graph, x, axes, mu):
+        for add in G.consumers(var):
+            if add.op != "Add" or len(add.inputs) != 2 or G.is_graph_output(graph, var):
+                continue
+            eps = _const_scalar(_other(add, var))
+            if eps is None or eps < 0:
+                continue
+            m = _evaluate(graph, x, mu, add.outputs[0], axes, r)
+            if m is None:
+                continue
+            poly_of, producers, consts = m
+            match = _furthest(graph, x, mu, mean_nodes + var_nodes + [add], poly_of, producers, consts, axes, r, eps)
+            if match is not None:
+                return match
+    return None
+
+
+def _evaluate(graph, x, mu, ve, axes, r):
+    """Polynomials of the values after the mean and variance, up to a bounded depth."""
+    poly_of = {id(x): _Poly.sym("x"), id(mu): _Poly.sym("m")}
+    consts = {}  # symbol -> constant value
+    producers = {}  # id(tensor) -> node
+    special = {id(ve): "ve"}
+    frontier = [x, mu, ve]
+    seen_nodes = set()
+    for _ in range(24):
+        nxt = []
+        for t in frontier:
+            for node in G.consumers(t):
+                if id(node) in seen_nodes or node.op not in EVAL_OPS or len(node.outputs) != 1:
+                    continue
+                ins = [i for i in node.inputs if i is not None and i.name]
+                if not ins:
+                    continue
+                out = node.outputs[0]
+                if any(special.get(id(i)) == "ve" for i in ins):  # sqrt(ve) = 1/r, ve^-0.5 = r
+                    if node.op == "Sqrt":
+                        poly = _Poly.sym("r", -1)
+                    elif node.op == "Pow" and node.inputs[0] is ve and _const_scalar(node.inputs[1]) == -0.5:
+                        poly = _Poly.sym("r")
+                    else:
+                        continue
+                else:
+                    args = []
+                    for i in node.inputs:
+                        if i is None or not i.name:
+                            args.append(None)
+                        elif id(i) in poly_of:
+                            args.append(poly_of[id(i)])
+                        else:
+                            v = G.const_value(i)
+                            if v is None or not np.issubdtype(v.dtype, np.floating):
+                                args = None
+                                break
+                            if v.size == 1:
+                                args.append(_Poly.num(v.reshape(-1)[0]))
+                            else:
+                                key = f"k{len(consts)}"
+                                consts[key] = (i, v)
+                                args.append(_Poly.sym(key))
+                    if args is None:
+                        continue
+                    if not any(a is not None and a.symbols() & {"m", "r"} for a in args):
+                        continue  # only the values that carry the statistics
+                    poly = _apply(node, args)
+                    if poly is None:
+                        continue
+                seen_nodes.add(id(node))
+                poly_of[id(out)] = poly
+                producers[id(out)] = node
+                nxt.append(out)
+        if not nxt:
+            break
+        frontier = nxt
+    return poly_of, producers, consts
+
+
+def _apply(node, args):
+    op = node.op
+    if op == "Identity":
+        return args[0]
+    if op == "Neg":
+        return -args[0]
+    if op == "Reciprocal":
+        return args[0].inverse()
+    if len(args) != 2 or args[0] is None or args[1] is None:
+        return None
+    a, b = args
+    if op == "Add":
+        return a + b
+    if op == "Sub":
+        return a - b
+    if op == "Mul":
+        return a * b
+    if op == "Div":
+        inv = b.inverse()
+        return None if inv is None else a * inv
+    if op == "Pow" and node.inputs[1] is not None and _const_scalar(node.inputs[1]) == 2.0:
+        return a * a
+    return None
+
+
+def _furthest(graph, x, mu, stat_nodes, poly_of, producers, consts, axes, r, eps):
+    """The last value in LN form whose region (statistics + evaluated nodes up to it) is
+    closed: nothing inside it is read from outside or is a graph output."""
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    cands = sorted((t for t in producers if _ln_form(poly_of[t]) is not None), key=lambda t: -order.get(id(producers[t]), -1))
+    tensors = {}
+    for n in list(producers.values()) + stat_nodes:
+        for o in n.outputs:
+            tensors[id(o)] = o
+    for tid in cands:
+        y = tensors[tid]
+        region = _region(y, producers, stat_nodes, x)
+        if region is None or not _closed(graph, region, y, x):
+            continue
+        c, gmono, rest = _ln_form(poly_of[tid])
+        gamma = _value(c, gmono, consts, r)
+        beta = sum((_value(v, k, consts, r) for k, v in rest.items()), np.zeros(1)) if rest else None
+        if gamma is None or (rest and beta is None):
+            continue
+        if not _per_axes(gamma, x, axes) or (beta is not None and not _per_axes(beta, x, axes)):
+            continue
+        gamma_tensor = consts[gmono[0][0]][0] if (len(gmono) == 1 and gmono[0][1] == 1 and c == 1.0) else None
+        beta_tensor = None
+        if rest and len(rest) == 1:
+            (k, v), = rest.items()
+            if len(k) == 1 and k[0][1] == 1 and v == 1.0:
+                beta_tensor = consts[k[0][0]][0]
+        readers = [n for n in region if any(i is x for i in n.inputs)]
+        return LayerNormMatch(
+            kind="decomposed LN", name=region[0].name or y.name, x=x, y=y, axes=tuple(axes), rank=r, epsilon=float(eps),
+            gamma=gamma_tensor, beta=beta_tensor, nodes=region, readers=readers,
+            gamma_value=_flat(gamma, x, axes), beta_value=None if beta is None else _flat(beta, x, axes))
+    return None
+
+
+def _region(y, producers, stat_nodes, x):
+    """The nodes computing y from x: statistics plus evaluated nodes on the way (topological)."""
+    nodes, stack, seen = [], [y], set()
+    while stack:
+        t = stack.pop()
+        p = producers.get(id(t))
+        if p is None or id(p) in seen:
+            continue
+        seen.add(id(p))
+        nodes.append(p)
+        stack.extend(i for i in p.inputs if i is not None and i.name)
+    ids = {id(n) for n in nodes}
+    return [n for n in stat_nodes if id(n) not in ids] + nodes[::-1]
+
+
+def _closed(graph, region, y, x) -> bool:
+    ids = {id(n) for n in region}
+    for n in region:
+        for o in n.outputs:
+            if o is y:
+                continue
+            if G.is_graph_output(graph, o) or any(id(c) not in ids for c in G.consumers(o)):
+                return False
+    return True
+
+
+def _value(coef, mono, consts, r):
+    """coef * prod(constants ** powers), broadcast to rank r (None if a power is not 1 or -1)."""
+    v = np.asarray(coef, np.float64)
+    for sym, p in mono:
+        c = np.asarray(consts[sym][1], np.float64)
+        if p == 1:
+            v = v * c
+        elif p == -1:
+            v = v / c
+        else:
+            v = v * c ** p
+    v = np.asarray(v)
+    if v.ndim > r:
+        return None
+    return v.reshape((1,) * (r - v.ndim) + v.shape)
+
+
+def _per_axes(v, x, axes) -> bool:
+    """v (rank-r) varies along the normalized axes only, and does not widen x."""
+    shape = G.shape(x)
+    if shape is None:
+        return False
+    for i, d in enumerate(v.shape):
+        if d == 1:
+            continue
+        if i not in axes or shape[i] != d:
+            return False
+    return True
+
+
+def _flat(v, x, axes):
+    """The per-axes values as one flat array over the normalized dims (a scalar broadcast)."""
+    shape = G.shape(x)
+    target = [shape[i] if i in axes else 1 for i in range(len(shape))]
+    if any(not isinstance(d, int) for d in target):
+        return None if np.asarray(v).size != 1 else np.asarray(v).reshape(-1)
+    return np.broadcast_to(v, target).reshape(-1).copy()
 
 
 def find_layernorms(graph: gs.Graph) -> list[LayerNormMatch]:
-    found = []
+    found, claimed = [], set()
     for node in list(graph.nodes):
         if node.op == "LayerNormalization" and node.domain in ("", "ai.onnx", None):
             found.append(_match_layernorm_op(node))
-        elif node.op == "ReduceMean":
-            m = _match_decomposed(graph, node)
+        elif node.op in ("ReduceMean", "ReduceSum", "GlobalAveragePool") and id(node) not in claimed:
+            m = _match_algebraic(graph, node)
             if m is not None:
                 found.append(m)
+                claimed.update(id(n) for n in m.nodes)
     return found
 
 

@@ -31,6 +31,7 @@ from onnx import TensorProto
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 INLINE_BYTES = 1024  # tensors up to this size stay inline in the skeleton (shape constants, scalars)
+INLINE_INT_BYTES = 1 << 20  # int32/int64 tensors up to this size stay inline too: shape inference reads them
 SPILL_BYTES = 1 << 20  # new tensors at least this large go to the spill file
 CHUNK_BYTES = 64 << 20  # float64 working set of one block of weight math
 ALIGN_LARGE = 1 << 16  # offsets of tensors >= 1 MiB are aligned so ONNX Runtime can mmap them
@@ -368,12 +369,16 @@ class _Walker:
     def tensor(self, pos, end):
         raw = None
         external = False
+        dtype = 0
         for field, wire, a, b, start in _fields(self.buf, pos, end):
             if field == 9 and wire == 2:
                 raw = (a, b, start)
+            elif field == 2 and wire == 0:
+                dtype = _varint(self.buf, a, b)[0]
             elif field == 14 and wire == 0 and _varint(self.buf, a, b)[0] == TensorProto.EXTERNAL:
                 external = True
-        if raw is None or external or raw[1] - raw[0] <= self.threshold:
+        limit = max(self.threshold, INLINE_INT_BYTES) if dtype in (TensorProto.INT64, TensorProto.INT32) else self.threshold
+        if raw is None or external or raw[1] - raw[0] <= limit:
             return None
         out = []
         for field, wire, a, b, start in _fields(self.buf, pos, end):

@@ -388,11 +388,13 @@ def choose_rms_form(ctx, shape, dtype, opset):
 
 def _emit_rms(graph, namer, ln: LayerNormMatch, x, out, target, opset, form=None):
     """Emit RMSNorm(x) * gamma into tensor `out` (beta handled by the caller)."""
-    dtype = G.tensor_dtype(x) or (G.const_value(ln.gamma).dtype if ln.gamma is not None else np.float32)
+    dtype = G.tensor_dtype(x) or np.float32
     d = G.static_dim(x, -1)
     gamma = ln.gamma
     gv = G.const_value(gamma) if gamma is not None else None
-    if gamma is None:
+    if ln.gamma_value is not None and (gamma is None or gv is None or gv.ndim != 1):
+        gamma = G.new_const(namer, f"{ln.name}_gamma", np.broadcast_to(ln.gamma_value, (d,)).astype(dtype))  # computed gamma
+    elif gamma is None:
         if d is None:
             raise _Fail("width unknown")
         gamma = G.new_const(namer, f"{ln.name}_gamma", np.ones(d, dtype=dtype))
@@ -614,8 +616,11 @@ class LayerNormToRMSNorm(Pass):
                 for node in ln.nodes:
                     node.outputs.clear()
                     node.inputs.clear()
-                beta_v = G.const_value(ln.beta) if ln.beta is not None else None
-                if ln.beta is None or (beta_v is not None and not np.any(beta_v)):
+                beta_v = ln.beta_array()  # constant beta over d, or None (none, or a run-time tensor)
+                bv_own = G.const_value(ln.beta) if ln.beta is not None else None
+                # the Add keeps the LN's own beta tensor where it is a 1-D constant or a run-time value
+                beta_t = ln.beta if ln.beta is not None and (bv_own is None or bv_own.ndim == 1) else None
+                if (beta_v is None and beta_t is None) or (beta_v is not None and not np.any(beta_v)):
                     rms = _emit_rms(graph, namer, ln, x, y, ctx.target, opset, form)
                 else:
                     readers = _linear_readers(graph, y) if beta_v is not None and ctx.state.get("fold_beta", True) else None
@@ -628,7 +633,9 @@ class LayerNormToRMSNorm(Pass):
                     else:
                         mid = G.new_var(namer, f"{ln.name}_rms_out", G.tensor_dtype(x))
                         rms = _emit_rms(graph, namer, ln, x, mid, ctx.target, opset, form)
-                        G.add_node(graph, namer, "Add", [mid, ln.beta], [y], base=f"{ln.name}_beta")
+                        if beta_t is None:  # a computed beta (or one of another shape): a new 1-D constant
+                            beta_t = G.new_const(namer, f"{ln.name}_beta", np.asarray(beta_v).reshape(-1).astype(G.tensor_dtype(x) or np.float32))
+                        G.add_node(graph, namer, "Add", [mid, beta_t], [y], base=f"{ln.name}_beta")
                 if rms is not None:  # for the opt-in crms pass: streams proved zero-mean
                     ctx.state.setdefault(ZERO_MEAN_READERS, set()).add(rms.name)
                 n += 1
