@@ -149,11 +149,14 @@ def optimize(
     nio.check_output_path(in_path, out_path)
     loaded = nio.load_model(in_path)
     model, upgrade = prepare_opset(loaded.model, opset)
+    inputs_line = None
     if verify:
-        # resolve inputs before any work: a dynamic dim without --shape is a usage error
-        from .runtime_tests.inputs import make_feeds
+        # resolve inputs before any work: an integer input without a range is a usage error
+        from .runtime_tests.inputs import make_feeds, plan_inputs
 
         make_feeds(model, 0, input_opts)
+        if not (input_opts and input_opts.inputs_npz):
+            inputs_line = plan_inputs(model, input_opts).line()
         check_memory(loaded)
     store = W.WeightStore(os.path.dirname(os.path.abspath(out_path)))
     try:
@@ -163,6 +166,8 @@ def optimize(
             if tune and not passes:
                 say("tuning: timing variants and the output against the input ...")
                 out_model, report = _tuned(model, out_model, report, target, opt_in, provider, input_opts, threads)
+        if inputs_line:
+            report.notes.insert(0, inputs_line)
         if upgrade:
             report.notes.insert(0, upgrade)
         try:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import graph as G
+from . import weights as W
 
 COMMUTING_RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
 LAYOUT_OPS = frozenset(COMMUTING_RESHAPES + ("Transpose", "Gather", "Slice", "Expand", "Tile", "ReduceMean"))
-CENTERING_OPS = LAYOUT_OPS | {"Concat", "ReduceSum", "Mul", "Div"}
+CENTERING_OPS = LAYOUT_OPS | {"Concat", "ReduceSum", "Mul", "Div", "Cast"}  # Cast: float to float only
 VALUE_INDEPENDENT = ("Shape", "Size")  # read only the shape, never the values
 
 
@@ -57,6 +58,11 @@ def reshape_map(src, dst, a):
     return None
 
 
+def _float_cast(node) -> bool:
+    src, dst = G.tensor_dtype(node.inputs[0]), G.tensor_dtype(node.outputs[0])
+    return src is not None and dst is not None and W.is_float(src) and W.is_float(dst)
+
+
 def broadcast_axis(inp, out, a):
     """Axis of a broadcasting input that lines up with output axis a: None when the input
     lacks that axis, -1 when it has size 1 there (broadcast along a)."""
@@ -78,6 +84,8 @@ def forward_axis(node, t, a, ops=CENTERING_OPS):
     op, out = node.op, node.outputs[0]
     if op not in ops:
         return None
+    if op == "Cast":  # an fp16 export that keeps its norms in fp32: same values, another float width
+        return a if _float_cast(node) and node.inputs[0] is t else None
     if op == "Transpose":
         perm = node.attrs.get("perm")
         r = G.rank(t)
@@ -154,6 +162,8 @@ def backward_axis(node, out_axis, ops=CENTERING_OPS):
     op, out = node.op, node.outputs[0]
     if op not in ops:
         return None
+    if op == "Cast":
+        return [(0, out_axis)] if _float_cast(node) else None
     if op == "Transpose":
         perm = node.attrs.get("perm")
         if perm is None:

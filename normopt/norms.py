@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import graph as G
+from . import weights as W
 
 
 @dataclass(eq=False)
@@ -291,7 +292,7 @@ def _match_algebraic(graph, mean_node) -> LayerNormMatch | None:
         return None
     x, axes, mu, mean_nodes = found
     dt = G.tensor_dtype(x)
-    if dt is None or not np.issubdtype(np.dtype(dt), np.floating):
+    if dt is None or not W.is_float(dt):
         return None
     r = G.rank(x)
     for var, var_nodes in _variances(graph, x, axes, mu):
@@ -345,7 +346,7 @@ def _evaluate(graph, x, mu, ve, axes, r):
                             args.append(poly_of[id(i)])
                         else:
                             v = G.const_value(i)
-                            if v is None or not np.issubdtype(v.dtype, np.floating):
+                            if v is None or not W.is_float(v.dtype):
                                 args = None
                                 break
                             if v.size == 1:
@@ -545,7 +546,7 @@ def _is_per_channel_affine(node) -> bool:
     if all(c is None for c in consts) or all(c is not None for c in consts):
         return False
     c = next(v for v in consts if v is not None)
-    if c.size <= 1 or not np.issubdtype(c.dtype, np.floating):
+    if c.size <= 1 or not W.is_float(c.dtype):
         return False
     # exactly one non-unit axis: per-channel
     if sum(1 for s in c.shape if s != 1) != 1:

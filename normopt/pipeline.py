@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import time
+
+import numpy as np
 from dataclasses import asdict, dataclass, field
 
 import onnx
@@ -44,6 +46,23 @@ class Context:
 
 
 MAX_ROUNDS = 8
+TUNE_DIM = 128  # a dynamic dim the user gave no --shape for is timed at this size (a leading one at 1)
+
+
+def tuning_shape(ctx, shape) -> tuple:
+    """A value's shape for a tuning micro-benchmark: static dims as they are, named dynamic dims
+    at the size the user gave with --shape, other dynamic dims at TUNE_DIM (the leading one 1)."""
+    out = []
+    for i, d in enumerate(shape or ()):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        elif isinstance(d, str) and d in ctx.shapes and isinstance(ctx.shapes[d], (int, np.integer)):
+            out.append(int(ctx.shapes[d]))
+        elif isinstance(d, str) and d in ctx.shapes and len(ctx.shapes[d]) == 1:
+            out.append(int(ctx.shapes[d][0]))
+        else:
+            out.append(1 if i == 0 else TUNE_DIM)
+    return tuple(out)
 CHANGED = "changed_values"  # ctx.state key: names of values a pass changes on purpose
 
 

@@ -488,3 +488,11 @@ def scale_axis(values: np.ndarray, vec: np.ndarray, axis: int) -> np.ndarray:
     if axis == 0:
         return blockwise(values, lambda b, rows: b * v[rows])
     return blockwise(values, lambda b, rows: b * v)
+
+
+def is_float(dtype) -> bool:
+    """A floating-point element type, bfloat16 and the float8 types (ml_dtypes) included."""
+    if dtype is None:
+        return False
+    dt = np.dtype(dtype)
+    return dt.kind == "f" or dt.name.startswith(("bfloat16", "float8", "float4"))

@@ -286,16 +286,30 @@ def test_unknown_shape_name(model_path, tmp_path):
     assert "nosuch" in r.stderr
 
 
-def test_dynamic_dim_without_shape_names_it(tmp_path):
+def test_dynamic_dim_defaults_are_listed_and_overridable(tmp_path):
     m = preln_stream_model()
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     src, out = tmp_path / "dyn.onnx", tmp_path / "o.onnx"
     onnx.save(m, src)
+    r = run_cli("optimize", src, "-o", out, "--no-tune", "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("inputs:"))
+    assert "batch=1 (batch)" in line and "ids in [0, 32)" in line
+    assert json.loads((tmp_path / "r.json").read_text())["verification"]["equivalent"]
+    r = run_cli("optimize", src, "-o", out, "--no-tune", "--shape", "batch=3")
+    assert r.returncode == 0, r.stderr
+    assert "batch=1" not in r.stdout
+
+
+def test_every_missing_range_in_one_message(tmp_path):
+    nodes = [helper.make_node("Cast", ["n"], ["a"], to=onnx.TensorProto.FLOAT), helper.make_node("Cast", ["k"], ["b"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    m = make_model(nodes, [vi("n", [2], onnx.TensorProto.INT64), vi("k", [2], onnx.TensorProto.INT32)], [vi("y", [2])])
+    src, out = tmp_path / "ints.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
     r = run_cli("optimize", src, "-o", out)
     assert_bad_input(r, out, {src: sha(src)})
-    assert "batch" in r.stderr and "ids" in r.stderr
-    r = run_cli("optimize", src, "-o", out, "--shape", "batch=1")
-    assert r.returncode == 0, r.stderr
+    assert "--int-range n=LO:HI" in r.stderr and "--int-range k=LO:HI" in r.stderr
 
 
 def test_unknown_pass(model_path, tmp_path):

@@ -12,6 +12,8 @@ from normopt.errors import NormoptError
 from normopt.runtime_tests import InputOptions, bench, compare, make_feeds
 from normopt.runtime_tests.latency import bootstrap_ratio
 
+from normopt.runtime_tests.inputs import DEFAULT_SEQ, plan_inputs
+
 from conftest import init, make_model, preln_stream_model, vi
 
 
@@ -41,8 +43,10 @@ def test_shape_for_input_and_for_dim_name():
     m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["b", "s", 4])], [vi("y", ["b", "s", 4])])
     assert make_feeds(m, 0, InputOptions(shapes={"x": (2, 3, 4)}))["x"].shape == (2, 3, 4)
     assert make_feeds(m, 0, InputOptions(shapes={"b": (5,), "s": (6,)}))["x"].shape == (5, 6, 4)
-    with pytest.raises(NormoptError, match="'s'"):
-        make_feeds(m, 0, InputOptions(shapes={"b": (5,)}))
+    # a dim left out gets its default (a leading one 1, another DEFAULT_SEQ) and the plan says so
+    assert make_feeds(m, 0, InputOptions(shapes={"b": (5,)}))["x"].shape == (5, DEFAULT_SEQ, 4)
+    assert make_feeds(m, 0)["x"].shape == (1, DEFAULT_SEQ, 4)
+    assert f"s={DEFAULT_SEQ} (sequence)" in plan_inputs(m, InputOptions(shapes={"b": (5,)})).line()
     with pytest.raises(NormoptError, match="does not fit"):
         make_feeds(m, 0, InputOptions(shapes={"x": (2, 3, 5)}))
 

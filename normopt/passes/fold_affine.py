@@ -111,7 +111,7 @@ def _chain(graph, node, in_chain):
         if x is not None and v_in is not nodes[-1].outputs[0]:
             break
         dt = G.tensor_dtype(v_in)
-        if dt is None or not np.issubdtype(np.dtype(dt), np.floating):
+        if dt is None or not W.is_float(dt):
             break  # integer arithmetic (shape computations) is not a norm
         pc = _per_channel(G.const_value(cur.inputs[c_idx]), v_in)
         if pc is None or G.rank(v_in) != G.rank(cur.outputs[0]):

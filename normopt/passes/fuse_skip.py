@@ -29,7 +29,7 @@ from onnx import helper
 
 from .. import graph as G
 from ..axes import per_axis
-from ..pipeline import Analysis, Decline, Pass
+from ..pipeline import Analysis, Decline, Pass, tuning_shape
 
 FUSED = {"SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization", "LayerNormalization": "SkipLayerNormalization"}
 DEFAULT_FUSE = {"cpu": False, "cuda": True}
@@ -75,12 +75,12 @@ def _micro_model(op, shape, dtype, beta):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=8)
 
 
-def time_family(norm_op, shape, dtype, beta, provider, runs=60):
+def time_family(norm_op, shape, dtype, beta, provider, runs=60, threads=None):
     """Median ms of the unfused (Add + norm) and fused (Skip) forms, interleaved."""
     from ..runtime_tests.micro import time_models
 
     models = [_micro_model(op, shape, dtype, beta) for op in (norm_op, FUSED[norm_op])]
-    unfused, fused = time_models(models, {"a": shape, "s": shape}, dtype, provider, runs)
+    unfused, fused = time_models(models, {"a": shape, "s": shape}, dtype, provider, runs, threads=threads)
     return unfused, fused
 
 
@@ -101,14 +101,14 @@ class FuseSkipNorms(Pass):
                 a.declined.append(Decline(norm.name, norm.op, f"no Skip fusion: {why}"))
                 continue
             beta = norm.op == "LayerNormalization" and len(norm.inputs) > 2 and bool(norm.inputs[2].name)
-            # dynamic dims are timed at a representative size (batch 1, others 128)
-            shape = tuple(d if isinstance(d, int) else (1 if i == 0 else 128) for i, d in enumerate(G.shape(norm.inputs[0])))
+            # dynamic dims are timed at the user's --shape sizes, else a representative size
+            shape = tuning_shape(ctx, G.shape(norm.inputs[0]))
             key = (norm.op, shape, str(np.dtype(G.tensor_dtype(norm.inputs[0]))), beta)
             groups.setdefault(key, []).append((norm, add))
         decisions = ctx.state.setdefault("fuse_skip_decisions", [])
         for (op, shape, dtype, beta), members in groups.items():
             if ctx.tune:
-                unfused, fused = time_family(op, shape, dtype, beta, ctx.provider)
+                unfused, fused = time_family(op, shape, dtype, beta, ctx.provider, threads=ctx.threads)
                 # leave the provider's default only for a form at least MARGIN faster
                 default = DEFAULT_FUSE.get(ctx.provider, False)
                 if default:  # fused by default: unfuse only if Add + norm is MARGIN faster

@@ -62,7 +62,7 @@ from ..axes import AxisError as _Fail  # a stream that cannot convert (an untrac
 from ..axes import backward_axis as _backward_axis, broadcast_axis as _broadcast_axis
 from ..axes import VALUE_INDEPENDENT, forward_axis as _forward_axis, reshape_map as _reshape_map
 from ..norms import LayerNormMatch, find_layernorms
-from ..pipeline import Analysis, Decline, Pass, mark_changed
+from ..pipeline import Analysis, Decline, Pass, mark_changed, tuning_shape
 
 ZERO_MEAN_READERS = "zero_mean_readers"  # ctx.state key: RMS nodes that read a proved zero-mean stream
 
@@ -90,6 +90,38 @@ class Stream:
             f"{len(self.linears)} linear writers, {len(self.constants)} constants, "
             f"{len(self.layerscales)} LayerScales folded, {len(self.centerings)} explicit centerings"
         )
+
+
+QUANTIZED_OPS = {
+    "MatMulInteger", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
+    "QLinearConv", "ConvInteger", "QAttention", "QOrderedMatMul", "MatMulFpQ4", "MatMulBnb4", "GatherBlockQuantized",
+    "DequantizeLinear", "DynamicQuantizeLSTM", "QLinearAdd", "QLinearMul",
+}
+
+
+def quantized_writer(t, depth=6):
+    """The quantized op that writes t, if any: t is (through Cast and Add/Mul by constants, such
+    as the scale and bias after MatMulInteger) the output of an integer or n-bit op, or of a
+    float MatMul/Gemm/Conv whose weight is DequantizeLinear of a constant (QDQ)."""
+    for _ in range(depth):
+        p = G.producer(t)
+        if p is None:
+            return None
+        if p.op in QUANTIZED_OPS:
+            return p
+        if p.op in ("MatMul", "Gemm", "Conv") and len(p.inputs) > 1:
+            wp = G.producer(p.inputs[1])
+            return p if wp is not None and wp.op == "DequantizeLinear" else None
+        if p.op in ("Cast", "Identity") or (p.op in ("Add", "Mul") and len(p.inputs) == 2):
+            ins = [i for i in p.inputs if G.const_value(i) is None]
+            if len(ins) == 1:
+                t = ins[0]
+                continue
+            if p.op == "Mul" and len(ins) == 2:  # MatMulInteger's output times its dynamic scale
+                found = [quantized_writer(i, depth - 1) for i in ins]
+                return next((f for f in found if f is not None), None)
+        return None
+    return None
 
 
 def _is_centering(node, a) -> bool:
@@ -166,6 +198,10 @@ class _Closure:
             return
         if op == "Mul" and self._layerscale(p, t, a):
             return
+        q = quantized_writer(t)
+        if q is not None:
+            raise _Fail(f"stream writer {q.op} '{q.name}' computes with quantized weights: centering them is not exact "
+                        "(run normopt before quantizing)")
         return self.center(t, a, edge)
 
     def mark(self, t, a):
@@ -303,6 +339,9 @@ class _Closure:
                 ln = self.ln_by_reader.get(id(c))
                 if ln is not None:
                     raise _Fail(f"stream value '{t.name}' is read by {ln.kind} '{ln.name}', which does not normalize exactly the last axis (or exposes its mean)")
+                if c.op in ("QuantizeLinear", "DynamicQuantizeLinear"):
+                    raise _Fail(f"stream value '{t.name}' is quantized by {c.op} '{c.name}': a quantized stream cannot be "
+                                "centered exactly (run normopt before quantizing)")
                 raise _Fail(f"stream value '{t.name}' is read by {c.op} '{c.name}', which is not invariant to the per-token mean")
             self._changed_reader(c, t, a)
 
@@ -376,7 +415,7 @@ def choose_rms_form(ctx, shape, dtype, opset):
     if key not in ctx.state:
         from ..runtime_tests.micro import time_models
 
-        ms = time_models([_rms_micro(f, shape, dtype, opset) for f in forms], {"x": shape}, dtype, ctx.provider)
+        ms = time_models([_rms_micro(f, shape, dtype, opset) for f in forms], {"x": shape}, dtype, ctx.provider, threads=ctx.threads)
         # leave the default (forms[0]) only for a form at least MARGIN faster: noise never flips it
         alt = int(np.argmin(ms[1:])) + 1
         best = forms[alt] if ms[alt] < (1 - MARGIN) * ms[0] else forms[0]
@@ -610,8 +649,7 @@ class LayerNormToRMSNorm(Pass):
             for ln in s.lns:
                 y = ln.y
                 x = ln.readers[0].inputs[0]  # after step 3 this may be the explicitly centered value
-                shp = G.shape(x) or [1, 128, G.static_dim(x, -1) or 1]
-                shp = [v if isinstance(v, int) else (1 if i == 0 else 128) for i, v in enumerate(shp)]
+                shp = tuning_shape(ctx, G.shape(x) or [None, None, G.static_dim(x, -1) or 1])
                 form = choose_rms_form(ctx, shp, G.tensor_dtype(x) or np.float32, opset)
                 for node in ln.nodes:
                     node.outputs.clear()

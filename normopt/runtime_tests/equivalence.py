@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from .. import weights as W
 from ..errors import NormoptError
-from .inputs import STRESS, InputOptions, input_specs, make_feeds, stress_feeds
+from .inputs import STRESS, InputOptions, input_specs, make_feeds, plan_inputs, stress_feeds
 from .providers import SessionError, make_session
 
 DEFAULT_TOL = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}
@@ -89,8 +90,12 @@ def _load_proto(model):
     return read_skeleton(model)
 
 
+def _floating(a) -> bool:
+    return W.is_float(np.asarray(a).dtype) or np.asarray(a).dtype.kind == "c"
+
+
 def _metrics(ref: np.ndarray, cand: np.ndarray):
-    if ref.dtype.kind in "fc":
+    if _floating(ref):
         r = ref.astype(np.float64)
         c = cand.astype(np.float64)
         diff = np.abs(c - r)
@@ -117,7 +122,7 @@ def feed_sets(proto, seeds: int, input_opts, stress: bool = True) -> list:
     sets = [(f"seed {k}", make_feeds(proto, k, input_opts)) for k in range(seeds)]
     if stress and not (input_opts and input_opts.inputs_npz):
         base = make_feeds(proto, seeds, input_opts)
-        if any(np.issubdtype(v.dtype, np.floating) for v in base.values()):
+        if any(W.is_float(v.dtype) for v in base.values()):
             for kind in STRESS:
                 sets.append((kind, stress_feeds(base, kind, seeds)))
     return sets
@@ -140,7 +145,7 @@ def _tolerances(m: OutputMetrics, ref: np.ndarray, label: str, noise: float | No
     float inputs (worst of NOISE_DRAWS draws), times SENSITIVITY_FACTOR (an ill-conditioned input, such as x1000 on a KV cache
     that saturates softmax, moves outputs far more than unit-normal inputs do). Where that exceeds
     UNINFORMATIVE of the output's RMS the input is not informative for this output."""
-    if label not in STRESS or ref.dtype.kind not in "fc" or not ref.size:
+    if label not in STRESS or not _floating(ref) or not ref.size:
         return m.atol, m.rtol, True
     rms = _rms(ref)
     atol = m.atol * max(1.0, rms)
@@ -156,7 +161,7 @@ def _ulp_noise(feeds: dict, seed: int) -> dict:
     rng = np.random.default_rng(20_000 + seed)
     out = {}
     for k, v in feeds.items():
-        if np.issubdtype(v.dtype, np.floating):
+        if W.is_float(v.dtype):
             eps = float(np.finfo(v.dtype).eps)
             out[k] = (v.astype(np.float64) * (1 + eps * rng.standard_normal(v.shape))).astype(v.dtype)
         else:
@@ -216,13 +221,15 @@ def compare(
                     moved = ref_sess.run(ref_outs, _ulp_noise(feeds, 100 * k + draw))
                     for j, (a, b) in enumerate(zip(ref_vals[-1], moved)):
                         a = np.asarray(a)
-                        if worst[j] is not None and a.dtype.kind in "fc" and a.size and np.isfinite(a).all():
+                        if worst[j] is not None and _floating(a) and a.size and np.isfinite(a).all():
                             worst[j] = max(worst[j], float(np.nanmax(np.abs(a.astype(np.float64) - np.asarray(b, np.float64)))))
                         else:
                             worst[j] = None
                 noise[label] = worst
         except Exception as exc:
-            raise NormoptError(f"the reference model fails to run ({label}): {str(exc).strip().splitlines()[0][:300]}") from None
+            used = "" if (input_opts and input_opts.inputs_npz) else f" with {plan_inputs(ref_proto, input_opts).line()}"
+            raise NormoptError(f"the reference model fails to run ({label}){used}: {str(exc).strip().splitlines()[0][:300]}"
+                               " (override with --shape DIM=N, --shape INPUT=AxB, --int-range NAME=LO:HI or --inputs feeds.npz)") from None
     del ref_sess
     gc.collect()
     try:
@@ -244,7 +251,7 @@ def compare(
             r, c = np.asarray(r), np.asarray(c)
             m = metrics.get(name)
             if m is None:
-                a0, r0 = default_tolerance(r.dtype) if r.dtype.kind in "fc" else (0.0, 0.0)
+                a0, r0 = default_tolerance(r.dtype) if _floating(r) else (0.0, 0.0)
                 m = metrics[name] = OutputMetrics(
                     name, str(r.dtype), list(r.shape), atol=a0 if atol is None else atol, rtol=r0 if rtol is None else rtol
                 )
@@ -255,7 +262,7 @@ def compare(
                 m.worst_seed = k
                 result.problems.append(f"output '{name}': shape/dtype {c.shape} {c.dtype} vs reference {r.shape} {r.dtype}")
                 continue
-            if label in STRESS and r.dtype.kind in "fc" and not np.all(np.isfinite(r)):
+            if label in STRESS and _floating(r) and not np.all(np.isfinite(r)):
                 result.notes.append(f"{label} input: reference output '{name}' is not finite; not compared")
                 continue
             max_abs, max_rel, cos = _metrics(r, c)
@@ -264,8 +271,8 @@ def compare(
                 result.notes.append(f"{label} input: output '{name}' moves by {noise[label][j]:.3g} under ulp-level input "
                                     f"noise (ill-conditioned there); not compared")
                 continue
-            if r.dtype.kind in "fc":
-                ok = bool(np.allclose(c, r, atol=a_tol, rtol=r_tol, equal_nan=True))
+            if _floating(r):
+                ok = bool(np.allclose(c.astype(np.float64), r.astype(np.float64), atol=a_tol, rtol=r_tol, equal_nan=True))
             else:
                 ok = bool(np.array_equal(c, r))
             if max_abs > m.max_abs or (not ok and m.passed):

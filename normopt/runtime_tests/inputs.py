@@ -1,26 +1,48 @@
-"""Inputs generated from a model's signature.
+"""Inputs generated from a model's signature, with defaults so a model runs without flags.
 
-* floats: seeded standard normal;
-* integers that index a Gather table (token ids), possibly through Cast/Reshape/Unsqueeze/
-  Squeeze/Flatten/Expand: uniform in [0, rows of the smallest such table);
-  ``int_ranges={name: (lo, hi)}`` overrides; an integer input with neither is an error;
-* bool: seeded coin flips;
-* dynamic dimensions: ``shapes`` maps an input name to a full shape, or a symbolic dimension
-  name (dim_param) to a size; a dynamic dimension left unresolved is an error naming it;
-* ``inputs_npz``: real inputs; names, dtypes and static dims are checked against the model.
+Dimensions (a dynamic dim is a name, a stored -1 or 0, or no value at all):
+  * ``--shape NAME=2x16`` gives an input's whole shape, ``--shape DIM=16`` a named dimension;
+  * otherwise a dim that leads some input (the batch) is 1;
+  * a KV-cache length (a name with "past") is 4 where another dim adds to it
+    ("past_sequence_length + sequence_length", or a "total..." length), else 0 (Optimum's
+    merged decoder names its mask dim after the new tokens alone);
+  * a dim named as a sum of others ("a + b") is their sum; a "total" length is past + sequence;
+  * any other dim is DEFAULT_SEQ (16), at most what a position table leaves (the rows of the
+    table position ids index, less the past); unnamed non-leading dims share that value.
+Values:
+  * floats: seeded standard normal; bool flags (one element, such as Optimum's
+    use_cache_branch): True on even seeds, False on odd ones, so both If branches run;
+    other bools: coin flips;
+  * integers: ``--int-range NAME=LO:HI``; else by Hugging Face convention:
+    attention_mask all ones (seed 1: the first positions padded with 0), position_ids and
+    cache_position the positions after the past, token_type_ids 0; else the rows of the
+    Gather table the input indexes (traced through casts, arithmetic such as Keras'
+    negative-id fix-up, shape ops, DequantizeLinear tables and If branches);
+  * an integer input none of these covers is asked for, all in one message, with the flags.
+``inputs_npz`` gives real inputs; names, dtypes and static dims are checked against the model.
+The plan's one-line description (``InputPlan.line``) says which defaults were used.
 """
 
 from __future__ import annotations
 
+import ast
 import collections
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
+from .. import weights as W
 from ..errors import NormoptError
 
-PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Slice", "Transpose"}
+DEFAULT_SEQ = 16
+DEFAULT_PAST = 4
+# ops an index can pass through on its way to a Gather (values change at most by arithmetic
+# that keeps valid ids valid, as Keras' negative-id handling does)
+INDEX_PATH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Slice", "Transpose", "Add",
+              "Sub", "Mul", "Where", "Less", "Greater", "Not", "Equal", "Neg", "Abs", "Mod", "Concat", "Tile"}
+TABLE_PATH = {"DequantizeLinear", "Cast", "Identity", "Reshape"}  # a Gather table may be one of these of a constant
 
 
 @dataclass
@@ -34,7 +56,20 @@ class InputOptions:
 class InputSpec:
     name: str
     dtype: np.dtype
-    dims: list  # int or str (symbolic) or None
+    dims: list  # int (static) or str (named) or None (dynamic, unnamed)
+
+
+@dataclass
+class InputPlan:
+    shapes: dict  # input name -> tuple
+    dims: dict  # dim name -> value
+    values: dict  # input name -> (kind, argument, description); kind: normal flag coin range ones positions zeros
+    defaulted: list  # "name=value (why)" for every dim normopt chose
+
+    def line(self) -> str:
+        parts = list(self.defaulted)
+        parts += [f"{name} {desc}" for name, (kind, _, desc) in self.values.items() if desc]
+        return "inputs: " + ("; ".join(parts) if parts else "static shapes; floats N(0,1)")
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -47,30 +82,67 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
         dims = []
         for d in tt.shape.dim:
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
+            elif d.HasField("dim_param") and d.dim_param:
                 dims.append(d.dim_param)
             else:
-                dims.append(None)
+                dims.append(None)  # unnamed, or stored as -1 / 0: dynamic
         specs.append(InputSpec(vi.name, dtype, dims))
     return specs
 
 
-def gather_bounds(model: onnx.ModelProto) -> dict:
-    """For each graph input, the rows of the smallest constant Gather table it indexes."""
-    inits = {i.name: i for i in model.graph.initializer}
-    consts = dict(inits)
-    for n in model.graph.node:
+# ---------------------------------------------------------------------------------------------
+# what the graph says about integer inputs
+
+
+def _all_nodes(graph):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _all_nodes(g)
+
+
+def _tensors(model):
+    """Constant tensors by name: initializers of every graph and Constant nodes' values."""
+    consts = {i.name: i for i in model.graph.initializer}
+    for n in _all_nodes(model.graph):
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value":
                     consts[n.output[0]] = a.t
+        for a in n.attribute:
+            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                for i in sg.initializer:
+                    consts.setdefault(i.name, i)
+    return consts
+
+
+def _table_rows(name, consts, producer, axis):
+    for _ in range(6):
+        if name in consts:
+            dims = list(consts[name].dims)
+            return dims[axis] if len(dims) > axis else None
+        p = producer.get(name)
+        if p is None or p.op_type not in TABLE_PATH:
+            return None
+        name = p.input[0]
+    return None
+
+
+def gather_bounds(model: onnx.ModelProto) -> dict:
+    """For each graph input, the rows of the smallest Gather table it indexes (subgraphs too)."""
+    consts = _tensors(model)
     readers = collections.defaultdict(list)
-    for n in model.graph.node:
+    producer = {}
+    for n in _all_nodes(model.graph):
         for i, name in enumerate(n.input):
             readers[name].append((n, i))
+        for o in n.output:
+            producer[o] = n
     bounds = {}
+    inits = {i.name for i in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in inits:
             continue
@@ -81,15 +153,189 @@ def gather_bounds(model: onnx.ModelProto) -> dict:
                 continue
             seen.add(t)
             for n, i in readers.get(t, []):
-                if n.op_type == "Gather" and i == 1 and n.input[0] in consts:
+                if n.op_type in ("Gather", "GatherElements") and i == 1:
                     axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-                    dims = list(consts[n.input[0]].dims)
-                    rows.append(dims[axis])
-                elif n.op_type in PASS_THROUGH and i == 0:
-                    frontier.extend(n.output)
+                    r = _table_rows(n.input[0], consts, producer, axis)
+                    if r:
+                        rows.append(r)
+                elif n.op_type in INDEX_PATH and not (n.op_type == "Where" and i == 0):
+                    frontier.extend(o for o in n.output if o)
         if rows:
             bounds[vi.name] = min(rows)
     return bounds
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/]*")
+
+
+def _expr_names(dim: str):
+    """Names a dim expression ('past_sequence_length + sequence_length') is made of, or None."""
+    if not any(op in dim for op in ("+", "-", "*", "/")):
+        return None
+    names = _IDENT.findall(dim)
+    return names or None
+
+
+def _eval(dim: str, values: dict):
+    expr = dim
+    for n in sorted(_IDENT.findall(dim), key=len, reverse=True):
+        if n not in values:
+            return None
+        expr = re.sub(rf"(?<![A-Za-z0-9_.:/]){re.escape(n)}(?![A-Za-z0-9_.:/])", str(int(values[n])), expr)
+    try:
+        tree = ast.parse(expr, mode="eval")
+        if not all(isinstance(x, (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Div,
+                                  ast.UnaryOp, ast.USub)) for x in ast.walk(tree)):
+            return None
+        return int(eval(compile(tree, "<dim>", "eval"), {"__builtins__": {}}))  # noqa: S307 - arithmetic only
+    except Exception:
+        return None
+
+
+def _is_past(name):
+    return "past" in name.lower()
+
+
+def _is_total(name):
+    return "total" in name.lower()
+
+
+def _named(name, *words):
+    n = name.lower()
+    return any(w in n for w in words)
+
+
+_PLANS: dict = {}
+
+
+def plan_inputs(model: onnx.ModelProto, opts: InputOptions | None = None) -> InputPlan:
+    key = (id(model), repr(sorted((opts or InputOptions()).shapes.items())), repr(sorted((opts or InputOptions()).int_ranges.items())))
+    cached = _PLANS.get(key)
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    plan = _plan(model, opts or InputOptions())
+    if len(_PLANS) > 64:
+        _PLANS.clear()
+    _PLANS[key] = (model, plan)
+    return plan
+
+
+def _plan(model, opts):
+    specs = input_specs(model)
+    check_shape_names(model, opts)
+    bounds = None
+    dims, defaulted = {}, []
+    # user-given named dims
+    for k, v in opts.shapes.items():
+        if not any(s.name == k for s in specs):
+            v = v[0] if isinstance(v, (tuple, list)) else v
+            dims[k] = int(v)
+    names, leading, exprs = [], set(), []
+    for s in specs:
+        if s.name in opts.shapes:
+            continue
+        for i, d in enumerate(s.dims):
+            if isinstance(d, str) and d not in names:
+                (exprs if _expr_names(d) else names).append(d)
+            if i == 0 and isinstance(d, str):
+                leading.add(d)
+    used_in_exprs = {n for e in exprs for n in _expr_names(e)}
+    any_total = any(_is_total(n) for n in names)
+    # the sequence bound: rows of the table that position ids index
+    pos_bound = None
+    if any(np.issubdtype(s.dtype, np.integer) and _named(s.name, "position") for s in specs):
+        bounds = gather_bounds(model)
+        rows = [bounds[s.name] for s in specs if s.name in bounds and _named(s.name, "position")]
+        pos_bound = min(rows) if rows else None
+
+    def choose(n):
+        if n in dims:
+            return
+        if n in leading and not _is_past(n):
+            dims[n], why = 1, "batch"
+        elif _is_past(n):
+            dims[n] = DEFAULT_PAST if (n in used_in_exprs or any_total) else 0
+            why = "KV cache" if dims[n] else "KV cache; no dim adds to it"
+        elif _is_total(n):
+            return  # after the others
+        else:
+            dims[n] = DEFAULT_SEQ
+            why = "sequence"
+        defaulted.append(f"{n}={dims[n]} ({why})")
+
+    for n in names:
+        choose(n)
+    past = sum(v for k, v in dims.items() if _is_past(k))
+    if pos_bound is not None:  # positions run past .. past + seq - 1 and must index the table
+        for n in names:
+            if dims.get(n) == DEFAULT_SEQ and f"{n}={DEFAULT_SEQ} (sequence)" in defaulted and DEFAULT_SEQ + past > pos_bound:
+                dims[n] = max(1, pos_bound - past)
+                defaulted[defaulted.index(f"{n}={DEFAULT_SEQ} (sequence)")] = f"{n}={dims[n]} (position table has {pos_bound} rows)"
+    seq = next((dims[n] for n in names if not _is_past(n) and not _is_total(n) and n not in leading and n in dims), DEFAULT_SEQ)
+    for n in names:
+        if n not in dims and _is_total(n):
+            dims[n] = past + seq
+            defaulted.append(f"{n}={dims[n]} (past + sequence)")
+    for e in exprs:
+        if e not in dims:
+            v = _eval(e, dims)
+            dims[e] = v if v is not None else DEFAULT_SEQ
+            defaulted.append(f"'{e}'={dims[e]}")
+    shapes = {}
+    unnamed_note = False
+    for s in specs:
+        if s.name in opts.shapes:
+            shapes[s.name] = resolve_shape(s, opts.shapes)
+            continue
+        shp = []
+        for i, d in enumerate(s.dims):
+            if isinstance(d, int):
+                shp.append(d)
+            elif isinstance(d, str):
+                shp.append(dims[d])
+            else:
+                shp.append(1 if i == 0 else seq)
+                unnamed_note = True
+        shapes[s.name] = tuple(shp)
+    if unnamed_note:
+        defaulted.append(f"unnamed dims: leading 1, others {seq}")
+    # values
+    values, missing = {}, []
+    for s in specs:
+        if W.is_float(s.dtype):
+            values[s.name] = ("normal", None, "")
+        elif s.dtype == np.bool_:
+            values[s.name] = ("flag", None, "True/False by seed") if int(np.prod(shapes[s.name])) == 1 else ("coin", None, "")
+        elif np.issubdtype(s.dtype, np.integer):
+            if s.name in opts.int_ranges:
+                lo, hi = opts.int_ranges[s.name]
+                if hi <= lo:
+                    raise NormoptError(f"--int-range {s.name}={lo}:{hi} is empty")
+                values[s.name] = ("range", (lo, hi), f"in [{lo}, {hi}) (--int-range)")
+            elif _named(s.name, "attention_mask"):
+                values[s.name] = ("ones", None, "all ones (seed 1 left-padded)")
+            elif _named(s.name, "position_ids", "cache_position"):
+                values[s.name] = ("positions", None, f"positions {past}..")
+            elif _named(s.name, "token_type_ids"):
+                values[s.name] = ("zeros", None, "zeros")
+            else:
+                if bounds is None:
+                    bounds = gather_bounds(model)
+                if s.name in bounds:
+                    values[s.name] = ("range", (0, bounds[s.name]), f"in [0, {bounds[s.name]}) (Gather table rows)")
+                else:
+                    missing.append(s.name)
+        else:
+            raise NormoptError(f"input '{s.name}' has unsupported dtype {s.dtype}")
+    if missing:
+        flags = " ".join(f"--int-range {n}=LO:HI" for n in missing)
+        what = ", ".join(f"'{n}'" for n in missing)
+        raise NormoptError(f"integer input(s) {what} index no Gather table, so their range is unknown; give {flags}")
+    return InputPlan(shapes, dims, values, defaulted)
 
 
 def resolve_shape(spec: InputSpec, shapes: dict) -> tuple:
@@ -99,24 +345,7 @@ def resolve_shape(spec: InputSpec, shapes: dict) -> tuple:
         if len(shp) != len(spec.dims) or any(isinstance(d, int) and d != s for d, s in zip(spec.dims, shp)):
             raise NormoptError(f"--shape {spec.name}={'x'.join(map(str, shp))} does not fit the model's shape {_fmt(spec.dims)}")
         return shp
-    out = []
-    for i, d in enumerate(spec.dims):
-        if isinstance(d, int) and d > 0:
-            out.append(d)
-        elif isinstance(d, str) and d in shapes:
-            v = shapes[d]
-            if isinstance(v, (tuple, list)):
-                if len(v) != 1:
-                    raise NormoptError(f"--shape {d}=...: '{d}' is a dynamic dimension; give one number")
-                v = v[0]
-            out.append(int(v))
-        else:
-            label = f"'{d}'" if isinstance(d, str) and d else f"#{i}"
-            raise NormoptError(
-                f"input '{spec.name}' has dynamic dimension {label} (shape {_fmt(spec.dims)}); "
-                f"give it with --shape {spec.name}=... or --shape {d if isinstance(d, str) and d else 'DIM'}=N"
-            )
-    return tuple(out)
+    raise KeyError(spec.name)
 
 
 def _fmt(dims) -> str:
@@ -159,36 +388,32 @@ def make_feeds(model: onnx.ModelProto, seed: int, opts: InputOptions | None = No
     opts = opts or InputOptions()
     if opts.inputs_npz:
         return load_npz(opts.inputs_npz, model)
-    check_shape_names(model, opts)
+    plan = plan_inputs(model, opts)
     rng = np.random.default_rng(seed)
-    bounds = None
     feeds = {}
+    past = sum(v for k, v in plan.dims.items() if _is_past(k))
     for spec in input_specs(model):
-        shp = resolve_shape(spec, opts.shapes)
-        if np.issubdtype(spec.dtype, np.floating):
+        shp = plan.shapes[spec.name]
+        kind, detail, _ = plan.values[spec.name]
+        if kind == "normal":
             feeds[spec.name] = rng.standard_normal(shp).astype(spec.dtype)
-        elif spec.dtype == np.bool_:
-            if int(np.prod(shp)) == 1:  # a flag (an If condition such as use_cache_branch): both values across seeds
-                feeds[spec.name] = np.full(shp, seed % 2 == 0, np.bool_)
-            else:
-                feeds[spec.name] = rng.integers(0, 2, shp).astype(np.bool_)
-        elif np.issubdtype(spec.dtype, np.integer):
-            if spec.name in opts.int_ranges:
-                lo, hi = opts.int_ranges[spec.name]
-            else:
-                if bounds is None:
-                    bounds = gather_bounds(model)
-                if spec.name not in bounds:
-                    raise NormoptError(
-                        f"integer input '{spec.name}' indexes no Gather table, so its range is unknown; "
-                        f"give it with --int-range {spec.name}=LO:HI"
-                    )
-                lo, hi = 0, bounds[spec.name]
-            if hi <= lo:
-                raise NormoptError(f"--int-range {spec.name}={lo}:{hi} is empty")
+        elif kind == "flag":
+            feeds[spec.name] = np.full(shp, seed % 2 == 0, np.bool_)
+        elif kind == "coin":
+            feeds[spec.name] = rng.integers(0, 2, shp).astype(np.bool_)
+        elif kind == "range":
+            lo, hi = detail
             feeds[spec.name] = rng.integers(lo, hi, shp).astype(spec.dtype)
-        else:
-            raise NormoptError(f"input '{spec.name}' has unsupported dtype {spec.dtype}")
+        elif kind == "ones":
+            v = np.ones(shp, spec.dtype)
+            if seed == 1 and len(shp) and shp[-1] > 1:
+                v[..., : min(2, shp[-1] - 1)] = 0  # left padding
+            feeds[spec.name] = v
+        elif kind == "positions":
+            n = shp[-1] if shp else 1
+            feeds[spec.name] = np.broadcast_to(np.arange(past, past + n), shp).astype(spec.dtype).copy()
+        else:  # zeros
+            feeds[spec.name] = np.zeros(shp, spec.dtype)
     return feeds
 
 
@@ -202,7 +427,7 @@ def stress_feeds(feeds: dict, kind: str, seed: int) -> dict:
     rng = np.random.default_rng(10_000 + seed)
     out = {}
     for name, v in feeds.items():
-        if not np.issubdtype(v.dtype, np.floating) or v.ndim == 0:
+        if not W.is_float(v.dtype) or v.ndim == 0:
             out[name] = v
             continue
         size = _STRESS_SIZE[kind].get(v.dtype.itemsize, _STRESS_SIZE[kind][4])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .. import weights as W
 from .. import graph as G
 from .equivalence import default_tolerance
 from .inputs import InputOptions, make_feeds
@@ -65,7 +66,7 @@ def localize(reference, candidate, input_opts: InputOptions | None = None, atol=
         r, c = np.asarray(r_vals[name]), np.asarray(c_vals[name])
         if r.shape != c.shape:
             return {"node": node.name, "op": node.op_type, "value": name, "reason": f"shape {list(c.shape)} vs {list(r.shape)}"}
-        if r.dtype.kind in "fc":
+        if W.is_float(r.dtype):
             a0, r0 = default_tolerance(r.dtype)
             a, rt = (a0 if atol is None else atol), (r0 if rtol is None else rtol)
             if not np.allclose(c, r, atol=a, rtol=rt, equal_nan=True):

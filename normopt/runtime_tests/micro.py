@@ -10,11 +10,12 @@ import numpy as np
 from .providers import make_session
 
 
-def time_models(models, shapes: dict, dtype, provider="cpu", runs=60, warmup=5) -> list[float]:
-    """Median ms per model; every model takes the same random inputs `shapes` {name: shape}."""
+def time_models(models, shapes: dict, dtype, provider="cpu", runs=60, warmup=5, threads=None) -> list[float]:
+    """Median ms per model; every model takes the same random inputs `shapes` {name: shape};
+    `threads`: intra-op threads (the deployment's), else ONNX Runtime's default."""
     rng = np.random.default_rng(0)
     feeds = {k: rng.standard_normal(v).astype(dtype) for k, v in shapes.items()}
-    sess = [make_session(m, provider, "all", spin=False) for m in models]
+    sess = [make_session(m, provider, "all", threads=threads, spin=False) for m in models]
     for s in sess:
         for _ in range(warmup):
             s.run(None, feeds)
