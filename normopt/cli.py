@@ -37,10 +37,11 @@ def guarded(fn):
             _fail("interrupted", 130)
         except click.exceptions.Exit:
             raise
-        except Exception as exc:  # a bug: one line, non-zero, nothing written
+        except Exception as exc:  # a bug: one line (the whole message on it), non-zero, nothing written
             if os.environ.get("NORMOPT_DEBUG"):
                 raise
-            _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (set NORMOPT_DEBUG=1 for a traceback)", 3)
+            text = " ".join(str(exc).split())
+            _fail(f"internal error: {type(exc).__name__}: {text} (set NORMOPT_DEBUG=1 for a traceback)", 3)
 
     return wrapper
 
@@ -121,6 +122,8 @@ def optimize(model, output, passes, report_path, target, no_verify, crms, provid
     res = run(model, output, passes=names, target=target, verify=not no_verify, report_path=report_path,
               seeds=seeds, atol=atol, rtol=rtol, input_opts=opts, verify_level=verify_level,
               opt_in=["crms"] if crms else None, provider=provider, tune=not no_tune, opset=opset)
+    for err in res.report.errors:  # a pass that failed: its changes were dropped, the rest ran
+        click.echo(f"normopt: {err}", err=True)
     for note in res.report.notes:
         click.echo(note)
     for p in res.report.passes:

@@ -124,6 +124,18 @@ def quantized_writer(t, depth=6):
     return None
 
 
+def _centering_unit(c, t, a) -> bool:
+    """c is part of an existing centering of t along a: the Sub(t, ReduceMean(t)) itself, or a
+    ReduceMean(t) whose every reader is such a Sub. The pair reads t as one unit."""
+    if c.op == "Sub" and len(c.inputs) == 2 and c.inputs[0] is t:
+        return _is_centering(c, a)
+    if c.op == "ReduceMean" and c.inputs and c.inputs[0] is t:
+        readers = G.consumers(c.outputs[0])
+        return bool(readers) and all(r.op == "Sub" and r.inputs[0] is t and r.inputs[1] is c.outputs[0] and _is_centering(r, a)
+                                     for r in readers)
+    return False
+
+
 def _is_centering(node, a) -> bool:
     """Sub(x, ReduceMean(x, axes=[a], keepdims=1))."""
     if node.op != "Sub" or len(node.inputs) != 2:
@@ -213,9 +225,12 @@ class _Closure:
         if r is None:
             raise _Fail(f"rank of writer '{t.name}' unknown")
         self.s.centerings[t.name] = (t, a, [edge] if edge else [])
-        # readers of the centered value that are mean-invariant read it too (CLIP's first LN)
+        # readers of the centered value that are mean-invariant read it too (CLIP's first LN);
+        # an existing centering of t stays whole on t (redirecting half of it is x - 2 mean)
         for c in G.consumers(t):
             if edge and c is edge[0]:
+                continue
+            if _centering_unit(c, t, a):
                 continue
             if self._reader_ok(c, t, a):
                 for i, inp in enumerate(c.inputs):
@@ -301,6 +316,8 @@ class _Closure:
         ln = self.ln_by_reader.get(id(c))
         if ln is not None and ln.x is t:
             return ln.over_last_axis() and a == ln.rank - 1 and not ln.extra_outputs_used
+        if _centering_unit(c, t, a):
+            return True  # t - mean(t) is the same for t + c: its output does not change
         if c.op in ("Add",) and len(c.inputs) == 2:
             return True
         if c.op == "Sub" and len(c.inputs) == 2:
@@ -317,7 +334,7 @@ class _Closure:
         return all(self._reader_ok(c, t, a) for c in G.consumers(t))
 
     def _changed_reader(self, c, t, a):
-        if id(c) in self.removed or c.op in VALUE_INDEPENDENT:
+        if id(c) in self.removed or c.op in VALUE_INDEPENDENT or _centering_unit(c, t, a):
             return
         ln = self.ln_by_reader.get(id(c))
         if ln is not None and ln.x is t:
