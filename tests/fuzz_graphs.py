@@ -8,9 +8,16 @@ Ingredients, drawn per example:
   RMSNorm, RMSNormalization op (opset >= 23), SLAB RepBN (Transpose-BN-Mul-Add-Transpose),
   Unified Norm (Div/Mul/Add by constants), BatchNormalization, or none;
   a norm over an axis other than the last; a Transpose whose perm moves the channel axis;
-  writers MatMul+bias or Gemm (transB, alpha, beta), optional LayerScale;
+  writers MatMul+bias (bias [d], [1, 1, d] or [n, d]) or Gemm (transB, alpha, beta, and sometimes
+  a bias Add after it), optional LayerScale;
   shared weights between blocks, a token table tied to the head;
-  extra graph outputs that expose the stream or an intermediate value.
+  extra graph outputs that expose the stream or an intermediate value;
+  hazards after a block (issue 11): an If reading the stream whose condition depends on the
+  input's magnitude (the stress inputs flip it) or on a boolean flag input (verification drives
+  both; the passes run inside such a branch, which holds a norm of its own), a Loop reading the
+  stream, an If with a constant condition and several outputs, an existing x - ReduceMean(x),
+  a per-token [n, 1] constant after a norm (n == d is the trap), a broadcast x[B,N,1] * s[d],
+  a run-time gamma/beta (graph inputs), fp16 LNs kept in fp32 through Casts.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 NORMS = ["ln_op", "ln_dec", "rms_dec", "rms_op", "repbn", "un", "bn", "none"]
+HAZARDS = ["if_magnitude", "if_flag", "if_const", "loop", "centering", "per_token", "broadcast"]
 
 
 class Builder:
@@ -28,6 +36,7 @@ class Builder:
         self.et = helper.np_dtype_to_tensor_dtype(self.dtype)
         self.rng = np.random.default_rng(seed)
         self.nodes, self.inits, self.count = [], [], 0
+        self.inputs = []  # extra graph inputs (flags, probes, run-time gammas)
 
     def name(self, base):
         self.count += 1
@@ -55,10 +64,27 @@ class Builder:
         return self.node("ReduceMean", [x], axes=[axis], keepdims=keepdims)
 
     # -- norms ---------------------------------------------------------------------------------
+    def input(self, base, elem, shape):
+        name = self.name(base)
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
     def norm(self, x, kind, d, axis, variant):
         g = self.const(1 + 0.2 * self.rng.standard_normal(d), "gamma")
         b = self.const(0.2 * self.rng.standard_normal(d), "beta")
         eps = variant.get("eps")
+        if kind == "ln_op" and axis == -1 and variant.get("runtime"):  # gamma / beta fed at run time
+            if variant["runtime"] in ("gamma", "both"):
+                g = self.input("gamma_in", self.et, [d])
+            if variant["runtime"] in ("beta", "both"):
+                b = self.input("beta_in", self.et, [d])
+        if kind == "ln_op" and axis == -1 and variant.get("cast") and self.dtype == np.float16:
+            # an fp16 export that keeps LayerNorm in fp32 between Casts
+            g32 = self.const(1 + 0.2 * self.rng.standard_normal(d), "gamma32", np.float32)
+            b32 = self.const(0.2 * self.rng.standard_normal(d), "beta32", np.float32)
+            x32 = self.node("Cast", [x], to=TensorProto.FLOAT)
+            y32 = self.node("LayerNormalization", [x32, g32, b32], **({"epsilon": eps} if eps is not None else {}))
+            return self.node("Cast", [y32], to=TensorProto.FLOAT16)
         if kind == "ln_op":
             kw = {"epsilon": eps} if eps is not None else {}
             if axis != -1:
@@ -114,10 +140,76 @@ class Builder:
             x2 = self.node("Reshape", [x, self.ints([n, d_in])])
             y = self.node("Gemm", [x2, w, self.const(self.rand(d_out, scale=0.1), "C")], transB=trans_b,
                           alpha=float(self.rng.choice([1.0, 0.5, 1.5])), beta=float(self.rng.choice([1.0, 0.7, 2.0])))
+            if self.rng.integers(0, 3) == 0:  # a bias Add after the Gemm's own C
+                y = self.node("Add", [y, self.const(self.rand(d_out, scale=0.1), "gemm_b")])
             return self.node("Reshape", [y, self.ints([1, n, d_out])])
         w = shared.get(("mm", d_in, d_out)) or self.const(self.rand(d_in, d_out, scale=1 / np.sqrt(d_in)), "W")
         shared[("mm", d_in, d_out)] = w
-        return self.node("Add", [self.node("MatMul", [x, w]), self.const(self.rand(d_out, scale=0.1), "b")])
+        bias_shape = [(d_out,), (1, 1, d_out), (n, d_out)][int(self.rng.integers(0, 3))]
+        return self.node("Add", [self.node("MatMul", [x, w]), self.const(self.rand(*bias_shape, scale=0.1), "b")])
+
+    # -- hazards (issue 11) ---------------------------------------------------------------------
+    def hazard(self, kind, x, d, n, cfg, shared, norm_kind):
+        """Returns (new stream, [extra graph outputs with their shapes])."""
+        vt = lambda name, shape=(1, n, d): helper.make_tensor_value_info(name, self.et, list(shape))  # noqa: E731
+        if kind in ("if_magnitude", "if_flag", "if_const"):
+            if kind == "if_magnitude":  # true only for large inputs (the x1000 stress input)
+                cond = self.node("Greater", [self.node("ReduceMax", [self.node("Abs", [x])], keepdims=0),
+                                             self.const(200.0, "limit")])
+            elif kind == "if_flag":
+                cond = self.input("flag", TensorProto.BOOL, [])
+            else:
+                cond = self.const(np.array(bool(self.rng.integers(0, 2))), "cond", np.bool_)
+            outer_nodes = self.nodes
+            self.nodes = []
+            t_out = self.node("Relu", [x]) if kind != "if_flag" else self.node(
+                "Add", [x, self.sublayer(self.norm(x, norm_kind, d, -1, {"eps": 1e-5}), d, n, cfg, shared)])
+            t2 = self.node("Neg", [x])
+            then_nodes, self.nodes = self.nodes, []
+            e_out = self.node("Mul", [x, self.const(0.5, "half")]) if kind != "if_magnitude" else self.node(
+                "Identity", [self.const(np.zeros((1, n, d)), "zeros")])
+            e2 = self.node("Abs", [x])
+            else_nodes = self.nodes
+            self.nodes = outer_nodes
+            then_g = helper.make_graph(then_nodes, self.name("then"), [], [vt(t_out), vt(t2)])
+            else_g = helper.make_graph(else_nodes, self.name("else"), [], [vt(e_out), vt(e2)])
+            o1, o2 = self.name("if_a"), self.name("if_b")
+            self.nodes.append(helper.make_node("If", [cond], [o1, o2], name=self.name("n_If"), then_branch=then_g, else_branch=else_g))
+            if kind == "if_const" and self.rng.integers(0, 2):
+                return self.node("Add", [x, o1]), [(o2, (1, n, d))]  # the branch writes the stream
+            return x, [(o1, (1, n, d)), (o2, (1, n, d))]
+        if kind == "loop":
+            v_in, v_out, cond_in, cond_out, it = (self.name(k) for k in ("v_in", "v_out", "c_in", "c_out", "it"))
+            body = helper.make_graph(
+                [helper.make_node("Identity", [cond_in], [cond_out]),
+                 helper.make_node("Add", [self.node_free("Mul", [v_in, self.const(0.5, "half")], "lm"), x], [v_out])],
+                self.name("body"), [helper.make_tensor_value_info(it, TensorProto.INT64, []),
+                                    helper.make_tensor_value_info(cond_in, TensorProto.BOOL, []), vt(v_in)],
+                [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []), vt(v_out)])
+            body.node.insert(0, self._pending.pop())
+            out = self.name("loop_out")
+            self.nodes.append(helper.make_node("Loop", [self.const(np.array(2, np.int64), "trip", np.int64),
+                                                        self.const(np.array(True), "true", np.bool_), x], [out],
+                                               name=self.name("n_Loop"), body=body))
+            return x, [(out, (1, n, d))]
+        if kind == "centering":
+            c = self.node("Sub", [x, self.reduce_mean(x, -1, 1)])
+            return x, [(self.node("MatMul", [c, self.const(self.rand(d, d, scale=0.3), "cw")]), (1, n, d))]
+        if kind == "per_token":
+            y = self.norm(x, norm_kind, d, -1, {"eps": 1e-5})
+            c = self.const(1 + 0.3 * self.rng.standard_normal((n, 1)), "per_token")
+            return x, [(self.node("Mul", [y, c]), (1, n, d))]
+        if kind == "broadcast":  # x[B,N,1] * s[d]: a per-token value spread over the channels
+            m = self.reduce_mean(x, -1, 1)
+            return self.node("Add", [x, self.node("Mul", [m, self.const(self.rand(d, scale=0.5), "s")])]), []
+        return x, []
+
+    def node_free(self, op, inputs, base):
+        """A node for a subgraph body (kept aside until the body is built)."""
+        out = self.name(base)
+        self._pending = getattr(self, "_pending", [])
+        self._pending.append(helper.make_node(op, inputs, [out], name=self.name("n_" + op)))
+        return out
 
     def sublayer(self, x, d, n, cfg, shared):
         h = self.linear(x, d, 2 * d, cfg["writer"], shared if cfg["share"] else {}, n)
@@ -152,13 +244,15 @@ def transformer_graphs(draw):
     allowed = [k for k in NORMS if (k != "ln_op" or opset >= 17) and (k != "rms_op" or opset >= 23)]
     if dtype == np.float16:
         allowed = [k for k in allowed if k not in ("repbn", "bn")]  # no fp16 BatchNormalization kernel on ORT CPU
-    shared, extra_outputs = {}, []
+    shared, extra_outputs, hazard_outputs = {}, [], []
     family = draw(st.sampled_from(allowed))  # one norm kind per model, with occasional odd blocks out
 
     def draw_norm():
         kind = family if draw(st.integers(0, 7)) else draw(st.sampled_from(allowed))
         variant = {"eps": draw(st.sampled_from([None, 1e-5, 1e-6, 1e-3])), "keepdims": draw(st.sampled_from([0, 1])),
-                   "recip": draw(st.booleans()), "pow": draw(st.booleans()), "tokens": n}
+                   "recip": draw(st.booleans()), "pow": draw(st.booleans()), "tokens": n,
+                   "runtime": draw(st.sampled_from([None] * 8 + ["gamma", "beta", "both"])),
+                   "cast": draw(st.integers(0, 3)) == 0}
         axis = -1
         if kind in ("ln_op", "ln_dec", "rms_dec") and n > 1 and draw(st.integers(0, 9)) == 0:
             # a norm over an axis other than the last; not over a single token, where RMSNorm is
@@ -188,6 +282,11 @@ def transformer_graphs(draw):
             x = b.node("Add", [b.node("Add", [x, f]), g])
         if draw(st.integers(0, 11)) == 0:
             extra_outputs.append(x)  # expose the raw stream
+        if draw(st.integers(0, 3)) == 0:
+            hz = draw(st.sampled_from(HAZARDS))
+            kind = family if family in ("ln_op", "ln_dec", "rms_dec", "rms_op") else ("ln_op" if opset >= 17 else "ln_dec")
+            x, outs_hz = b.hazard(hz, x, d, n, cfg, shared, kind)
+            hazard_outputs.extend(outs_hz)
     if draw(st.integers(0, 3)):  # a final norm, mostly
         kf, af, vf = draw_norm()
         x = b.norm(x, kf, d, af, vf)
@@ -202,10 +301,14 @@ def transformer_graphs(draw):
         if inter not in outputs:
             extra_outputs.append(inter)
     outs = [helper.make_tensor_value_info(o, b.et, dims) for o, dims in zip(outputs, out_dims)]
+    for o, dims in hazard_outputs:
+        if o not in outputs:
+            outs.append(helper.make_tensor_value_info(o, b.et, list(dims)))
+            outputs.append(o)
     for o in dict.fromkeys(extra_outputs):
         if o not in outputs:
             outs.append(helper.make_tensor_value_info(o, b.et, None))
-    graph = helper.make_graph(b.nodes, "fuzz", inputs, outs, b.inits)
+    graph = helper.make_graph(b.nodes, "fuzz", inputs + b.inputs, outs, b.inits)
     ops = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=ops, ir_version=helper.find_min_ir_version_for(ops))
     return model

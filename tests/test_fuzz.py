@@ -11,7 +11,7 @@ fp16 models: an output that misses the fp16 tolerance passes only if its error a
 fp32 twin of the model stays within rounding scale of the original's (normopt's verification
 declines to write it anyway); anything larger is a bug.
 
-Profiles: CI runs 50 examples; NORMOPT_FUZZ=long runs 500 (README). A failing example is
+Profiles: CI runs 50 examples; NORMOPT_FUZZ=long runs 1000 (README). A failing example is
 written to tests/regressions/ (shrunk by hypothesis) and replayed by test_regressions.
 """
 
@@ -39,16 +39,25 @@ LONG = os.environ.get("NORMOPT_FUZZ") == "long"
 REGRESSIONS = os.path.join(os.path.dirname(__file__), "regressions")
 settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("long", max_examples=500, deadline=None,
+settings.register_profile("long", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+_SAVED = []  # this session's saved failure: hypothesis shrinks, then replays the minimal example last
+
+
 def _save_regression(model) -> str:
+    """Keep the last failing example only (each shrink step fails too; the final replay is the
+    minimal one)."""
     data = model.SerializeToString()
     os.makedirs(REGRESSIONS, exist_ok=True)
     path = os.path.join(REGRESSIONS, f"fuzz_{hashlib.sha256(data).hexdigest()[:12]}.onnx")
     with open(path, "wb") as f:
         f.write(data)
+    for old in _SAVED:
+        if old != path and os.path.exists(old):
+            os.remove(old)
+    _SAVED[:] = [path]
     return path
 
 

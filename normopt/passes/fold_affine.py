@@ -544,8 +544,8 @@ class FoldAffineNorms(Pass):
             else:
                 lin, bias_edge, rank, axis = aff.plan[1]
                 # the linear's output (and its bias Add, layout ops) now carry the affine's result
-                mark_changed(ctx, lin.outputs[0].name, *(bias_edge[0].outputs[0].name,) if bias_edge else (),
-                             *_between(lin.outputs[0], [aff.x]))
+                after = bias_edge[0].outputs[0] if bias_edge else lin.outputs[0]
+                mark_changed(ctx, lin.outputs[0].name, after.name, *_between(after, [aff.x]))
                 _fold_backward(graph, namer, lin, bias_edge, aff.a, aff.t, rank, axis)
             _remove(graph, aff)
             n += 1
