@@ -60,7 +60,7 @@ def main():
             entries.append(("normopt", onnx.load(dst)))
             r = bench(entries, threads=args.threads, runs=args.runs, warmup=3)
             for t in r.models:
-                lines.append(f"| {name} | {t.label} | {t.median_ms:.2f} | {t.p90_ms:.2f} | {t.ratio:.3f} | [{t.ci_low:.3f}, {t.ci_high:.3f}] | {t.norm_ops} |")
+                lines.append(f"| {name} | {t.label} | {t.median_ms:.2f} | {t.p90_ms:.2f} | {t.ratio:.3f} | [{t.ci_low:.3f}, {t.ci_high:.3f}] | {r.norm_column(t)} |")
             for label, why in skipped:
                 lines.append(f"| {name} | {label} | not timed: {why} | | | | |")
             print("\n".join(lines[-len(r.models) - len(skipped):]), file=sys.stderr)

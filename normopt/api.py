@@ -24,6 +24,7 @@ class OptimizeResult:
     output: str | None
     report: Report
     verification: EquivalenceResult | None
+    unchanged: bool = False  # no optimizing pass applied: the output is a byte-identical copy of the input
 
 
 def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt_in=None, provider: str = "cpu",
@@ -163,6 +164,14 @@ def optimize(
         with W.using(store):
             out_model, report = optimize_model(model, passes, target, opt_in, provider, tune, progress=progress,
                                                threads=threads, shapes=(input_opts.shapes if input_opts else None))
+            if not report.changed() and opset is None:
+                # nothing to gain: the input itself, byte for byte (no guard, nothing to verify)
+                report.notes.insert(0, "no changes: no optimizing pass applied; the output is a byte-identical copy of the input")
+                if inputs_line:
+                    report.notes.insert(1, inputs_line)
+                written = nio.copy_model_files(in_path, out_path)
+                _write_report(report_path, report)
+                return OptimizeResult(written, report, None, unchanged=True)
             if tune and not passes:
                 say("tuning: timing variants and the output against the input ...")
                 out_model, report = _tuned(model, out_model, report, target, opt_in, provider, input_opts, threads)
@@ -259,11 +268,20 @@ def check_memory(loaded) -> None:
         )
 
 
-def verify(reference: str, candidate: str, localize_divergence: bool = False, **kwargs) -> EquivalenceResult:
+def verify(reference: str, candidate: str, localize_divergence: bool = False, changed_values=None, **kwargs) -> EquivalenceResult:
+    """compare() two model files (any opset ONNX Runtime runs). With localize_divergence, a
+    failed comparison names the first value that differs; values an optimize report lists as
+    changed on purpose (changed_values) are not compared, and without a report the changes
+    normopt makes on purpose (per-token or per-channel shifts, per-channel scales) are
+    recognized and passed over."""
     nio.load_model(reference)
     nio.load_model(candidate)
     result = compare(reference, candidate, **kwargs)
     if localize_divergence and not result.equivalent and not result.problems:
         result.first_divergence = localize(reference, candidate, kwargs.get("input_opts"), kwargs.get("atol"), kwargs.get("rtol"),
-                                           kwargs.get("provider", "cpu"), kwargs.get("level", "all"))
+                                           kwargs.get("provider", "cpu"), kwargs.get("level", "all"),
+                                           skip=changed_values or (), detect=changed_values is None)
+        if result.first_divergence is None:
+            result.first_divergence = {"error": "every shared intermediate value agrees (or was changed on purpose); "
+                                                "the difference is in the outputs' last ops"}
     return result

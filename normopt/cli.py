@@ -1,7 +1,8 @@
 """normopt command line: optimize | verify | bench | inspect | passes | demo.
 
-Exit codes: 0 success (written / equivalent); 1 verification failed (nothing written) or
-models differ; 2 bad input or usage (one line on stderr, nothing written); 3 internal error.
+Exit codes: 0 success (written / equivalent); 1 verification failed (nothing written), models
+differ, or (bench --max-ratio) a model is measurably slower than allowed; 2 bad input or usage
+(one line on stderr, nothing written); 3 internal error; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import click
 
 from .errors import NormoptError, VerificationFailed
+from .reporting import MATCHED_APPLIED, collapsed_declines, github_summary, verify_cases, verify_markdown, write_junit
 
 
 def _fail(msg: str, code: int):
@@ -46,25 +48,30 @@ def guarded(fn):
     return wrapper
 
 
-def _parse_shapes(values) -> dict:
+def _parse_shapes(values, sweep: bool = False):
+    """--shape NAME=1x128 or DIM=128. With sweep=True a value may list several sizes,
+    'sequence=16,128,512', and a dict of name -> [tuples] comes back (the sweep's axes)."""
     shapes = {}
     for v in values:
         if "=" not in v:
             raise NormoptError(f"--shape {v}: expected NAME=1x128 (an input) or DIM=128 (a dynamic dimension)")
         k, s = v.split("=", 1)
-        try:
-            dims = tuple(int(x) for x in s.lower().split("x"))
-        except ValueError:
-            raise NormoptError(f"--shape {v}: '{s}' is not a shape like 1x128") from None
-        if any(d < 0 for d in dims):
-            raise NormoptError(f"--shape {v}: dimensions must not be negative")
-        shapes[k] = dims
+        options = []
+        for part in s.split(",") if sweep else [s]:
+            try:
+                dims = tuple(int(x) for x in part.lower().split("x"))
+            except ValueError:
+                raise NormoptError(f"--shape {v}: '{part}' is not a shape like 1x128") from None
+            if any(d < 0 for d in dims):
+                raise NormoptError(f"--shape {v}: dimensions must not be negative")
+            options.append(dims)
+        if not sweep and "," in s:
+            raise NormoptError(f"--shape {v}: several sizes are for 'normopt bench' sweeps")
+        shapes[k] = options if sweep else options[0]
     return shapes
 
 
-def _input_opts(shape, int_range, inputs):
-    from .runtime_tests.inputs import InputOptions
-
+def _int_ranges(int_range) -> dict:
     ranges = {}
     for v in int_range:
         try:
@@ -73,25 +80,50 @@ def _input_opts(shape, int_range, inputs):
         except ValueError:
             raise NormoptError(f"--int-range {v}: expected NAME=LO:HI") from None
         ranges[k] = (lo, hi)
+    return ranges
+
+
+def _input_opts(shape, int_range, inputs):
+    from .runtime_tests.inputs import InputOptions
+
     if inputs and not os.path.isfile(inputs):
         raise NormoptError(f"--inputs {inputs}: no such file")
-    return InputOptions(shapes=_parse_shapes(shape), int_ranges=ranges, inputs_npz=inputs)
+    return InputOptions(shapes=_parse_shapes(shape), int_ranges=_int_ranges(int_range), inputs_npz=inputs)
 
 
 def input_options(fn):
-    fn = click.option("--shape", multiple=True, help="NAME=1x128 for an input, or DIM=128 for a dynamic dimension name")(fn)
+    fn = click.option("--shape", multiple=True, help="NAME=1x128 for an input, or DIM=128 for a dynamic dimension "
+                                                     "(defaults: see the 'inputs:' line)")(fn)
     fn = click.option("--int-range", multiple=True, help="NAME=LO:HI range for an integer input")(fn)
     fn = click.option("--inputs", type=str, default=None, help="feeds.npz with real inputs")(fn)
     return fn
 
 
+def approx_options(fn):
+    fn = click.option("--min-cosine", type=float, default=None, help="approximate: pass a float output whose cosine similarity is at least this")(fn)
+    fn = click.option("--min-snr", type=float, default=None, help="approximate: ... whose SNR (dB) is at least this")(fn)
+    fn = click.option("--min-top1", type=float, default=None, help="approximate: ... whose argmax agreement over the last axis is at least this")(fn)
+    return fn
+
+
+def _progress(quiet: bool):
+    """Progress on stderr for people at a terminal; nothing in logs or with --quiet."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    return lambda msg: click.echo(f"normopt: {msg}", err=True)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="normopt")
 def main():
-    """Verified ONNX rewrites of transformer normalizations."""
+    """Verified ONNX rewrites of transformer normalizations.
+
+    Exit codes: 0 success (written, or equivalent); 1 verification failed or models differ
+    (nothing written); 2 bad input or usage (one line on stderr, nothing written); 3 internal
+    error; 130 interrupted."""
 
 
-@main.command()
+@main.command(epilog=MATCHED_APPLIED)
 @click.argument("model", type=str)
 @click.option("-o", "--output", "output", required=True, type=str, help="output model path")
 @click.option("--passes", default=None, help="comma-separated pass names (default: the whole pipeline)")
@@ -100,7 +132,8 @@ def main():
 @click.option("--no-verify", is_flag=True, help="skip the ONNX Runtime equivalence check")
 @click.option("--crms", is_flag=True, help="opt-in Pre-CRMSNorm: kept only where it measures faster on --provider")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="execution provider the model is tuned for (CRMS decision)")
+              help="execution provider the model is tuned for")
+@click.option("--threads", type=int, default=None, help="intra-op threads to tune at (the deployment's; default: ORT's)")
 @click.option("--opset", type=int, default=None, help="upgrade the model to this opset first (e.g. 23 for RMSNormalization with --target onnx)")
 @click.option("--no-tune", is_flag=True, help="fixed emission defaults, no timing (deterministic, for CI)")
 @click.option("--verify-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
@@ -108,10 +141,11 @@ def main():
 @click.option("--seeds", default=3, show_default=True)
 @click.option("--atol", type=float, default=None)
 @click.option("--rtol", type=float, default=None)
+@click.option("-q", "--quiet", is_flag=True, help="no progress on stderr")
 @input_options
 @guarded
-def optimize(model, output, passes, report_path, target, no_verify, crms, provider, opset, no_tune, verify_level, seeds, atol, rtol,
-             shape, int_range, inputs):
+def optimize(model, output, passes, report_path, target, no_verify, crms, provider, threads, opset, no_tune, verify_level, seeds,
+             atol, rtol, quiet, shape, int_range, inputs):
     """Optimize MODEL into -o OUTPUT; verified against MODEL before it is written."""
     from .api import optimize as run
     from .runtime_tests.providers import providers_for
@@ -121,24 +155,28 @@ def optimize(model, output, passes, report_path, target, no_verify, crms, provid
     opts = _input_opts(shape, int_range, inputs)
     res = run(model, output, passes=names, target=target, verify=not no_verify, report_path=report_path,
               seeds=seeds, atol=atol, rtol=rtol, input_opts=opts, verify_level=verify_level,
-              opt_in=["crms"] if crms else None, provider=provider, tune=not no_tune, opset=opset)
+              opt_in=["crms"] if crms else None, provider=provider, tune=not no_tune, opset=opset,
+              progress=_progress(quiet), threads=threads)
     for err in res.report.errors:  # a pass that failed: its changes were dropped, the rest ran
         click.echo(f"normopt: {err}", err=True)
     for note in res.report.notes:
         click.echo(note)
     for p in res.report.passes:
         click.echo(p.summary())
-    declined = list(res.report.declined())
-    for name, d in declined[:20]:
-        click.echo(f"  left alone by {name}: {d['kind']} '{d['target']}': {d['reason']}")
-    if len(declined) > 20:
-        click.echo(f"  ... {len(declined) - 20} more in the report")
-    if res.verification is not None:
-        worst = max(res.verification.outputs, key=lambda m: m.max_abs, default=None)
-        click.echo(f"verified: equivalent on {res.verification.seeds} seeds" + (f" (max abs diff {worst.max_abs:.3g} on '{worst.name}')" if worst else ""))
+    for line in collapsed_declines(res.report):
+        click.echo(line)
+    if res.unchanged:
+        click.echo(f"no changes: wrote a byte-identical copy of the input to {res.output}")
     else:
-        click.echo("not verified (--no-verify)")
-    click.echo(f"wrote {res.output}")
+        if res.verification is not None:
+            worst = max(res.verification.outputs, key=lambda m: m.max_abs, default=None)
+            click.echo(f"verified: equivalent on {len(res.verification.inputs)} input sets ({', '.join(res.verification.inputs)})"
+                       + (f", max abs diff {worst.max_abs:.3g} on '{worst.name}'" if worst else ""))
+        else:
+            click.echo("not verified (--no-verify)")
+        click.echo(f"wrote {res.output}")
+    if report_path:
+        click.echo(f"report: {os.path.abspath(report_path)}")
 
 
 @main.command()
@@ -151,29 +189,50 @@ def optimize(model, output, passes, report_path, target, no_verify, crms, provid
 @click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
               help="graph optimization level of the candidate's session")
 @click.option("--json", "json_path", default=None, help="write per-output metrics as JSON")
+@click.option("--junit", "junit_path", default=None, help="write a JUnit XML report (one test case per output)")
 @click.option("--localize", is_flag=True, help="when they differ, name the first node whose value diverges")
+@click.option("--report", "report_path", default=None,
+              help="normopt optimize's JSON report for CANDIDATE: values it changed on purpose are not blamed by --localize")
+@approx_options
 @input_options
 @guarded
-def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, localize, shape, int_range, inputs):
-    """Check that CANDIDATE computes the same as REFERENCE (exit 0 equivalent, 1 differs)."""
+def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, junit_path, localize, report_path, min_cosine, min_snr,
+           min_top1, shape, int_range, inputs):
+    """Check that CANDIDATE computes the same as REFERENCE (exit 0 equivalent, 1 differs).
+
+    With --min-cosine / --min-snr / --min-top1 the comparison is approximate (a model that
+    differs by design, such as fp16 or int8 against fp32): a float output passes when it meets
+    every threshold given. A markdown summary is appended to $GITHUB_STEP_SUMMARY when set."""
     from .api import verify as run
+    from .runtime_tests.equivalence import Thresholds
     from .runtime_tests.providers import providers_for
 
     providers_for(provider)
+    changed = None
+    if report_path:
+        try:
+            with open(report_path) as f:
+                changed = json.load(f)["changed_values"]
+        except (OSError, ValueError, KeyError):
+            raise NormoptError(f"--report {report_path}: not a normopt optimize report (JSON with changed_values)") from None
     res = run(reference, candidate, seeds=seeds, atol=atol, rtol=rtol, input_opts=_input_opts(shape, int_range, inputs),
-              provider=provider, level=level, localize_divergence=localize)
+              provider=provider, level=level, localize_divergence=localize, changed_values=changed,
+              thresholds=Thresholds(min_cosine, min_snr, min_top1))
     for line in res.summary_lines():
         click.echo(line)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(res.to_dict(), f, indent=2, default=str)
+    if junit_path:
+        write_junit(junit_path, "normopt verify", verify_cases(res))
+    github_summary(verify_markdown(f"normopt verify {os.path.basename(candidate)} against {os.path.basename(reference)}", res))
     sys.exit(0 if res.equivalent else 1)
 
 
 @main.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="intra-op threads (default: ORT's)")
+@click.option("--threads", default=None, help="intra-op threads, or a list to sweep: 1,2 (default: ORT's)")
 @click.option("--runs", default=50, show_default=True)
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
@@ -181,34 +240,57 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
 @click.option("--model-type", default=None, help="model type for ort-transformers (inferred when not given)")
 @click.option("--num-heads", type=int, default=0, help="attention heads, for ort-transformers (0: let it detect)")
 @click.option("--hidden-size", type=int, default=0, help="hidden size, for ort-transformers (0: let it detect)")
-@click.option("--plot", "plot_path", default=None, help="also write a bar chart of the paired ratios (needs matplotlib)")
+@click.option("--plot", "plot_path", default=None, help="also write a chart of the ratios (needs matplotlib: pip install -e '.[plot]')")
 @click.option("--spin", is_flag=True, help="keep ORT's intra-op thread spinning on (off by default: spinning idle sessions disturb interleaved runs)")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
 @click.option("--output", default=None, help="also write the table here")
-@input_options
+@click.option("--junit", "junit_path", default=None, help="write a JUnit XML report (one test case per model and configuration)")
+@click.option("--max-ratio", type=float, default=None,
+              help="fail (exit 1) when a model is measurably slower than this ratio to the first (its CI's lower bound above it)")
+@click.option("-q", "--quiet", is_flag=True, help="no progress on stderr")
+@click.option("--shape", multiple=True, help="NAME=1x128 or DIM=128; several sizes sweep: DIM=16,128,512")
+@click.option("--int-range", multiple=True, help="NAME=LO:HI range for an integer input")
+@click.option("--inputs", type=str, default=None, help="feeds.npz with real inputs")
 @guarded
 def bench(models, provider, threads, runs, warmup, level, baselines, model_type, num_heads, hidden_size, plot_path, spin, fmt, output,
-          shape, int_range, inputs):
-    """Latency of MODELS, interleaved; ratios are paired against the first model."""
+          junit_path, max_ratio, quiet, shape, int_range, inputs):
+    """Latency of MODELS, interleaved; ratios are paired against the first model.
+
+    --shape DIM=16,128,512 and --threads 1,2 sweep: one table over every configuration (and,
+    with --plot, the ratio against the swept size, one line per thread count). Each model
+    compared with the first gets a verdict line. A markdown summary is appended to
+    $GITHUB_STEP_SUMMARY when set."""
+    import itertools
+
     from . import io as nio
+    from .runtime_tests.inputs import InputOptions
     from .runtime_tests.latency import bench as run
     from .runtime_tests.providers import providers_for
 
     providers_for(provider)
     if runs < 2:
         raise NormoptError("--runs must be at least 2")
+    try:
+        thread_list = [int(t) for t in str(threads).split(",")] if threads else [None]
+    except ValueError:
+        raise NormoptError(f"--threads {threads}: expected N or a list like 1,2") from None
+    if inputs and not os.path.isfile(inputs):
+        raise NormoptError(f"--inputs {inputs}: no such file")
+    sweep = _parse_shapes(shape, sweep=True)
+    ranges = _int_ranges(int_range)
     for m in models:
-        nio.load_model(m, load_external=False)
+        nio.load_model(m)
     if plot_path:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise NormoptError("--plot needs matplotlib: pip install 'normopt[plot]'") from None
+            raise NormoptError("--plot needs matplotlib: pip install -e '.[plot]' (from a clone) or pip install 'normopt[plot]'") from None
     labels = [os.path.basename(m) for m in models]
     if len(set(labels)) < len(labels):
         labels = list(models)
     entries = list(zip(labels, models))
     skipped = []
+    first_opts = InputOptions({k: v[0] for k, v in sweep.items()}, ranges, inputs)
     if baselines:
         from .api import optimize_model
         from .runtime_tests import baselines as B
@@ -216,38 +298,90 @@ def bench(models, provider, threads, runs, warmup, level, baselines, model_type,
 
         names = B.parse(baselines)
         original = nio.load_model(models[0]).model
-        opts = _input_opts(shape, int_range, inputs)
-        for b in B.build(names, models[0], model_type, opts, num_heads, hidden_size):
+        for b in B.build(names, models[0], model_type, first_opts, num_heads, hidden_size):
             click.echo(f"baseline {b.label}: {b.status}", err=True)
             if b.model is not None:
                 entries.append((b.label, b.model))
             else:
                 skipped.append((b.label, b.status))
         ours, _ = optimize_model(original)
-        res = compare(original, ours, input_opts=opts)
+        res = compare(original, ours, input_opts=first_opts)
         if res.equivalent:
             entries.append(("normopt", ours))
         else:
             skipped.append(("normopt", "NOT EQUIVALENT"))
-    with click.progressbar(length=runs, label="benchmarking", file=sys.stderr) as bar:
-        last = [0]
-
-        def progress(i, total):
-            bar.update(i - last[0])
-            last[0] = i
-
-        res = run(entries, provider=provider, threads=threads, runs=runs, warmup=warmup,
-                  input_opts=_input_opts(shape, int_range, inputs), level=level, progress=progress, spin=spin)
-    res.not_timed = skipped
-    text = {"md": res.markdown, "csv": res.csv, "json": res.json}[fmt]()
-    if plot_path:
-        from .runtime_tests.plot import plot_ratios
-
-        plot_ratios(res, plot_path)
-    click.echo(text)
+    keys = list(sweep)
+    configs = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))] or [{}]
+    results = []
+    say = _progress(quiet)
+    for t in thread_list:
+        for cfg in configs:
+            opts = InputOptions(dict(cfg), ranges, inputs)
+            tag = _config_tag(cfg, t, len(configs) > 1 or len(thread_list) > 1)
+            if say:
+                say(f"benchmarking{' ' + tag if tag else ''}: {runs} interleaved runs")
+            res = run(entries, provider=provider, threads=t, runs=runs, warmup=warmup, input_opts=opts, level=level, spin=spin)
+            res.not_timed = skipped
+            results.append((cfg, t, tag, res))
+    click.echo(_bench_text(results, fmt))
+    if fmt == "md":
+        for _, _, tag, res in results:
+            for line in res.verdicts():
+                click.echo(f"normopt: {line}" + (f" ({tag})" if tag else ""))
     if output:
         with open(output, "w") as f:
-            f.write(text + "\n")
+            f.write(_bench_text(results, fmt) + "\n")
+    if plot_path:
+        from .runtime_tests.plot import plot_ratios, plot_sweep
+
+        if len(results) == 1:
+            plot_ratios(results[0][3], plot_path)
+        else:
+            plot_sweep(results, plot_path)
+    slow = []
+    cases = []
+    for cfg, t, tag, res in results:
+        for m in res.models[1:]:
+            bad = max_ratio is not None and m.ci_low > max_ratio
+            if bad:
+                slow.append(f"{m.label}{' (' + tag + ')' if tag else ''}: ratio {m.ratio:.3f}, CI [{m.ci_low:.3f}, {m.ci_high:.3f}] above {max_ratio}")
+            cases.append((f"{m.label}{' ' + tag if tag else ''}", slow[-1] if bad else None,
+                          {"median_ms": m.median_ms, "ratio": m.ratio, "ci_low": m.ci_low, "ci_high": m.ci_high}))
+    if junit_path:
+        write_junit(junit_path, "normopt bench", cases)
+    github_summary("### normopt bench\n\n" + _bench_text(results, "md") + "\n\n" +
+                   "\n".join(f"- {line}" + (f" ({tag})" if tag else "") for _, _, tag, r in results for line in r.verdicts()))
+    if slow:
+        _fail("slower than --max-ratio: " + "; ".join(slow), 1)
+
+
+def _config_tag(cfg, threads, show):
+    if not show:
+        return ""
+    parts = [f"{k}={'x'.join(map(str, v))}" for k, v in cfg.items()]
+    if threads:
+        parts.append(f"threads={threads}")
+    return ", ".join(parts)
+
+
+def _bench_text(results, fmt):
+    if len(results) == 1:
+        res = results[0][3]
+        return {"md": res.markdown, "csv": res.csv, "json": res.json}[fmt]()
+    if fmt == "json":
+        return json.dumps([{"config": {k: list(v) for k, v in cfg.items()}, "threads": t, **res.to_dict()}
+                           for cfg, t, _, res in results], indent=2)
+    if fmt == "csv":
+        rows = ["config,model,median_ms,p90_ms,ratio,ci_low,ci_high,norm_ops,provider,threads,machine"]
+        for cfg, t, tag, res in results:
+            rows += res.csv_rows(f"\"{tag}\",")
+        return "\n".join(rows)
+    head = results[0][3].header()
+    rows = ["| configuration | model | median ms | p90 ms | ratio vs first | 95% CI | norm ops |",
+            "|---|---|---:|---:|---:|---|---|"]
+    for cfg, t, tag, res in results:
+        rows += [r.replace("| ", f"| {tag} | ", 1) for r in res.rows()]
+    return head.replace(f"threads: {results[0][3].threads or 'default'}; ", "") + "\n\n" + "\n".join(rows)
 
 
 @main.command()
@@ -266,9 +400,12 @@ def inspect(model, target, as_json):
     if not rows:
         click.echo("no normalizations found")
         return
-    click.echo(f"{'kind':<24} {'node':<40} {'input':<32} outcome")
+    wk = max(len("kind"), *(len(r["kind"]) for r in rows))
+    wn = max(len("node"), *(len(r["node"]) for r in rows))
+    wi = max(len("input"), *(len(r["input"]) for r in rows))
+    click.echo(f"{'kind':<{wk}}  {'node':<{wn}}  {'input':<{wi}}  outcome")
     for r in rows:
-        click.echo(f"{r['kind']:<24} {r['node'][:40]:<40} {r['input'][:32]:<32} {r['outcome']}")
+        click.echo(f"{r['kind']:<{wk}}  {r['node']:<{wn}}  {r['input']:<{wi}}  {r['outcome']}")
 
 
 @main.command()

@@ -34,4 +34,6 @@ def run_demo(workdir: str = "normopt-demo", runs: int = 30, threads: int = 1, ec
     echo(f"3. benchmarking on ORT CPU, {threads} thread(s), {runs} interleaved runs")
     result = bench([("original", src), ("normopt", dst)], threads=threads, runs=runs, warmup=5, input_opts=InputOptions())
     echo(result.markdown())
+    for line in result.verdicts():
+        echo(f"normopt: {line}")
     return result

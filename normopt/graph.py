@@ -18,6 +18,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from . import weights as W
 from .io import ORT_DEFAULT_DOMAIN_CONTRIB_OPS, TWO_GB
 
+from onnx_graphsurgeon.logger import G_LOGGER  # noqa: E402
+
+G_LOGGER.severity = G_LOGGER.ERROR  # graphsurgeon's warnings are about its own guesses, not the user's model
+
 # ---------------------------------------------------------------------------------------------
 # import / export
 #

@@ -394,7 +394,8 @@ def _write_single(out, path, sources):
 
 def copy_model_files(in_path: str, out_path: str) -> str:
     """A byte-identical copy of a model and the external-data files it names, written atomically
-    (used when no pass changed anything)."""
+    (used when no pass changed anything). Written into the input's own directory, the copy reads
+    the input's data files where they are (the same names): they are never rewritten."""
     loaded = load_model(in_path)
     base = os.path.dirname(os.path.abspath(in_path))
     out_dir = os.path.dirname(os.path.abspath(out_path))
@@ -405,6 +406,8 @@ def copy_model_files(in_path: str, out_path: str) -> str:
         moves = []
         for src in files:
             rel = os.path.relpath(src, base)
+            if os.path.abspath(os.path.join(out_dir, rel)) == src:
+                continue  # the same directory: the input's data file is already where the copy looks
             dst = os.path.join(tmp, rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copyfile(src, dst)

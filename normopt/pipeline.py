@@ -46,6 +46,8 @@ class Context:
 
 
 MAX_ROUNDS = 8
+CANONICAL = {"fold_constants", "remove_identity", "explicit_defaults", "split_skip_layernorm", "refuse_skip_layernorm",
+             "cancel_layout"}  # passes whose rewrites alone do not make a model faster (ORT does them at load)
 TUNE_DIM = 128  # a dynamic dim the user gave no --shape for is timed at this size (a leading one at 1)
 
 
@@ -135,6 +137,10 @@ class Report:
         for p in self.passes:
             for d in p.declined:
                 yield p.name, d
+
+    def changed(self) -> bool:
+        """Did an optimizing pass (not only canonicalization) rewrite anything?"""
+        return any(p.applied and p.name not in CANONICAL for p in self.passes)
 
 
 class Pipeline:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -485,3 +487,96 @@ def test_unbounded_int_input(tmp_path):
     assert "--int-range n=" in r.stderr
     assert run_cli("optimize", src, "-o", out, "--int-range", "n=0:5").returncode == 0
 
+
+
+# --- everyday use (issue 13) -------------------------------------------------------------------
+
+
+def test_no_changes_writes_a_byte_identical_copy(tmp_path):
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2, 4])], [vi("y", [2, 4])])
+    src, out = tmp_path / "relu.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
+    r = run_cli("optimize", src, "-o", out, "--report", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    assert "no changes: wrote a byte-identical copy" in r.stdout and "guard" not in r.stdout
+    assert sha(out) == sha(src)
+    assert json.loads((tmp_path / "r.json").read_text())["notes"][0].startswith("no changes")
+    assert f"report: {tmp_path / 'r.json'}" in r.stdout
+
+
+def test_no_changes_with_external_data_beside_the_input(tmp_path):
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [2, 64])], [vi("y", [2, 64])],
+                   [numpy_helper.from_array(np.ones((64, 64), np.float32), "w")])
+    src = tmp_path / "mm.onnx"
+    onnx.save(m, src, save_as_external_data=True, location="mm.onnx.data", size_threshold=0)
+    data_before = sha(tmp_path / "mm.onnx.data")
+    r = run_cli("optimize", src, "-o", tmp_path / "o.onnx")
+    assert r.returncode == 0, r.stderr
+    assert sha(tmp_path / "o.onnx") == sha(src) and sha(tmp_path / "mm.onnx.data") == data_before
+    assert run_cli("verify", src, tmp_path / "o.onnx").returncode == 0
+
+
+def test_output_files_share_one_umask_mode(tmp_path):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(preln_stream_model(d=128), src, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    old = os.umask(0o027)
+    try:
+        r = run_cli("optimize", src, "-o", out, "--no-tune")
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    modes = {stat.S_IMODE(os.stat(p).st_mode) for p in (out, str(out) + ".data")}
+    assert modes == {0o640}, modes
+
+
+def test_identical_declines_are_collapsed_and_inspect_keeps_whole_names(tmp_path):
+    m = preln_stream_model(layers=3)
+    for n in m.graph.node:
+        n.name = f"a_rather_long_node_name_that_would_have_been_cut_{n.output[0]}"
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    r = run_cli("optimize", src, "-o", tmp_path / "o.onnx", "--no-tune")
+    assert r.returncode == 0, r.stderr
+    assert "left alone by fuse_skip: 3 x SimplifiedLayerNormalization: kept unfused" in r.stdout
+    r = run_cli("inspect", src)
+    assert "a_rather_long_node_name_that_would_have_been_cut_l0_ln" in r.stdout
+
+
+def test_progress_only_on_a_terminal(tmp_path, model_path):
+    r = run_cli("optimize", model_path, "-o", tmp_path / "o.onnx", "--no-tune")
+    assert r.returncode == 0 and "pass 1/" not in r.stderr  # stderr is not a terminal here
+
+
+def test_verify_junit_thresholds_and_github_summary(tmp_path, model_path):
+    m = onnx.load(model_path)
+    for i in m.graph.initializer:
+        if i.name == "l0_w2":
+            a = numpy_helper.to_array(i).copy()
+            a *= 1.001  # a small, approximate difference
+            i.CopyFrom(numpy_helper.from_array(a, i.name))
+    cand = tmp_path / "cand.onnx"
+    onnx.save(m, cand)
+    summary = tmp_path / "summary.md"
+    env_summary = {"GITHUB_STEP_SUMMARY": str(summary)}
+    r = subprocess.run([sys.executable, "-m", "normopt.cli", "verify", model_path, cand, "--junit", tmp_path / "v.xml",
+                        "--atol", "1e-6", "--rtol", "1e-6"], capture_output=True, text=True, env={**os.environ, **env_summary})
+    assert r.returncode == 1
+    xml = (tmp_path / "v.xml").read_text()
+    assert 'testsuite name="normopt verify"' in xml and "<failure" in xml
+    assert "NOT EQUIVALENT" in summary.read_text()
+    r = subprocess.run([sys.executable, "-m", "normopt.cli", "verify", model_path, cand, "--min-cosine", "0.999", "--min-snr", "30"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    r = subprocess.run([sys.executable, "-m", "normopt.cli", "verify", model_path, cand, "--min-snr", "200"], capture_output=True, text=True)
+    assert r.returncode == 1 and "SNR" in r.stdout
+
+
+def test_bench_sweep_table_verdicts_and_junit(tmp_path, model_path):
+    r = run_cli("bench", model_path, model_path, "--runs", "4", "--warmup", "1", "--threads", "1,2", "--junit", tmp_path / "b.xml")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("| threads=1 |") == 2 and r.stdout.count("| threads=2 |") == 2
+    verdicts = [ln for ln in r.stdout.splitlines() if ln.startswith("normopt: ") and " vs " in ln]
+    assert len(verdicts) == 2 and all(v.endswith(("(threads=1)", "(threads=2)")) for v in verdicts)
+    assert (tmp_path / "b.xml").read_text().count("<testcase") == 2
+    r = run_cli("bench", model_path, model_path, "--runs", "4", "--warmup", "1", "--max-ratio", "0.01")
+    assert r.returncode in (0, 1)  # the same model: measurably slower only by chance

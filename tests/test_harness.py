@@ -118,7 +118,8 @@ def test_bench_interleaves_and_reports(tmp_path):
     assert [m.label for m in res.models] == ["A", "B"]
     assert all(len(m.times_ms) == 6 and m.median_ms > 0 and m.p90_ms >= m.median_ms * 0.5 for m in res.models)
     assert res.models[1].ci_low <= res.models[1].ratio <= res.models[1].ci_high
-    assert res.models[0].norm_ops == 3
+    assert res.models[0].norm_ops == {"LN": 3}
+    assert res.norm_column(res.models[1]) == "3 LN"  # nothing changed against the first model
     assert "| A |" in res.markdown() and res.csv().count("\n") == 2
 
 

@@ -230,7 +230,7 @@ class _Closure:
         for c in G.consumers(t):
             if edge and c is edge[0]:
                 continue
-            if _centering_unit(c, t, a):
+            if self._unit(c, t, a):
                 continue
             if self._reader_ok(c, t, a):
                 for i, inp in enumerate(c.inputs):
@@ -316,7 +316,7 @@ class _Closure:
         ln = self.ln_by_reader.get(id(c))
         if ln is not None and ln.x is t:
             return ln.over_last_axis() and a == ln.rank - 1 and not ln.extra_outputs_used
-        if _centering_unit(c, t, a):
+        if self._unit(c, t, a):
             return True  # t - mean(t) is the same for t + c: its output does not change
         if c.op in ("Add",) and len(c.inputs) == 2:
             return True
@@ -333,8 +333,12 @@ class _Closure:
             return False
         return all(self._reader_ok(c, t, a) for c in G.consumers(t))
 
+    def _unit(self, c, t, a) -> bool:
+        """c is part of an existing centering of t that is not the start of a LayerNorm."""
+        return id(c) not in self.ln_by_reader and _centering_unit(c, t, a)
+
     def _changed_reader(self, c, t, a):
-        if id(c) in self.removed or c.op in VALUE_INDEPENDENT or _centering_unit(c, t, a):
+        if id(c) in self.removed or c.op in VALUE_INDEPENDENT or self._unit(c, t, a):
             return
         ln = self.ln_by_reader.get(id(c))
         if ln is not None and ln.x is t:

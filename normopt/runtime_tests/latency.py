@@ -10,6 +10,7 @@ device with IO binding and each run is synchronized.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ class ModelTiming:
     ratio: float = 1.0
     ci_low: float = 1.0
     ci_high: float = 1.0
-    norm_ops: int = 0
+    norm_ops: dict = field(default_factory=dict)  # normalizations by kind
     times_ms: list = field(default_factory=list)
 
 
@@ -61,23 +62,45 @@ class BenchResult:
                 m.pop("times_ms", None)
         return d
 
-    def markdown(self) -> str:
-        head = (f"machine: {self.machine}; EP: {self.provider}; threads: {self.threads or 'default'}; level: {self.level}; "
-                f"intra-op spinning {'on' if self.spin else 'off'}; {self.runs} interleaved runs after {self.warmup} warm-up\n\n")
-        rows = ["| model | median ms | p90 ms | ratio vs first | 95% CI | norm ops |", "|---|---:|---:|---:|---|---:|"]
+    def header(self) -> str:
+        return (f"machine: {self.machine}; EP: {self.provider}; threads: {self.threads or 'default'}; level: {self.level}; "
+                f"intra-op spinning {'on' if self.spin else 'off'}; {self.runs} interleaved runs after {self.warmup} warm-up; "
+                "ratio = model / first model (median of paired per-round ratios, bootstrap 95% CI); lower is faster")
+
+    def norm_column(self, m) -> str:
+        from ..reporting import norm_change, norm_summary
+
+        return norm_summary(m.norm_ops) if m is self.models[0] else norm_change(self.models[0].norm_ops, m.norm_ops)
+
+    def rows(self, prefix: str = "") -> list[str]:
+        rows = []
         for m in self.models:
-            rows.append(f"| {m.label} | {m.median_ms:.3f} | {m.p90_ms:.3f} | {m.ratio:.3f} | [{m.ci_low:.3f}, {m.ci_high:.3f}] | {m.norm_ops} |")
+            rows.append(f"| {prefix}{m.label} | {m.median_ms:.3f} | {m.p90_ms:.3f} | {m.ratio:.3f} | [{m.ci_low:.3f}, {m.ci_high:.3f}] | {self.norm_column(m)} |")
         for label, why in self.not_timed:
-            rows.append(f"| {label} | not timed: {why} | | | | |")
-        return head + "\n".join(rows)
+            rows.append(f"| {prefix}{label} | not timed: {why} | | | | |")
+        return rows
+
+    TABLE_HEAD = ["| model | median ms | p90 ms | ratio vs first | 95% CI | norm ops |", "|---|---:|---:|---:|---|---|"]
+
+    def markdown(self) -> str:
+        return self.header() + "\n\n" + "\n".join(self.TABLE_HEAD + self.rows())
+
+    def verdicts(self) -> list[str]:
+        from ..reporting import verdict
+
+        return [verdict(f"{m.label} vs {self.models[0].label}", m.ratio, m.ci_low, m.ci_high) for m in self.models[1:]]
+
+    def csv_rows(self, extra: str = "") -> list[str]:
+        rows = []
+        for m in self.models:
+            rows.append(f"{extra}{m.label},{m.median_ms:.4f},{m.p90_ms:.4f},{m.ratio:.4f},{m.ci_low:.4f},{m.ci_high:.4f},"
+                        f"\"{self.norm_column(m)}\",{self.provider},{self.threads or ''},\"{self.machine}\"")
+        for label, why in self.not_timed:
+            rows.append(f"{extra}{label},,,,,,,{self.provider},{self.threads or ''},\"not timed: {why}\"")
+        return rows
 
     def csv(self) -> str:
-        rows = ["model,median_ms,p90_ms,ratio,ci_low,ci_high,norm_ops,provider,threads,machine"]
-        for m in self.models:
-            rows.append(f"{m.label},{m.median_ms:.4f},{m.p90_ms:.4f},{m.ratio:.4f},{m.ci_low:.4f},{m.ci_high:.4f},{m.norm_ops},{self.provider},{self.threads or ''},\"{self.machine}\"")
-        for label, why in self.not_timed:
-            rows.append(f"{label},,,,,,,{self.provider},{self.threads or ''},\"not timed: {why}\"")
-        return "\n".join(rows)
+        return "\n".join(["model,median_ms,p90_ms,ratio,ci_low,ci_high,norm_ops,provider,threads,machine"] + self.csv_rows())
 
     def json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -96,14 +119,21 @@ def machine_description() -> str:
     return f"{cpu}, {os.cpu_count()} cores, onnxruntime {ort.__version__}"
 
 
-def count_norm_ops(model: onnx.ModelProto) -> int:
+def count_norm_ops(model: onnx.ModelProto) -> dict:
+    """Normalizations by kind ({"LN": 7, ...}), If branches included."""
     from .. import graph as G
     from ..norms import find_norms
+    from ..reporting import norm_kind
 
+    counts = collections.Counter()
     try:
-        return len(find_norms(G.to_graph(model)))
+        graph = G.to_graph(model)
+        for sub in G.all_graphs(graph):
+            with G.scope(graph, sub):
+                counts.update(norm_kind(site.kind) for site in find_norms(sub))
     except Exception:
-        return sum(1 for n in model.graph.node if n.op_type in NORM_OPS)
+        counts.update(n.op_type for n in model.graph.node if n.op_type in NORM_OPS)
+    return dict(counts)
 
 
 def bootstrap_ratio(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0):

@@ -10,6 +10,8 @@ import onnxruntime as ort
 
 from ..errors import NormoptError
 
+ort.set_default_logger_severity(3)  # ONNX Runtime's warnings (node fusions it skipped) are not the user's business
+
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
