@@ -92,7 +92,16 @@ def test_ort_fusion_bug_on_input_is_reported(tmp_path):
     from conftest import run_cli
 
     src = tmp_path / "axis2.onnx"
-    onnx.save(preln_stream_model(ln_axis=-2, layers=1), src)
+    m = preln_stream_model(ln_axis=-2, layers=1)
+    # and an affine that fold_affine folds into a MatMul, so there is something to verify
+    d = 16
+    m.graph.initializer.extend([numpy_helper.from_array((1 + 0.1 * np.arange(d)).astype(np.float32), "aff_s"),
+                                numpy_helper.from_array((0.01 * np.arange(d)).astype(np.float32), "aff_t"),
+                                numpy_helper.from_array(np.eye(d, 4, dtype=np.float32), "aff_w")])
+    m.graph.node.extend([onnx.helper.make_node("Mul", ["final", "aff_s"], ["aff_a"]), onnx.helper.make_node("Add", ["aff_a", "aff_t"], ["aff_b"]),
+                         onnx.helper.make_node("MatMul", ["aff_b", "aff_w"], ["head"])])
+    m.graph.output.append(onnx.helper.make_tensor_value_info("head", onnx.TensorProto.FLOAT, [1, 8, 4]))
+    onnx.save(m, src)
     assert not compare(str(src), str(src), seeds=1).equivalent  # the ORT behaviour itself
     out = tmp_path / "o.onnx"
     r = run_cli("optimize", src, "-o", out)

@@ -51,8 +51,21 @@ def export(model, inputs: dict, path: str, opset: int = 17, dynamo: bool = False
         if dynamo:
             dyn = None
             if dynamic_axes:
-                # a tuple matching the positional inputs (works for *args wrappers too)
-                dyn = tuple({ax: torch.export.Dim.AUTO for ax in dynamic_axes.get(k, {})} or None for k in names)
+                # a tuple matching the positional inputs (works for *args wrappers too); axes that
+                # share a name share one torch.export.Dim, so the signature keeps the relations.
+                # torch.export derives a Dim only by adding an integer: a "past + new" axis (a KV
+                # cache's mask) becomes its own Dim named total_sequence_length, onnxruntime-genai's
+                # name, which normopt's input defaults read as past + sequence
+                dims = {}
+
+                def dim(name, size):
+                    if size <= 1:
+                        return torch.export.Dim.AUTO  # a size-1 example dim may specialize
+                    if "+" in name:
+                        name = "total_sequence_length" if "past" in name else "_".join(p.strip() for p in name.split("+"))
+                    return dims.setdefault(name, torch.export.Dim(name))
+
+                dyn = tuple({ax: dim(nm, inputs[k].shape[ax]) for ax, nm in dynamic_axes.get(k, {}).items()} or None for k in names)
                 params = inspect.signature(model.forward).parameters.values()
                 if any(p.kind == p.VAR_POSITIONAL for p in params):
                     dyn = (dyn,)  # forward(*args): the args tuple is one positional input

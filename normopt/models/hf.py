@@ -2,8 +2,10 @@
 exported to ONNX.
 
 ``export_hf(kind, path, ...)`` with kind in: gpt2, gpt2-lm (tied lm_head), vit, opt (Pre-LN),
-bert, llama, clip-vision (pooler output or last_hidden_state), whisper-encoder. Configs are
-small by default; pass ``config=dict(...)`` to override (benchmark shapes use the real ones).
+bert, llama, clip-vision (pooler output or last_hidden_state), whisper-encoder, and the
+KV-cache decoders gpt2-lm-past and opt-lm-past (inputs input_ids, attention_mask over past +
+new tokens, past_key_values.{i}.key|value; outputs logits, present.{i}.key|value, as Optimum
+names them). Configs are small by default; pass ``config=dict(...)`` to override.
 With transformers 5.x, GPT-2 needs ``attention_mask`` for the TorchScript exporter, so the
 GPT-2 and OPT exports take it as an input (an int input: pass ``--int-range attention_mask=1:2``
 or ``0:2`` to the harness).
@@ -58,6 +60,34 @@ def build_hf(kind: str, config: dict | None = None, seed: int = 0):
         m = T.OPTModel(cfg)
         mod = _wrap(lambda m, i, a: m(input_ids=i, attention_mask=a, use_cache=False).last_hidden_state)(m)
         return mod.eval(), {"input_ids": ids(cfg.vocab_size), "attention_mask": mask}, ["last_hidden_state"]
+    if kind in ("gpt2-lm-past", "opt-lm-past"):
+        past_len = c.pop("past", 3)
+        if kind == "gpt2-lm-past":
+            cfg = T.GPT2Config(n_embd=h, n_layer=L, n_head=H, vocab_size=c.pop("vocab", 512), n_positions=c.pop("positions", 128), **c)
+            m = T.GPT2LMHeadModel(cfg)
+        else:
+            cfg = T.OPTConfig(hidden_size=h, num_hidden_layers=L, num_attention_heads=H, ffn_dim=4 * h, word_embed_proj_dim=h,
+                              vocab_size=c.pop("vocab", 512), max_position_embeddings=c.pop("positions", 128),
+                              do_layer_norm_before=True, **c)
+            m = T.OPTForCausalLM(cfg)
+        hd = h // H
+
+        def step(m, i, a, *past):
+            from transformers.cache_utils import DynamicCache
+
+            cache = DynamicCache()
+            for layer in range(L):
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            out = m(input_ids=i, attention_mask=a, past_key_values=cache, use_cache=True)
+            present = out.past_key_values
+            return (out.logits,) + tuple(t for layer in present.layers for t in (layer.keys, layer.values))
+
+        inputs = {"input_ids": ids(cfg.vocab_size), "attention_mask": torch.ones(b, past_len + s, dtype=torch.int64)}
+        for layer in range(L):
+            for kv in ("key", "value"):
+                inputs[f"past_key_values.{layer}.{kv}"] = torch.randn(b, H, past_len, hd)
+        outs = ["logits"] + [f"present.{layer}.{kv}" for layer in range(L) for kv in ("key", "value")]
+        return _wrap(step)(m).eval(), inputs, outs
     if kind == "bert":
         cfg = T.BertConfig(hidden_size=h, num_hidden_layers=L, num_attention_heads=H, intermediate_size=4 * h, vocab_size=c.pop("vocab", 512), **c)
         m = T.BertModel(cfg)
@@ -110,13 +140,24 @@ def randomize_norms(module, seed=0):
     return module
 
 
-def export_hf(kind: str, path: str, config: dict | None = None, opset: int = 17, dynamo: bool = False, fp16: bool = False,
+def export_hf(kind: str, path: str, config: dict | None = None, opset: int | None = None, dynamo: bool = False, fp16: bool = False,
               dynamic: bool = True) -> str:
+    """Export with TorchScript (default opset 17) or dynamo (default opset 18: torch's dynamo
+    exporter writes at 17 a Split with num_outputs that ONNX rejects)."""
+    if opset is None:
+        opset = 18 if dynamo else 17
     mod, inputs, outs = build_hf(kind, config)
     randomize_norms(mod)
     axes = None
     if dynamic:
         axes = {}
         for k, v in inputs.items():
-            axes[k] = {0: "batch"} if k in ("pixel_values", "input_features") else {0: "batch", 1: "sequence"}
+            if k in ("pixel_values", "input_features"):
+                axes[k] = {0: "batch_size"}
+            elif k.startswith("past_key_values"):
+                axes[k] = {0: "batch_size", 2: "past_sequence_length"}
+            elif k == "attention_mask" and kind.endswith("-past"):
+                axes[k] = {0: "batch_size", 1: "past_sequence_length + sequence_length"}
+            else:
+                axes[k] = {0: "batch_size", 1: "sequence_length"}
     return export(mod, inputs, path, opset=opset, dynamo=dynamo, output_names=outs, dynamic_axes=axes, fp16=fp16)
