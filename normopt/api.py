@@ -203,7 +203,8 @@ def optimize(
 
 def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol, input_opts, verify_level, provider):
     kw = dict(seeds=seeds, atol=atol, rtol=rtol, input_opts=input_opts)
-    result = compare(in_path, staged_path, level=verify_level, **kw)
+    ref_cache = {}  # the reference runs once; the ORT_DISABLE_ALL check below reuses its outputs
+    result = compare(in_path, staged_path, level=verify_level, ref_cache=ref_cache, **kw)
     report.verification = result.to_dict()
     if not result.equivalent:
         msg = "the optimized model is not equivalent to the input; nothing was written"
@@ -227,7 +228,7 @@ def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol,
         raise VerificationFailed(msg, result)
     if verify_level != "disable":
         # every output must also load and run with ORT's optimizations off
-        exact = compare(in_path, staged_path, level="disable", **{**kw, "seeds": 1, "stress": False})
+        exact = compare(in_path, staged_path, level="disable", ref_cache=ref_cache, **{**kw, "seeds": 1, "stress": False})
         if not exact.equivalent:
             _write_report(report_path, report)
             raise VerificationFailed("the optimized model differs under ORT_DISABLE_ALL; nothing was written", exact)
