@@ -99,35 +99,35 @@ def _layer_classes():
             pos = keras.ops.slice(self.position_embeddings, (0, 0), (seq, d))
             return keras.ops.broadcast_to(pos, shape)
 
-    class MomentsLayerNorm(keras.layers.Layer):
-        """LN as TF code writes it by hand: tf.nn.moments + tf.nn.batch_normalization."""
+    class _AffineNorm(keras.layers.Layer):
+        """A norm over the last axis with gamma (ones) and beta (zeros) of length d, named as
+        the framework it imitates names them."""
+        weight_names = ("gamma", "beta")
+        default_epsilon = 1e-5
 
-        def __init__(self, epsilon=1e-5, **kw):
+        def __init__(self, epsilon=None, **kw):
             super().__init__(**kw)
-            self.epsilon = epsilon
+            self.epsilon = self.default_epsilon if epsilon is None else epsilon
 
         def build(self, input_shape):
             d = input_shape[-1]
-            self.gamma = self.add_weight(name="gamma", shape=(d,), initializer="ones")
-            self.beta = self.add_weight(name="beta", shape=(d,), initializer="zeros")
+            g, b = self.weight_names
+            self.gamma = self.add_weight(name=g, shape=(d,), initializer="ones")
+            self.beta = self.add_weight(name=b, shape=(d,), initializer="zeros")
+
+    class MomentsLayerNorm(_AffineNorm):
+        """LN as TF code writes it by hand: tf.nn.moments + tf.nn.batch_normalization."""
 
         def call(self, x):
             mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
             return tf.nn.batch_normalization(x, mean, var, offset=self.beta, scale=self.gamma,
                                              variance_epsilon=self.epsilon)
 
-    class FlaxStyleLayerNorm(keras.layers.Layer):
+    class FlaxStyleLayerNorm(_AffineNorm):
         """flax.linen.LayerNorm's arithmetic in TF: var = max(0, E[x*x] - E[x]^2),
         y = (x - mean) * (gamma * rsqrt(var + eps)) + beta."""
-
-        def __init__(self, epsilon=1e-6, **kw):
-            super().__init__(**kw)
-            self.epsilon = epsilon
-
-        def build(self, input_shape):
-            d = input_shape[-1]
-            self.gamma = self.add_weight(name="scale", shape=(d,), initializer="ones")
-            self.beta = self.add_weight(name="bias", shape=(d,), initializer="zeros")
+        weight_names = ("scale", "bias")
+        default_epsilon = 1e-6
 
         def call(self, x):
             mean = tf.reduce_mean(x, axis=-1, keepdims=True)
@@ -136,21 +136,17 @@ def _layer_classes():
             mul = tf.math.rsqrt(var + self.epsilon) * self.gamma
             return (x - mean) * mul + self.beta
 
-    class NaiveLayerNorm(keras.layers.Layer):
+    class NaiveLayerNorm(_AffineNorm):
         """The textbook / tf.contrib.layers.layer_norm arithmetic:
         rsqrt(mean((x - mean)^2) + eps) * gamma * (x - mean) + beta. tf2onnx's
         layer_normalization_rewriter matches this one, and only when its adds are the TF1 Add op
         (``tf1_add``); with TF2's AddV2 it stays decomposed."""
 
-        def __init__(self, epsilon=1e-12, tf1_add=False, **kw):
-            super().__init__(**kw)
-            self.epsilon = epsilon
-            self.tf1_add = tf1_add
+        default_epsilon = 1e-12
 
-        def build(self, input_shape):
-            d = input_shape[-1]
-            self.gamma = self.add_weight(name="gamma", shape=(d,), initializer="ones")
-            self.beta = self.add_weight(name="beta", shape=(d,), initializer="zeros")
+        def __init__(self, epsilon=None, tf1_add=False, **kw):
+            super().__init__(epsilon, **kw)
+            self.tf1_add = tf1_add
 
         def call(self, x):
             # TF2's `+` is the AddV2 op; TF1 graphs (and tf.raw_ops.Add) have Add, the only one
