@@ -15,4 +15,4 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import OptimizeResult, optimize, optimize_model, verify  # noqa: E402,F401
-from .errors import NormoptError, VerificationFailed  # noqa: E402,F401
+from .errors import InternalError, NormoptError, VerificationFailed  # noqa: E402,F401

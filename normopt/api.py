@@ -11,7 +11,7 @@ import onnx.version_converter
 
 from . import io as nio
 from . import weights as W
-from .errors import NormoptError, VerificationFailed
+from .errors import InternalError, NormoptError, VerificationFailed
 from .passes import build_pipeline
 from .pipeline import Context, Report
 from .runtime_tests.equivalence import EquivalenceResult, compare
@@ -184,7 +184,7 @@ def optimize(
         except Exception as exc:
             report.notes.append(f"output fails onnx.checker: {exc}")
             _write_report(report_path, report)
-            raise VerificationFailed(f"internal error: the optimized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+            raise InternalError(f"the optimized model fails onnx.checker; nothing was written: {str(exc).splitlines()[0]}") from None
         say("writing the output ...")
         with nio.StagedModel(out_model, out_path, loaded.had_external_data) as staged:
             store.close()  # the output holds its own copy of every spilled tensor now

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from .errors import NormoptError, VerificationFailed
+from .errors import InternalError, NormoptError, VerificationFailed
 from .reporting import MATCHED_APPLIED, collapsed_declines, github_summary, verify_cases, verify_markdown, write_junit
 
 
@@ -35,6 +35,8 @@ def guarded(fn):
                 for line in exc.result.summary_lines():
                     click.echo(line, err=True)
             _fail(str(exc), 1)
+        except InternalError as exc:
+            _fail(f"internal error: {exc}", 3)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except click.exceptions.Exit:

@@ -1,4 +1,4 @@
-"""Errors that the CLI turns into one clear line on stderr and exit code 2."""
+"""Errors that the CLI turns into one clear line on stderr and their exit code."""
 
 
 class NormoptError(Exception):
@@ -15,3 +15,9 @@ class VerificationFailed(Exception):
     def __init__(self, message, result=None):
         super().__init__(message)
         self.result = result
+
+
+class InternalError(Exception):
+    """normopt produced something it must not write (a bug, not a bad input): exit code 3."""
+
+    exit_code = 3

@@ -33,10 +33,52 @@ G_LOGGER.severity = G_LOGGER.ERROR  # graphsurgeon's warnings are about its own 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import a model (a skeleton or an in-memory model) into graphsurgeon, with inferred shapes
     when shape inference works. External tensors with absolute locations become RefValues."""
-    graph = gs.import_onnx(model)
-    wrap_refs(graph)
+    graph = _import(model)
     _apply_shapes(graph, infer_shapes(model))
     return graph
+
+
+def _import(model: onnx.ModelProto) -> gs.Graph:
+    graph = gs.import_onnx(model)
+    wrap_refs(graph)
+    _keep_overridable_inputs(graph, model)
+    return graph
+
+
+def _keep_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """From IR version 4 an initializer that is also a graph input is a default the caller may
+    override (ONNX Runtime feeds it; below IR 4 every initializer is listed as an input and is a
+    constant). graphsurgeon would read it as a constant and drop the input: here it stays a
+    graph input, a run-time value to every pass (never folded, centered or scaled), and its
+    default goes back as an initializer on export."""
+    declared = [vi.name for vi in model.graph.input]
+    have = {t.name for t in graph.inputs}
+    missing = [n for n in declared if n not in have]
+    graph.normopt_defaults = {}
+    if model.ir_version < 4 or not missing:
+        return
+    inits = {t.name: t for t in model.graph.initializer if t.name in set(missing)}
+    types = {vi.name: vi.type.tensor_type for vi in model.graph.input}
+    tensors = graph.tensors()
+    made = {}
+    for name in missing:
+        if name not in inits:
+            continue
+        t = inits[name]
+        tt = types[name]
+        shape = [_dim(d) for d in tt.shape.dim] if tt.HasField("shape") else list(t.dims)
+        made[name] = gs.Variable(name, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type), shape=shape)
+        graph.normopt_defaults[name] = t
+    old = {id(tensors[n]): v for n, v in made.items() if n in tensors}
+    for g in all_graphs(graph):
+        for node in g.nodes:
+            for i, x in enumerate(node.inputs):
+                if id(x) in old:
+                    node.inputs[i] = old[id(x)]
+        g.outputs = [old.get(id(x), x) for x in g.outputs]
+    by_name = {t.name: t for t in graph.inputs}
+    by_name.update(made)
+    graph.inputs = [by_name[n] for n in declared if n in by_name]
 
 
 def all_graphs(graph: gs.Graph):
@@ -176,11 +218,12 @@ def _infer(model, symbolic, contrib):
     if symbolic:
         out = _symbolic(model, contrib)
         if out is not None:
+            if _unshaped(out.graph):  # values it left without a shape: ONNX's inference may know them
+                onnx_shapes = _onnx_infer(model)
+                if onnx_shapes is not model:
+                    _fill_unshaped(out.graph, onnx_shapes.graph)
             return out
-    try:
-        base = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        base = model
+    base = _onnx_infer(model)
     if symbolic and not contrib:
         merged = _symbolic(model, True)
         if merged is not None:
@@ -188,18 +231,38 @@ def _infer(model, symbolic, contrib):
     return base
 
 
-def _fill_unshaped(base, merged):
+def _onnx_infer(model):
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return model
+
+
+def _unshaped(graph) -> bool:
+    have = {vi.name for vi in list(graph.value_info) + list(graph.output) + list(graph.input)
+            if vi.type.tensor_type.HasField("shape")}
+    return any(o and o not in have for n in graph.node for o in n.output) or any(o.name not in have for o in graph.output)
+
+
+def _fill_unshaped(base, other, rename=True):
+    """Shapes from `other` for the values `base` leaves unshaped (graph outputs included);
+    with `rename`, each symbolic dim of `other` becomes a fresh name (a merging run's dim
+    equalities are guesses)."""
     have = {vi.name for vi in list(base.value_info) + list(base.output) + list(base.input)
             if vi.type.tensor_type.HasField("shape")}
     fresh = itertools.count()
-    for vi in merged.value_info:
+    outs = {o.name: o for o in base.output}
+    for vi in list(other.value_info) + list(other.output):
         if vi.name in have or not vi.type.tensor_type.HasField("shape"):
             continue
-        new = base.value_info.add()
-        new.CopyFrom(vi)
-        for d in new.type.tensor_type.shape.dim:
-            if not d.HasField("dim_value"):
-                d.dim_param = f"normopt_unk_{next(fresh)}"
+        have.add(vi.name)
+        new = outs[vi.name] if vi.name in outs else base.value_info.add()
+        new.type.CopyFrom(vi.type)
+        new.name = vi.name
+        if rename:
+            for d in new.type.tensor_type.shape.dim:
+                if not d.HasField("dim_value"):
+                    d.dim_param = f"normopt_unk_{next(fresh)}"
 
 
 def _weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -297,6 +360,7 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
     graph, once."""
     model = gs.export_onnx(graph, do_type_check=False)
     _hoist_subgraph_initializers(model)
+    _export_defaults(graph, model)
     for g in _subgraph_protos(model.graph):
         # shapes graphsurgeon writes into branches are stale after a rewrite (and ORT rejects a
         # branch whose value_info disagrees with the outer graph): inference derives them again
@@ -328,6 +392,10 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     del model.opset_import[:]
     for dom, ver in versions.items():
         model.opset_import.append(onnx.helper.make_opsetid(dom, ver))
+    # below IR 4 every initializer must be listed as an input; the graph here keeps them as
+    # constants (as that IR meant), so the output takes the IR its opsets need, at least 4
+    if model.ir_version < 4:
+        model.ir_version = max(4, onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     # graph value_info from shape inference is stale after rewriting: drop it
     del model.graph.value_info[:]
     _order_like(model.graph.initializer, original.graph.initializer)
@@ -348,17 +416,28 @@ def _order_like(inits, original) -> None:
     inits.extend(items)
 
 
+def _export_defaults(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """The overridable inputs' defaults back as initializers (see _keep_overridable_inputs)."""
+    defaults = getattr(graph, "normopt_defaults", None) or {}
+    if not defaults:
+        return
+    inputs = {i.name for i in model.graph.input}
+    have = {t.name for t in model.graph.initializer}
+    for name, t in defaults.items():
+        if name in inputs and name not in have:
+            model.graph.initializer.add().CopyFrom(t)
+
+
 def snapshot(graph: gs.Graph) -> onnx.ModelProto:
     """The graph's state as a skeleton ModelProto (structure, shapes; weights by reference)."""
     model = gs.export_onnx(graph, do_type_check=False)
+    _export_defaults(graph, model)
     return model
 
 
 def restore(model: onnx.ModelProto) -> gs.Graph:
     """A graph from a snapshot, shapes as they were (no re-inference)."""
-    graph = gs.import_onnx(model)
-    wrap_refs(graph)
-    return graph
+    return _import(model)
 
 
 def _subgraph_protos(graph_proto):
@@ -444,12 +523,15 @@ def _apply_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
                 infos[vi.name] = vi.type.tensor_type
         io_names = {t.name for t in g.inputs}
         mine = {id(o) for n in g.nodes for o in n.outputs} | {id(o) for o in g.outputs}
+        declared_outs = {id(o) for o in g.outputs} if g is graph else set()
         for t in g.tensors().values():
             if not isinstance(t, gs.Variable) or t.name in io_names or id(t) not in mine:
                 continue  # outer values keep the shapes their own graph gives them
             tt = infos.get(t.name)
-            if tt is None:
-                t.shape = None
+            declared = id(t) in declared_outs  # the model's contract: a type it states stays
+            if tt is None or (declared and not tt.HasField("shape")):
+                if not declared:
+                    t.shape = None
                 continue
             if tt.elem_type:
                 t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)

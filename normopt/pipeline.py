@@ -223,6 +223,12 @@ class Pipeline:
         ctx = ctx or Context()
         report = Report()
         graph = G.to_graph(model)
+        defaults = sorted(getattr(graph, "normopt_defaults", {}))
+        if defaults:
+            shown = ", ".join(defaults[:5]) + (f", ... ({len(defaults)} in all)" if len(defaults) > 5 else "")
+            report.notes.append(f"overridable initializers: {shown} are also graph inputs (IR >= 4), so a caller may "
+                                "feed them; they stay inputs and every pass treats them as run-time values (re-export "
+                                "without keep_initializers_as_inputs to let them be optimized)")
         graph = self.run_graph(graph, ctx, report, progress=progress)
         out = G.to_model(graph, model)
         report.notes.extend(ctx.notes)

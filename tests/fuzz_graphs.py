@@ -17,7 +17,8 @@ Ingredients, drawn per example:
   both; the passes run inside such a branch, which holds a norm of its own), a Loop reading the
   stream, an If with a constant condition and several outputs, an existing x - ReduceMean(x),
   a per-token [n, 1] constant after a norm (n == d is the trap), a broadcast x[B,N,1] * s[d],
-  a run-time gamma/beta (graph inputs), fp16 LNs kept in fp32 through Casts.
+  a run-time gamma/beta (graph inputs), fp16 LNs kept in fp32 through Casts;
+  an initializer that is also a graph input (an overridable default).
 """
 
 from __future__ import annotations
@@ -308,7 +309,11 @@ def transformer_graphs(draw):
     for o in dict.fromkeys(extra_outputs):
         if o not in outputs:
             outs.append(helper.make_tensor_value_info(o, b.et, None))
-    graph = helper.make_graph(b.nodes, "fuzz", inputs + b.inputs, outs, b.inits)
+    overridable = []  # an initializer listed as a graph input too (IR >= 4): a default a caller may feed
+    if b.inits and draw(st.integers(0, 9)) == 0:
+        t = b.inits[draw(st.integers(0, len(b.inits) - 1))]
+        overridable.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    graph = helper.make_graph(b.nodes, "fuzz", inputs + b.inputs + overridable, outs, b.inits)
     ops = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=ops, ir_version=helper.find_min_ir_version_for(ops))
     return model

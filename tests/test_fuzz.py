@@ -105,6 +105,8 @@ def check_property(model, save=True):
     try:
         out, report = optimize_model(model)
         check_model(out)
+        # the interface stays: every input, an overridable initializer's too
+        assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
         exact = compare(model, out, seeds=2, level="disable")
         if fp16 and not exact.equivalent:
             assert _within_fp16_rounding(model, out), exact.summary_lines()

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+from normopt import io as nio
 from normopt import optimize_model
 from normopt.cli import main
 from normopt.passes import build_pipeline
@@ -215,7 +216,7 @@ def test_if_with_constant_condition_and_several_outputs():
     m = make_model(nodes, [vi("x", [4])], [vi("y", [4])], [init("cond", np.array(True))])
     out, report = optimize_model(m)
     assert not report.errors, report.errors
-    onnx.checker.check_model(out)
+    nio.check_model(out)
     _equivalent(m, out)
 
 
@@ -272,3 +273,85 @@ def test_internal_error_message_is_never_cut(tmp_path, monkeypatch):
     assert r.exit_code == 3
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "first part" in lines[0] and "second part" in lines[0] and "third part" in lines[0], r.stderr
+
+
+# --- 9. crms and a mean-invariant reader it cannot narrow ------------------------------------------
+
+
+def test_crms_declines_a_stream_an_existing_centering_reads():
+    """ln_to_rms may keep an x - mean(x) beside the stream's LNs (mean-invariant); crms would
+    leave it reading d-1 channels as if they were d."""
+    m = preln_stream_model(d=16, n=8, layers=2)
+    g = m.graph
+    g.node.extend([helper.make_node("ReduceMean", ["h1"], ["cm"], axes=[-1], keepdims=1),
+                   helper.make_node("Sub", ["h1", "cm"], ["cc"]),
+                   helper.make_node("Mul", ["cc", "cc"], ["cq"]),
+                   helper.make_node("ReduceMean", ["cq"], ["cvar"], axes=[-1], keepdims=0)])
+    g.output.append(vi("cvar", [1, 8]))
+    out, report = optimize_model(m, opt_in=["crms"])
+    _equivalent(m, out)
+    reasons = [d["reason"] for p in report.passes if p.name == "crms" for d in p.declined]
+    assert any("d-1 channels" in r for r in reasons), reasons
+    assert _ops(out).count("SimplifiedLayerNormalization") == 3  # ln_to_rms still converts
+
+
+# --- 10. a declared graph-output shape that symbolic inference cannot give --------------------------
+
+
+def test_a_declared_output_shape_survives_when_inference_gives_none(tmp_path):
+    m = preln_stream_model(d=16, n=8, layers=2, opset=18)
+    g = m.graph
+    g.initializer.append(init("rss_axes", np.array([-1], np.int64)))
+    g.node.append(helper.make_node("ReduceSumSquare", ["final", "rss_axes"], ["rss"], keepdims=0))
+    g.output.append(vi("rss", [1, 8]))
+    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
+    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(dst), "--no-tune"])
+    assert r.exit_code == 0, r.output
+    out = onnx.load(dst)
+    nio.check_model(out)
+    rss = next(o for o in out.graph.output if o.name == "rss")
+    assert [d.dim_value for d in rss.type.tensor_type.shape.dim] == [1, 8]
+    _equivalent(m, out)
+
+
+# --- 11. initializers that are also graph inputs (IR >= 4: overridable defaults) --------------------
+
+
+def test_overridable_initializers_stay_inputs_and_are_never_rewritten():
+    m = preln_stream_model(d=16, n=8, layers=2)
+    overridable = ["l1_w2", "l1_b2"]
+    for name in overridable:
+        t = next(t for t in m.graph.initializer if t.name == name)
+        m.graph.input.append(vi(name, list(t.dims)))
+    out, report = optimize_model(m)
+    assert [i.name for i in out.graph.input] == [i.name for i in m.graph.input]
+    assert {t.name for t in out.graph.initializer} >= set(overridable)
+    _equivalent(m, out)
+    # a caller's own values: the optimized model must compute what the original computes with them
+    rng = np.random.default_rng(3)
+    feeds = {"ids": rng.integers(0, 32, (1, 8)), "l1_w2": _w(32, 16), "l1_b2": np.full(16, 3.0, np.float32)}
+    a = make_session(m, "cpu", "disable").run(None, feeds)
+    b = make_session(out, "cpu", "disable").run(None, feeds)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(y, x, atol=1e-4, rtol=1e-3)
+    assert any("overridable initializers" in n for n in report.notes), report.notes
+
+
+def test_ir3_initializers_listed_as_inputs_are_constants(tmp_path):
+    """Below IR 4 every initializer is listed as an input and is a constant: it is optimized, and
+    the output (opset 13 after the upgrade) is a valid model of the IR its opsets need."""
+    m = preln_stream_model(d=16, n=8, layers=2, ln_form="div", opset=11)
+    have = {i.name for i in m.graph.input}
+    for t in m.graph.initializer:
+        if t.name not in have:
+            m.graph.input.append(vi(t.name, list(t.dims), t.data_type))
+    m.ir_version = 3
+    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
+    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(dst), "--no-tune"])
+    assert r.exit_code == 0, r.output
+    out = onnx.load(dst)
+    nio.check_model(out)
+    assert out.ir_version >= 7 and [i.name for i in out.graph.input] == ["ids"]
+    assert _ops(out).count("SimplifiedLayerNormalization") == 3

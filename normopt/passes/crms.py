@@ -15,8 +15,9 @@ decompressed to d values: [n_c, -sum n_c] * gamma + beta.
 Preconditions, per stream (a failed one is declined with its reason):
   - the stream was proved zero-mean by ln_to_rms, and is zero-mean as it stands (its writers
     are centered, or x - ReduceMean(x));
-  - every stream value is read only by the stream's RMS norms, residual Adds and layout ops;
-    no Shape/Size reads it (compression changes the shape), no graph output exposes it;
+  - every stream value is read only by the stream's RMS norms and by ops whose output is a
+    stream value (residual Adds, layout ops); no Shape/Size reads it (compression changes the
+    shape), no graph output exposes it;
   - Reshape/Expand shape constants on the stream give d explicitly (rewritten to d-1) or -1/0;
   - readers are single RMS ops (SimplifiedLayerNormalization or RMSNormalization), not the
     decomposed form.
@@ -97,6 +98,7 @@ class CompressRMSStreams(Pass):
                 return f"the scale of {m.kind} '{m.name}' is not a constant per-channel vector (it is folded into weights)"
         axes = set(s.values.values())
         tensors = graph.tensors()
+        norm_nodes = {id(n) for m in s.lns for n in m.nodes}
         d = None
         for name in s.values:
             t = tensors[name]
@@ -111,6 +113,11 @@ class CompressRMSStreams(Pass):
             for c in G.consumers(t):
                 if c.op in ("Shape", "Size"):
                     return f"'{name}' is read by {c.op} '{c.name}' (compression changes the shape)"
+                # every other reader is one of the stream's norms or carries the stream on (a
+                # residual Add, a layout op): a mean-invariant reader that ln_to_rms accepts (an
+                # existing x - mean(x)) would read d-1 channels as if they were d
+                if id(c) not in norm_nodes and not any(o.name in s.values for o in c.outputs):
+                    return f"'{name}' is read by {c.op} '{c.name}', which would see d-1 channels"
             p = G.producer(t)
             if p is not None and p.op in ("Reshape", "Expand") and len(p.inputs) > 1:
                 shp = G.const_value(p.inputs[1])

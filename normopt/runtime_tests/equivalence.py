@@ -237,6 +237,15 @@ def _ulp_noise(feeds: dict, seed: int) -> dict:
     return out
 
 
+def _overridable(proto) -> set:
+    """Initializers a caller may feed (listed as graph inputs, IR >= 4; below IR 4 every
+    initializer is listed and is a constant)."""
+    if proto.ir_version < 4:
+        return set()
+    inputs = {i.name for i in proto.graph.input}
+    return {t.name for t in proto.graph.initializer if t.name in inputs}
+
+
 def compare(
     reference,
     candidate,
@@ -270,6 +279,11 @@ def compare(
     if set(ref_inputs) != set(cand_inputs):
         result.equivalent = False
         result.problems.append(f"inputs differ: reference {sorted(ref_inputs)}, candidate {sorted(cand_inputs)}")
+        return result
+    ref_over, cand_over = _overridable(ref_proto), _overridable(cand_proto)
+    if ref_over != cand_over:  # a default a caller may feed is part of the interface too
+        result.equivalent = False
+        result.problems.append(f"overridable initializers differ: reference {sorted(ref_over)}, candidate {sorted(cand_over)}")
         return result
     ref_outs = [o.name for o in ref_proto.graph.output]
     cand_outs = [o.name for o in cand_proto.graph.output]
