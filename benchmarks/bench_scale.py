@@ -6,10 +6,11 @@ names, a KV cache):
   * opt-1.3b-shaped decoder, fp32, 5.7 GB of external data (verified);
   * opt-6.7b-shaped decoder, fp16, 13.7 GB of external data (--no-verify).
 Each run is `normopt optimize` in its own process; wall time is measured around it and peak RSS
-is that process's ru_maxrss (os.wait4). Per-pass times come from the report. Needs disk for each
-model and its output (about 40 GB for all three).
+is that process's ru_maxrss (os.wait4); each model runs --runs times (default 3) and the table
+gives the median wall time with its range and the largest peak RSS. Per-pass times come from the
+median run's report. Needs disk for each model and its output (about 40 GB for all three).
 
-    python benchmarks/bench_scale.py --dir /path/with/space [--only gpt2-small opt-1.3b opt-6.7b]
+    python benchmarks/bench_scale.py --dir /path/with/space [--only gpt2-small opt-1.3b opt-6.7b] [--runs 3]
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ def main():
     ap.add_argument("--dir", default="/tmp/normopt-scale")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
+    ap.add_argument("--runs", type=int, default=3, help="runs per model (median wall, largest peak RSS)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scale.md"))
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     from normopt.models.llm import SHAPES, DecoderSpec, write_decoder
 
-    lines = ["| model | weights | form | verify | wall s | peak RSS | RSS / weights | LNs -> RMS | slowest passes (s) | targets |",
+    lines = [f"| model | weights | form | verify | wall s (median of {args.runs}; range) | peak RSS (largest) | RSS / weights | LNs -> RMS | slowest passes (s) | targets |",
              "|---|---:|---|---|---:|---:|---:|---|---|---|"]
     for name, shape, dtype, single, verify, (t_wall, t_rss) in CASES:
         if args.only and name not in args.only:
@@ -74,12 +76,21 @@ def main():
         cmd = [sys.executable, "-m", "normopt.cli", "optimize", src, "-o", dst, "--no-tune", "--report", report, "-q"]
         if not verify:
             cmd.append("--no-verify")
-        code, wall, rss, out, err = run_measured(cmd)
+        runs = []
+        for _ in range(args.runs):
+            code, wall, rss, out, err = run_measured(cmd)
+            if code != 0:
+                break
+            runs.append((wall, rss, json.load(open(report))))
         if code != 0:
             print(f"{name}: exit {code}\n{err}", file=sys.stderr)
             lines.append(f"| {name} | {weights / 2**30:.2f} GB | | | failed (exit {code}) | | | | | |")
             continue
-        rep = json.load(open(report))
+        walls = sorted(r[0] for r in runs)
+        wall = walls[len(walls) // 2]
+        rss = max(r[1] for r in runs)
+        rep = next(r[2] for r in runs if r[0] == wall)
+        spread = f"{wall:.1f} ({walls[0]:.1f}-{walls[-1]:.1f})" if len(walls) > 1 else f"{wall:.1f}"
         ln = next(p for p in rep["passes"] if p["name"] == "ln_to_rms")
         total = ln["applied"] + len(ln["declined"])
         slowest = sorted(rep["passes"], key=lambda p: -p["seconds"])[:3]
@@ -93,7 +104,7 @@ def main():
         if name == "opt-6.7b":
             target.append(f"RSS <= 4 GB: {'met' if rss <= 4 * 2**30 else 'MISSED'}")
         lines.append(f"| {name} ({dtype}) | {weights / 2**30:.2f} GB | {'one protobuf' if single else 'external data'} | {verified} | "
-                     f"{wall:.1f} | {rss / 2**30:.2f} GB | {rss / weights:.2f} | {ln['applied']} / {total} | {passes} | {'; '.join(target)} |")
+                     f"{spread} | {rss / 2**30:.2f} GB | {rss / weights:.2f} | {ln['applied']} / {total} | {passes} | {'; '.join(target)} |")
         print(lines[-1], file=sys.stderr)
         for p in (dst, dst + ".data"):
             if os.path.exists(p):
