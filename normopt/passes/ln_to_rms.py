@@ -638,9 +638,14 @@ class LayerNormToRMSNorm(Pass):
         namer = G.Namer(graph)
         opset = graph.opset or 17
         n = 0
+        tensors = graph.tensors()
         for s in matches:
             cache = ctx.memo.setdefault("centered", {})  # shared by every graph: a table both If branches read is centered once
-            mark_changed(ctx, *s.values)  # the stream values are now zero-mean (centered)
+            # the stream values are now zero-mean (centered), and so is the mean an existing
+            # x - mean(x) takes of one (its difference is the same)
+            means = [c.outputs[0].name for name, a in s.values.items() if name in tensors
+                     for c in G.consumers(tensors[name]) if c.op == "ReduceMean" and _centering_unit(c, tensors[name], a)]
+            mark_changed(ctx, *s.values, *means)
 
             def centered_const(tensor, axis):
                 key = (id(tensor), axis)
