@@ -38,6 +38,17 @@ def _ops(m):
     return [n.op_type for n in m.graph.node]
 
 
+def _optimize_cli(m, tmp_path):
+    """`normopt optimize` (verified) exits 0 and writes a model that passes the checker."""
+    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
+    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(dst), "--no-tune"])
+    assert r.exit_code == 0, r.output
+    out = onnx.load(dst)
+    nio.check_model(out)
+    return out
+
+
 # --- 1. a stream value read inside an If branch whose output is a graph output -----------------
 
 
@@ -304,12 +315,7 @@ def test_a_declared_output_shape_survives_when_inference_gives_none(tmp_path):
     g.initializer.append(init("rss_axes", np.array([-1], np.int64)))
     g.node.append(helper.make_node("ReduceSumSquare", ["final", "rss_axes"], ["rss"], keepdims=0))
     g.output.append(vi("rss", [1, 8]))
-    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
-    onnx.save(m, src)
-    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(dst), "--no-tune"])
-    assert r.exit_code == 0, r.output
-    out = onnx.load(dst)
-    nio.check_model(out)
+    out = _optimize_cli(m, tmp_path)
     rss = next(o for o in out.graph.output if o.name == "rss")
     assert [d.dim_value for d in rss.type.tensor_type.shape.dim] == [1, 8]
     _equivalent(m, out)
@@ -347,11 +353,6 @@ def test_ir3_initializers_listed_as_inputs_are_constants(tmp_path):
         if t.name not in have:
             m.graph.input.append(vi(t.name, list(t.dims), t.data_type))
     m.ir_version = 3
-    src, dst = tmp_path / "m.onnx", tmp_path / "o.onnx"
-    onnx.save(m, src)
-    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(dst), "--no-tune"])
-    assert r.exit_code == 0, r.output
-    out = onnx.load(dst)
-    nio.check_model(out)
+    out = _optimize_cli(m, tmp_path)
     assert out.ir_version >= 7 and [i.name for i in out.graph.input] == ["ids"]
     assert _ops(out).count("SimplifiedLayerNormalization") == 3
