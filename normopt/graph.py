@@ -527,11 +527,12 @@ def _apply_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
         for t in g.tensors().values():
             if not isinstance(t, gs.Variable) or t.name in io_names or id(t) not in mine:
                 continue  # outer values keep the shapes their own graph gives them
+            declared = id(t) in declared_outs
+            if declared and t.shape is not None:
+                continue  # the model's contract: an output's stated shape (its dim names too) stays
             tt = infos.get(t.name)
-            declared = id(t) in declared_outs  # the model's contract: a type it states stays
-            if tt is None or (declared and not tt.HasField("shape")):
-                if not declared:
-                    t.shape = None
+            if tt is None:
+                t.shape = None
                 continue
             if tt.elem_type:
                 t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
