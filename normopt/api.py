@@ -158,6 +158,7 @@ def optimize(
         make_feeds(model, 0, input_opts)
         if not (input_opts and input_opts.inputs_npz):
             inputs_line = plan_inputs(model, input_opts).line()
+            say(inputs_line)
         check_memory(loaded)
     store = W.WeightStore(os.path.dirname(os.path.abspath(out_path)))
     try:

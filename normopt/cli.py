@@ -74,6 +74,7 @@ def _parse_shapes(values, sweep: bool = False):
 
 
 def _int_ranges(int_range) -> dict:
+    """--int-range NAME=LO:HI: integers drawn from LO up to HI, HI excluded."""
     ranges = {}
     for v in int_range:
         try:
@@ -93,11 +94,17 @@ def _input_opts(shape, int_range, inputs):
     return InputOptions(shapes=_parse_shapes(shape), int_ranges=_int_ranges(int_range), inputs_npz=inputs)
 
 
+SHAPE_HELP = ("NAME=1x128 for an input, or DIM=128 for a dynamic dimension (defaults: see the 'inputs:' line); "
+              "repeat it for several: --shape batch_size=2 --shape sequence_length=64")
+INT_RANGE_HELP = ("NAME=LO:HI: integer input NAME is drawn from LO up to HI, HI excluded (input_ids=0:50257 for a "
+                  "vocabulary of 50257); repeat it for several inputs")
+INPUTS_HELP = "a .npz file of real inputs (one array per input name), used instead of drawn ones"
+
+
 def input_options(fn):
-    fn = click.option("--shape", multiple=True, help="NAME=1x128 for an input, or DIM=128 for a dynamic dimension "
-                                                     "(defaults: see the 'inputs:' line)")(fn)
-    fn = click.option("--int-range", multiple=True, help="NAME=LO:HI range for an integer input")(fn)
-    fn = click.option("--inputs", type=str, default=None, help="feeds.npz with real inputs")(fn)
+    fn = click.option("--shape", multiple=True, metavar="NAME=SHAPE", help=SHAPE_HELP)(fn)
+    fn = click.option("--int-range", multiple=True, metavar="NAME=LO:HI", help=INT_RANGE_HELP)(fn)
+    fn = click.option("--inputs", type=str, default=None, metavar="FILE.npz", help=INPUTS_HELP)(fn)
     return fn
 
 
@@ -108,11 +115,40 @@ def approx_options(fn):
     return fn
 
 
-def _progress(quiet: bool):
-    """Progress on stderr for people at a terminal; nothing in logs or with --quiet."""
-    if quiet or not sys.stderr.isatty():
+def _progress(quiet: bool, data_on_stdout: bool = False):
+    """Progress of a long run, one line per phase (the inputs chosen, each pass as it starts and
+    ends, tuning, writing, verifying), each written and flushed as it happens.
+
+    At a terminal the lines go to stderr. When stdout is not a terminal (a CI log, a pipe, a file)
+    they go to stdout, between the run's own lines, so a log shows how far a run got even when
+    it is interrupted; a command whose stdout is data (bench's table, CSV or JSON) keeps them on
+    stderr. Nothing with --quiet."""
+    if quiet:
         return None
-    return lambda msg: click.echo(f"normopt: {msg}", err=True)
+    if not sys.stdout.isatty():
+        stream = sys.stderr if data_on_stdout else sys.stdout
+    elif sys.stderr.isatty():
+        stream = sys.stderr  # a terminal
+    else:
+        return None  # a person watches stdout and stderr goes to a file: keep that file for errors
+
+    terminal = stream.isatty()
+
+    def say(msg):
+        if not terminal and msg.endswith(": running ..."):
+            return  # a log gets each pass once, when it ends
+        click.echo(f"normopt: {msg}", file=stream)  # click.echo flushes
+        stream.flush()
+
+    return say
+
+
+TARGET_HELP = ("how RMSNorms are emitted: ort = SimplifiedLayerNormalization (an ONNX Runtime contrib op); "
+               "onnx = the standard RMSNormalization at opset >= 23, below that its decomposed form")
+SEEDS_HELP = "seeded random input sets verification compares (two stress inputs, offset and scale, come on top)"
+ATOL_HELP = "absolute tolerance of the comparison (default: 1e-4 for fp32 outputs, 1e-2 for fp16)"
+RTOL_HELP = "relative tolerance of the comparison (default: 1e-3 for fp32 outputs, 1e-2 for fp16)"
+QUIET_HELP = "no progress lines (see 'Progress' in the README)"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,7 +166,7 @@ def main():
 @click.option("-o", "--output", "output", required=True, type=str, help="output model path")
 @click.option("--passes", default=None, help="comma-separated pass names (default: the whole pipeline)")
 @click.option("--report", "report_path", default=None, type=str, help="write the JSON report here")
-@click.option("--target", type=click.Choice(["ort", "onnx"]), default="ort", show_default=True)
+@click.option("--target", type=click.Choice(["ort", "onnx"]), default="ort", show_default=True, help=TARGET_HELP)
 @click.option("--no-verify", is_flag=True, help="skip the ONNX Runtime equivalence check")
 @click.option("--crms", is_flag=True, help="opt-in Pre-CRMSNorm: kept only where it measures faster on --provider")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -140,10 +176,10 @@ def main():
 @click.option("--no-tune", is_flag=True, help="fixed emission defaults, no timing (deterministic, for CI)")
 @click.option("--verify-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
               help="ORT graph-optimization level of the output's session during verification")
-@click.option("--seeds", default=3, show_default=True)
-@click.option("--atol", type=float, default=None)
-@click.option("--rtol", type=float, default=None)
-@click.option("-q", "--quiet", is_flag=True, help="no progress on stderr")
+@click.option("--seeds", default=3, show_default=True, help=SEEDS_HELP)
+@click.option("--atol", type=float, default=None, help=ATOL_HELP)
+@click.option("--rtol", type=float, default=None, help=RTOL_HELP)
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @input_options
 @guarded
 def optimize(model, output, passes, report_path, target, no_verify, crms, provider, threads, opset, no_tune, verify_level, seeds,
@@ -184,10 +220,11 @@ def optimize(model, output, passes, report_path, target, no_verify, crms, provid
 @main.command()
 @click.argument("reference", type=str)
 @click.argument("candidate", type=str)
-@click.option("--atol", type=float, default=None)
-@click.option("--rtol", type=float, default=None)
-@click.option("--seeds", default=3, show_default=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--atol", type=float, default=None, help=ATOL_HELP)
+@click.option("--rtol", type=float, default=None, help=RTOL_HELP)
+@click.option("--seeds", default=3, show_default=True, help=SEEDS_HELP)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="execution provider the candidate runs on (the reference always runs on the CPU)")
 @click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
               help="graph optimization level of the candidate's session")
 @click.option("--json", "json_path", default=None, help="write per-output metrics as JSON")
@@ -233,26 +270,35 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
 
 @main.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="execution provider every model runs on")
 @click.option("--threads", default=None, help="intra-op threads, or a list to sweep: 1,2 (default: ORT's)")
-@click.option("--runs", default=50, show_default=True)
-@click.option("--warmup", default=5, show_default=True)
-@click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True)
-@click.option("--baselines", default=None, help="ort-transformers,onnxscript: add the first MODEL optimized by peers, and by normopt")
+@click.option("--runs", default=50, show_default=True,
+              help="timed rounds; each round runs every model once, in rotating order (at least 2)")
+@click.option("--warmup", default=5, show_default=True, help="untimed runs of each model before the timed rounds")
+@click.option("--level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all", show_default=True,
+              help="ORT graph-optimization level of every model's session")
+@click.option("--baselines", default=None,
+              help="ort-transformers,onnxscript: also time the first MODEL as these peer optimizers write it (each checked "
+                   "for equivalence first), and as `normopt optimize` writes it (tuned for --provider and the first "
+                   "--threads, guarded, verified). Needs the 'baselines' extra: pip install 'normopt[baselines]'")
 @click.option("--model-type", default=None, help="model type for ort-transformers (inferred when not given)")
 @click.option("--num-heads", type=int, default=0, help="attention heads, for ort-transformers (0: let it detect)")
 @click.option("--hidden-size", type=int, default=0, help="hidden size, for ort-transformers (0: let it detect)")
-@click.option("--plot", "plot_path", default=None, help="also write a chart of the ratios (needs matplotlib: pip install -e '.[plot]')")
+@click.option("--plot", "plot_path", default=None,
+              help="also write a chart of the ratios (needs matplotlib: pip install 'normopt[plot]')")
 @click.option("--spin", is_flag=True, help="keep ORT's intra-op thread spinning on (off by default: spinning idle sessions disturb interleaved runs)")
-@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True,
+              help="the table's format on stdout (and in --output): markdown, CSV or JSON")
 @click.option("--output", default=None, help="also write the table here")
 @click.option("--junit", "junit_path", default=None, help="write a JUnit XML report (one test case per model and configuration)")
 @click.option("--max-ratio", type=float, default=None,
               help="fail (exit 1) when a model is measurably slower than this ratio to the first (its CI's lower bound above it)")
-@click.option("-q", "--quiet", is_flag=True, help="no progress on stderr")
-@click.option("--shape", multiple=True, help="NAME=1x128 or DIM=128; several sizes sweep: DIM=16,128,512")
-@click.option("--int-range", multiple=True, help="NAME=LO:HI range for an integer input")
-@click.option("--inputs", type=str, default=None, help="feeds.npz with real inputs")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
+@click.option("--shape", multiple=True, metavar="NAME=SHAPE",
+              help=SHAPE_HELP + "; several sizes sweep: --shape sequence_length=16,128,512")
+@click.option("--int-range", multiple=True, metavar="NAME=LO:HI", help=INT_RANGE_HELP)
+@click.option("--inputs", type=str, default=None, metavar="FILE.npz", help=INPUTS_HELP)
 @guarded
 def bench(models, provider, threads, runs, warmup, level, baselines, model_type, num_heads, hidden_size, plot_path, spin, fmt, output,
           junit_path, max_ratio, quiet, shape, int_range, inputs):
@@ -294,28 +340,27 @@ def bench(models, provider, threads, runs, warmup, level, baselines, model_type,
     skipped = []
     first_opts = InputOptions({k: v[0] for k, v in sweep.items()}, ranges, inputs)
     if baselines:
-        from .api import optimize_model
+        import tempfile
+
         from .runtime_tests import baselines as B
-        from .runtime_tests.equivalence import compare
 
         names = B.parse(baselines)
-        original = nio.load_model(models[0]).model
-        for b in B.build(names, models[0], model_type, first_opts, num_heads, hidden_size):
+        B.require(names)
+        workdir = tempfile.TemporaryDirectory(prefix="normopt-bench-")
+        click.get_current_context().call_on_close(workdir.cleanup)
+        built = B.build(names, models[0], model_type, first_opts, num_heads, hidden_size)
+        # normopt's row: what `normopt optimize` writes (tuned on this provider and thread count, guarded)
+        built.append(B.optimized_by_normopt(models[0], workdir.name, provider, thread_list[0], first_opts))
+        for b in built:
             click.echo(f"baseline {b.label}: {b.status}", err=True)
             if b.model is not None:
                 entries.append((b.label, b.model))
             else:
                 skipped.append((b.label, b.status))
-        ours, _ = optimize_model(original)
-        res = compare(original, ours, input_opts=first_opts)
-        if res.equivalent:
-            entries.append(("normopt", ours))
-        else:
-            skipped.append(("normopt", "NOT EQUIVALENT"))
     keys = list(sweep)
     configs = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))] or [{}]
     results = []
-    say = _progress(quiet)
+    say = _progress(quiet, data_on_stdout=True)
     for t in thread_list:
         for cfg in configs:
             opts = InputOptions(dict(cfg), ranges, inputs)
@@ -388,7 +433,7 @@ def _bench_text(results, fmt):
 
 @main.command()
 @click.argument("model", type=str)
-@click.option("--target", type=click.Choice(["ort", "onnx"]), default="ort", show_default=True)
+@click.option("--target", type=click.Choice(["ort", "onnx"]), default="ort", show_default=True, help=TARGET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @guarded
 def inspect(model, target, as_json):
@@ -421,8 +466,8 @@ def passes():
 
 @main.command()
 @click.option("--dir", "workdir", default="normopt-demo", show_default=True, help="where the demo writes its models")
-@click.option("--runs", default=30, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--runs", default=30, show_default=True, help="timed rounds of the benchmark")
+@click.option("--threads", type=int, default=1, show_default=True, help="intra-op threads of the benchmark")
 @guarded
 def demo(workdir, runs, threads):
     """Build a small Pre-LN transformer, optimize it, verify it and bench it."""

@@ -144,8 +144,17 @@ class Report:
 
 
 class Pipeline:
-    def __init__(self, passes):
+    def __init__(self, passes, numbering: tuple[dict, int] | None = None):
+        """numbering: (pass name -> its place in the full pipeline, the full pipeline's length),
+        so that progress says 'pass 7/10' as `normopt passes` lists it, opt-in passes included."""
         self.passes = list(passes)
+        self.numbering = numbering
+
+    def _place(self, i: int, p) -> str:
+        if self.numbering is None:
+            return f"{i}/{len(self.passes)}"
+        places, total = self.numbering
+        return f"{places.get(p.name, i)}/{total}"
 
     def names(self):
         return [p.name for p in self.passes]
@@ -160,7 +169,7 @@ class Pipeline:
         pass runs."""
         for i, p in enumerate(self.passes, 1):
             if progress:
-                progress(f"pass {i}/{len(self.passes)} {p.name} ...")
+                progress(f"pass {self._place(i, p)} {p.name}: running ...")
             t0 = time.perf_counter()
             before = G.op_counts(graph)
             snapshot, state = G.snapshot(graph), copy.deepcopy(ctx.state)
@@ -180,7 +189,7 @@ class Pipeline:
             pr.seconds = time.perf_counter() - t0
             report.passes.append(pr)
             if progress:
-                progress(f"pass {i}/{len(self.passes)} {p.name}: applied {pr.applied} in {pr.seconds:.1f} s"
+                progress(f"pass {self._place(i, p)} {p.name}: applied {pr.applied} in {pr.seconds:.1f} s"
                          + (" (FAILED, changes dropped)" if pr.error else ""))
         return graph
 

@@ -4,7 +4,7 @@ paddle2onnx, Hugging Face Optimum (a merged decoder with its If), onnxruntime-ge
 dynamic int8). Each is optimized as a user would, with no flags: it must verify equivalent, with
 the number of LayerNorms converted to RMSNorm asserted and the reason for the others checked.
 
-* ``tests/corpus/`` holds a committed subset (built by ``normopt/models/corpus/*.py``), always run;
+* ``tests/corpus/`` holds a committed subset (built by ``tests/corpus_builders/*.py``), always run;
 * the ``exporters`` group (``pytest -m exporters``) runs the same checks on corpora built fresh
   by the exporters themselves, in the folders ``NORMOPT_CORPUS_DIRS`` names (os.pathsep-separated,
   each with the builder's manifest.json); ``.ci/run`` builds them in one virtualenv per exporter.

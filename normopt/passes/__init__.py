@@ -42,6 +42,7 @@ def all_passes():
 def build_pipeline(names: list[str] | None = None, opt_in: list[str] | None = None) -> Pipeline:
     """The default pipeline, or the named passes (kept in pipeline order)."""
     passes = all_passes()
+    numbering = ({p.name: i for i, p in enumerate(passes, 1)}, len(passes))
     known = {p.name for p in passes}
     if names:
         unknown = [n for n in names if n not in known]
@@ -51,4 +52,4 @@ def build_pipeline(names: list[str] | None = None, opt_in: list[str] | None = No
     else:
         opt_in = set(opt_in or [])
         passes = [p for p in passes if not p.opt_in or p.name in opt_in]
-    return Pipeline(passes)
+    return Pipeline(passes, numbering)

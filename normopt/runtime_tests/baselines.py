@@ -5,7 +5,11 @@
 * ``onnxscript``: ``onnxscript.optimizer.optimize`` then ``onnxscript.rewriter.ort_fusions``.
 
 A baseline that fails or is not equivalent to the original is reported as such, never timed
-silently.
+silently. Both need the ``baselines`` extra (torch, onnxscript, onnx-ir); a plain install is told
+so before anything runs (``require``).
+
+normopt's own row is what ``normopt optimize`` writes with the same provider and threads: tuned,
+guarded and verified (``optimized_by_normopt``), labelled ``NORMOPT_LABEL``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import onnx
 from ..errors import NormoptError
 
 KNOWN = ("ort-transformers", "onnxscript")
+# the modules each baseline imports when it runs (ort-transformers' optimize_model imports torch)
+NEEDS = {"ort-transformers": ("torch",), "onnxscript": ("onnxscript", "onnx_ir")}
+EXTRA_HINT = "pip install torch==2.13.0 'normopt[baselines]' (from a clone: pip install -e '.[baselines]')"
+NORMOPT_LABEL = "normopt optimize (tuned)"
 
 
 @dataclass
 class Baseline:
     label: str
-    model: onnx.ModelProto | None
+    model: onnx.ModelProto | str | None  # a model, or the path of one
     status: str  # "equivalent" | "NOT EQUIVALENT: ..." | "failed: ..."
 
 
@@ -86,6 +94,40 @@ def parse(spec: str) -> list[str]:
     if bad:
         raise NormoptError(f"--baselines: unknown baseline(s) {bad} (known: {', '.join(KNOWN)})")
     return names
+
+
+def require(names) -> None:
+    """A usage error naming the extra when a baseline's modules are not installed."""
+    import importlib.util
+
+    missing = {}
+    for name in names:
+        for mod in NEEDS[name]:
+            try:
+                found = importlib.util.find_spec(mod) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                missing.setdefault(name, []).append(mod)
+    if missing:
+        what = "; ".join(f"{n} needs {', '.join(m)}" for n, m in missing.items())
+        raise NormoptError(f"--baselines: {what}, which the 'baselines' extra installs: {EXTRA_HINT}")
+
+
+def optimized_by_normopt(path: str, workdir: str, provider: str = "cpu", threads: int | None = None,
+                         input_opts=None) -> Baseline:
+    """The first model as `normopt optimize` writes it (tuned on `provider` at `threads`, with the
+    guard against a slower output, verified before it is written), into `workdir`."""
+    from ..api import optimize
+    from ..errors import VerificationFailed
+
+    out = os.path.join(workdir, "normopt.onnx")
+    try:
+        res = optimize(path, out, provider=provider, tune=True, threads=threads, input_opts=input_opts)
+    except VerificationFailed as exc:
+        return Baseline(NORMOPT_LABEL, None, f"NOT EQUIVALENT ({str(exc).splitlines()[0][:120]})")
+    status = "no changes (a copy of the input)" if res.unchanged else "verified equivalent"
+    return Baseline(NORMOPT_LABEL, res.output, status)
 
 
 def build(names, original: onnx.ModelProto, model_type=None, input_opts=None, num_heads=0, hidden_size=0) -> list[Baseline]:

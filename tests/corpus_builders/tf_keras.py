@@ -32,10 +32,10 @@ TensorFlow is imported lazily, inside functions: importing this module needs not
 standard library. It needs tensorflow(-cpu), keras 3, tf2onnx, onnx, onnxruntime, numpy — a
 separate environment from normopt's (see ``INSTALL``).
 
-Usage (run the file itself from the TF environment: ``normopt.models``'s package ``__init__``
-imports torch, which that environment does not have)::
+Usage (a test-only script, not part of the normopt package; run it as a file from the TF
+environment)::
 
-    venv-tf/bin/python normopt/models/corpus/tf_keras.py OUT_DIR
+    venv-tf/bin/python tests/corpus_builders/tf_keras.py OUT_DIR
 
 writes ``OUT_DIR/*.onnx``, ``OUT_DIR/ln_forms.md`` (one LN instance per model, node by node) and
 ``OUT_DIR/manifest.json`` (what :func:`build` returns).

@@ -284,7 +284,7 @@ def write_ln_forms(out_dir: str, records: list) -> str:
         f.write("# LN forms in the exporter corpus\n\nOne LN instance per model (the first SkipLayerNormalization "
                 "if the model has one, else the second LN-like node in graph order), the chain producing its input "
                 "back to the residual Add, and the other readers of that value. `<- Op` names the producer of each "
-                "input. Written by normopt/models/corpus/hf_tools.py.\n\n")
+                "input. Written by tests/corpus_builders/hf_tools.py.\n\n")
         for r in records:
             f.write(f"## {r['name']}\n\n`{os.path.relpath(r['path'], out_dir)}` — {r['exporter']}; LN form: {r['ln_form']}\n\n")
             f.write(ln_instance(r["path"]) + "\n")
