@@ -242,10 +242,13 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
     With --min-cosine / --min-snr / --min-top1 the comparison is approximate (a model that
     differs by design, such as fp16 or int8 against fp32): a float output passes when it meets
     every threshold given. A markdown summary is appended to $GITHUB_STEP_SUMMARY when set."""
+    import time
+
     from .api import verify as run
     from .runtime_tests.equivalence import Thresholds
     from .runtime_tests.providers import providers_for
 
+    t0 = time.perf_counter()
     providers_for(provider)
     changed = None
     if report_path:
@@ -263,7 +266,7 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
         with open(json_path, "w") as f:
             json.dump(res.to_dict(), f, indent=2, default=str)
     if junit_path:
-        write_junit(junit_path, "normopt verify", verify_cases(res))
+        write_junit(junit_path, "normopt verify", verify_cases(res), elapsed=time.perf_counter() - t0)
     github_summary(verify_markdown(f"normopt verify {os.path.basename(candidate)} against {os.path.basename(reference)}", res))
     sys.exit(0 if res.equivalent else 1)
 
@@ -387,15 +390,17 @@ def bench(models, provider, threads, runs, warmup, level, baselines, model_type,
             plot_sweep(results, plot_path)
     slow = []
     cases = []
+    times = []  # each case's time: the seconds its model ran in that configuration
     for cfg, t, tag, res in results:
         for m in res.models[1:]:
+            times.append(sum(m.times_ms) / 1000.0)
             bad = max_ratio is not None and m.ci_low > max_ratio
             if bad:
                 slow.append(f"{m.label}{' (' + tag + ')' if tag else ''}: ratio {m.ratio:.3f}, CI [{m.ci_low:.3f}, {m.ci_high:.3f}] above {max_ratio}")
             cases.append((f"{m.label}{' ' + tag if tag else ''}", slow[-1] if bad else None,
                           {"median_ms": m.median_ms, "ratio": m.ratio, "ci_low": m.ci_low, "ci_high": m.ci_high}))
     if junit_path:
-        write_junit(junit_path, "normopt bench", cases)
+        write_junit(junit_path, "normopt bench", cases, times=times)
     github_summary("### normopt bench\n\n" + _bench_text(results, "md") + "\n\n" +
                    "\n".join(f"- {line}" + (f" ({tag})" if tag else "") for _, _, tag, r in results for line in r.verdicts()))
     if slow:

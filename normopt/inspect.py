@@ -4,19 +4,55 @@ is written)."""
 
 from __future__ import annotations
 
+import onnx_graphsurgeon as gs
+
 from . import graph as G
 from . import io as nio
 from .norms import find_norms
 from .passes import build_pipeline
 from .pipeline import Context, Report
 
+# the passes that put a graph in the form the recognizers read (constants folded, so an exporter's
+# Identity-wrapped or Constant -> Reshape γ is a constant; defaults explicit), and change no norm
+CANONICALIZE = ["fold_constants", "remove_identity", "explicit_defaults"]
+
+
+def canonical_graph(model) -> gs.Graph:
+    """MODEL as the passes see it: its opset prepared as optimize prepares it, canonicalized."""
+    from .api import prepare_opset
+
+    model, _ = prepare_opset(model)
+    graph = G.to_graph(model)
+    return build_pipeline(CANONICALIZE).run_graph(graph, Context(), Report())
+
+
+def norm_sites(graph: gs.Graph) -> list:
+    """Every normalization the recognizers find, in the graph and in every subgraph."""
+    sites = []
+    for sub in G.all_graphs(graph):
+        with G.scope(graph, sub):
+            sites += find_norms(sub)
+    return sites
+
+
+def count_norms(model) -> dict:
+    """Normalizations by short kind ({"LN": 25, "RMS": 3, ...}), as `inspect` lists them: every
+    LayerNorm the matcher finds (the op, SkipLayerNormalization, decomposed forms), If branches
+    included, on the canonicalized graph."""
+    import collections
+
+    from .reporting import norm_kind
+
+    return dict(collections.Counter(norm_kind(s.kind) for s in norm_sites(canonical_graph(model))))
+
+
 def inspect_model(path: str, target: str = "ort") -> list[dict]:
     from .api import prepare_opset
 
     loaded = nio.load_model(path)
     model, _ = prepare_opset(loaded.model)  # as optimize sees it
+    sites = norm_sites(canonical_graph(model))
     graph = G.to_graph(model)
-    sites = find_norms(graph)
     outcome = {}
 
     def record(p, analysis):

@@ -539,25 +539,103 @@ def _is_rms_decomposed(graph, node) -> bool:
     return not (bp is not None and bp.op == "Sub")
 
 
-def _is_per_channel_affine(node) -> bool:
+NORM_OPS_WITH_GAMMA = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
+                       "SkipSimplifiedLayerNormalization")
+
+
+def _affine_form(node):
+    """(x, the constant) when node is ``x * a``, ``x / a``, ``x + t`` or ``x - t`` with a float
+    constant that varies along exactly one axis and is applied elementwise to x's channels along
+    it: the constant's rank is at most x's, and x already spans that axis at the constant's full
+    extent (static), so the output has x's shape. An outer product is not one: rotary's
+    ``positions[B, S, 1] * inv_freq[D]`` or ALiBi's ``slopes[H, 1] * positions[B, 1, S]`` make
+    a new axis from a constant, they scale no channel of x. Else None."""
     if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
-        return False
+        return None
     consts = [G.const_value(t) for t in node.inputs]
-    if all(c is None for c in consts) or all(c is not None for c in consts):
+    if (consts[0] is None) == (consts[1] is None):
+        return None
+    k = 0 if consts[0] is None else 1  # x's position
+    if node.op in ("Sub", "Div") and k != 0:
+        return None  # t - x, a / x: not a scale or shift of x
+    x, c = node.inputs[k], consts[1 - k]
+    if c.size <= 1 or not W.is_float(c.dtype) or sum(1 for s in c.shape if s != 1) != 1:
+        return None
+    shape = getattr(x, "shape", None)
+    if shape is None or c.ndim > len(shape):
+        return None
+    axis = next(i for i, s in enumerate(c.shape) if s != 1) - c.ndim  # negative: aligned from the right
+    if shape[axis] != c.shape[axis]:  # unknown, 1 (broadcast: an outer product) or another size
+        return None
+    return x, c
+
+
+def _normalized_output(graph, reduce_node):
+    """The value ``x / sqrt(mean(x^2) + eps)`` (Div, or Mul by Reciprocal/Sqrt's inverse) of a
+    decomposed RMSNorm whose mean of squares is reduce_node, or None."""
+    base = reduce_node.inputs[0]
+    base_x = G.producer(base).inputs[0] if G.producer(base) is not None else None
+    t = reduce_node.outputs[0]
+    for _ in range(4):  # Add(eps) -> Sqrt -> Reciprocal, in any sub-order the exporters write
+        for c in G.consumers(t):
+            if c.op == "Div" and c.inputs[1] is t and c.inputs[0] is base_x:
+                return c.outputs[0]
+            if c.op == "Mul" and base_x in c.inputs and t in c.inputs:
+                return c.outputs[0]
+        nxt = [c for c in G.consumers(t) if c.op in ("Add", "Sqrt", "Reciprocal")]
+        if len(nxt) != 1:
+            return None
+        t = nxt[0].outputs[0]
+    return None
+
+
+def _gamma_of_a_norm(x, norm_outputs) -> bool:
+    """x is what a norm writes, so an affine on it is that norm's own γ/β (ORT needs it in place)."""
+    p = G.producer(x)
+    return id(x) in norm_outputs or (p is not None and p.op in NORM_OPS_WITH_GAMMA)
+
+
+def _is_per_channel_affine(node, norm_outputs=()) -> bool:
+    """A per-channel affine norm: ``a * x + t`` along x's channel axis (see _affine_form) that is
+    neither a norm's own γ/β nor a linear op's bias."""
+    form = _affine_form(node)
+    if form is None:
         return False
-    c = next(v for v in consts if v is not None)
-    if c.size <= 1 or not W.is_float(c.dtype):
+    x, _ = form
+    if _gamma_of_a_norm(x, norm_outputs):
         return False
-    # exactly one non-unit axis: per-channel
-    if sum(1 for s in c.shape if s != 1) != 1:
-        return False
-    if node.op in ("Add", "Sub"):
-        p = G.producer(next(t for t, v in zip(node.inputs, consts) if v is None))
-        if p is not None and p.op in ("MatMul", "Gemm", "Conv", "ConvTranspose"):
-            return False  # a linear op's bias
-        if p is not None and p.op in ("SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization"):
-            return False  # a norm's beta
+    if node.op in ("Add", "Sub") and _from_linear_op(x):
+        return False  # a linear op's bias
     return True
+
+
+LINEAR_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "FusedMatMul", "MatMulNBits", "MatMulInteger",
+              "QLinearMatMul", "QLinearConv", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+# ops that only move or relabel a linear op's output values (its channel axis is kept or moved)
+_RELABEL = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast", "Identity")
+
+
+def _from_linear_op(x, steps: int = 6) -> bool:
+    """x is a linear op's output, seen through layout ops, Casts and a rescale by a scalar (the
+    dequantization of an integer MatMul): a shift of it is that op's bias, as tf2onnx's
+    MatMul -> Reshape -> BiasAdd and the quantizers' MatMulInteger -> Cast -> Mul(scale) -> Add write."""
+    for _ in range(steps):
+        p = G.producer(x)
+        if p is None:
+            return False
+        if p.op in LINEAR_OPS:
+            return True
+        if p.op in _RELABEL:
+            x = p.inputs[0]
+            continue
+        if p.op == "Mul" and len(p.inputs) == 2:
+            scalar = [t for t in p.inputs if getattr(t, "shape", None) is not None and all(d == 1 for d in t.shape)]
+            rest = [t for t in p.inputs if not any(t is u for u in scalar)]
+            if scalar and len(rest) == 1:
+                x = rest[0]
+                continue
+        return False
+    return False
 
 
 def find_norms(graph: gs.Graph) -> list[NormSite]:
@@ -566,9 +644,22 @@ def find_norms(graph: gs.Graph) -> list[NormSite]:
     for m in find_layernorms(graph):
         ln_nodes.update(id(n) for n in m.nodes)
         sites.append(NormSite(m.kind, m.name, m.x.name, f"axes={m.axes} eps={m.epsilon:g}"))
+    norm_outputs = set()  # what decomposed RMSNorms write: an affine on them is their γ/β
+    for node in graph.nodes:
+        if id(node) not in ln_nodes and _is_rms_decomposed(graph, node):
+            out = _normalized_output(graph, node)
+            if out is not None:
+                norm_outputs.add(id(out))
+    gamma = set()  # affine chains that are a norm's γ/β: not norms of their own
     for node in graph.nodes:
         if id(node) in ln_nodes:
             continue
+        form = _affine_form(node)
+        if form is not None:
+            p = G.producer(form[0])
+            if _gamma_of_a_norm(form[0], norm_outputs) or (p is not None and id(p) in gamma):
+                gamma.add(id(node))
+                continue
         if node.op == "SkipLayerNormalization":
             sites.append(NormSite("SkipLayerNormalization", node.name, node.inputs[0].name, f"eps={node.attrs.get('epsilon', 1e-12):g}"))
         elif node.op in ("SimplifiedLayerNormalization", "RMSNormalization", "SkipSimplifiedLayerNormalization"):
@@ -579,9 +670,9 @@ def find_norms(graph: gs.Graph) -> list[NormSite]:
             sites.append(NormSite("BatchNormalization", node.name, node.inputs[0].name, f"eps={node.attrs.get('epsilon', 1e-5):g}"))
         elif node.op in ("InstanceNormalization", "GroupNormalization"):
             sites.append(NormSite(node.op, node.name, node.inputs[0].name))
-        elif _is_per_channel_affine(node):
-            p = G.producer(node.inputs[0])
-            if p is not None and _is_per_channel_affine(p):
+        elif _is_per_channel_affine(node, norm_outputs):
+            p = G.producer(_affine_form(node)[0])
+            if p is not None and _affine_form(p) is not None and id(p) not in ln_nodes:
                 continue  # report a chain once, at its first op
             sites.append(NormSite("per-channel affine", node.name, node.inputs[0].name, node.op))
     return sites

@@ -38,6 +38,7 @@ def verdict(label: str, ratio: float, lo: float, hi: float) -> str:
 
 
 NORM_KIND = {"LayerNormalization": "LN", "decomposed LN": "LN", "SkipLayerNormalization": "SkipLN",
+             "SimplifiedLayerNormalization": "RMS", "RMSNormalization": "RMS", "SkipSimplifiedLayerNormalization": "SkipRMS",
              "BatchNormalization": "BN", "per-channel affine": "affine", "InstanceNormalization": "IN",
              "GroupNormalization": "GN"}
 
@@ -65,13 +66,19 @@ def norm_change(first: dict, this: dict) -> str:
 # CI
 
 
-def write_junit(path: str, suite: str, cases: list) -> None:
-    """cases: [(name, failure message or None, {property: value})]."""
+def write_junit(path: str, suite: str, cases: list, times: list | None = None, elapsed: float | None = None) -> None:
+    """cases: [(name, failure message or None, {property: value})]. Each case's `time` (seconds) is
+    times[i] when given (bench: the time that model ran), else an even share of `elapsed` (verify:
+    every output is compared in the same runs, so the check's wall time is split between them)."""
+    if times is None:
+        share = (elapsed or 0.0) / max(1, len(cases))
+        times = [share] * len(cases)
     root = ET.Element("testsuites")
     ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(cases)),
-                       failures=str(sum(1 for _, f, _ in cases if f)), errors="0", skipped="0")
-    for name, failure, props in cases:
-        tc = ET.SubElement(ts, "testcase", classname=suite.replace(" ", "."), name=name)
+                       failures=str(sum(1 for _, f, _ in cases if f)), errors="0", skipped="0",
+                       time=f"{sum(times):.6f}")
+    for (name, failure, props), t in zip(cases, times):
+        tc = ET.SubElement(ts, "testcase", classname=suite.replace(" ", "."), name=name, time=f"{t:.6f}")
         if props:
             pe = ET.SubElement(tc, "properties")
             for k, v in props.items():

@@ -121,19 +121,15 @@ def machine_description() -> str:
 
 def count_norm_ops(model: onnx.ModelProto) -> dict:
     """Normalizations by kind ({"LN": 7, ...}), If branches included."""
-    from .. import graph as G
-    from ..norms import find_norms
+    from ..inspect import count_norms
     from ..reporting import norm_kind
 
-    counts = collections.Counter()
     try:
-        graph = G.to_graph(model)
-        for sub in G.all_graphs(graph):
-            with G.scope(graph, sub):
-                counts.update(norm_kind(site.kind) for site in find_norms(sub))
+        return count_norms(model)
     except Exception:
-        counts.update(n.op_type for n in model.graph.node if n.op_type in NORM_OPS)
-    return dict(counts)
+        counts = collections.Counter()
+        counts.update(norm_kind(n.op_type) for n in model.graph.node if n.op_type in NORM_OPS)
+        return dict(counts)
 
 
 def bootstrap_ratio(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0):
