@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .reporting import collapsed_declines
 from .runtime_tests.inputs import InputOptions
 
 
@@ -26,9 +27,13 @@ def run_demo(workdir: str = "normopt-demo", runs: int = 30, threads: int = 1, ec
     export(model, example_inputs(model, batch=1, seq=64), src, output_names=["hidden"])
     echo(f"   wrote {src}")
     echo("2. optimizing (verified with ONNX Runtime before writing)")
-    res = optimize(src, dst, report_path=os.path.join(workdir, "report.json"))
+    report_path = os.path.join(workdir, "report.json")
+    res = optimize(src, dst, report_path=report_path)
     for p in res.report.passes:
         echo("   " + p.summary())
+    for line in collapsed_declines(res.report):  # each candidate left alone, with its reason
+        echo("  " + line)
+    echo(f"   the report (every pass, every decline with its reason, the verification): {report_path}")
     echo(f"   verified on {res.verification.seeds} seeds, max abs diff "
          f"{max(m.max_abs for m in res.verification.outputs):.3g}; wrote {dst}")
     echo(f"3. benchmarking on ORT CPU, {threads} thread(s), {runs} interleaved runs")
