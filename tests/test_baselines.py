@@ -51,8 +51,22 @@ def test_cli_bench_with_baselines(tmp_path):
                 "--format", "csv")
     assert r.returncode == 0, r.stderr
     labels = [ln.split(",")[0] for ln in r.stdout.strip().splitlines()[1:]]
-    assert labels == ["m.onnx", "ort-transformers", "onnxscript", "normopt"]
+    # normopt's row is what `normopt optimize` writes (tuned, guarded, verified), and says so
+    assert labels == ["m.onnx", "ort-transformers", "onnxscript", B.NORMOPT_LABEL]
+    assert B.NORMOPT_LABEL == "normopt optimize (tuned)"
     assert "baseline ort-transformers: equivalent" in r.stderr
+    assert f"baseline {B.NORMOPT_LABEL}: verified equivalent" in r.stderr
+
+
+def test_normopt_row_is_the_optimize_output(tmp_path):
+    from normopt.runtime_tests.latency import count_norm_ops
+
+    src = tmp_path / "m.onnx"
+    onnx.save(preln_stream_model(d=32), src)
+    b = B.optimized_by_normopt(str(src), str(tmp_path), threads=1)
+    assert b.status == "verified equivalent" and isinstance(b.model, str) and b.model.startswith(str(tmp_path))
+    ops = count_norm_ops(onnx.load(b.model))
+    assert "LN" not in ops and ops.get("RMS", 0) + ops.get("SkipRMS", 0) == 3  # every LN converted, as optimize does
 
 
 def test_plot_needs_matplotlib_or_writes_png(tmp_path):
