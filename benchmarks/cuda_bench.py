@@ -12,8 +12,8 @@ Models, built here without torch (normopt.models.llm; benchmarks/cuda_models.py)
   * SLAB DeiT-S (RepBN in every norm position, mean pooled), fp16, with its norm-free floor
     (the same network with the norms removed): the affine-norm target is normopt <= 1.01x floor.
 Each model is optimized with `normopt optimize --provider P` (tuning on, output verified), and
-ORT's transformer optimizer (onnxruntime.transformers.optimizer, use_gpu on CUDA) makes a third
-version, timed only if it is equivalent to the original on P. All versions of one model run
+ORT's transformer optimizer (onnxruntime.transformers.optimizer, its fusions at opt_level 0,
+use_gpu on CUDA) makes a third version, timed only if it is equivalent to the original on P. All versions of one model run
 interleaved in one harness call; ratios are medians of per-round paired ratios with bootstrap
 95% CIs. --quick: tiny shapes and few runs (the CPU dry run). Writes OUTDIR/cuda-results.md and
 OUTDIR/cuda-results.json; exits 1 if a normopt output failed verification or a case crashed.
@@ -97,8 +97,11 @@ def ort_transformers(src, dst, provider, model_type, heads, hidden, input_opts):
     try:
         from onnxruntime.transformers import optimizer
 
+        # opt_level 0: its Python fusions; ONNX Runtime's own graph optimizations run when the
+        # harness loads the model (ORT_ENABLE_ALL), as for every version timed. (Levels >= 1 run
+        # a session inside the optimizer, which imports torch, and this check installs none.)
         m = optimizer.optimize_model(src, model_type=model_type, num_heads=heads, hidden_size=hidden,
-                                     use_gpu=provider == "cuda")
+                                     use_gpu=provider == "cuda", opt_level=0)
         m.save_model_to_file(dst, use_external_data_format=m.model.ByteSize() > 2**31 - 1)
     except Exception as exc:
         return None, f"optimizer failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
