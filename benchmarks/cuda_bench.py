@@ -60,7 +60,8 @@ def cases(quick: bool, opt_layers: int):
         layers = spec["layers"]
         real = SHAPES[name]["layers"]
         note = f"{layers} of {real} layers" if layers != real else f"{layers} layers"
-        for kv in ((True,) if quick and name == "opt-350m" else (False, True)):  # quick: one OPT shape
+        # --quick: GPT-2 at the sequence shape, OPT with the KV cache (each path once)
+        for kv in (((name == "opt-350m"),) if quick else (False, True)):
             if kv:
                 shape = f"fp16, seq 1 after {past} cached, batch 1 ({note})"
                 opts = InputOptions(shapes={"batch_size": 1, "sequence_length": 1, "past_sequence_length": past})
