@@ -72,10 +72,10 @@ def cuda_usable() -> tuple[bool, str]:
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
             probe = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
             try:
-                make_session(probe, "cuda", "disable")
+                make_session(probe, "cuda", "disable").run(None, {"x": np.ones(1, np.float32)})  # libraries load lazily
                 _cuda_state["usable"] = (True, f"onnxruntime {ort.__version__}, {CUDA} (device 0)")
-            except NormoptError as exc:
-                _cuda_state["usable"] = (False, str(exc))
+            except Exception as exc:
+                _cuda_state["usable"] = (False, str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
     return _cuda_state["usable"]
 
 
