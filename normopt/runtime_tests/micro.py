@@ -1,9 +1,12 @@
-"""Op micro-benchmarks: time small single-pattern models interleaved on an EP (medians, ms)."""
+"""Op micro-benchmarks: time small single-pattern models interleaved on an EP (medians, ms).
+
+Each model runs through latency.Runner: on CUDA with its inputs and outputs on the device (IO
+binding) and each run synchronized, so the copies to and from the host, which at these sizes
+take longer than the kernels compared, are not in the timings."""
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 
@@ -13,18 +16,18 @@ from .providers import make_session
 def time_models(models, shapes: dict, dtype, provider="cpu", runs=60, warmup=5, threads=None) -> list[float]:
     """Median ms per model; every model takes the same random inputs `shapes` {name: shape};
     `threads`: intra-op threads (the deployment's), else ONNX Runtime's default."""
+    from .latency import Runner
+
     rng = np.random.default_rng(0)
     feeds = {k: rng.standard_normal(v).astype(dtype) for k, v in shapes.items()}
-    sess = [make_session(m, provider, "all", threads=threads, spin=False) for m in models]
-    for s in sess:
+    runners = [Runner(make_session(m, provider, "all", threads=threads, spin=False), feeds, provider) for m in models]
+    for r in runners:
         for _ in range(warmup):
-            s.run(None, feeds)
-    times = [[] for _ in sess]
-    n = len(sess)
+            r()
+    times = [[] for _ in runners]
+    n = len(runners)
     for k in range(runs):
         for j in range(n):
             i = (k + j) % n
-            t0 = time.perf_counter()
-            sess[i].run(None, feeds)
-            times[i].append((time.perf_counter() - t0) * 1000)
+            times[i].append(runners[i]() * 1000)
     return [statistics.median(t) for t in times]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -24,20 +25,71 @@ class SessionError(NormoptError):
     """ONNX Runtime could not load or run a model."""
 
 
+CUDA = "CUDAExecutionProvider"
+# CUDA EP options for every session normopt makes: device 0, and TF32 off, so fp32 MatMuls keep
+# fp32 precision (ORT's default lets them round inputs to TF32's 10-bit mantissa on Ampere and
+# later, which the original model itself would then fail an fp32 equivalence check by)
+CUDA_OPTIONS = {"device_id": "0", "use_tf32": "0"}
+_cuda_state: dict = {}
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages (onnxruntime-gpu[cuda,cudnn]) where
+    onnxruntime-gpu has preload_dlls (1.21+); without it the CUDA EP finds them only on the
+    system library path. Once per process; harmless where they are already loaded."""
+    if "preloaded" in _cuda_state:
+        return
+    _cuda_state["preloaded"] = True
+    fn = getattr(ort, "preload_dlls", None)
+    if fn is not None and CUDA in ort.get_available_providers():
+        try:
+            fn(directory="")  # nvidia site packages first, then the default library path
+        except TypeError:
+            fn()
+        except Exception:
+            pass  # reported by cuda_usable() when a session cannot get the CUDA EP
+
+
 def cuda_available() -> bool:
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    """This onnxruntime is built with the CUDA EP (onnxruntime-gpu). Whether it can run, with the
+    CUDA libraries and a device present, is cuda_usable()."""
+    return CUDA in ort.get_available_providers()
+
+
+def cuda_usable() -> tuple[bool, str]:
+    """(True, device line) if a session really gets the CUDA EP, else (False, why). ONNX Runtime
+    lists CUDAExecutionProvider whenever onnxruntime-gpu is installed, and falls back to the CPU
+    EP with only a log line when the CUDA libraries or the device are missing."""
+    if "usable" not in _cuda_state:
+        if not cuda_available():
+            _cuda_state["usable"] = (False, "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu instead of "
+                                            f"onnxruntime; available: {', '.join(ort.get_available_providers())})")
+        else:
+            from onnx import TensorProto, helper
+
+            g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+            probe = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+            try:
+                make_session(probe, "cuda", "disable").run(None, {"x": np.ones(1, np.float32)})  # libraries load lazily
+                _cuda_state["usable"] = (True, f"onnxruntime {ort.__version__}, {CUDA} (device 0)")
+            except Exception as exc:
+                _cuda_state["usable"] = (False, str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+    return _cuda_state["usable"]
 
 
 def providers_for(provider: str) -> list[str]:
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "cuda":
+        preload_cuda_libraries()
         if not cuda_available():
             raise NormoptError(
                 "--provider cuda needs onnxruntime-gpu with CUDAExecutionProvider "
                 f"(available: {', '.join(ort.get_available_providers())})"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [(CUDA, dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
     raise NormoptError(f"unknown provider '{provider}' (cpu or cuda)")
 
 
@@ -59,6 +111,7 @@ def make_session(model, provider="cpu", level="all", threads: int | None = None,
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
     name = "<in-memory model>" if isinstance(model, onnx.ModelProto) else model
+    providers = providers_for(provider)
     try:
         if isinstance(model, onnx.ModelProto) and _needs_file(model):
             # a skeleton (weights referenced by absolute path) or a model over 2 GB: ONNX Runtime
@@ -68,14 +121,46 @@ def make_session(model, provider="cpu", level="all", threads: int | None = None,
             with tempfile.TemporaryDirectory(prefix="normopt-session-") as tmp:
                 path = os.path.join(tmp, "model.onnx")
                 write_model(model, path, external=True)
-                return ort.InferenceSession(path, sess_options=so, providers=providers_for(provider))
+                return _check_ep(ort.InferenceSession(path, sess_options=so, providers=providers), provider)
         src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-        return ort.InferenceSession(src, sess_options=so, providers=providers_for(provider))
+        return _check_ep(ort.InferenceSession(src, sess_options=so, providers=providers), provider)
     except NormoptError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SessionError(f"{name}: ONNX Runtime cannot load the model: {first[:300]}") from None
+
+
+def _check_ep(sess, provider):
+    """The session runs on the EP asked for: ONNX Runtime silently falls back to the CPU EP when
+    the CUDA EP cannot be created (missing CUDA/cuDNN libraries, no device), which would time and
+    verify the CPU while reporting CUDA."""
+    if provider == "cuda" and CUDA not in sess.get_providers():
+        raise SessionError("the CUDA execution provider could not be created (ONNX Runtime fell back to "
+                           f"{', '.join(sess.get_providers())}): are the CUDA and cuDNN libraries that this onnxruntime-gpu "
+                           "needs installed (pip install 'onnxruntime-gpu[cuda,cudnn]'), and is an NVIDIA device visible?")
+    return sess
+
+
+def to_ortvalue(arr, device: str = "cpu"):
+    """An OrtValue of a numpy array on `device` ("cpu" or "cuda"), bfloat16 (ml_dtypes) included,
+    which onnxruntime's numpy conversion does not take."""
+    arr = np.ascontiguousarray(arr)
+    dev = "cuda" if device == "cuda" else "cpu"
+    if arr.dtype.name == "bfloat16":
+        from onnx import TensorProto
+
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr.view(np.uint16), TensorProto.BFLOAT16) if dev == "cpu" else \
+            _bf16_on_device(arr)
+    return ort.OrtValue.ortvalue_from_numpy(arr, dev, 0)
+
+
+def _bf16_on_device(arr):
+    from onnx import TensorProto
+
+    out = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), TensorProto.BFLOAT16, "cuda", 0)
+    out.update_inplace(arr.view(np.uint16))
+    return out
 
 
 def _needs_file(model: onnx.ModelProto) -> bool:
