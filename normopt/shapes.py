@@ -1112,6 +1112,8 @@ def _walk(root, g, st, opset, domains, changed, seen_nodes, seen_tensors, declar
         for o in node.outputs:
             seen_tensors[id(o)] = o
         if not fresh and not inputs_changed and st.sig.get(id(node)) == sig and all(id(o) in st.info for o in node.outputs):
+            for o in node.outputs:  # a shape a pass wrote onto an unchanged value is put right
+                _write(o, st.info[id(o)], g is root and o.name in declared and any(x is o for x in g.outputs))
             continue
         st.sig[id(node)] = sig
         st.nodes_inferred += 1
@@ -1128,12 +1130,21 @@ def _walk(root, g, st, opset, domains, changed, seen_nodes, seen_tensors, declar
 def _write(t, info, keep_shape):
     if keep_shape and t.shape is not None:
         return  # the model's contract: an output's stated shape (its dim names too) stays
+    shape = None if info.shape is None else [to_gs(d) for d in info.shape]
     if info.dtype:
-        try:
-            t.dtype = onnx.helper.tensor_dtype_to_np_dtype(info.dtype)
-        except Exception:
-            pass
-    t.shape = None if info.shape is None else [to_gs(d) for d in info.shape]
+        dt = _NP.get(info.dtype)
+        if dt is None:
+            try:
+                dt = _NP[info.dtype] = onnx.helper.tensor_dtype_to_np_dtype(info.dtype)
+            except Exception:
+                dt = _NP[info.dtype] = False
+        if dt is not False and t.dtype is not dt:
+            t.dtype = dt
+    if t.shape != shape:
+        t.shape = shape
+
+
+_NP = {}
 
 
 def _infer_node(node, ins, opset, domains, st, subs):

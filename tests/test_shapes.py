@@ -338,3 +338,12 @@ def test_optimize_never_imports_sympy(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "CLEAN"
+
+
+def test_refresh_puts_right_a_shape_written_onto_an_unchanged_value():
+    g = G.to_graph(preln_stream_model())
+    t = next(n for n in g.nodes if n.op == "Add").outputs[0]
+    right = list(t.shape)
+    t.shape = [7, 7]  # a pass's stale guess, no node changed
+    G.refresh(g)
+    assert t.shape == right
