@@ -36,6 +36,7 @@ import onnx_graphsurgeon as gs
 SMALL_VALUE = 64  # integer tensors up to this many elements carry their values as dims
 _INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
               onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+_WIDE_INT = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}  # a cast to these keeps a dim's value
 _BIG = 2 ** 62
 
 
@@ -404,7 +405,7 @@ def _infer_rule(cx: _Ctx):
             dt = ins[1].dtype
         elif op in _COMPARE:
             dt = onnx.TensorProto.BOOL
-        val = x.value if (op in ("Identity", "Cast", "CastLike") and dt in _INT_TYPES) else None
+        val = x.value if (op == "Identity" or op in ("Cast", "CastLike") and dt in _WIDE_INT) else None
         if op == "Neg" and x.value is not None and dt in _INT_TYPES:
             val = [d_neg(v) for v in x.value] if isinstance(x.value, list) else d_neg(x.value)
         out = [Info(dt, x.shape, val)]
@@ -550,10 +551,12 @@ def _infer_rule(cx: _Ctx):
     if op == "GroupQueryAttention":
         return _gqa(cx)
     if op in ("QuantizeLinear", "DequantizeLinear"):
-        if op == "DequantizeLinear":
+        if cx.attr("output_dtype"):
+            dt = int(cx.attr("output_dtype"))
+        elif op == "DequantizeLinear":
             dt = ins[1].dtype
         else:
-            dt = ins[2].dtype if len(ins) > 2 and ins[2].dtype else onnx.TensorProto.UINT8
+            dt = ins[2].dtype if len(ins) > 2 and node.inputs[2] is not None and node.inputs[2].name and ins[2].dtype else onnx.TensorProto.UINT8
         return [Info(dt, x.shape)]
     return None
 
@@ -855,8 +858,8 @@ def _reduce(cx):
         axes = [int(cx.attr("axis", 0))]
     else:
         axes = _const_axes(cx)
-        if axes is False:
-            return Info(dt, [1] * r if keep else None) if keep else Info(dt, None)
+        if axes is False:  # axes computed at run time: the rank only (keepdims), or nothing
+            return Info(dt, [cx.opaque(0, i) for i in range(r)]) if keep else Info(dt, None)
         if axes is None or axes == []:
             if int(cx.attr("noop_with_empty_axes", 0)):
                 return Info(dt, list(x.shape))
@@ -890,8 +893,10 @@ def _resize(cx):
             sv = G.const_value(node.inputs[scales_i])
             if sv is not None and np.asarray(sv).size:
                 scales = [float(s) for s in np.asarray(sv).reshape(-1)]
-        if int(cx.attr("antialias", 0)) or cx.attr("axes") is not None or cx.attr("keep_aspect_ratio_policy", "stretch") not in ("stretch", b"stretch"):
-            return None
+        ctm = cx.attr("coordinate_transformation_mode", "half_pixel")
+        if int(cx.attr("antialias", 0)) or cx.attr("axes") is not None or ctm in ("tf_crop_and_resize", b"tf_crop_and_resize") \
+                or cx.attr("keep_aspect_ratio_policy", "stretch") not in ("stretch", b"stretch"):
+            return None  # ONNX's rule (or none)
     if isinstance(sizes, list) and len(sizes) == len(x.shape):
         return [Info(x.dtype, list(sizes))]
     if scales is None or len(scales) != len(x.shape):
@@ -1181,6 +1186,13 @@ def _better(mine, onnx_info):
     return Info(dt, mine.shape, mine.value)
 
 
+def _known(st, t):
+    info = st.info.get(id(t))
+    if info is None and isinstance(t, gs.Constant):
+        info = _const_info(t)
+    return info
+
+
 def _subgraph_node(node, ins, st):
     """If: each output is what both branches agree on. Loop/Scan: dtypes from the body; shapes
     of loop-carried values where the body keeps them, scan outputs unknown."""
@@ -1190,7 +1202,7 @@ def _subgraph_node(node, ins, st):
             return None
         outs = []
         for i in range(len(node.outputs)):
-            cands = [st.info.get(id(b.outputs[i])) if i < len(b.outputs) else None for b in branches]
+            cands = [_known(st, b.outputs[i]) if i < len(b.outputs) else None for b in branches]
             if any(c is None for c in cands):
                 outs.append(Info())
                 continue
@@ -1210,7 +1222,7 @@ def _subgraph_node(node, ins, st):
     first = 1 if node.op == "Loop" else 0  # Loop body outputs: cond, carried..., scan...
     for i in range(len(node.outputs)):
         bi = first + i
-        bo = st.info.get(id(body.outputs[bi])) if bi < len(body.outputs) else None
+        bo = _known(st, body.outputs[bi]) if bi < len(body.outputs) else None
         if bo is None:
             outs.append(Info())
             continue
