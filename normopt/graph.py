@@ -112,20 +112,33 @@ def _wrap(t) -> None:
 
 
 def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelProto:
-    """A copy of the model with every value's dtype and shape as normopt's own inference gives
-    them (see shapes.py), as value_info. ``symbolic`` is accepted for compatibility and ignored:
+    """A copy of the model's structure with every main-graph value's dtype and shape, as
+    normopt's own inference gives them (see shapes.py), in value_info (graph outputs without a
+    type get one). The weights are not copied: the result's initializers are dropped, so it is
+    for reading types, not for running. ``symbolic`` is accepted for compatibility and ignored:
     no optional symbolic engine is used."""
     graph = to_graph(model)
-    out = gs.export_onnx(graph, do_type_check=False)
     inferred = onnx.ModelProto()
-    inferred.CopyFrom(model)
-    del inferred.graph.value_info[:]
+    inferred.ir_version = model.ir_version
+    inferred.opset_import.extend(model.opset_import)
+    inferred.graph.name = model.graph.name
+    inferred.graph.node.extend(model.graph.node)
+    inferred.graph.input.extend(model.graph.input)
+    inferred.graph.output.extend(model.graph.output)
     have = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
-    inferred.graph.value_info.extend(vi for vi in out.graph.value_info if vi.name not in have)
-    outs = {o.name: o for o in out.graph.output}
+    typed = {}
+    for node in graph.nodes:
+        for o in node.outputs:
+            if o.name and o.dtype is not None:
+                try:
+                    et = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(o.dtype))
+                except Exception:
+                    continue
+                typed[o.name] = onnx.helper.make_tensor_value_info(o.name, et, None if o.shape is None else list(o.shape))
+    inferred.graph.value_info.extend(vi for n, vi in typed.items() if n not in have)
     for o in inferred.graph.output:
-        if not o.type.WhichOneof("value") and o.name in outs:
-            o.type.CopyFrom(outs[o.name].type)
+        if not o.type.WhichOneof("value") and o.name in typed:
+            o.type.CopyFrom(typed[o.name].type)
     return inferred
 
 

@@ -995,9 +995,13 @@ def _onnx_node(node, ins, opset, domain_opsets):
 
 
 def _constant_node(node):
-    """Constant: its value's Info (the value itself when small and integer)."""
+    """Constant: its value's Info (the value itself when small and integer). A tensor value's
+    shape and dtype come without reading it (exporters may hold weights in Constant nodes)."""
     from . import graph as G
 
+    v = node.attrs.get("value")
+    if isinstance(v, gs.Constant):
+        return [_const_info(v)]
     v = G.const_value(node.outputs[0])
     if v is None:
         return None
