@@ -811,7 +811,14 @@ def _slice(cx):
 
         starts, ends, axes, steps = v(1), v(2), v(3), v(4)
         if starts is False or ends is False or axes is False or steps is False or starts is None or ends is None:
-            return Info(x.dtype, [cx.opaque(0, a) for a in range(r)])
+            # bounds computed at run time: the sliced axes are unknown, the others stay
+            if isinstance(axes, list) and all(isinstance(a, int) for a in axes):
+                cut = {_axis(a, r) for a in axes}
+            elif axes is None and cx.ins[1].shape is not None and len(cx.ins[1].shape) == 1 and isinstance(cx.ins[1].shape[0], int):
+                cut = set(range(cx.ins[1].shape[0]))
+            else:
+                cut = set(range(r))
+            return Info(x.dtype, [cx.opaque(0, a) if a in cut else d for a, d in enumerate(x.shape)])
     axes = list(range(len(starts))) if axes is None else [_axis(int(a), r) if isinstance(a, int) else None for a in axes]
     steps = [1] * len(starts) if steps is None else steps
     out = list(x.shape)

@@ -419,3 +419,18 @@ def test_incremental_refresh_infers_a_fraction_of_the_graph(monkeypatch):
     assert len(refreshed) >= 2
     work = st.nodes_inferred - at_import
     assert 0 < work < 0.5 * sum(refreshed), (work, refreshed)
+
+
+def test_slice_with_run_time_bounds_keeps_the_other_axes():
+    nodes = [helper.make_node("Shape", ["x"], ["sh"]),
+             helper.make_node("Gather", ["sh", "i1"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax0"], ["end"]),
+             helper.make_node("Slice", ["table", "zero", "end", "ax0"], ["pos"]),
+             helper.make_node("ReduceSum", ["lens"], ["end2"], keepdims=1),  # a value nothing tracks
+             helper.make_node("Slice", ["table", "zero", "end2"], ["pos2"])]
+    inits = [init("i1", np.array(1, np.int64)), init("ax0", np.array([0], np.int64)), init("zero", np.array([0], np.int64)),
+             init("table", np.ones((16, 8), np.float32))]
+    g = G.to_graph(make_model(nodes, [vi("x", ["B", "S"]), vi("lens", [3], TensorProto.INT64)], [vi("pos", None), vi("pos2", None)], inits))
+    t = g.tensors()
+    for name in ("pos", "pos2"):
+        assert t[name].shape[1] == 8 and isinstance(t[name].shape[0], str)  # min(16, S): not guessed
