@@ -8,15 +8,14 @@ import contextlib
 import contextvars
 import itertools
 import os
-import tempfile
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from . import shapes as S
 from . import weights as W
-from .io import ORT_DEFAULT_DOMAIN_CONTRIB_OPS, TWO_GB
 
 from onnx_graphsurgeon.logger import G_LOGGER  # noqa: E402
 
@@ -34,7 +33,9 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import a model (a skeleton or an in-memory model) into graphsurgeon, with inferred shapes
     when shape inference works. External tensors with absolute locations become RefValues."""
     graph = _import(model)
-    _apply_shapes(graph, infer_shapes(model))
+    graph.normopt_declared_outputs = {t.name for t in graph.outputs if t.shape is not None}
+    graph.normopt_domains = {imp.domain: imp.version for imp in model.opset_import if imp.domain not in ("", "ai.onnx")}
+    S.infer(graph, incremental=False)
     return graph
 
 
@@ -110,185 +111,35 @@ def _wrap(t) -> None:
         t._values = W.RefValues(lv.tensor)
 
 
-@contextlib.contextmanager
-def _scratch_cwd():
-    """Run in a throw-away working directory, so a library's stray files never land in the user's."""
-    old = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="normopt-") as tmp:
-        os.chdir(tmp)
-        try:
-            yield
-        finally:
-            os.chdir(old)
-
-
 def infer_shapes(model: onnx.ModelProto, symbolic: bool = True) -> onnx.ModelProto:
-    """Shapes for every value: ONNX Runtime's symbolic shape inference first (it knows ORT's
-    contrib ops and resolves more Shape-built dims than ONNX's data propagation), without
-    merging conflicting dims on a guess; ONNX shape inference where it fails. On a skeleton
-    (large tensors referenced, not loaded) this is cheap whatever the size of the weights."""
-    if model.ByteSize() > TWO_GB:  # an in-memory model with its weights: infer on its skeleton
-        return model
-    model = _weights_as_inputs(model)
-    contrib = any(n.domain == "com.microsoft" or n.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS for n in model.graph.node)
-    if any(True for _ in _subgraph_protos(model.graph)):
-        return _infer_with_subgraphs(model, symbolic, contrib)
-    return _infer(model, symbolic, contrib)
-
-
-def _infer_with_subgraphs(model, symbolic, contrib):
-    """ONNX's inference scopes subgraphs correctly but resolves fewer dims; ORT's symbolic
-    inference keeps one name table for all graphs (sibling If branches may reuse names, as
-    Optimum's merged decoder does) and trips on untyped branch outputs. So: ONNX's inference on
-    the whole model, then each branch refined by inference on it as a model of its own, its
-    outer-scope reads as typed inputs (nested branches recurse the same way)."""
-    base = _infer(model, False, contrib)
-    if symbolic:
-        opsets = list(base.opset_import)
-        _refine_branches(base.graph, _types(base.graph, {}), {t.name: t for t in base.graph.initializer}, opsets, contrib)
-    return base
-
-
-def _types(graph, outer: dict) -> dict:
-    types = dict(outer)
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if vi.type.WhichOneof("value"):
-            types[vi.name] = vi
-    for t in graph.initializer:
-        types[t.name] = onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-    return types
-
-
-def _refine_branches(graph, types: dict, inits: dict, opsets, contrib) -> None:
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                if node.op_type != "If":
-                    continue  # Loop/Scan bodies have iteration inputs; ONNX's shapes stand
-                local = {i.name for i in sub.input} | {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
-                refs = [n for n in dict.fromkeys(_referenced(sub)) if n and n not in local]
-                if any(n not in types and n not in inits for n in refs):
-                    continue
-                g = onnx.helper.make_graph(list(sub.node), sub.name or "branch",
-                                           [types[n] for n in refs if n not in inits],
-                                           [o if o.type.WhichOneof("value") else onnx.helper.make_empty_tensor_value_info(o.name) for o in sub.output],
-                                           list(sub.initializer) + [inits[n] for n in refs if n in inits])
-                standalone = onnx.helper.make_model(g, opset_imports=opsets)
+    """A copy of the model's structure with every main-graph value's dtype and shape, as
+    normopt's own inference gives them (see shapes.py), in value_info (graph outputs without a
+    type get one). The weights are not copied: the result's initializers are dropped, so it is
+    for reading types, not for running. ``symbolic`` is accepted for compatibility and ignored:
+    no optional symbolic engine is used."""
+    graph = to_graph(model)
+    inferred = onnx.ModelProto()
+    inferred.ir_version = model.ir_version
+    inferred.opset_import.extend(model.opset_import)
+    inferred.graph.name = model.graph.name
+    inferred.graph.node.extend(model.graph.node)
+    inferred.graph.input.extend(model.graph.input)
+    inferred.graph.output.extend(model.graph.output)
+    have = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+    typed = {}
+    for node in graph.nodes:
+        for o in node.outputs:
+            if o.name and o.dtype is not None:
                 try:
-                    inferred = infer_shapes(standalone)
+                    et = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(o.dtype))
                 except Exception:
                     continue
-                if inferred is standalone:
-                    continue
-                del sub.node[:]
-                sub.node.extend(inferred.graph.node)
-                del sub.value_info[:]
-                sub.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in local)
-                outs = {o.name: o for o in inferred.graph.output}
-                for o in sub.output:
-                    if o.name in outs and outs[o.name].type.WhichOneof("value"):
-                        o.type.CopyFrom(outs[o.name].type)
-
-
-def _referenced(graph):
-    for n in graph.node:
-        yield from n.input
-        for attr in n.attribute:
-            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _referenced(g)
-    for o in graph.output:
-        yield o.name
-
-
-def _symbolic(model, merge):
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        with _scratch_cwd(), _quiet_logging():  # on incomplete inference it saves a debug model into the cwd
-            return SymbolicShapeInference.infer_shapes(model, auto_merge=merge, guess_output_rank=merge)
-    except Exception:
-        return None
-
-
-def _infer(model, symbolic, contrib):
-    """ORT's symbolic inference (merging dims only for contrib-op graphs, as ORT's own tools do);
-    where it gives up, ONNX's inference, with the values it leaves unshaped filled from a merging
-    symbolic run: their ranks and static sizes only, each symbolic dim a fresh name, so no dim
-    equality that merging guessed ever reaches an analysis."""
-    if symbolic:
-        out = _symbolic(model, contrib)
-        if out is not None:
-            if _unshaped(out.graph):  # values it left without a shape: ONNX's inference may know them
-                onnx_shapes = _onnx_infer(model)
-                if onnx_shapes is not model:
-                    _fill_unshaped(out.graph, onnx_shapes.graph)
-            return out
-    base = _onnx_infer(model)
-    if symbolic and not contrib:
-        merged = _symbolic(model, True)
-        if merged is not None:
-            _fill_unshaped(base.graph, merged.graph)
-    return base
-
-
-def _onnx_infer(model):
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        return model
-
-
-def _unshaped(graph) -> bool:
-    have = {vi.name for vi in list(graph.value_info) + list(graph.output) + list(graph.input)
-            if vi.type.tensor_type.HasField("shape")}
-    return any(o and o not in have for n in graph.node for o in n.output) or any(o.name not in have for o in graph.output)
-
-
-def _fill_unshaped(base, other, rename=True):
-    """Shapes from `other` for the values `base` leaves unshaped (graph outputs included);
-    with `rename`, each symbolic dim of `other` becomes a fresh name (a merging run's dim
-    equalities are guesses)."""
-    have = {vi.name for vi in list(base.value_info) + list(base.output) + list(base.input)
-            if vi.type.tensor_type.HasField("shape")}
-    fresh = itertools.count()
-    outs = {o.name: o for o in base.output}
-    for vi in list(other.value_info) + list(other.output):
-        if vi.name in have or not vi.type.tensor_type.HasField("shape"):
-            continue
-        have.add(vi.name)
-        new = outs[vi.name] if vi.name in outs else base.value_info.add()
-        new.type.CopyFrom(vi.type)
-        new.name = vi.name
-        if rename:
-            for d in new.type.tensor_type.shape.dim:
-                if not d.HasField("dim_value"):
-                    d.dim_param = f"normopt_unk_{next(fresh)}"
-
-
-def _weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """For shape inference only: a copy where every referenced tensor (a weight, by absolute
-    path) is a typed graph input instead of an initializer, so no inference code tries to read
-    its bytes (ONNX rejects absolute external paths); shapes never depend on weight values."""
-    refs = [(g, t) for g in [model.graph, *_subgraph_protos(model.graph)] for t in g.initializer if W.external_ref(t) is not None]
-    if not refs:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graphs = [out.graph, *_subgraph_protos(out.graph)]
-    have = {i.name for i in out.graph.input}
-    for g in graphs:
-        keep = []
-        for t in g.initializer:
-            if W.external_ref(t) is None:
-                k = onnx.TensorProto()
-                k.CopyFrom(t)
-                keep.append(k)
-            elif t.name not in have:
-                out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-                have.add(t.name)
-        del g.initializer[:]
-        g.initializer.extend(keep)
-    return out
+                typed[o.name] = onnx.helper.make_tensor_value_info(o.name, et, None if o.shape is None else list(o.shape))
+    inferred.graph.value_info.extend(vi for n, vi in typed.items() if n not in have)
+    for o in inferred.graph.output:
+        if not o.type.WhichOneof("value") and o.name in typed:
+            o.type.CopyFrom(typed[o.name].type)
+    return inferred
 
 
 _SUFFIX = "__normopt_g"
@@ -339,19 +190,6 @@ def _restore_subgraph_names(model: onnx.ModelProto) -> None:
                 nd.input[i] = base(n)
             for i, n in enumerate(nd.output):
                 nd.output[i] = base(n)
-
-
-@contextlib.contextmanager
-def _quiet_logging():
-    import logging
-
-    log = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
-    old = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(old)
 
 
 def export(graph: gs.Graph) -> onnx.ModelProto:
@@ -435,9 +273,16 @@ def snapshot(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def restore(model: onnx.ModelProto) -> gs.Graph:
-    """A graph from a snapshot, shapes as they were (no re-inference)."""
-    return _import(model)
+def restore(model: onnx.ModelProto, like: gs.Graph | None = None) -> gs.Graph:
+    """A graph from a snapshot, shapes as they were (no re-inference). With `like` (the graph
+    the snapshot was taken of), what import recorded about the model (its declared output
+    shapes, its opset domains) carries over; the next refresh infers the whole graph."""
+    graph = _import(model)
+    if like is not None:
+        for k in ("normopt_declared_outputs", "normopt_domains"):
+            if k in like.__dict__:
+                setattr(graph, k, like.__dict__[k])
+    return graph
 
 
 def _subgraph_protos(graph_proto):
@@ -499,54 +344,15 @@ def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
             g.initializer.extend(kept)
 
 
-def refresh(graph: gs.Graph) -> gs.Graph:
-    """After a pass: clean up, sort, and re-infer every value's shape on the skeleton. The graph
-    objects stay the same (no re-import); shapes that inference no longer gives are dropped.
-    Shapes map graph by graph: sibling If branches may use the same value names."""
+def refresh(graph: gs.Graph, incremental: bool = True) -> gs.Graph:
+    """After a pass: clean up, sort, and bring every value's shape up to date. The graph
+    objects stay the same (no re-import). Incremental (see shapes.py): only the nodes the pass
+    changed or added, and what is downstream of a value whose shape changed, are inferred again;
+    incremental=False infers the whole graph afresh (the two give the same shapes)."""
     for g in all_graphs(graph):
         g.cleanup(remove_unused_graph_inputs=False).toposort()
-    _apply_shapes(graph, infer_shapes(export(graph)))
+    S.infer(graph, incremental=incremental)
     return graph
-
-
-def _apply_shapes(graph: gs.Graph, inferred: onnx.ModelProto) -> None:
-    """Every value's dtype and shape from an inferred model of the same structure, graph by graph."""
-    gs_graphs = list(_ordered_graphs(graph))
-    pb_graphs = [inferred.graph, *_subgraph_protos(inferred.graph)]
-    if len(gs_graphs) != len(pb_graphs):  # should not happen; never guess across graphs
-        pb_graphs = [inferred.graph]
-        gs_graphs = [graph]
-    for g, pg in zip(gs_graphs, pb_graphs):
-        infos = {}
-        for vi in list(pg.value_info) + list(pg.output) + list(pg.input):
-            if vi.type.HasField("tensor_type"):
-                infos[vi.name] = vi.type.tensor_type
-        io_names = {t.name for t in g.inputs}
-        mine = {id(o) for n in g.nodes for o in n.outputs} | {id(o) for o in g.outputs}
-        declared_outs = {id(o) for o in g.outputs} if g is graph else set()
-        for t in g.tensors().values():
-            if not isinstance(t, gs.Variable) or t.name in io_names or id(t) not in mine:
-                continue  # outer values keep the shapes their own graph gives them
-            declared = id(t) in declared_outs
-            if declared and t.shape is not None:
-                continue  # the model's contract: an output's stated shape (its dim names too) stays
-            tt = infos.get(t.name)
-            if tt is None:
-                t.shape = None
-                continue
-            if tt.elem_type:
-                t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-            t.shape = [_dim(d) for d in tt.shape.dim] if tt.HasField("shape") else None
-
-
-def _ordered_graphs(graph: gs.Graph):
-    """The graph and its subgraphs in the order _subgraph_protos walks the exported model."""
-    yield graph
-    for node in graph.nodes:
-        for v in node.attrs.values():
-            subs = [v] if isinstance(v, gs.Graph) else [x for x in v if isinstance(x, gs.Graph)] if isinstance(v, (list, tuple)) else []
-            for sub in subs:
-                yield from _ordered_graphs(sub)
 
 
 def _dim(d):

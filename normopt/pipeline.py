@@ -177,7 +177,7 @@ class Pipeline:
             try:
                 graph, pr = self._run_everywhere(p, graph, ctx, on_analysis)
             except Exception as exc:
-                graph = G.restore(snapshot)
+                graph = G.restore(snapshot, like=graph)
                 ctx.state.clear()
                 ctx.state.update(state)
                 del ctx.notes[notes_before:]

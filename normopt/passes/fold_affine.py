@@ -192,9 +192,32 @@ def _is_norm_tail(node):
     return False
 
 
-def find_affines(graph) -> list[Affine]:
+def _unshaped_candidate(node):
+    """A BatchNormalization, or an elementwise op of one value and one constant, whose data
+    input has no inferred shape: its per-channel structure cannot be checked."""
+    if node.op == "BatchNormalization":
+        return node.inputs[0] if node.inputs and G.rank(node.inputs[0]) is None else None
+    if node.op not in ELEMENTWISE or len(node.inputs) != 2:
+        return None
+    ci = [i for i, inp in enumerate(node.inputs) if G.const_value(inp) is not None]
+    if len(ci) != 1:
+        return None
+    v = node.inputs[1 - ci[0]]
+    dt = G.tensor_dtype(v)
+    return v if G.rank(v) is None and (dt is None or W.is_float(dt)) else None
+
+
+def find_affines(graph, unshaped=None) -> list[Affine]:
+    """The affine candidates; `unshaped`, if given, collects (node, value) for each candidate
+    left out because its data's shape is unknown (the caller declines it with that reason)."""
     found, claimed = [], set()
     for node in graph.nodes:
+        if unshaped is not None and (node.op in ELEMENTWISE or node.op == "BatchNormalization"):
+            v = _unshaped_candidate(node)
+            if v is not None:
+                unshaped.append((node, v))
+                claimed.add(id(node))
+                continue
         if node.op == "BatchNormalization":
             aff = _bn(graph, node)
             if aff is not None:
@@ -507,7 +530,11 @@ class FoldAffineNorms(Pass):
 
     def analyze(self, graph, ctx):
         a = Analysis()
-        for aff in find_affines(graph):
+        unshaped = []
+        affines = find_affines(graph, unshaped)
+        for node, v in unshaped:
+            a.declined.append(Decline(node.name, node.op, f"the shape of '{v.name}' could not be inferred, so its per-channel structure cannot be checked"))
+        for aff in affines:
             p = G.producer(aff.x)
             if not ctx.state.get("fold_beta", True) and p is not None and p.op in ("SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization"):
                 a.declined.append(Decline(aff.name, aff.kind, "a norm's beta, kept as an Add (measured faster)"))
