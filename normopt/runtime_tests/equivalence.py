@@ -269,7 +269,7 @@ def feed_sets(proto, seeds: int, input_opts, stress: bool = True) -> list:
     """[(label, feeds)]: max(`seeds`, flag combinations) seeded draws, then (stress) one with a
     large per-token offset and one with a large scale on every float input (a mean or scale
     error in a rewrite shows there even where unit-normal inputs hide it)."""
-    n = seeds
+    n = 1 if (input_opts and input_opts.inputs_npz) else seeds  # given inputs: one set
     if not (input_opts and input_opts.inputs_npz):
         n = max(seeds, len(flag_combinations(plan_inputs(proto, input_opts))))
     sets = [(f"seed {k}", make_feeds(proto, k, input_opts)) for k in range(n)]
@@ -686,6 +686,7 @@ def compare(
                 m.failed_on = ["thresholds"]
     result.outputs = [metrics[n] for n in ref_outs if n in metrics]
     # what was not compared
+    npz = bool(input_opts and input_opts.inputs_npz)
     hint = "give --shape DIM=N (or --inputs feeds.npz with real inputs)"
     for name in ref_outs:
         m = metrics.get(name)
@@ -695,7 +696,7 @@ def compare(
             m.uninformative = "empty on every input set"
         elif name in probes and saturated_everywhere[name] and probes[name][1] == "saturated" and not m.probe:
             m.uninformative = f"saturated ({probes[name][0]}) on every input set"
-        elif len(sets) > 1 and not varies[name] and not m.probe:
+        elif len(sets) > 1 and not npz and not varies[name] and not m.probe:  # given inputs may repeat
             m.uninformative = "the same on every input set"
         elif name in probes and probes[name][1] == "discrete" and not m.probe:
             m.uninformative = "discrete"
