@@ -407,3 +407,33 @@ def test_twelve_layer_unified_norm_d192_is_accepted(tmp_path):
     dst = str(tmp_path / "un_opt.onnx")
     res = optimize(src, dst, tune=False)
     assert res.verification.equivalent and os.path.exists(dst)
+
+
+def test_no_float64_implementation_falls_back_and_says_so():
+    m = make_model([helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], [vi("x", [2, 8])], [vi("y", [2, 8])],
+                   extra_opsets=[("com.microsoft", 1)])
+    res = compare(m, m)
+    assert res.equivalent and res.mode == "fallback"
+    assert "FALLBACK" in res.summary_lines()[0] and any("no float64 reference" in n for n in res.notes)
+
+
+def test_fp16_model_is_judged_in_float64():
+    def m(scale):
+        return make_model([helper.make_node("Mul", ["x", "s"], ["y"])], [vi("x", [64], TensorProto.FLOAT16)],
+                          [vi("y", [64], TensorProto.FLOAT16)], [init("s", np.float16(scale))])
+
+    res = compare(m(1.0), m(1.0))
+    assert res.equivalent and res.mode == "exact"
+    assert not compare(m(1.0), m(1.1)).equivalent
+
+
+def test_exact_reference_runs_if_branches_in_float64():
+    from normopt.runtime_tests.exact import to_float64
+
+    m = _flags_model()
+    d = to_float64(m)
+    sub = d.graph.node[0].attribute[0].g
+    assert d.graph.input[0].type.tensor_type.elem_type == TensorProto.DOUBLE
+    assert sub.output[0].type.tensor_type.elem_type == TensorProto.DOUBLE
+    assert all(t.data_type == TensorProto.DOUBLE for t in d.graph.initializer)
+    assert compare(m, m).equivalent

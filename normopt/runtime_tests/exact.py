@@ -125,6 +125,7 @@ class ExactRunner:
         self.available, self.why, self.engine = False, "", ""
         self.outputs = list(outputs)
         self.seconds = 0.0
+        self._first = None  # (feeds, outputs) of the trial run, reused by run()
         t0 = time.perf_counter()
         try:
             self.model = to_float64(model)
@@ -137,7 +138,7 @@ class ExactRunner:
         try:
             self._sess = make_session(self.model, "cpu", "disable")
             if first_feeds is not None:
-                self._sess.run(self.outputs, double_feeds(first_feeds))
+                self._first = (first_feeds, [np.asarray(v) for v in self._sess.run(self.outputs, double_feeds(first_feeds))])
             self.engine, self.available = "ONNX Runtime (float64 kernels)", True
         except Exception as exc:
             self._sess = None
@@ -148,7 +149,7 @@ class ExactRunner:
 
                 self._ref = ReferenceEvaluator(self.model)
                 if first_feeds is not None:
-                    self._ref.run(self.outputs, double_feeds(first_feeds))
+                    self._first = (first_feeds, [np.asarray(v) for v in self._ref.run(self.outputs, double_feeds(first_feeds))])
                 self.engine, self.available = "onnx.reference (float64, op by op)", True
             except Exception as exc:
                 self._ref = None
@@ -158,6 +159,8 @@ class ExactRunner:
         self.seconds += time.perf_counter() - t0
 
     def run(self, feeds: dict) -> list:
+        if self._first is not None and self._first[0] is feeds:
+            return self._first[1]
         t0 = time.perf_counter()
         try:
             f = double_feeds(feeds)
@@ -168,6 +171,7 @@ class ExactRunner:
             self.seconds += time.perf_counter() - t0
 
     def close(self):
+        self._first = None
         self._sess = None
         self._ref = None
         self.model = None
