@@ -437,3 +437,20 @@ def test_exact_reference_runs_if_branches_in_float64():
     assert sub.output[0].type.tensor_type.elem_type == TensorProto.DOUBLE
     assert all(t.data_type == TensorProto.DOUBLE for t in d.graph.initializer)
     assert compare(m, m).equivalent
+
+
+def test_bench_with_a_failing_default_is_bad_input(tmp_path):
+    m = make_model([helper.make_node("Add", ["x", "pos"], ["y"])], [vi("x", [1, "s", 8])], [vi("y", [1, "s", 8])],
+                   [init("pos", np.ones((1, 12, 8), np.float32))])
+    p = tmp_path / "m.onnx"
+    onnx.save(m, p)
+    r = run_cli("bench", p, "--runs", "2", "--warmup", "1", "-q")
+    assert r.returncode == 2 and "--shape s=N" in r.stderr and "[E:onnxruntime" not in r.stderr, r.stderr
+
+
+def test_micro_benchmarks_report_unresolved_differences_as_none(monkeypatch):
+    from normopt.runtime_tests import micro
+
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [4, 8])], [vi("y", [4, 8])])
+    ms = micro.time_models([m, m], {"x": (4, 8)}, np.float32, runs=8, warmup=1)
+    assert ms[0] == ms[1]  # the same model twice: no measurable difference, whatever the noise

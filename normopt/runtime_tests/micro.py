@@ -1,4 +1,9 @@
-"""Op micro-benchmarks: time small single-pattern models interleaved on an EP (medians, ms)."""
+"""Op micro-benchmarks: time small single-pattern models interleaved on an EP (medians, ms).
+
+Noise cannot flip a tuned choice: a model whose paired ratio to the first model is not resolved
+(its bootstrap 95% CI is wider than RESOLVED_CI or contains 1) is reported at the first model's
+median, i.e. as no measurable difference, so every caller keeps its deterministic default.
+The shapes are the run's input plan (pipeline.tuning_shape with the plan's dims)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import time
 import numpy as np
 
 from .providers import make_session
+
+RESOLVED_CI = 0.10  # ratio units, as the whole-model tuning decisions (api.MAX_CI_WIDTH)
 
 
 def time_models(models, shapes: dict, dtype, provider="cpu", runs=60, warmup=5, threads=None) -> list[float]:
@@ -27,4 +34,11 @@ def time_models(models, shapes: dict, dtype, provider="cpu", runs=60, warmup=5, 
             t0 = time.perf_counter()
             sess[i].run(None, feeds)
             times[i].append((time.perf_counter() - t0) * 1000)
-    return [statistics.median(t) for t in times]
+    from .latency import bootstrap_ratio
+
+    med = [statistics.median(t) for t in times]
+    for i in range(1, n):
+        _, lo, hi = bootstrap_ratio(np.asarray(times[0]), np.asarray(times[i]), n_boot=500)
+        if hi - lo > RESOLVED_CI or lo <= 1.0 <= hi:
+            med[i] = med[0]
+    return med
