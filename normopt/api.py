@@ -197,7 +197,8 @@ def optimize(
 
         if verify:
             check_memory(loaded, input_opts)
-        input_opts, plan_notes = plan_for_run(model, input_opts, run_model=tune and not passes, verify=verify)
+        input_opts, plan_notes = plan_for_run(model, input_opts, run_model=tune and not passes, verify=verify,
+                                              path=in_path if upgrade is None else None)
         if not (input_opts and input_opts.inputs_npz):
             inputs_line = plan_inputs(model, input_opts).line() if verify else None
             tune_dims = dict(plan_inputs(model, input_opts).dims)
@@ -288,7 +289,7 @@ def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol,
     return result
 
 
-def plan_for_run(model, input_opts, run_model=True, verify=True):
+def plan_for_run(model, input_opts, run_model=True, verify=True, path=None):
     """The run's one input plan: (InputOptions, notes). Integer inputs without a range, and
     inputs too large to hold, are bad input; with run_model the original runs once on the plan
     (inputs.settle_plan), so a default that makes it fail or gives only empty outputs is
@@ -304,7 +305,7 @@ def plan_for_run(model, input_opts, run_model=True, verify=True):
         return input_opts, []
     outs = [o.name for o in model.graph.output]
     try:
-        sess = make_session(model, "cpu", "disable")
+        sess = make_session(path or model, "cpu", "disable")  # the file itself where it is the model: no copy
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise NormoptError(f"ONNX Runtime cannot load the input model: {first}") from None
