@@ -464,6 +464,7 @@ def compare(
         result.equivalent = False
         return result
 
+    big = W.weight_bytes(ref_proto) > BIG_BYTES  # free one session's memory before the next is built
     # probes: the value before a saturating op, compared where both models have it
     probes, rtypes, ctypes = _probes(ref_proto, cand_proto, ref_outs)
     ref_probe_names = [v[2] for v in probes.values() if v[2] not in ref_outs]
@@ -528,7 +529,7 @@ def compare(
         if not all(v is not None for v in exact_vals):
             exact_vals = []
     ref_sess = None
-    gc.collect()
+    _collect(big)
     timings["original"] = time.perf_counter() - t0
 
     # 2. the exact function: the original in float64
@@ -552,7 +553,7 @@ def compare(
                 why = runner.why
             runner.close()
             del runner
-            gc.collect()
+            _collect(big)
         timings["exact float64"] = time.perf_counter() - t0
         if why is not None:
             use_exact = False
@@ -596,7 +597,7 @@ def compare(
             result.problems.append(f"candidate fails to run ({label}): {_fail_line(exc)}")
             return result
     del cand_sess
-    gc.collect()
+    _collect(big)
     timings["candidate"] = time.perf_counter() - t0
 
     # 4. judging
@@ -743,6 +744,14 @@ def _judge(m, r, c, e, label, use_exact, approx, noise, result):
         return None
     ok = bool(np.allclose(c.astype(np.float64), r.astype(np.float64), atol=a_tol, rtol=r_tol, equal_nan=True))
     return ok, max_abs, row
+
+
+BIG_BYTES = 64 << 20
+
+
+def _collect(big: bool) -> None:
+    if big:  # a full collection costs ~0.2 s in a large process: only where the memory matters
+        gc.collect()
 
 
 FLOAT64_FACTOR = 2.5  # float64 weights (2x fp32) plus the session's own copy, with margin
