@@ -15,9 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from normopt.api import decide, optimize, verify
-from normopt.errors import NormoptError
 from normopt.runtime_tests.equivalence import K_EXACT, compare
-from normopt.runtime_tests.inputs import InputOptions, flag_combinations, make_feeds, plan_inputs
+from normopt.runtime_tests.inputs import flag_combinations, make_feeds, plan_inputs
 
 from conftest import init, make_model, preln_stream_model, run_cli, vi
 

@@ -514,10 +514,10 @@ def compare(
                                    " (override with --shape DIM=N, --shape INPUT=AxB, --int-range NAME=LO:HI or --inputs feeds.npz)") from None
             ref_vals.append(vals)
             if label in STRESS:  # the original's own sensitivity at this input (its condition there)
-                worst = [0.0] * len(ref_outs)
+                worst = [0.0] * len(ref_fetch)  # outputs and pre-saturation values alike
                 for draw in range(NOISE_DRAWS):
-                    moved = ref_sess.run(ref_outs, _ulp_noise(feeds, 100 * k + draw))
-                    for j, (a, b) in enumerate(zip(vals[:len(ref_outs)], moved)):
+                    moved = ref_sess.run(ref_fetch, _ulp_noise(feeds, 100 * k + draw))
+                    for j, (a, b) in enumerate(zip(vals, moved)):
                         if worst[j] is not None and _floating(a) and a.size and np.isfinite(a).all():
                             worst[j] = max(worst[j], float(np.nanmax(np.abs(a.astype(np.float64) - np.asarray(b, np.float64)))))
                         else:
@@ -640,7 +640,7 @@ def compare(
             elif not varies[name] and not np.array_equal(first_value[name], r, equal_nan=_floating(r)):
                 varies[name] = True
             judged = _judge(m, r, c, exs[rix[name]] if exs is not None else None, label, use_exact, approx,
-                            noise.get(label, [None] * len(ref_outs))[j] if noise else None, result)
+                            noise[label][rix[name]] if label in noise else None, result)
             if judged is None:
                 continue
             ok, score, row = judged
@@ -655,7 +655,7 @@ def compare(
                 if pr.shape == pc.shape and pr.dtype == pc.dtype and pr.size:
                     m.probe = rp
                     pj = _judge(OutputMetrics(rp, str(pr.dtype), list(pr.shape), atol=m.atol, rtol=m.rtol), pr, pc, pe,
-                                label, use_exact, approx, None, result)
+                                label, use_exact, approx, noise[label][rix[rp]] if label in noise else None, result)
                     if pj is not None:
                         pok, pscore, prow = pj
                         if not pok:
