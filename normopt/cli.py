@@ -213,6 +213,11 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
            min_top1, shape, int_range, inputs):
     """Check that CANDIDATE computes the same as REFERENCE (exit 0 equivalent, 1 differs).
 
+    Each output is judged against REFERENCE evaluated in float64: CANDIDATE passes when it is no
+    further from that exact answer than 10x REFERENCE's own error (plus 32 ulps of the output's
+    RMS); --atol/--rtol ask for a fixed-tolerance check instead. A check that compared nothing
+    (empty or uninformative outputs) does not pass.
+
     With --min-cosine / --min-snr / --min-top1 the comparison is approximate (a model that
     differs by design, such as fp16 or int8 against fp32): a float output passes when it meets
     every threshold given. A markdown summary is appended to $GITHUB_STEP_SUMMARY when set."""

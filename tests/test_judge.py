@@ -472,3 +472,13 @@ def test_micro_benchmarks_report_unresolved_differences_as_none(monkeypatch):
     m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [4, 8])], [vi("y", [4, 8])])
     ms = micro.time_models([m, m], {"x": (4, 8)}, np.float32, runs=8, warmup=1)
     assert ms[0] == ms[1]  # the same model twice: no measurable difference, whatever the noise
+
+
+def test_float64_that_does_not_fit_falls_back_and_says_so(monkeypatch):
+    import normopt.api as api
+
+    m = preln_stream_model()
+    monkeypatch.setattr(api, "available_bytes", lambda: 1 << 20)
+    res = compare(m, m)
+    assert res.equivalent and res.mode == "fallback"
+    assert any("float64" in n and "GB" in n for n in res.notes)
