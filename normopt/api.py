@@ -65,12 +65,37 @@ def prepare_opset(model: onnx.ModelProto, opset: int | None = None):
     return out, f"opset: upgraded from {current} to {target} with onnx.version_converter ({why}); the output is written at opset {target}"
 
 
+MAX_CI_WIDTH = 0.10  # a tuning decision is taken only when its 95% CI is narrower than this (ratio units)
+MIN_EFFECT = 0.03  # and only on a difference at least this large (a real, large difference): 3%
+
+
 def _ab(a, b, provider, input_opts, runs=20, threads=None):
-    """Paired ratio b / a (median, 95% CI) from interleaved runs on the provider."""
+    """Paired ratio b / a (median, 95% CI) from interleaved runs on the provider. The input plan
+    is the run's (input_opts, settled once); a model that fails to run on it is reported as bad
+    input with the --shape flag to give."""
     from .runtime_tests.latency import bench
 
-    r = bench([("a", a), ("b", b)], provider=provider, runs=runs, warmup=3, input_opts=input_opts, threads=threads).models[1]
+    try:
+        r = bench([("a", a), ("b", b)], provider=provider, runs=runs, warmup=3, input_opts=input_opts, threads=threads).models[1]
+    except NormoptError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise NormoptError(f"tuning: a model fails to run on the input plan ({first}); give the sizes it needs with "
+                           "--shape DIM=N (or --no-tune)") from None
     return r.ratio, r.ci_low, r.ci_high
+
+
+def decide(ratio, lo, hi):
+    """'faster' | 'slower' | 'same' | 'noisy' for a variant/default ratio and its 95% CI: decide only
+    when the CI is narrower than MAX_CI_WIDTH and clears 1 by MIN_EFFECT."""
+    if not (hi - lo <= MAX_CI_WIDTH):
+        return "noisy"
+    if hi < 1.0 - MIN_EFFECT:
+        return "faster"
+    if lo > 1.0 + MIN_EFFECT:
+        return "slower"
+    return "same"
 
 
 def _tuned(model, out, report, target, opt_in, provider, input_opts, threads=None):
@@ -78,32 +103,46 @@ def _tuned(model, out, report, target, opt_in, provider, input_opts, threads=Non
     1. beta folded into the readers' biases (default) or kept as an Add;
     2. Pre-CRMSNorm (--crms) or plain RMSNorm (d-1 widths can misalign GEMMs);
     3. never slower: if the output measures slower than the input, write the input unchanged.
-    A variant replaces the default only if it measures faster (its CI's upper bound < 1)."""
+    A variant replaces the default only if it measures faster by MIN_EFFECT with a CI narrower
+    than MAX_CI_WIDTH (see decide); a CI wider than that keeps the deterministic default and
+    says the machine was too noisy, so noise cannot flip what is written."""
     options, notes = {}, []
     shapes = input_opts.shapes if input_opts else None
+    base = {}
+    if not (input_opts and input_opts.inputs_npz):
+        from .runtime_tests.inputs import plan_inputs
+
+        base = {"tune_dims": dict(plan_inputs(model, input_opts).dims)}  # micro-benchmarks at the run's plan
+    noisy = f"the machine was too noisy to decide (95% CI wider than {MAX_CI_WIDTH:g})"
     if report.beta_folded:
-        kept, kept_report = optimize_model(model, None, target, opt_in, provider, True, {"fold_beta": False},
+        kept, kept_report = optimize_model(model, None, target, opt_in, provider, True, {**base, "fold_beta": False},
                                            threads=threads, shapes=shapes)
         r, lo, hi = _ab(out, kept, provider, input_opts, threads=threads)
-        use = hi < 1.0
+        d = decide(r, lo, hi)
+        use = d == "faster"
         notes.append(f"ln_to_rms: beta kept / beta folded = {r:.3f} [{lo:.3f}, {hi:.3f}] on {provider}; "
-                     f"{'kept beta as an Add' if use else 'folded beta'}")
+                     + ("kept beta as an Add" if use else f"folded beta (the default; {noisy})" if d == "noisy" else "folded beta"))
         if use:
             options, out, report = {"fold_beta": False}, kept, kept_report
     crms = next((p for p in report.passes if p.name == "crms"), None)
     if crms is not None and crms.applied:
-        plain, plain_report = optimize_model(model, None, target, None, provider, True, options, threads=threads, shapes=shapes)
+        plain, plain_report = optimize_model(model, None, target, None, provider, True, {**base, **options}, threads=threads,
+                                             shapes=shapes)
         r, lo, hi = _ab(plain, out, provider, input_opts, threads=threads)
-        keep = hi < 1.0
+        d = decide(r, lo, hi)
+        keep = d == "faster"
         notes.append(f"crms: measured on {provider}, 20 interleaved runs: CRMS / RMS = {r:.3f} [{lo:.3f}, {hi:.3f}]; "
-                     f"{'kept CRMS' if keep else 'kept RMS (CRMS not faster)'}")
+                     + ("kept CRMS" if keep else f"kept RMS ({noisy})" if d == "noisy" else "kept RMS (CRMS not faster)"))
         if not keep:
             out, report = plain, plain_report
     r, lo, hi = _ab(model, out, provider, input_opts, threads=threads)
     verdict = f"output / input = {r:.3f} [{lo:.3f}, {hi:.3f}] on {provider}, 20 interleaved runs"
-    if lo > 1.0:
+    d = decide(r, lo, hi)
+    if d == "slower":
         notes.append(f"guard: the optimized model measured slower ({verdict}); wrote the input unchanged")
         out = model
+    elif d == "noisy":
+        notes.append(f"guard: {verdict}; {noisy}: wrote the optimized model (the default)")
     else:
         notes.append(f"guard: {verdict}")
     report.notes.extend(notes)
@@ -150,21 +189,28 @@ def optimize(
     nio.check_output_path(in_path, out_path)
     loaded = nio.load_model(in_path)
     model, upgrade = prepare_opset(loaded.model, opset)
-    inputs_line = None
-    if verify:
-        # resolve inputs before any work: an integer input without a range is a usage error
-        from .runtime_tests.inputs import make_feeds, plan_inputs
+    inputs_line, plan_notes, tune_dims = None, [], {}
+    if verify or (tune and not passes):
+        # one input plan for the run, made before any work and handed to tuning and verification
+        # (an integer input without a range, inputs too large, a model failing on it: bad input)
+        from .runtime_tests.inputs import plan_inputs
 
-        make_feeds(model, 0, input_opts)
+        if verify:
+            check_memory(loaded, input_opts)
+        input_opts, plan_notes = plan_for_run(model, input_opts, run_model=tune and not passes, verify=verify,
+                                              path=in_path if upgrade is None else None)
         if not (input_opts and input_opts.inputs_npz):
-            inputs_line = plan_inputs(model, input_opts).line()
-            say(inputs_line)
-        check_memory(loaded)
+            inputs_line = plan_inputs(model, input_opts).line() if verify else None
+            if inputs_line:
+                say(inputs_line)
+            tune_dims = dict(plan_inputs(model, input_opts).dims)
     store = W.WeightStore(os.path.dirname(os.path.abspath(out_path)))
     try:
         with W.using(store):
             out_model, report = optimize_model(model, passes, target, opt_in, provider, tune, progress=progress,
-                                               threads=threads, shapes=(input_opts.shapes if input_opts else None))
+                                               threads=threads, shapes=(input_opts.shapes if input_opts else None),
+                                               options={"tune_dims": tune_dims} if tune_dims else None)
+            report.notes[:0] = plan_notes
             if not report.changed() and opset is None:
                 # nothing to gain: the input itself, byte for byte (no guard, nothing to verify)
                 report.notes.insert(0, "no changes: no optimizing pass applied; the output is a byte-identical copy of the input")
@@ -203,15 +249,21 @@ def optimize(
 
 
 def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol, input_opts, verify_level, provider):
-    kw = dict(seeds=seeds, atol=atol, rtol=rtol, input_opts=input_opts)
-    ref_cache = {}  # the reference runs once; the ORT_DISABLE_ALL check below reuses its outputs
-    result = compare(in_path, staged_path, level=verify_level, ref_cache=ref_cache, **kw)
+    kw = dict(seeds=seeds, atol=atol, rtol=rtol)
+    # every session once: the original, its float64 evaluation and their outputs are kept by input
+    # set in ref_cache, so the checks below reuse them (and the settled input plan)
+    ref_cache = {}
+    result = compare(in_path, staged_path, level=verify_level, ref_cache=ref_cache, input_opts=input_opts, **kw)
+    input_opts = result.input_options or input_opts
     report.verification = result.to_dict()
     if not result.equivalent:
         msg = "the optimized model is not equivalent to the input; nothing was written"
-        if verify_level != "disable" and compare(in_path, in_path, level=verify_level, **kw).equivalent is False:
+        if any(p.startswith("nothing was compared") for p in result.problems):
+            msg = "verification compared nothing (see the problems above); nothing was written"
+        elif verify_level != "disable" and compare(in_path, in_path, level=verify_level, ref_cache=ref_cache,
+                                                   input_opts=input_opts, **kw).equivalent is False:
             # ONNX Runtime's own graph optimizations change the input's results
-            ok_exact = compare(in_path, staged_path, level="disable", **kw).equivalent
+            ok_exact = compare(in_path, staged_path, level="disable", ref_cache=ref_cache, input_opts=input_opts, **kw).equivalent
             msg = (
                 f"ONNX Runtime's graph optimizations (level '{verify_level}') change the results of the INPUT model "
                 f"itself; normopt's output is {'equivalent' if ok_exact else 'NOT equivalent'} to it under ORT_DISABLE_ALL"
@@ -229,11 +281,39 @@ def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol,
         raise VerificationFailed(msg, result)
     if verify_level != "disable":
         # every output must also load and run with ORT's optimizations off
-        exact = compare(in_path, staged_path, level="disable", ref_cache=ref_cache, **{**kw, "seeds": 1, "stress": False})
+        exact = compare(in_path, staged_path, level="disable", ref_cache=ref_cache, input_opts=input_opts,
+                        **{**kw, "seeds": 1, "stress": False})
+        result.timings["ORT_DISABLE_ALL check"] = exact.timings.get("total", 0.0)
+        report.verification = result.to_dict()
         if not exact.equivalent:
             _write_report(report_path, report)
             raise VerificationFailed("the optimized model differs under ORT_DISABLE_ALL; nothing was written", exact)
     return result
+
+
+def plan_for_run(model, input_opts, run_model=True, verify=True, path=None):
+    """The run's one input plan: (InputOptions, notes). Integer inputs without a range, and
+    inputs too large to hold, are bad input; with run_model the original runs once on the plan
+    (inputs.settle_plan), so a default that makes it fail or gives only empty outputs is
+    replaced here, before tuning, and the same plan goes to tuning and verification."""
+    from .runtime_tests.inputs import plan_inputs, settle_plan
+    from .runtime_tests.providers import make_session
+
+    if verify:
+        check_input_memory(model, input_opts)
+    if not (input_opts and input_opts.inputs_npz):
+        plan_inputs(model, input_opts)
+    if not run_model:
+        return input_opts, []
+    outs = [o.name for o in model.graph.output]
+    try:
+        sess = make_session(path or model, "cpu", "disable")  # the file itself where it is the model: no copy
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise NormoptError(f"ONNX Runtime cannot load the input model: {first}") from None
+    opts, notes = settle_plan(model, input_opts, lambda f: sess.run(outs, f))
+    del sess
+    return opts, notes
 
 
 # One ONNX Runtime session holds about its model's weights (external data is memory-mapped;
@@ -258,8 +338,45 @@ def available_bytes() -> int | None:
     return None
 
 
-def check_memory(loaded) -> None:
-    """Before verification: one ONNX Runtime session at a time must fit in memory."""
+INPUT_COPIES = 8  # inputs are held per input set (5 or more) and as float64 for the exact reference
+
+
+def input_bytes(model, input_opts=None) -> int:
+    """Bytes of one input set of the plan (computed from shapes, nothing allocated)."""
+    import numpy as np
+
+    from .runtime_tests.inputs import input_specs, plan_inputs
+
+    if input_opts and input_opts.inputs_npz:
+        try:
+            return os.path.getsize(input_opts.inputs_npz)
+        except OSError:
+            return 0
+    plan = plan_inputs(model, input_opts)
+    total = 0
+    for s in input_specs(model):
+        n = 1
+        for d in plan.shapes.get(s.name, ()):
+            n *= int(d)
+        total += n * max(np.dtype(s.dtype).itemsize, 1)
+    return total
+
+
+def check_input_memory(model, input_opts=None) -> None:
+    """The inputs of verification (several sets, and a float64 copy) must fit in memory."""
+    ib = input_bytes(model, input_opts)
+    need = INPUT_COPIES * ib
+    avail = available_bytes()
+    if avail is not None and need > avail:
+        raise NormoptError(
+            f"verification needs about {need / 2**30:.1f} GB of memory for its inputs (one input set is "
+            f"{ib / 2**30:.1f} GB; several sets and a float64 copy are held) and {avail / 2**30:.1f} GB is available; "
+            "give smaller --shape sizes, or --no-verify to skip the equivalence check and write the output unverified"
+        )
+
+
+def check_memory(loaded, input_opts=None) -> None:
+    """Before verification: one ONNX Runtime session at a time, and the inputs, must fit in memory."""
     need = verification_bytes(loaded.weight_bytes)
     avail = available_bytes()
     if avail is not None and need > avail:
@@ -268,19 +385,25 @@ def check_memory(loaded) -> None:
             f"{loaded.weight_bytes / 2**30:.1f} GB of weights) and {avail / 2**30:.1f} GB is available; "
             "--no-verify skips the equivalence check and writes the output unverified"
         )
+    check_input_memory(loaded.model, input_opts)
 
 
 def verify(reference: str, candidate: str, localize_divergence: bool = False, changed_values=None, **kwargs) -> EquivalenceResult:
-    """compare() two model files (any opset ONNX Runtime runs). With localize_divergence, a
+    """compare() two model files (any opset ONNX Runtime runs), judged against the float64
+    evaluation of `reference` unless atol/rtol or thresholds are given (see compare). Bad input
+    (an input plan or weights too large for memory, a reference that fails on every size
+    tried) raises NormoptError. With localize_divergence, a
     failed comparison names the first value that differs; values an optimize report lists as
     changed on purpose (changed_values) are not compared, and without a report the changes
     normopt makes on purpose (per-token or per-channel shifts, per-channel scales) are
     recognized and passed over."""
-    nio.load_model(reference)
+    loaded = nio.load_model(reference)
     nio.load_model(candidate)
+    check_memory(loaded, kwargs.get("input_opts"))
     result = compare(reference, candidate, **kwargs)
     if localize_divergence and not result.equivalent and not result.problems:
-        result.first_divergence = localize(reference, candidate, kwargs.get("input_opts"), kwargs.get("atol"), kwargs.get("rtol"),
+        result.first_divergence = localize(reference, candidate, result.input_options or kwargs.get("input_opts"),
+                                           kwargs.get("atol"), kwargs.get("rtol"),
                                            kwargs.get("provider", "cpu"), kwargs.get("level", "all"),
                                            skip=changed_values or (), detect=changed_values is None)
         if result.first_divergence is None:

@@ -207,9 +207,20 @@ def optimize(model, output, passes, report_path, target, no_verify, crms, provid
         click.echo(f"no changes: wrote a byte-identical copy of the input to {res.output}")
     else:
         if res.verification is not None:
-            worst = max(res.verification.outputs, key=lambda m: m.max_abs, default=None)
-            click.echo(f"verified: equivalent on {len(res.verification.inputs)} input sets ({', '.join(res.verification.inputs)})"
-                       + (f", max abs diff {worst.max_abs:.3g} on '{worst.name}'" if worst else ""))
+            v = res.verification
+            worst = max(v.outputs, key=lambda m: m.max_abs, default=None)
+            how = "against the float64 reference" if v.mode == "exact" else (
+                "by the fp32 tolerance check (FALLBACK: no float64 reference)" if v.mode == "fallback" else "by tolerance")
+            click.echo(f"verified: equivalent {how} on {len(v.inputs)} input sets ({', '.join(v.inputs)})"
+                       + (f", max abs diff {worst.max_abs:.3g} on '{worst.name}'" if worst else "")
+                       + (f" (error vs exact: output {worst.err_cand:.3g}, input {worst.err_orig:.3g})"
+                          if worst is not None and worst.err_cand is not None else ""))
+            for note in v.notes:
+                click.echo(f"verification: {note}")
+            if v.uninformative:
+                click.echo("verification: uninformative on every input set: " + ", ".join(v.uninformative))
+            if v.timings:
+                click.echo("verification time: " + ", ".join(f"{k} {t:.2f} s" for k, t in v.timings.items()))
         else:
             click.echo("not verified (--no-verify)")
         click.echo(f"wrote {res.output}")
@@ -238,6 +249,11 @@ def optimize(model, output, passes, report_path, target, no_verify, crms, provid
 def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, junit_path, localize, report_path, min_cosine, min_snr,
            min_top1, shape, int_range, inputs):
     """Check that CANDIDATE computes the same as REFERENCE (exit 0 equivalent, 1 differs).
+
+    Each output is judged against REFERENCE evaluated in float64: CANDIDATE passes when it is no
+    further from that exact answer than 10x REFERENCE's own error (plus 32 ulps of the output's
+    RMS); --atol/--rtol ask for a fixed-tolerance check instead. A check that compared nothing
+    (empty or uninformative outputs) does not pass.
 
     With --min-cosine / --min-snr / --min-top1 the comparison is approximate (a model that
     differs by design, such as fp16 or int8 against fp32): a float output passes when it meets

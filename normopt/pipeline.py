@@ -62,8 +62,11 @@ def tuning_shape(ctx, shape) -> tuple:
             out.append(int(ctx.shapes[d]))
         elif isinstance(d, str) and d in ctx.shapes and len(ctx.shapes[d]) == 1:
             out.append(int(ctx.shapes[d][0]))
+        elif isinstance(d, str) and d in ctx.state.get("tune_dims", {}):  # the run's input plan
+            out.append(int(ctx.state["tune_dims"][d]))
         else:
-            out.append(1 if i == 0 else TUNE_DIM)
+            plan = [v for v in ctx.state.get("tune_dims", {}).values() if v > 1]
+            out.append(1 if i == 0 else (max(plan) if plan else TUNE_DIM))
     return tuple(out)
 CHANGED = "changed_values"  # ctx.state key: names of values a pass changes on purpose
 
@@ -252,22 +255,36 @@ def subgraphs_to_run(root):
     Control-flow policy: no rewrite crosses an If/Loop/Scan boundary (an outer value read
     inside a subgraph is read by the owning node, which no pass sees through; see graph.Scope).
     Inside an If branch the passes run on the branch as on a graph of its own, but only where
-    verification can drive both branches: the condition is a boolean graph input (possibly
-    through Not/Identity/Cast), whose flags the harness alternates between seeds, or a
-    constant. A branch whose condition is computed at run time, and every Loop/Scan body, is
-    left alone with that reason."""
+    verification runs both branches: the condition is a one-element bool graph input (a flag),
+    possibly through Not/Identity or a bool-to-bool Cast, whose combinations the harness
+    enumerates (inputs.flag_combinations), or a constant. A Cast of any other input is not
+    drivable (a float input is never exactly 0, token_type_ids default to 0), nor is a condition
+    computed at run time; those branches, and every Loop/Scan body, are left alone with that
+    reason. Nested Ifs are visited inside the branches that are run."""
     runs, skipped = [], []
-    inputs = {id(t) for t in root.inputs}
+    flags = set()
+    for t in root.inputs:
+        shape = getattr(t, "shape", None)
+        one = shape is not None and all(isinstance(d, (int, np.integer)) and d == 1 for d in shape)
+        if one and np.dtype(t.dtype if t.dtype is not None else np.float32) == np.bool_:
+            flags.add(id(t))
+
+    def is_bool(t):
+        return t is not None and t.dtype is not None and np.dtype(t.dtype) == np.bool_
 
     def drivable(cond):
         for _ in range(8):
             if cond is None:
                 return False
-            if isinstance(cond, gs.Constant) or G.const_value(cond) is not None or id(cond) in inputs:
+            if isinstance(cond, gs.Constant) or G.const_value(cond) is not None:
+                return True
+            if id(cond) in flags:
                 return True
             prod = cond.inputs[0] if cond.inputs else None
             if prod is None or prod.op not in ("Not", "Identity", "Cast") or not prod.inputs:
                 return False
+            if prod.op == "Cast" and not is_bool(prod.inputs[0]):
+                return False  # Cast(float) is never 0 and Cast(token_type_ids) never 1 under verification
             cond = prod.inputs[0]
         return False
 
@@ -281,7 +298,7 @@ def subgraphs_to_run(root):
                     runs.append(sub)
                     visit(sub)
             else:
-                why = ("its condition is computed at run time, so verification cannot drive both branches"
+                why = ("its condition is not a bool flag input or a constant, so verification cannot drive both branches"
                        if node.op == "If" else f"{node.op} bodies are left alone")
                 skipped.append(Decline(node.name, node.op, f"subgraphs not rewritten: {why}"))
 

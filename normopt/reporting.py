@@ -103,14 +103,30 @@ def github_summary(markdown: str) -> None:
 def verify_markdown(title: str, result) -> str:
     from .runtime_tests.equivalence import fmt_cosine
 
-    rows = [f"### {title}: {'EQUIVALENT' if result.equivalent else 'NOT EQUIVALENT'}", "",
-            "| output | max abs | max rel | cosine | SNR dB | top-1 | result |", "|---|---:|---:|---:|---:|---:|---|"]
+    exact = getattr(result, "mode", "") == "exact"
+    verdict = result.verdict() if hasattr(result, "verdict") else ("EQUIVALENT" if result.equivalent else "NOT EQUIVALENT")
+    rows = [f"### {title}: {verdict}", ""]
+    if getattr(result, "judge", ""):
+        rows += [result.judge, ""]
+    if exact:
+        rows += ["| output | input set | max abs | cosine | orig err vs exact | cand err vs exact | bound | result |",
+                 "|---|---|---:|---:|---:|---:|---:|---|"]
+    else:
+        rows += ["| output | input set | max abs | max rel | cosine | SNR dB | top-1 | result |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for m in result.outputs:
-        snr = "inf" if m.snr_db == float("inf") else f"{m.snr_db:.1f}"
-        top1 = "" if m.top1 is None else f"{m.top1:.4f}"
-        rows.append(f"| {m.name} | {m.max_abs:.3g} | {m.max_rel:.3g} | {fmt_cosine(m.cosine)} | {snr} | {top1} | "
-                    f"{'ok' if m.passed else 'DIFFERS'} |")
+        ok = ("ok" if m.compared_on else "not compared") if m.passed else "DIFFERS"
+        if exact:
+            f = (lambda v: "" if v is None else f"{v:.3g}")
+            rows.append(f"| {m.name} | {m.worst_input or ''} | {m.max_abs:.3g} | {fmt_cosine(m.cosine)} | {f(m.err_orig)} | "
+                        f"{f(m.err_cand)} | {f(m.bound)} | {ok} |")
+        else:
+            snr = "inf" if m.snr_db == float("inf") else f"{m.snr_db:.1f}"
+            top1 = "" if m.top1 is None else f"{m.top1:.4f}"
+            rows.append(f"| {m.name} | {m.worst_input or ''} | {m.max_abs:.3g} | {m.max_rel:.3g} | {fmt_cosine(m.cosine)} | {snr} | "
+                        f"{top1} | {ok} |")
     rows += [f"- problem: {p}" for p in result.problems]
+    if getattr(result, "uninformative", None):
+        rows.append("- uninformative on every input set: " + ", ".join(result.uninformative))
     return "\n".join(rows)
 
 
@@ -119,7 +135,8 @@ def verify_cases(result) -> list:
     for m in result.outputs:
         failure = None if m.passed else f"output '{m.name}' differs: max abs {m.max_abs:.3g}, cosine {m.cosine}, failed on {m.failed_on}"
         cases.append((f"output {m.name}", failure, {"max_abs": m.max_abs, "max_rel": m.max_rel, "cosine": m.cosine,
-                                                     "snr_db": m.snr_db, "top1": m.top1}))
+                                                     "snr_db": m.snr_db, "top1": m.top1, "err_orig": m.err_orig,
+                                                     "err_cand": m.err_cand, "input_set": m.worst_input}))
     for p in result.problems:
         cases.append(("structure", p, {}))
     return cases

@@ -73,15 +73,24 @@ def _two_output_model(scale=1.0, names=("a", "b")):
 
 def test_metrics_per_output_and_tolerances():
     ref = _two_output_model(1.0)
-    res = compare(ref, _two_output_model(1.0 + 5e-4))
+    # the explicit tolerance mode: rel error 5e-4 < rtol 1e-3 passes; at 5e-3 it fails
+    res = compare(ref, _two_output_model(1.0 + 5e-4), atol=1e-4, rtol=1e-3)
+    assert res.mode == "tolerance"
     a = next(o for o in res.outputs if o.name == "a")
     b = next(o for o in res.outputs if o.name == "b")
     assert b.passed and b.max_abs == 0 and b.cosine == pytest.approx(1.0)
-    # rel error 5e-4 < rtol 1e-3: passes; at 5e-3 it fails
     assert a.passed and 0 < a.max_rel <= 5.1e-4
-    res = compare(ref, _two_output_model(1.0 + 5e-3))
+    res = compare(ref, _two_output_model(1.0 + 5e-3), atol=1e-4, rtol=1e-3)
     assert not res.equivalent and not next(o for o in res.outputs if o.name == "a").passed
     assert compare(ref, _two_output_model(1.0 + 5e-3), rtol=1e-2).equivalent
+    # the default judges against float64: a 5e-4 scale error is thousands of times further from
+    # exact than the original's rounding (0 here), so it is refused; the unchanged output passes
+    res = compare(ref, _two_output_model(1.0 + 5e-4))
+    assert res.mode == "exact" and not res.equivalent
+    a = next(o for o in res.outputs if o.name == "a")
+    assert a.err_cand > 100 * a.bound and a.err_orig == 0
+    assert next(o for o in res.outputs if o.name == "b").passed
+    assert compare(ref, _two_output_model(1.0)).equivalent
 
 
 def test_missing_and_extra_outputs_fail():
@@ -95,7 +104,7 @@ def test_fp16_outputs_get_looser_default_tolerance():
         return make_model([helper.make_node("Mul", ["x", "s"], ["y"])], [vi("x", [8], TensorProto.FLOAT16)],
                           [vi("y", [8], TensorProto.FLOAT16)], [init("s", np.float16(scale))])
 
-    res = compare(m(1.0), m(1.0 + 2 ** -9))
+    res = compare(m(1.0), m(1.0 + 2 ** -9), exact=False)
     assert res.outputs[0].atol == 1e-2 and res.equivalent
 
 

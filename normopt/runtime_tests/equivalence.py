@@ -1,19 +1,34 @@
-"""Numerical equivalence of two models under ONNX Runtime.
+"""Numerical equivalence of two models under ONNX Runtime, judged against the exact function.
 
-The reference is the original model under ORT_DISABLE_ALL on the CPU; the candidate runs
-under the chosen optimization level on the chosen EP. Several seeds (default 3). Outputs are
-matched by name; a missing or extra output is a failure. Per output: max abs, max rel and
-cosine; pass means ``np.allclose(cand, ref, atol, rtol)`` (NaN equal to NaN) for every seed.
-Default tolerances: fp32/fp64 atol 1e-4, rtol 1e-3; fp16/bf16 atol 1e-2, rtol 1e-2; integer
-and bool outputs must match exactly. Stress inputs (a large per-token offset, a large scale)
-are compared with atol scaled by the reference output's RMS (at least 1) and by the reference's
-own sensitivity at that input (see _tolerances); the max abs/rel and cosine reported are those of
-the seeded draws.
+Default mode ("exact"): the original (the reference) is also evaluated in float64 (see
+exact.py) on every input set. Each float output is judged by the candidate's error against
+that exact answer, compared with the original's own error against it:
+
+    pass  iff  err_cand <= K_EXACT * err_orig + FLOOR_ULPS * eps(dtype) * RMS(exact)
+
+with err = max abs difference over the finite elements (non-finite elements must be
+non-finite as in the original). A reassociation (a folded affine, a mean moved into a weight)
+is as exact as the original (0.5-3x its error); a planted error is 50-50,000x further. See
+docs/verification.md for the choice of K_EXACT and FLOOR_ULPS. Integer and bool outputs must
+equal the original's exactly.
+
+Other modes: ``atol``/``rtol`` given explicitly: ``np.allclose(cand, orig, atol, rtol)`` per
+input set ("tolerance"); where float64 cannot be evaluated (an op without a float64
+implementation anywhere, or not enough memory) the same tolerance check is the fallback, named
+as such in the result; ``thresholds`` (--min-cosine/--min-snr/--min-top1): approximate models.
+
+Input sets: `seeds` seeded draws (more when one-element bool flags need their combinations:
+inputs.flag_combinations) and, with `stress`, a large per-token offset and a large scale. An
+output that is empty on every set, or never informative (constant across the sets, saturated,
+or discrete) without a pre-saturation value to compare, was not compared; a check that
+compared nothing does not pass. The table shows, per output, the numbers of the input set it
+failed on (else of its worst set).
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,10 +36,12 @@ import onnx
 
 from .. import weights as W
 from ..errors import NormoptError
-from .inputs import STRESS, InputOptions, input_specs, make_feeds, plan_inputs, stress_feeds
+from .inputs import STRESS, InputOptions, flag_combinations, input_specs, make_feeds, plan_inputs, settle_plan, stress_feeds
 from .providers import SessionError, make_session
 
 DEFAULT_TOL = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}
+K_EXACT = 10.0  # the candidate may be this many times further from exact than the original
+FLOOR_ULPS = 32.0  # plus this many units of roundoff of the output's RMS (an original that happens to be exact)
 
 
 def default_tolerance(dtype) -> tuple[float, float]:
@@ -39,17 +56,23 @@ class OutputMetrics:
     name: str
     dtype: str
     shape: list
-    max_abs: float = 0.0
+    max_abs: float = 0.0  # candidate vs original, on the shown input set
     max_rel: float = 0.0
     cosine: float = 1.0
     atol: float = 0.0
     rtol: float = 0.0
     passed: bool = True
     worst_seed: int | None = None
-    worst_input: str | None = None
+    worst_input: str | None = None  # the input set whose numbers are shown: the first failing one, else the worst
     failed_on: list = field(default_factory=list)  # input sets on which it differs
-    snr_db: float = float("inf")  # 10 log10(sum ref^2 / sum (cand - ref)^2), worst over the inputs
-    top1: float | None = None  # argmax agreement over the last axis (logits-like outputs), worst over the inputs
+    snr_db: float = float("inf")  # 10 log10(sum ref^2 / sum (cand - ref)^2), worst over the seeded draws
+    top1: float | None = None  # argmax agreement over the last axis (logits-like outputs), worst over the seeded draws
+    err_orig: float | None = None  # exact mode: the original's max abs error against float64 (shown set)
+    err_cand: float | None = None  # the candidate's
+    bound: float | None = None  # K_EXACT * err_orig + floor on the shown set
+    compared_on: list = field(default_factory=list)  # input sets on which this output (or its probe) was compared
+    uninformative: str | None = None  # why the output itself told nothing on every set (empty, constant, saturated)
+    probe: str | None = None  # the pre-saturation value compared in its place (reference name)
 
 
 @dataclass
@@ -88,7 +111,7 @@ def fmt_cosine(c: float) -> str:
 class EquivalenceResult:
     equivalent: bool
     outputs: list = field(default_factory=list)
-    problems: list = field(default_factory=list)  # structural failures (missing outputs...)
+    problems: list = field(default_factory=list)  # structural failures (missing outputs, nothing compared...)
     seeds: int = 0
     provider: str = "cpu"
     level: str = "all"
@@ -96,30 +119,60 @@ class EquivalenceResult:
     inputs: list = field(default_factory=list)  # input sets run: seeds, then stress inputs
     notes: list = field(default_factory=list)
     thresholds: Thresholds | None = None
+    mode: str = "exact"  # exact | tolerance | fallback | thresholds
+    judge: str = ""  # one line: how outputs were judged
+    timings: dict = field(default_factory=dict)  # phase -> seconds
+    uninformative: list = field(default_factory=list)  # outputs that told nothing on every input set
+    input_plan: str = ""  # the plan's one line
+    input_options: InputOptions | None = None  # the settled plan (defaults that failed replaced)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def verdict(self) -> str:
+        if self.thresholds is not None and self.thresholds.active():
+            return "WITHIN THRESHOLDS" if self.equivalent else "NOT WITHIN THRESHOLDS"
+        return "EQUIVALENT" if self.equivalent else "NOT EQUIVALENT"
+
     def summary_lines(self) -> list[str]:
         width = max([6] + [len(m.name) for m in self.outputs])
+        exact = self.mode == "exact"
         top1 = any(m.top1 is not None for m in self.outputs)
-        lines = [f"{'output':<{width}} {'max_abs':>10} {'max_rel':>10} {'cosine':>12} {'SNR dB':>8}"
-                 + (f" {'top-1':>7}" if top1 else "") + "  result"]
+        head = f"{'output':<{width}} {'input set':>9} {'max_abs':>10} {'max_rel':>10} {'cosine':>12}"
+        head += f" {'orig err':>10} {'cand err':>10} {'bound':>10}" if exact else f" {'SNR dB':>8}" + (f" {'top-1':>7}" if top1 else "")
+        lines = [self.judge] if self.judge else []
+        lines.append(head + "  result")
         for m in self.outputs:
-            snr = "inf" if m.snr_db == float("inf") else f"{m.snr_db:.1f}"
-            t1 = (f" {m.top1:7.4f}" if m.top1 is not None else f" {'':>7}") if top1 else ""
+            shown = m.worst_input or "-"
             if m.passed:
-                verdict = "ok"
+                verdict = "ok" if m.compared_on else "not compared"
             elif self.thresholds and self.thresholds.active() and m.failed_on == ["thresholds"]:
                 verdict = "DIFFERS (" + "; ".join(self.thresholds.check(m)) + ")"
+            elif exact and m.err_cand is not None and m.err_orig is not None:
+                verdict = f"DIFFERS (further from exact than {K_EXACT:g}x the original's error) on {', '.join(m.failed_on)}"
+            elif exact:
+                verdict = f"DIFFERS on {', '.join(m.failed_on)}"
             else:
                 verdict = f"DIFFERS (atol {m.atol:g}, rtol {m.rtol:g}) on {', '.join(m.failed_on)}"
-            lines.append(f"{m.name:<{width}} {m.max_abs:10.3g} {m.max_rel:10.3g} {fmt_cosine(m.cosine):>12} {snr:>8}{t1}  {verdict}")
+            if m.probe:
+                verdict += f" (pre-saturation value '{m.probe}' compared too)"
+            row = f"{m.name:<{width}} {shown:>9} {m.max_abs:10.3g} {m.max_rel:10.3g} {fmt_cosine(m.cosine):>12}"
+            if exact:
+                f = (lambda v: f"{v:10.3g}" if v is not None else f"{'-':>10}")
+                row += f" {f(m.err_orig)} {f(m.err_cand)} {f(m.bound)}"
+            else:
+                snr = "inf" if m.snr_db == float("inf") else f"{m.snr_db:.1f}"
+                row += f" {snr:>8}" + ((f" {m.top1:7.4f}" if m.top1 is not None else f" {'':>7}") if top1 else "")
+            lines.append(f"{row}  {verdict}")
         lines.extend(f"problem: {p}" for p in self.problems)
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.uninformative:
+            lines.append("uninformative on every input set: " + ", ".join(self.uninformative))
+        if self.timings:
+            lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
         if self.first_divergence:
             lines.extend(divergence_lines(self.first_divergence))
-        lines.append("EQUIVALENT" if self.equivalent else "NOT EQUIVALENT")
+        lines.append(self.verdict())
         return lines
 
 
@@ -183,22 +236,58 @@ def _metrics(ref: np.ndarray, cand: np.ndarray):
     return (0.0 if eq else float("inf")), (0.0 if eq else float("inf")), (1.0 if eq else 0.0)
 
 
+def _eps(dtype) -> float:
+    dt = np.dtype(dtype)
+    try:
+        return float(np.finfo(dt).eps)
+    except Exception:
+        return {"bfloat16": 2.0 ** -7}.get(dt.name, 2.0 ** -3)
+
+
+def exact_judgement(orig: np.ndarray, cand: np.ndarray, exact: np.ndarray, sensitivity: float | None = None):
+    """(ok, err_orig, err_cand, bound, why) for one float output on one input set.
+    `sensitivity`: how far ulp-level noise on the inputs moves the original there (stress
+    inputs); the original's error is taken as at least that, since a single fp32 evaluation can
+    land close to exact by luck where rounding-size changes move the output far."""
+    o, c, e = (np.asarray(a).astype(np.float64) for a in (orig, cand, exact))
+    both = np.isfinite(e) & np.isfinite(o)
+    rest = ~both
+    if rest.any():  # where the original (or exact) is not finite, the candidate must be non-finite alike
+        oc, cc = o[rest], c[rest]
+        same = (np.isnan(oc) & np.isnan(cc)) | (oc == cc) | (np.isfinite(oc) & np.isfinite(cc))
+        if not same.all():
+            return False, None, None, None, "non-finite values differ from the original's"
+    if not both.any():
+        return True, 0.0, 0.0, 0.0, ""
+    eb = e[both]
+    err_o = float(np.max(np.abs(o[both] - eb)))
+    dc = np.abs(c[both] - eb)
+    err_c = float(np.max(dc)) if np.isfinite(dc).all() else float("inf")
+    rms = float(np.sqrt(np.mean(np.square(eb))))
+    bound = K_EXACT * max(err_o, sensitivity or 0.0) + FLOOR_ULPS * _eps(orig.dtype) * rms
+    return err_c <= bound, err_o, err_c, bound, ""
+
+
 def feed_sets(proto, seeds: int, input_opts, stress: bool = True) -> list:
-    """[(label, feeds)]: `seeds` seeded draws, then (stress) one with a large per-token offset
-    and one with a large scale on every float input (a mean or scale error in a rewrite shows
-    there even where unit-normal inputs hide it)."""
-    sets = [(f"seed {k}", make_feeds(proto, k, input_opts)) for k in range(seeds)]
+    """[(label, feeds)]: max(`seeds`, flag combinations) seeded draws, then (stress) one with a
+    large per-token offset and one with a large scale on every float input (a mean or scale
+    error in a rewrite shows there even where unit-normal inputs hide it)."""
+    n = 1 if (input_opts and input_opts.inputs_npz) else seeds  # given inputs: one set
+    if not (input_opts and input_opts.inputs_npz):
+        n = max(seeds, len(flag_combinations(plan_inputs(proto, input_opts))))
+    sets = [(f"seed {k}", make_feeds(proto, k, input_opts)) for k in range(n)]
     if stress and not (input_opts and input_opts.inputs_npz):
-        base = make_feeds(proto, seeds, input_opts)
+        base = make_feeds(proto, n, input_opts)
         if any(W.is_float(v.dtype) for v in base.values()):
             for kind in STRESS:
-                sets.append((kind, stress_feeds(base, kind, seeds)))
+                sets.append((kind, stress_feeds(base, kind, n)))
     return sets
 
 
-SENSITIVITY_FACTOR = 10.0  # a rewrite's rounding may move an output this many times ulp-level input noise
-UNINFORMATIVE = 0.1  # past this fraction of the output's RMS, a stress input says nothing
-NOISE_DRAWS = 3  # sensitivity is the worst of this many ulp-noise draws (one draw can miss a near-tie)
+SENSITIVITY_FACTOR = 10.0  # tolerance mode: a rewrite's rounding may move an output this many times ulp-level input noise
+UNINFORMATIVE = 0.1  # tolerance mode: past this fraction of the output's RMS, a stress input says nothing
+NOISE_DRAWS = 3  # tolerance mode: sensitivity is the worst of this many ulp-noise draws (one draw can miss a near-tie)
+SATURATED = 1e-4  # a probability output with every element this close to 0 or 1 (a Tanh to +-1) says little
 
 
 def _rms(a: np.ndarray) -> float:
@@ -207,12 +296,10 @@ def _rms(a: np.ndarray) -> float:
 
 
 def _tolerances(m: OutputMetrics, ref: np.ndarray, label: str, noise: float | None):
-    """(atol, rtol, informative). Seeded draws use the output's tolerances. Under a stress input
-    atol scales with the reference's RMS (rounding grows with the values an output is computed
-    from) and with the reference's own sensitivity there: its change under ulp-level noise on its
-    float inputs (worst of NOISE_DRAWS draws), times SENSITIVITY_FACTOR (an ill-conditioned input, such as x1000 on a KV cache
-    that saturates softmax, moves outputs far more than unit-normal inputs do). Where that exceeds
-    UNINFORMATIVE of the output's RMS the input is not informative for this output."""
+    """Tolerance mode: (atol, rtol, informative). Seeded draws use the output's tolerances. Under
+    a stress input atol scales with the reference's RMS and with the reference's own sensitivity
+    there (its change under ulp-level noise on its float inputs, worst of NOISE_DRAWS draws, times
+    SENSITIVITY_FACTOR); past UNINFORMATIVE of the output's RMS the input is not informative."""
     if label not in STRESS or not _floating(ref) or not ref.size:
         return m.atol, m.rtol, True
     rms = _rms(ref)
@@ -246,6 +333,84 @@ def _overridable(proto) -> set:
     return {t.name for t in proto.graph.initializer if t.name in inputs}
 
 
+# ---------------------------------------------------------------------------------------------
+# informative outputs: saturating ops and the value before them
+
+SHAPE_ONLY = {"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose"}
+SATURATING = {"Sigmoid": "saturated", "Softmax": "saturated", "HardSigmoid": "saturated", "Tanh": "saturated",
+              "ArgMax": "discrete", "ArgMin": "discrete", "TopK": "discrete", "Less": "discrete", "Greater": "discrete",
+              "Equal": "discrete", "LessOrEqual": "discrete", "GreaterOrEqual": "discrete"}
+
+
+def saturating_op(proto, output: str):
+    """(op, pre-saturation value name) behind a graph output, through shape-only ops, or None.
+    TopK counts only for its indices output."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consts = {t.name for t in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    name = output
+    for _ in range(16):
+        n = producer.get(name)
+        if n is None:
+            return None
+        if n.op_type in SHAPE_ONLY and n.input:
+            name = n.input[0]
+            continue
+        if n.op_type in SATURATING and n.input and n.input[0] and (n.op_type != "TopK" or list(n.output).index(name) == 1):
+            pre = n.input[0]
+            if pre in consts or pre in producer and producer[pre].op_type == "Constant":
+                return None
+            return n.op_type, pre
+        return None
+    return None
+
+
+def _saturated(op: str, e: np.ndarray) -> bool:
+    if not _floating(e) or not e.size:
+        return False
+    v = np.abs(e.astype(np.float64)) if op == "Tanh" else e.astype(np.float64)
+    return bool(np.all((np.abs(v) < SATURATED) | (np.abs(1 - v) < SATURATED)))
+
+
+def _value_types(proto) -> dict:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        return {}
+    vis = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    return {vi.name: vi.type.tensor_type.elem_type for vi in vis if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+
+
+def _with_outputs(proto, names: list, types: dict):
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, types[n], None))
+    return m
+
+
+def _probes(ref_proto, cand_proto, outs):
+    """{output: (op, kind, ref value, cand value)} for outputs behind a saturating op in both."""
+    found = {}
+    for name in outs:
+        r = saturating_op(ref_proto, name)
+        c = saturating_op(cand_proto, name)
+        if r and c and r[0] == c[0]:
+            found[name] = (r[0], SATURATING[r[0]], r[1], c[1])
+    if not found:
+        return {}, {}, {}
+    rt, ct = _value_types(ref_proto), _value_types(cand_proto)
+    return {k: v for k, v in found.items() if v[2] in rt and v[3] in ct and rt[v[2]] == ct[v[3]]}, rt, ct
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _fail_line(exc) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
+
 def compare(
     reference,
     candidate,
@@ -258,21 +423,26 @@ def compare(
     stress: bool = True,
     thresholds: Thresholds | None = None,
     ref_cache: dict | None = None,
+    exact: bool | None = None,
 ) -> EquivalenceResult:
     """Run both models on the same generated inputs and compare every output by name.
 
-    The two sessions are never alive at once: the reference runs every input set and is freed,
-    then the candidate runs. Inputs: `seeds` seeded draws plus, with `stress`, a large per-token
-    offset and a large scale (see feed_sets); boolean scalar inputs (an If condition such as
-    Optimum's use_cache_branch) alternate between True and False across seeds. `ref_cache`
-    (a dict) keeps the reference's outputs by input set, so a second comparison against the same
-    reference on the same inputs does not run it again."""
+    Sessions are built once each and never alive together: the original (ORT_DISABLE_ALL, CPU)
+    runs every input set and is freed, then the float64 evaluation of the original, then the
+    candidate (`level`, `provider`). `exact`: None judges against float64 unless atol/rtol or
+    thresholds are given; False forces the tolerance check. `ref_cache` (a dict) keeps the
+    original's and the exact outputs by input set, so a second comparison against the same
+    reference on the same inputs runs neither again."""
+    t_start = time.perf_counter()
+    timings = {}
     ref_proto = _load_proto(reference)
     cand_proto = _load_proto(candidate)
     result = EquivalenceResult(equivalent=True, seeds=seeds, provider=provider, level=level, thresholds=thresholds)
     approx = thresholds is not None and thresholds.active()
     if approx:
         stress = False  # stress inputs look for a rewrite's mean or scale error; approximate models differ anyway
+    use_exact = (atol is None and rtol is None and not approx) if exact is None else bool(exact)
+    result.mode = "exact" if use_exact else ("thresholds" if approx else "tolerance")
 
     ref_inputs = {s.name: s for s in input_specs(ref_proto)}
     cand_inputs = {s.name: s for s in input_specs(cand_proto)}
@@ -297,105 +467,316 @@ def compare(
         result.equivalent = False
         return result
 
+    big = W.weight_bytes(ref_proto) > BIG_BYTES  # free one session's memory before the next is built
+    # probes: the value before a saturating op, compared where both models have it
+    probes, rtypes, ctypes = _probes(ref_proto, cand_proto, ref_outs)
+    ref_probe_names = [v[2] for v in probes.values() if v[2] not in ref_outs]
+    cand_probe_names = [v[3] for v in probes.values() if v[3] not in ref_outs]
+    ref_fetch = ref_outs + [n for n in dict.fromkeys(ref_probe_names)]
+    cand_fetch = ref_outs + [n for n in dict.fromkeys(cand_probe_names)]
+
+    # 1. the original, in its own precision; the input plan is settled on it once
+    t0 = time.perf_counter()
+    ref_sess = None
+    key = tuple(ref_fetch)
+    reuse = ref_cache is not None and ref_cache.get("_fetch") == key and "_opts" in ref_cache
+    if reuse:
+        input_opts = ref_cache["_opts"]
+    else:
+        ref_model = reference if not ref_probe_names else _with_outputs(ref_proto, ref_probe_names, rtypes)
+        try:
+            ref_sess = make_session(ref_model, "cpu", "disable")
+        except SessionError as exc:
+            raise NormoptError(f"the reference model does not load in ONNX Runtime: {_fail_line(exc)}") from None
+        input_opts, settle_notes = settle_plan(ref_proto, input_opts, lambda f: ref_sess.run(ref_outs, f))
+        result.notes.extend(settle_notes)
+    result.input_options = input_opts
     sets = feed_sets(ref_proto, seeds, input_opts, stress)
     result.inputs = [label for label, _ in sets]
-    cached = ref_cache if ref_cache is not None and all(label in ref_cache for label, _ in sets) else None
-    ref_sess = None if cached is not None else make_session(reference, "cpu", "disable")
-    ref_vals, noise = [], {}
-    for k, (label, feeds) in enumerate(sets):
-        if cached is not None:  # the same reference on the same inputs: its outputs are known
-            ref_vals.append(cached[label][0])
-            if cached[label][1] is not None:
-                noise[label] = cached[label][1]
-            continue
-        try:
-            ref_vals.append(ref_sess.run(ref_outs, feeds))
-            if label in STRESS:  # the reference's own sensitivity at this input: worst of a few ulp-noise draws
-                worst = [0.0] * len(ref_outs)
+    plan_line = "" if (input_opts and input_opts.inputs_npz) else plan_inputs(ref_proto, input_opts).line()
+    result.input_plan = plan_line
+    combos = [] if (input_opts and input_opts.inputs_npz) else flag_combinations(plan_inputs(ref_proto, input_opts))
+    if len(combos) > 1:
+        how = "every combination" if len(combos) == 2 ** len(combos[0]) else "a covering design: every pair of values"
+        result.notes.append(f"one-element bool flags {sorted(combos[0])}: {how} across {max(seeds, len(combos))} seeded draws")
+    cached = ref_cache if reuse and all(label in ref_cache for label, _ in sets) else None
+    ref_vals, noise, exact_vals = [], {}, []
+    if cached is None:
+        if ref_sess is None:
+            ref_model = reference if not ref_probe_names else _with_outputs(ref_proto, ref_probe_names, rtypes)
+            ref_sess = make_session(ref_model, "cpu", "disable")
+        for k, (label, feeds) in enumerate(sets):
+            try:
+                vals = [np.asarray(v) for v in ref_sess.run(ref_fetch, feeds)]
+            except Exception as exc:
+                used = f" with {plan_line}" if plan_line else ""
+                raise NormoptError(f"the reference model fails to run ({label}){used}: {_fail_line(exc)}"
+                                   " (override with --shape DIM=N, --shape INPUT=AxB, --int-range NAME=LO:HI or --inputs feeds.npz)") from None
+            ref_vals.append(vals)
+            if label in STRESS:  # the original's own sensitivity at this input (its condition there)
+                worst = [0.0] * len(ref_fetch)  # outputs and pre-saturation values alike
                 for draw in range(NOISE_DRAWS):
-                    moved = ref_sess.run(ref_outs, _ulp_noise(feeds, 100 * k + draw))
-                    for j, (a, b) in enumerate(zip(ref_vals[-1], moved)):
-                        a = np.asarray(a)
+                    moved = ref_sess.run(ref_fetch, _ulp_noise(feeds, 100 * k + draw))
+                    for j, (a, b) in enumerate(zip(vals, moved)):
                         if worst[j] is not None and _floating(a) and a.size and np.isfinite(a).all():
                             worst[j] = max(worst[j], float(np.nanmax(np.abs(a.astype(np.float64) - np.asarray(b, np.float64)))))
                         else:
                             worst[j] = None
                 noise[label] = worst
-            if ref_cache is not None:
-                ref_cache[label] = (ref_vals[-1], noise.get(label))
-        except Exception as exc:
-            used = "" if (input_opts and input_opts.inputs_npz) else f" with {plan_inputs(ref_proto, input_opts).line()}"
-            raise NormoptError(f"the reference model fails to run ({label}){used}: {str(exc).strip().splitlines()[0][:300]}"
-                               " (override with --shape DIM=N, --shape INPUT=AxB, --int-range NAME=LO:HI or --inputs feeds.npz)") from None
-    del ref_sess
-    gc.collect()
+    else:
+        for label, _ in sets:
+            ref_vals.append(cached[label][0])
+            exact_vals.append(cached[label][1])
+            if cached[label][2] is not None:
+                noise[label] = cached[label][2]
+        if not all(v is not None for v in exact_vals):
+            exact_vals = []
+    ref_sess = None
+    _collect(big)
+    timings["original"] = time.perf_counter() - t0
+
+    # 2. the exact function: the original in float64
+    exact_note = ""
+    if use_exact and not exact_vals:
+        t0 = time.perf_counter()
+        why = _float64_fits(ref_proto)
+        if why is None:
+            from .exact import ExactRunner
+
+            full_ref = ref_proto if not ref_probe_names else _with_outputs(ref_proto, ref_probe_names, rtypes)
+            runner = ExactRunner(full_ref, ref_fetch, sets[0][1])
+            if runner.available:
+                try:
+                    exact_vals = [runner.run(feeds) for _, feeds in sets]
+                    exact_note = runner.engine
+                except Exception as exc:
+                    why = f"the float64 evaluation fails to run ({_fail_line(exc)[:160]})"
+                    exact_vals = []
+            else:
+                why = runner.why
+            runner.close()
+            del runner
+            _collect(big)
+        timings["exact float64"] = time.perf_counter() - t0
+        if why is not None:
+            use_exact = False
+            result.mode = "fallback"
+            result.notes.append(f"no float64 reference: {why}; fell back to the fp32 tolerance check")
+    elif use_exact:
+        exact_note = "cached"
+    if ref_cache is not None and cached is None:
+        if not reuse:
+            ref_cache.clear()
+        ref_cache["_fetch"], ref_cache["_opts"] = key, input_opts
+        for k, (label, _) in enumerate(sets):
+            ref_cache[label] = (ref_vals[k], exact_vals[k] if exact_vals else None, noise.get(label))
+
+    if use_exact:
+        result.judge = (f"judge: each float output against the float64 evaluation of the original ({exact_note}); "
+                        f"pass iff cand err <= {K_EXACT:g} x orig err + {FLOOR_ULPS:g} ulp x RMS")
+    elif result.mode == "fallback" or result.mode == "tolerance":
+        a_txt = "atol/rtol " + ("by dtype" if atol is None and rtol is None else f"{atol if atol is not None else 'default'}/"
+                                                                                  f"{rtol if rtol is not None else 'default'}")
+        result.judge = ("judge: FALLBACK fp32 tolerance check (no float64 reference), " if result.mode == "fallback"
+                        else "judge: tolerance check against the original, ") + a_txt
+    else:
+        result.judge = "judge: thresholds (approximate comparison against the original)"
+
+    # 3. the candidate
+    t0 = time.perf_counter()
     try:
-        cand_sess = make_session(candidate, provider, level)
+        cand_model = candidate if not cand_probe_names else _with_outputs(cand_proto, cand_probe_names, ctypes)
+        cand_sess = make_session(cand_model, provider, level)
     except SessionError as exc:
         result.equivalent = False
         result.problems.append(f"candidate does not load: {exc}")
         return result
-
-    metrics = {}
-    for k, ((label, feeds), refs) in enumerate(zip(sets, ref_vals)):
+    cand_all = []
+    for label, feeds in sets:
         try:
-            cand_vals = cand_sess.run(ref_outs, feeds)
+            cand_all.append([np.asarray(v) for v in cand_sess.run(cand_fetch, feeds)])
         except Exception as exc:
             result.equivalent = False
-            result.problems.append(f"candidate fails to run ({label}): {str(exc).strip().splitlines()[0][:300]}")
+            result.problems.append(f"candidate fails to run ({label}): {_fail_line(exc)}")
             return result
-        for j, (name, r, c) in enumerate(zip(ref_outs, refs, cand_vals)):
-            r, c = np.asarray(r), np.asarray(c)
+    del cand_sess
+    _collect(big)
+    timings["candidate"] = time.perf_counter() - t0
+
+    # 4. judging
+    t0 = time.perf_counter()
+    metrics = {}
+    rix = {n: i for i, n in enumerate(ref_fetch)}
+    cix = {n: i for i, n in enumerate(cand_fetch)}
+    shown_score = {}
+    first_value, varies = {}, {n: False for n in ref_outs}
+    informative_sets = {n: set() for n in ref_outs}
+    empty_everywhere = {n: True for n in ref_outs}
+    saturated_everywhere = {n: True for n in ref_outs}
+    for k, (label, _) in enumerate(sets):
+        refs, cands = ref_vals[k], cand_all[k]
+        exs = exact_vals[k] if use_exact else None
+        for j, name in enumerate(ref_outs):
+            r, c = refs[rix[name]], cands[cix[name]]
             m = metrics.get(name)
             if m is None:
                 a0, r0 = default_tolerance(r.dtype) if _floating(r) else (0.0, 0.0)
-                m = metrics[name] = OutputMetrics(
-                    name, str(r.dtype), list(r.shape), atol=a0 if atol is None else atol, rtol=r0 if rtol is None else rtol
-                )
+                m = metrics[name] = OutputMetrics(name, str(r.dtype), list(r.shape), atol=a0 if atol is None else atol,
+                                                  rtol=r0 if rtol is None else rtol)
             if r.shape != c.shape or r.dtype != c.dtype:
                 m.passed = False
                 m.max_abs = m.max_rel = float("inf")
                 m.cosine = 0.0
-                m.worst_seed = k
-                result.problems.append(f"output '{name}': shape/dtype {c.shape} {c.dtype} vs reference {r.shape} {r.dtype}")
+                m.worst_seed, m.worst_input = k, label
+                m.failed_on.append(label)
+                result.problems.append(f"output '{name}' ({label}): shape/dtype {c.shape} {c.dtype} vs reference {r.shape} {r.dtype}")
                 continue
-            if label in STRESS and _floating(r) and not np.all(np.isfinite(r)):
-                result.notes.append(f"{label} input: reference output '{name}' is not finite; not compared")
-                continue
-            max_abs, max_rel, cos = _metrics(r, c)
-            a_tol, r_tol, informative = _tolerances(m, r, label, noise.get(label, [None] * len(ref_outs))[j])
-            if not informative:
-                result.notes.append(f"{label} input: output '{name}' moves by {noise[label][j]:.3g} under ulp-level input "
-                                    f"noise (ill-conditioned there); not compared")
-                continue
-            if _floating(r):
-                snr, t1 = _snr_top1(r, c)
-                if label not in STRESS:
-                    m.snr_db = min(m.snr_db, snr)
-                    m.top1 = t1 if m.top1 is None or t1 is None else min(m.top1, t1)
-                if approx:
-                    ok = True  # judged once, on the worst metrics, below
-                else:
-                    ok = bool(np.allclose(c.astype(np.float64), r.astype(np.float64), atol=a_tol, rtol=r_tol, equal_nan=True))
+            if r.size:
+                empty_everywhere[name] = False
             else:
-                ok = bool(np.array_equal(c, r))
-            if max_abs > m.max_abs or (not ok and m.passed):
-                m.worst_seed = k
-                m.worst_input = label
-            if label not in STRESS:
-                m.max_abs = max(m.max_abs, max_abs)
-                m.max_rel = max(m.max_rel, max_rel)
-                m.cosine = min(m.cosine, cos)
+                continue
+            if name not in first_value:
+                first_value[name] = r
+            elif not varies[name] and not np.array_equal(first_value[name], r, equal_nan=_floating(r)):
+                varies[name] = True
+            judged = _judge(m, r, c, exs[rix[name]] if exs is not None else None, label, use_exact, approx,
+                            noise[label][rix[name]] if label in noise else None, result)
+            if judged is None:
+                continue
+            ok, score, row = judged
+            probe = probes.get(name)
+            if probe is not None:
+                op, kind, rp, cp = probe
+                sat = kind == "discrete" or _saturated(op, exs[rix[name]] if exs is not None else r)
+                if not sat:
+                    saturated_everywhere[name] = False
+                pr, pc = refs[rix[rp]], cands[cix[cp]]
+                pe = exs[rix[rp]] if exs is not None else None
+                if pr.shape == pc.shape and pr.dtype == pc.dtype and pr.size:
+                    m.probe = rp
+                    pj = _judge(OutputMetrics(rp, str(pr.dtype), list(pr.shape), atol=m.atol, rtol=m.rtol), pr, pc, pe,
+                                label, use_exact, approx, noise[label][rix[rp]] if label in noise else None, result)
+                    if pj is not None:
+                        pok, pscore, prow = pj
+                        if not pok:
+                            result.notes.append(f"output '{name}' ({label}): its pre-saturation value '{rp}' differs")
+                            if ok:
+                                ok, score, row = False, pscore, prow
+                        informative_sets[name].add(label)
+                if not sat:
+                    informative_sets[name].add(label)
+            else:
+                saturated_everywhere[name] = False
+                informative_sets[name].add(label)
+            m.compared_on.append(label)
+            if _floating(r) and label not in STRESS:
+                snr, t1 = _snr_top1(r, c)
+                m.snr_db = min(m.snr_db, snr)
+                m.top1 = t1 if m.top1 is None or t1 is None else min(m.top1, t1)
+            # the shown set: the first failing one, else the worst
+            first_fail = not ok and m.passed
+            if first_fail or (m.passed and score >= shown_score.get(name, -1.0)):
+                shown_score[name] = score
+                m.worst_seed, m.worst_input = k, label
+                m.max_abs, m.max_rel, m.cosine = row["max_abs"], row["max_rel"], row["cosine"]
+                m.err_orig, m.err_cand, m.bound = row.get("err_orig"), row.get("err_cand"), row.get("bound")
             if not ok:
                 m.failed_on.append(label)
             m.passed = m.passed and ok
-    del cand_sess
-    gc.collect()
     if approx:
         for m in metrics.values():
             if m.dtype not in ("bool",) and not m.dtype.startswith(("int", "uint")) and thresholds.check(m):
                 m.passed = False
                 m.failed_on = ["thresholds"]
-    result.outputs = [metrics[n] for n in ref_outs]
+    result.outputs = [metrics[n] for n in ref_outs if n in metrics]
+    # what was not compared
+    npz = bool(input_opts and input_opts.inputs_npz)
+    hint = "give --shape DIM=N (or --inputs feeds.npz with real inputs)"
+    for name in ref_outs:
+        m = metrics.get(name)
+        if m is None:
+            continue
+        if empty_everywhere[name]:
+            m.uninformative = "empty on every input set"
+        elif name in probes and saturated_everywhere[name] and probes[name][1] == "saturated" and not m.probe:
+            m.uninformative = f"saturated ({probes[name][0]}) on every input set"
+        elif len(sets) > 1 and not npz and not varies[name] and not m.probe:  # given inputs may repeat
+            m.uninformative = "the same on every input set"
+        elif name in probes and probes[name][1] == "discrete" and not m.probe:
+            m.uninformative = "discrete"
+        if m.uninformative:
+            result.uninformative.append(f"{name} ({m.uninformative})")
+        if empty_everywhere[name]:
+            m.compared_on = []
+    empties = [n for n in ref_outs if n in metrics and empty_everywhere[n]]
+    if empties:
+        result.problems.append(f"nothing was compared for output(s) {empties}: empty on every input set; {hint}")
+    compared = [m for m in result.outputs if m.compared_on and not m.uninformative]
+    if ref_outs and not compared and not empties:
+        result.problems.append(f"nothing was compared: every output is uninformative on every input set; {hint}")
+    timings["judging"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    result.timings = {k: round(v, 3) for k, v in timings.items()}
     result.equivalent = all(m.passed for m in result.outputs) and not result.problems
     return result
+
+
+def _judge(m, r, c, e, label, use_exact, approx, noise, result):
+    """(ok, score, row) for one output on one input set, or None when not compared there."""
+    if _floating(r) and not np.all(np.isfinite(r)) and label in STRESS and not use_exact:
+        result.notes.append(f"{label} input: reference output '{m.name}' is not finite; not compared")
+        return None
+    max_abs, max_rel, cos = _metrics(r, c)
+    row = {"max_abs": max_abs, "max_rel": max_rel, "cosine": cos}
+    if not _floating(r):
+        ok = bool(np.array_equal(c, r))
+        return ok, (0.0 if ok else float("inf")), row
+    if approx:
+        return True, max_abs, row  # judged once, on the worst metrics, by the caller
+    if use_exact and e is not None:
+        if noise and K_EXACT * noise > UNINFORMATIVE * max(_rms(r), 1e-30):
+            result.notes.append(f"{label} input: output '{m.name}' moves by {noise:.3g} under ulp-level input "
+                                f"noise (ill-conditioned there); not compared")
+            return None
+        ok, err_o, err_c, bound, why = exact_judgement(r, c, e, noise)
+        if why:
+            result.notes.append(f"output '{m.name}' ({label}): {why}")
+        row.update(err_orig=err_o, err_cand=err_c, bound=bound)
+        score = float("inf") if err_c is None else (err_c / bound if bound else (0.0 if err_c == 0 else float("inf")))
+        return ok, score, row
+    a_tol, r_tol, informative = _tolerances(m, r, label, noise)
+    if not informative:
+        result.notes.append(f"{label} input: output '{m.name}' moves by {noise:.3g} under ulp-level input "
+                            f"noise (ill-conditioned there); not compared")
+        return None
+    ok = bool(np.allclose(c.astype(np.float64), r.astype(np.float64), atol=a_tol, rtol=r_tol, equal_nan=True))
+    return ok, max_abs, row
+
+
+BIG_BYTES = 64 << 20
+
+
+def _collect(big: bool) -> None:
+    if big:  # a full collection costs ~0.2 s in a large process: only where the memory matters
+        gc.collect()
+
+
+FLOAT64_FACTOR = 2.5  # float64 weights (2x fp32) plus the session's own copy, with margin
+
+
+def _float64_fits(proto) -> str | None:
+    """None, or why the float64 evaluation does not fit in memory."""
+    from ..api import available_bytes
+
+    wb = W.weight_bytes(proto)
+    factor = 1.0
+    for t in W.iter_tensors(proto):
+        if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            factor = 2.0  # a 16-bit model grows 4x
+            break
+    need = int(FLOAT64_FACTOR * factor * wb) + (512 << 20)
+    avail = available_bytes()
+    if avail is not None and need > avail:
+        return (f"evaluating the model in float64 needs about {need / 2**30:.1f} GB of memory and "
+                f"{avail / 2**30:.1f} GB is available")
+    return None

@@ -8,10 +8,17 @@ Dimensions (a dynamic dim is a name, a stored -1 or 0, or no value at all):
     merged decoder names its mask dim after the new tokens alone);
   * a dim named as a sum of others ("a + b") is their sum; a "total" length is past + sequence;
   * any other dim is DEFAULT_SEQ (16), at most what a position table leaves (the rows of the
-    table position ids index, less the past); unnamed non-leading dims share that value.
+    table position ids index, less the past); unnamed non-leading dims share that value. The
+    trailing dims of a rank-4 float input (an image's height and width) are labelled spatial.
+  * settle_plan runs the original once on the plan: where it fails at the default spatial size
+    it tries multiples of 32 (32, 64, 128, 224, 256); where every output is empty (a KV cache of
+    0 that nothing adds to, a sequence too short) it tries the next sizes; a model that fails
+    at every size is bad input (exit 2) with the --shape flag to give.
 Values:
-  * floats: seeded standard normal; bool flags (one element, such as Optimum's
-    use_cache_branch): True on even seeds, False on odd ones, so both If branches run;
+  * floats: seeded standard normal (never exactly 0); bool flags (one element, such as
+    Optimum's use_cache_branch): seed k takes the k-th of flag_combinations (every combination
+    of up to MAX_EXHAUSTIVE flags, else a covering design with every pair of values), so every
+    If branch they select runs, nested ones included; seed 0 has every flag True;
     other bools: coin flips;
   * integers: ``--int-range NAME=LO:HI``; else by Hugging Face convention:
     attention_mask all ones (seed 1: the first positions padded with 0), position_ids and
@@ -38,6 +45,9 @@ from ..errors import NormoptError
 
 DEFAULT_SEQ = 16
 DEFAULT_PAST = 4
+SPATIAL_SIZES = (32, 64, 128, 224, 256)  # tried when the original fails at the default spatial size
+NEXT_SIZES = (32, 64)  # tried for the sequence when every output is empty
+MAX_EXHAUSTIVE = 4  # up to this many one-element bool flags, every combination is run
 # ops an index can pass through on its way to a Gather (values change at most by arithmetic
 # that keeps valid ids valid, as Keras' negative-id handling does)
 INDEX_PATH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Slice", "Transpose", "Add",
@@ -235,14 +245,19 @@ def _plan(model, opts):
             v = v[0] if isinstance(v, (tuple, list)) else v
             dims[k] = int(v)
     names, leading, exprs = [], set(), []
+    spatial, other_use = set(), set()
     for s in specs:
         if s.name in opts.shapes:
             continue
+        image = W.is_float(s.dtype) and len(s.dims) == 4
         for i, d in enumerate(s.dims):
             if isinstance(d, str) and d not in names:
                 (exprs if _expr_names(d) else names).append(d)
             if i == 0 and isinstance(d, str):
                 leading.add(d)
+            if isinstance(d, str):
+                (spatial if image and i >= 2 else other_use).add(d)
+    spatial -= other_use
     used_in_exprs = {n for e in exprs for n in _expr_names(e)}
     any_total = any(_is_total(n) for n in names)
     # the sequence bound: rows of the table that position ids index
@@ -264,7 +279,7 @@ def _plan(model, opts):
             return  # after the others
         else:
             dims[n] = DEFAULT_SEQ
-            why = "sequence"
+            why = "spatial" if n in spatial else "sequence"
         defaulted.append(f"{n}={dims[n]} ({why})")
 
     for n in names:
@@ -286,12 +301,13 @@ def _plan(model, opts):
             dims[e] = v if v is not None else DEFAULT_SEQ
             defaulted.append(f"'{e}'={dims[e]}")
     shapes = {}
-    unnamed_note = False
+    unnamed_note = unnamed_spatial = False
     for s in specs:
         if s.name in opts.shapes:
             shapes[s.name] = resolve_shape(s, opts.shapes)
             continue
         shp = []
+        image = W.is_float(s.dtype) and len(s.dims) == 4
         for i, d in enumerate(s.dims):
             if isinstance(d, int):
                 shp.append(d)
@@ -299,17 +315,22 @@ def _plan(model, opts):
                 shp.append(dims[d])
             else:
                 shp.append(1 if i == 0 else seq)
-                unnamed_note = True
+                if image and i >= 2:
+                    unnamed_spatial = True
+                else:
+                    unnamed_note = True
         shapes[s.name] = tuple(shp)
     if unnamed_note:
         defaulted.append(f"unnamed dims: leading 1, others {seq}")
+    if unnamed_spatial:
+        defaulted.append(f"unnamed spatial dims {seq}")
     # values
     values, missing = {}, []
     for s in specs:
         if W.is_float(s.dtype):
             values[s.name] = ("normal", None, "")
         elif s.dtype == np.bool_:
-            values[s.name] = ("flag", None, "True/False by seed") if int(np.prod(shapes[s.name])) == 1 else ("coin", None, "")
+            values[s.name] = ("flag", None, "True/False by flag combination") if int(np.prod(shapes[s.name])) == 1 else ("coin", None, "")
         elif np.issubdtype(s.dtype, np.integer):
             if s.name in opts.int_ranges:
                 lo, hi = opts.int_ranges[s.name]
@@ -336,6 +357,101 @@ def _plan(model, opts):
         what = ", ".join(f"'{n}'" for n in missing)
         raise NormoptError(f"integer input(s) {what} index no Gather table, so their range is unknown; give {flags}")
     return InputPlan(shapes, dims, values, defaulted)
+
+
+def flag_combinations(plan: InputPlan) -> list:
+    """[{flag: bool}], one per seeded draw (cycled): every combination of the one-element bool
+    inputs when there are at most MAX_EXHAUSTIVE, else a greedy covering design in which every
+    pair of flags takes all four value pairs. The first combination has every flag True, the
+    second every flag False."""
+    flags = [n for n, (kind, _, _) in plan.values.items() if kind == "flag"]
+    k = len(flags)
+    if k == 0:
+        return [{}]
+    if k <= MAX_EXHAUSTIVE:
+        return [{f: not bool((i >> b) & 1) for b, f in enumerate(flags)} for i in range(2 ** k)]
+    rows = [[True] * k, [False] * k]
+    need = {(a, b, va, vb) for a in range(k) for b in range(a + 1, k) for va in (0, 1) for vb in (0, 1)}
+
+    def covered(row):
+        return {(a, b, int(row[a]), int(row[b])) for a in range(k) for b in range(a + 1, k)}
+
+    for row in rows:
+        need -= covered(row)
+    rng = np.random.default_rng(0)
+    while need:
+        best, gain = None, -1
+        for _ in range(32):
+            cand = [bool(x) for x in rng.integers(0, 2, k)]
+            a, b, va, vb = min(need)
+            cand[a], cand[b] = bool(va), bool(vb)
+            g = len(covered(cand) & need)
+            if g > gain:
+                best, gain = cand, g
+        rows.append(best)
+        need -= covered(best)
+    return [dict(zip(flags, r)) for r in rows]
+
+
+def spatial_dims(plan: InputPlan) -> list:
+    return [d.split("=")[0] for d in plan.defaulted if d.endswith("(spatial)")]
+
+
+def _run_first(run, model, opts):
+    """(outputs or None, error line) of the original on seed 0 of the plan."""
+    try:
+        feeds = make_feeds(model, 0, opts)
+    except MemoryError:
+        raise
+    try:
+        return run(feeds), ""
+    except Exception as exc:
+        return None, (str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+
+
+def settle_plan(model: onnx.ModelProto, opts: InputOptions | None, run) -> tuple:
+    """(InputOptions, notes): the plan the whole run uses. `run(feeds) -> list of outputs` runs
+    the original. The defaults stand where the original runs on them and some output is
+    non-empty; otherwise the usual sizes are tried (spatial dims: multiples of 32; past and
+    sequence: the next sizes) and the first that works is fixed in the options. Raises
+    NormoptError (bad input) when the original fails at every size tried."""
+    opts = opts or InputOptions()
+    if opts.inputs_npz:
+        return opts, []
+    plan = plan_inputs(model, opts)
+    outs, err = _run_first(run, model, opts)
+    if outs is not None and (not outs or any(np.asarray(o).size for o in outs)):
+        return opts, []
+    tried = []
+    alternatives = []
+    spatial = spatial_dims(plan)
+    if outs is None and spatial:
+        alternatives += [{d: n for d in spatial} for n in SPATIAL_SIZES]
+    if outs is not None:  # every output empty: a zero KV cache, a too-short sequence
+        pasts = [d.split("=")[0] for d in plan.defaulted if d.split("=")[0] in plan.dims and plan.dims[d.split("=")[0]] == 0]
+        seqs = [d.split("=")[0] for d in plan.defaulted if d.endswith(("(sequence)", "(spatial)"))]
+        base = {d: DEFAULT_PAST for d in pasts}
+        if base:
+            alternatives.append(base)
+        alternatives += [{**base, **{d: n for d in seqs}} for n in NEXT_SIZES if seqs]
+    for alt in alternatives:
+        trial = InputOptions(shapes={**opts.shapes, **{d: v for d, v in alt.items()}}, int_ranges=dict(opts.int_ranges),
+                             inputs_npz=None)
+        try:
+            plan_inputs(model, trial)
+        except NormoptError:
+            continue
+        o2, e2 = _run_first(run, model, trial)
+        tried.append(", ".join(f"{d}={v}" for d, v in alt.items()))
+        if o2 is not None and any(np.asarray(o).size for o in o2):
+            why = f"fails at the defaults ({err})" if outs is None else "gives only empty outputs at the defaults"
+            return trial, [f"inputs: the original {why}; using {tried[-1]}"]
+    if outs is None:
+        flags = " ".join(f"--shape {d.split('=')[0]}=N" for d in plan.defaulted if "=" in d and not d.startswith("unnamed"))
+        also = f" (also tried {'; '.join(tried)})" if tried else ""
+        raise NormoptError(f"the input model fails to run with the default {plan.line()}: {err}{also}; "
+                           f"give the sizes it needs: {flags or '--shape INPUT=AxB'} (or --inputs feeds.npz)")
+    return opts, ["inputs: every output of the original is empty at the defaults and at the next sizes"]
 
 
 def resolve_shape(spec: InputSpec, shapes: dict) -> tuple:
@@ -390,15 +506,19 @@ def make_feeds(model: onnx.ModelProto, seed: int, opts: InputOptions | None = No
         return load_npz(opts.inputs_npz, model)
     plan = plan_inputs(model, opts)
     rng = np.random.default_rng(seed)
+    combos = flag_combinations(plan)
+    combo = combos[seed % len(combos)]
     feeds = {}
     past = sum(v for k, v in plan.dims.items() if _is_past(k))
     for spec in input_specs(model):
         shp = plan.shapes[spec.name]
         kind, detail, _ = plan.values[spec.name]
         if kind == "normal":
-            feeds[spec.name] = rng.standard_normal(shp).astype(spec.dtype)
+            v = rng.standard_normal(shp).astype(spec.dtype)
+            v[v == 0] = np.asarray(1e-3, spec.dtype)  # a float input is never exactly 0
+            feeds[spec.name] = v
         elif kind == "flag":
-            feeds[spec.name] = np.full(shp, seed % 2 == 0, np.bool_)
+            feeds[spec.name] = np.full(shp, combo[spec.name], np.bool_)
         elif kind == "coin":
             feeds[spec.name] = rng.integers(0, 2, shp).astype(np.bool_)
         elif kind == "range":

@@ -203,8 +203,21 @@ def bench(
     protos = [m if isinstance(m, onnx.ModelProto) else read_skeleton(m) for _, m in models]
     feeds = make_feeds(protos[0], 0, input_opts)
     runners = [Runner(make_session(m, provider, level, threads, spin=spin), feeds, provider) for _, m in models]
-    for r in runners:
-        for _ in range(warmup):
+    for (label, _), r in zip(models, runners):
+        try:
+            r()
+        except Exception as exc:  # a default size the model cannot take is bad input, with the flag to give
+            from ..errors import NormoptError
+            from .inputs import plan_inputs
+
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            if input_opts and input_opts.inputs_npz:
+                raise NormoptError(f"{label} fails to run on --inputs {input_opts.inputs_npz}: {first}") from None
+            plan = plan_inputs(protos[0], input_opts)
+            flags = " ".join(f"--shape {d.split('=')[0]}=N" for d in plan.defaulted if "=" in d and not d.startswith("unnamed"))
+            raise NormoptError(f"{label} fails to run with {plan.line()}: {first}; give the sizes it needs: "
+                               f"{flags or '--shape INPUT=AxB'} (or --inputs feeds.npz)") from None
+        for _ in range(max(0, warmup - 1)):
             r()
     n = len(runners)
     times = [[] for _ in range(n)]

@@ -24,7 +24,7 @@ def kernel_ms(path: str, feeds: dict, select, threads: int = 1, runs: int = 20, 
         so.graph_optimization_level = LEVELS[level]
         so.intra_op_num_threads = threads
         so.optimized_model_filepath = os.path.join(tmp, "ort_optimized.onnx")
-        so.log_severity_level = 3
+        so.log_severity_level = 4
         ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         names = set(select(onnx.load(so.optimized_model_filepath, load_external_data=False)))
         sess = make_session(path, "cpu", level, threads, profile_prefix=os.path.join(tmp, "warm"), spin=False)

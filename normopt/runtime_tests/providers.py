@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from ..errors import NormoptError
 
-ort.set_default_logger_severity(3)  # ONNX Runtime's warnings (node fusions it skipped) are not the user's business
+ort.set_default_logger_severity(4)  # ONNX Runtime's own log lines (warnings, and errors we report ourselves in one line) never reach the terminal
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -103,7 +103,7 @@ def make_session(model, provider="cpu", level="all", threads: int | None = None,
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = LEVELS[level]
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1

@@ -1,0 +1,177 @@
+"""The exact reference: a model's function evaluated in float64.
+
+``to_float64(model)`` rewrites a copy of the model so that every floating-point value is
+float64: float initializers and Constant values (fp32, fp16, bf16), Cast/CastLike targets,
+ops with a dtype attribute, the types of graph inputs, outputs and value_info, subgraphs
+included. Tensors that an op requires in float32 (Resize/Upsample scales) stay float32.
+
+``ExactRunner`` evaluates it: with ONNX Runtime (CPU, optimizations off) where every op has a
+double kernel, else op by op with onnx.reference (numpy, float64). Where neither can run the
+model, ``available`` is False and ``why`` says why; verification then falls back to the fp32
+comparison and says so.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .. import weights as W
+
+FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+KEEP_FLOAT32 = {("Resize", 2), ("Upsample", 1)}  # inputs an op wants in float32 whatever its data's type
+DTYPE_ATTRS = {"EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype", "RandomNormalLike": "dtype",
+               "RandomUniformLike": "dtype", "Bernoulli": "dtype", "Multinomial": None}
+
+
+def _array(t: TensorProto) -> np.ndarray:
+    ref = W.external_ref(t)
+    if ref is not None:
+        length = ref[2] if ref[2] is not None else W.tensor_nbytes(t)
+        return np.asarray(W.load_array(t, ref[0], ref[1], length))
+    return np.asarray(numpy_helper.to_array(t))
+
+
+def _to_double(t: TensorProto) -> None:
+    if t.data_type not in FLOATS or t.data_type == TensorProto.DOUBLE:
+        if W.external_ref(t) is not None:  # a non-float tensor by reference: read it in
+            t.CopyFrom(numpy_helper.from_array(_array(t), t.name))
+        return
+    arr = _array(t).astype(np.float64)
+    t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+
+def _type_to_double(tp) -> None:
+    if tp.HasField("tensor_type"):
+        if tp.tensor_type.elem_type in FLOATS:
+            tp.tensor_type.elem_type = TensorProto.DOUBLE
+    elif tp.HasField("sequence_type"):
+        _type_to_double(tp.sequence_type.elem_type)
+    elif tp.HasField("optional_type"):
+        _type_to_double(tp.optional_type.elem_type)
+
+
+def _keep32(graph) -> set:
+    keep = set()
+    for n in graph.node:
+        for op, i in KEEP_FLOAT32:
+            if n.op_type == op and len(n.input) > i and n.input[i]:
+                keep.add(n.input[i])
+    return keep
+
+
+def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` computing in float64 (weights read in from their files)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    stack = [out.graph]
+    while stack:  # every graph, subgraphs included, without recursion
+        g = stack.pop()
+        keep = _keep32(g)
+        for t in g.initializer:
+            if t.name in keep:
+                if W.external_ref(t) is not None:
+                    t.CopyFrom(numpy_helper.from_array(_array(t), t.name))
+                continue
+            _to_double(t)
+        for st in g.sparse_initializer:
+            _to_double(st.values)
+            if W.external_ref(st.indices) is not None:
+                st.indices.CopyFrom(numpy_helper.from_array(_array(st.indices), st.indices.name))
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.name not in keep:
+                _type_to_double(vi.type)
+        for n in g.node:
+            out_names = set(n.output)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+                if a.name == "to" and n.op_type == "Cast" and a.i in FLOATS:
+                    a.i = TensorProto.DOUBLE
+                if DTYPE_ATTRS.get(n.op_type) == a.name and a.i in FLOATS:
+                    a.i = TensorProto.DOUBLE
+                if a.HasField("t") and not (out_names & keep):
+                    _to_double(a.t)
+                for t in a.tensors:
+                    _to_double(t)
+            if n.op_type == "Constant" and not (out_names & keep):
+                for a in n.attribute:
+                    if a.name == "value_float":
+                        a.CopyFrom(onnx.helper.make_attribute("value", numpy_helper.from_array(np.float64(a.f))))
+                    elif a.name == "value_floats":
+                        a.CopyFrom(onnx.helper.make_attribute("value", numpy_helper.from_array(np.asarray(a.floats, np.float64))))
+    for fn in out.functions:
+        for n in fn.node:
+            for a in n.attribute:
+                if a.name == "to" and n.op_type == "Cast" and a.i in FLOATS:
+                    a.i = TensorProto.DOUBLE
+                if a.HasField("t"):
+                    _to_double(a.t)
+    return out
+
+
+def double_feeds(feeds: dict) -> dict:
+    return {k: (np.asarray(v, np.float64) if W.is_float(np.asarray(v).dtype) else v) for k, v in feeds.items()}
+
+
+class ExactRunner:
+    """Runs a model in float64: ONNX Runtime where it has the kernels, else onnx.reference."""
+
+    def __init__(self, model: onnx.ModelProto, outputs: list, first_feeds: dict | None = None):
+        self.available, self.why, self.engine = False, "", ""
+        self.outputs = list(outputs)
+        self.seconds = 0.0
+        self._first = None  # (feeds, outputs) of the trial run, reused by run()
+        t0 = time.perf_counter()
+        try:
+            self.model = to_float64(model)
+        except Exception as exc:
+            self.why = f"the model cannot be converted to float64 ({type(exc).__name__}: {str(exc)[:160]})"
+            return
+        from .providers import make_session
+
+        errors = []
+        try:
+            self._sess = make_session(self.model, "cpu", "disable")
+            if first_feeds is not None:
+                self._first = (first_feeds, [np.asarray(v) for v in self._sess.run(self.outputs, double_feeds(first_feeds))])
+            self.engine, self.available = "ONNX Runtime (float64 kernels)", True
+        except Exception as exc:
+            self._sess = None
+            errors.append(str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        if not self.available:
+            try:
+                from onnx.reference import ReferenceEvaluator
+
+                self._ref = ReferenceEvaluator(self.model)
+                if first_feeds is not None:
+                    self._first = (first_feeds, [np.asarray(v) for v in self._ref.run(self.outputs, double_feeds(first_feeds))])
+                self.engine, self.available = "onnx.reference (float64, op by op)", True
+            except Exception as exc:
+                self._ref = None
+                errors.append(f"onnx.reference: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}")
+                self.why = "; ".join(errors)
+                self.model = None
+        self.seconds += time.perf_counter() - t0
+
+    def run(self, feeds: dict) -> list:
+        if self._first is not None and self._first[0] is feeds:
+            return self._first[1]
+        t0 = time.perf_counter()
+        try:
+            f = double_feeds(feeds)
+            if self._sess is not None:
+                return [np.asarray(v) for v in self._sess.run(self.outputs, f)]
+            return [np.asarray(v) for v in self._ref.run(self.outputs, f)]
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def close(self):
+        self._first = None
+        self._sess = None
+        self._ref = None
+        self.model = None
