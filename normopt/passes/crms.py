@@ -267,11 +267,15 @@ class CompressRMSStreams(Pass):
 
     @staticmethod
     def _reshapes_to(graph, namer, t, d):
-        """Reshapes between a compressed reader output and its linear readers: last dim d -> d-1."""
-        for c in G.consumers(t):
-            if c.op == "Reshape" and c.inputs[0] is t:
-                shp = np.array(G.const_value(c.inputs[1]))
-                if shp is not None and shp.size and int(shp[-1]) == d:
-                    shp[-1] = d - 1
-                    c.inputs[1] = G.new_const(namer, f"{c.inputs[1].name}_crms", shp)
-                CompressRMSStreams._reshapes_to(graph, namer, c.outputs[0], d)
+        """Reshapes between a compressed reader output and its linear readers: last dim d -> d-1
+        (iterative: no recursion depth tied to the graph's)."""
+        stack = [t]
+        while stack:
+            t = stack.pop()
+            for c in G.consumers(t):
+                if c.op == "Reshape" and c.inputs[0] is t:
+                    shp = np.array(G.const_value(c.inputs[1]))
+                    if shp is not None and shp.size and int(shp[-1]) == d:
+                        shp[-1] = d - 1
+                        c.inputs[1] = G.new_const(namer, f"{c.inputs[1].name}_crms", shp)
+                    stack.append(c.outputs[0])
