@@ -62,9 +62,10 @@ def transformer_like(n_nodes: int, d: int = 8, n: int = 4, seed: int = 0) -> onn
                   [helper.make_tensor_value_info("final", TensorProto.FLOAT, [1, n, d])], inits)
 
 
-def elementwise_chain(n_nodes: int, d: int = 8, ops=("Add", "Mul", "Sub", "Div")) -> onnx.ModelProto:
+def elementwise_chain(n_nodes: int, d: int = 8, ops=("Add", "Mul", "Sub", "Div"), ln_at_end: bool = False) -> onnx.ModelProto:
     """x -> op(., scalar constant) -> ... n_nodes times: scalar Adds/Muls are no norm, but every
-    analysis that walks chains sees the whole length."""
+    analysis that walks chains sees the whole length. With ln_at_end the chain ends in a
+    LayerNormalization (opset 17), whose stream analysis walks the chain back to x."""
     nodes = []
     inits = [numpy_helper.from_array(np.asarray(1.0001, np.float32), "k"), numpy_helper.from_array(np.asarray(1e-4, np.float32), "s")]
     x = "x"
@@ -72,5 +73,9 @@ def elementwise_chain(n_nodes: int, d: int = 8, ops=("Add", "Mul", "Sub", "Div")
         op = ops[i % len(ops)]
         nodes.append(helper.make_node(op, [x, "k" if op in ("Mul", "Div") else "s"], [f"v{i}"]))
         x = f"v{i}"
+    if ln_at_end:
+        inits += [numpy_helper.from_array(np.ones(d, np.float32), "g"), numpy_helper.from_array(np.zeros(d, np.float32), "b")]
+        nodes.append(helper.make_node("LayerNormalization", [x, "g", "b"], ["y"], axis=-1))
+        x = "y"
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, d])],
                   [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4, d])], inits)
