@@ -7,6 +7,8 @@
     as attribute or input and keepdims=1 (or keepdims=0 followed by an Unsqueeze of the same
     axes); keepdims=0 without it broadcasts wrongly and is not a LayerNorm;
   - com.microsoft SkipLayerNormalization (an Add fused with a LayerNorm).
+* Every constant the recognizer meets must leave x's shape as it is (axes.keeps_shape): a
+  one-element [1, 1, 1, 1] gamma or eps widens a rank-3 LN to rank 4 and is not a number.
 * :func:`find_norms` lists every normalization for ``normopt inspect``: the LN forms above, RMS
   forms, BatchNormalization and per-channel affine chains.
 """

@@ -12,6 +12,11 @@ Fold forward into a consumer:   (a * x + t) W + c = x (diag(a) W) + (t W + c)
 Fold backward into a producer:  a * (x W + c) + t = x (W diag(a)) + (a * c + t)
 
 Preconditions, checked per affine (a failed one is declined with its reason):
+  - BatchNormalization is an affine only at inference: training_mode 0 (is_test not 0 before
+    opset 7), spatial 1, one statistic per channel, and no extra output (running mean / var,
+    saved statistics) read by a node or the graph's outputs;
+  - every constant of a chain leaves the value's shape as it is (axes.keeps_shape: a
+    [1, 1, 1, 1] scalar widens a rank-3 value, so it is not a scalar of the chain);
   - the affine's axis, carried through every Transpose / Reshape / Squeeze / Unsqueeze /
     Gather / Slice / Expand / Tile / ReduceMean (over other axes) on the way, is the channel
     axis of the linear op: MatMul's input feature axis (the last) with a constant 2-D weight;
@@ -35,7 +40,7 @@ import onnx_graphsurgeon as gs
 
 from .. import graph as G
 from .. import weights as W
-from ..axes import LAYOUT_OPS, VALUE_INDEPENDENT, AxisError, forward_axis, per_axis
+from ..axes import LAYOUT_OPS, VALUE_INDEPENDENT, AxisError, forward_axis, keeps_shape, per_axis
 from ..pipeline import Analysis, Decline, Pass, mark_changed
 
 ELEMENTWISE = ("Mul", "Div", "Add", "Sub")
@@ -385,12 +390,9 @@ def _check_out_axis(graph, lin, out, a, bias_edge):
     if bias_edge is not None:
         # the bias must broadcast into the linear output without widening it (Add(u, b) is u's shape)
         b = G.const_info(bias_edge[0].inputs[bias_edge[1]])
-        us = G.shape(out)
-        if b is None or us is None or len(b[0]) > len(us):
-            return f"bias of '{bias_edge[0].name}' does not broadcast into the output of {lin.op} '{lin.name}'"
-        for bd, ud in zip(reversed(b[0]), reversed(us)):
-            if bd != 1 and bd != ud:
-                return f"bias of '{bias_edge[0].name}' (shape {list(b[0])}) does not broadcast into {lin.op} '{lin.name}' output {us}"
+        if b is None or not keeps_shape(b[0], out):
+            return (f"bias of '{bias_edge[0].name}' (shape {list(b[0]) if b else '?'}) does not broadcast into "
+                    f"{lin.op} '{lin.name}' output {G.shape(out)} without widening it")
     return (lin, bias_edge, r, a)
 
 

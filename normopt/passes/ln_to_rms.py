@@ -14,7 +14,8 @@ How the pass proves it (two phases, like TVM's FoldScaleAxis):
    It passes through residual Adds (both operands), and through ops that commute with
    per-token centering (Transpose, Reshape/Squeeze/Unsqueeze/Flatten that keep the axis,
    Gather/Slice/Concat/Expand/Tile along other axes, Reduce over other axes, Mul/Div by a
-   per-token value). It ends at a *writer*, centered along a:
+   per-token value, and exact widening float Casts only: a narrowing Cast rounds, so
+   Cast(x - m) != Cast(x) - m). It ends at a *writer*, centered along a:
      - a constant (position embedding, cls token, bias): subtract its mean over a;
      - a Gather from a constant table (token/position embeddings): center every row;
      - MatMul with a constant [k, d] weight: W <- W - mean over the output axis;
@@ -30,11 +31,15 @@ How the pass proves it (two phases, like TVM's FoldScaleAxis):
    A graph output, a Post-LN sum read by attention, a classifier on the raw stream, or any
    other reader makes the stream non-equivalent: the whole stream is left alone, with a reason.
 
+An existing x - ReduceMean(x) reads x as one mean-invariant unit only while its mean has no
+other observer (no other reader, not a graph output: the mean changes when x is centered).
+The demand and the forward check are one work loop (a stack and a queue), never recursion.
+
 Preconditions, per stream (a connected set of LNs, writers and readers):
   - every reader of every changed value is mean-invariant (phase 2);
   - every writer is centerable (phase 1) and every axis is tracked through static shapes;
   - an LN converts only when it normalizes exactly the last axis and its mean/inv-std
-    outputs are unused;
+    outputs are unread (no reader, not a graph output: graph.is_read);
   - explicit centerings cost one mean each; the stream converts only if it removes more LN
     means than the centerings it adds.
 Initializers are never edited in place: every centered weight is a new tensor (a tied table,
