@@ -25,7 +25,7 @@ Preconditions, per node (a node that fails one is left to run as it is):
     input or output stay;
   - value checks where reference and runtime part ways: integer Div by zero (undefined),
     Cast of a non-finite or out-of-range float to an integer (undefined), Cast to or from
-    bfloat16 / float8 / string.
+    bfloat16 / float8 / string, Min/Max over NaN, integer Pow, float Range.
 Evaluation is ONNX's reference implementation (onnx.reference), node by node in topological
 order, so a chain folds in one sweep.
 """
@@ -250,6 +250,9 @@ def _same_as_runtime(node, values) -> bool:
             info = np.iinfo(dst)
             if not np.all(np.isfinite(v)) or np.any(v <= info.min - 1.0) or np.any(v >= info.max + 1.0):
                 return False  # out of range: undefined behaviour in C++, wraps in numpy
+    if node.op in ("Min", "Max", "ReduceMax", "ReduceMin") and any(
+            np.asarray(v).dtype.kind == "f" and np.isnan(np.asarray(v)).any() for v in given):
+        return False  # NaN propagation differs (numpy propagates, ORT's kernels may not)
     if node.op == "Pow" and any(np.asarray(v).dtype.kind in "iu" for v in given):
         return False  # integer Pow: overflow and negative exponents differ
     if node.op == "Range" and any(np.asarray(v).dtype.kind == "f" for v in given):
