@@ -279,7 +279,7 @@ def _ln_form(poly: _Poly):
     px, pm = dict(kx), dict(km)
     if px.pop("x", 0) != 1 or px.pop("r", 0) != 1 or pm.pop("m", 0) != 1 or pm.pop("r", 0) != 1:
         return None
-    if px != pm or not np.isclose(cx, -cm, rtol=1e-9, atol=0) or any(s_ in _SOURCES for s_ in px):
+    if px != pm or abs(cx + cm) > 1e-9 * abs(cm) or any(s_ in _SOURCES for s_ in px):  # cx == -cm (rtol 1e-9)
         return None
     return cx, tuple(sorted(px.items())), rest
 

@@ -302,3 +302,32 @@ def test_folds_only_what_ort_computes_alike():
     out, _ = _optimize(m, passes=["fold_constants"])
     ops = _ops(out)
     assert "Mod" in ops and ops.count("Cast") >= 2 and "Shape" not in ops and "Mul" not in ops
+
+
+@pytest.mark.parametrize("gshape", [(1, D), (1,)], ids=["1xd", "one-element"])
+def test_fuse_skip_needs_vector_gamma(gshape):
+    """SkipLayerNormalization takes gamma as a vector of width d; a [1, d] or one-element scale
+    that LayerNormalization broadcasts is not one: the Add + LN stays as it is."""
+    nodes = [helper.make_node("Add", ["a", "s"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "g", "b"], ["y"], axis=-1)]
+    inits = [init("g", np.full(gshape, 1.3, np.float32)), init("b", _w(D, scale=0.1))]
+    m = make_model(nodes, [vi("a", [1, N, D]), vi("s", [1, N, D])], [vi("y", [1, N, D])], inits, opset=17)
+    out, _ = _optimize(m, provider="cuda", passes=["fuse_skip"])
+    assert "SkipLayerNormalization" not in _ops(out)
+    _equivalent(m, out)
+
+
+@pytest.mark.parametrize("case", ["ratio-input", "is_test-0", "is_test-1"])
+def test_dropout_ratio_and_old_is_test(case):
+    """In inference mode the ratio does not matter (a run-time ratio is removable); before
+    opset 7, is_test = 0 means training."""
+    if case == "ratio-input":
+        nodes = [helper.make_node("Dropout", ["x", "ratio"], ["dr"]), helper.make_node("Relu", ["dr"], ["y"])]
+        m = make_model(nodes, [vi("x", [2, D]), vi("ratio", [])], [vi("y", [2, D])], opset=13)
+        keep = False
+    else:
+        nodes = [helper.make_node("Dropout", ["x"], ["dr"], is_test=int(case.endswith("1"))), helper.make_node("Relu", ["dr"], ["y"])]
+        m = make_model(nodes, [vi("x", [2, D])], [vi("y", [2, D])], opset=6, ir=3)
+        keep = case == "is_test-0"
+    out, _ = optimize_model(m, passes=["remove_identity"])
+    assert ("Dropout" in _ops(out)) == keep
