@@ -81,6 +81,7 @@ class Pass:
     description = ""
     opt_in = False
     repeat = False  # re-analyze and apply until nothing more applies (at most MAX_ROUNDS)
+    keeps_shapes = False  # True: apply never changes the structure, a dtype or a shape (no re-inference after it)
 
     def analyze(self, graph: gs.Graph, ctx: Context) -> Analysis:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -215,7 +216,8 @@ class Pipeline:
             if rollback is not None:
                 rollback.take()
             done = p.apply(graph, analysis.matches, ctx) or 0
-            G.refresh(root)
+            if not p.keeps_shapes:  # shape inference over the whole model: only where shapes may change
+                G.refresh(root)
             applied += done
             if not p.repeat or done == 0:
                 break
