@@ -20,6 +20,7 @@ from normopt import graph as G
 from normopt import optimize_model
 from normopt.axes import exact_widening, forward_axis, keeps_shape, scalar_of
 from normopt.io import check_model
+from normopt.pipeline import Analysis, Context, Pass, Pipeline
 from normopt.runtime_tests.equivalence import compare
 from normopt.runtime_tests.providers import make_session
 
@@ -331,3 +332,41 @@ def test_dropout_ratio_and_old_is_test(case):
         keep = case == "is_test-0"
     out, _ = optimize_model(m, passes=["remove_identity"])
     assert ("Dropout" in _ops(out)) == keep
+
+
+# --- containment with the on-demand snapshot ----------------------------------------------------
+
+
+class _FailsInBranch(Pass):
+    """Rewrites the main graph, then fails on the second graph it runs on (an If branch): the
+    snapshot taken before the first rewrite must undo the main graph's change too."""
+
+    name = "fails_in_branch"
+
+    def analyze(self, graph, ctx):
+        return Analysis(matches=[n for n in graph.nodes if n.op in ("Relu", "Neg")])
+
+    def apply(self, graph, matches, ctx):
+        for n in matches:
+            if n.op == "Neg":
+                raise RuntimeError("injected failure in a branch")
+            n.op = "Sigmoid"
+        return len(matches)
+
+
+class _FailsInAnalysis(Pass):
+    name = "fails_in_analysis"
+
+    def analyze(self, graph, ctx):
+        raise RuntimeError("injected analysis failure")
+
+
+def test_failing_pass_is_rolled_back_with_on_demand_snapshot():
+    then_g = helper.make_graph([helper.make_node("Neg", ["r"], ["t"])], "then", [], [vi("t", [2, D])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["r"], ["e"])], "else", [], [vi("e", [2, D])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("If", ["flag"], ["y"], then_branch=then_g, else_branch=else_g)]
+    m = make_model(nodes, [vi("x", [2, D]), vi("flag", [], TensorProto.BOOL)], [vi("y", [2, D])], opset=17)
+    for p in (_FailsInBranch(), _FailsInAnalysis()):
+        out, report = Pipeline([p]).run(m, Context(tune=False))
+        assert len(report.errors) == 1 and "injected" in report.errors[0]
+        assert _ops(out) == ["Relu", "If"], _ops(out)
