@@ -376,6 +376,9 @@ class _Closure:
                 if c.op in ("QuantizeLinear", "DynamicQuantizeLinear"):
                     raise _Fail(f"stream value '{t.name}' is quantized by {c.op} '{c.name}': a quantized stream cannot be "
                                 "centered exactly (run normopt before quantizing)")
+                if c.op == "Cast":
+                    raise _Fail(f"stream value '{t.name}' is read by Cast '{c.name}', which is not an exact widening float cast "
+                                "(a narrowing cast rounds: Cast(x - m) != Cast(x) - m)")
                 raise _Fail(f"stream value '{t.name}' is read by {c.op} '{c.name}', which is not invariant to the per-token mean")
             self._changed_reader(c, t, a)
 
