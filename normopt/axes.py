@@ -16,7 +16,7 @@ from . import weights as W
 
 COMMUTING_RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
 LAYOUT_OPS = frozenset(COMMUTING_RESHAPES + ("Transpose", "Gather", "Slice", "Expand", "Tile", "ReduceMean"))
-CENTERING_OPS = LAYOUT_OPS | {"Concat", "ReduceSum", "Mul", "Div", "Cast"}  # Cast: float to float only
+CENTERING_OPS = LAYOUT_OPS | {"Concat", "ReduceSum", "Mul", "Div", "Cast"}  # Cast: exact widening float casts only
 VALUE_INDEPENDENT = ("Shape", "Size")  # read only the shape, never the values
 
 
@@ -58,9 +58,74 @@ def reshape_map(src, dst, a):
     return None
 
 
+# Exact widening float casts: every value of the source type is a value of the target type, so
+# Cast(x - m) = Cast(x) - Cast(m) holds exactly and centering commutes with the cast. A
+# narrowing cast (fp32 -> fp16/bf16/fp8, fp64 -> fp32, fp16 <-> bf16) rounds: Cast(x - m) is not
+# Cast(x) - m, and a round trip fp32 -> fp16 -> fp32 is not the identity either.
+_FLOAT_BITS = {  # name -> (mantissa bits, smallest normal exponent, largest exponent)
+    "float64": (52, -1022, 1023), "float32": (23, -126, 127), "float16": (10, -14, 15), "bfloat16": (7, -126, 127),
+    "float8_e4m3fn": (3, -6, 8), "float8_e4m3fnuz": (3, -7, 7), "float8_e5m2": (2, -14, 15), "float8_e5m2fnuz": (2, -15, 15),
+}
+
+
+def exact_widening(src, dst) -> bool:
+    """Every value of float type `src` is exactly representable in float type `dst` (the same
+    type included): mantissa at least as wide, and an exponent range (subnormals included) that
+    covers the source's."""
+    if src is None or dst is None:
+        return False
+    a, b = _FLOAT_BITS.get(np.dtype(src).name), _FLOAT_BITS.get(np.dtype(dst).name)
+    if a is None or b is None:
+        return False
+    if a == b:
+        return np.dtype(src).name == np.dtype(dst).name
+    (ma, lo_a, hi_a), (mb, lo_b, hi_b) = a, b
+    # the smallest subnormal of src (2^(lo_a - ma)) must be representable in dst
+    return mb >= ma and hi_b >= hi_a and lo_b - mb <= lo_a - ma
+
+
 def _float_cast(node) -> bool:
+    """A Cast that commutes with per-token centering: an exact widening float cast."""
     src, dst = G.tensor_dtype(node.inputs[0]), G.tensor_dtype(node.outputs[0])
-    return src is not None and dst is not None and W.is_float(src) and W.is_float(dst)
+    return src is not None and dst is not None and W.is_float(src) and W.is_float(dst) and exact_widening(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# broadcast of constants: a constant's shape is part of what it computes
+
+
+def keeps_shape(const_shape, data) -> bool:
+    """Broadcasting a constant of shape `const_shape` against `data` (a tensor, or a shape list)
+    in an elementwise op leaves the result with data's shape: the constant's rank is at most
+    data's, and each of its dims is 1 or data's static dim there. A one-element [1, 1, 1, 1]
+    constant widens a rank-3 value to rank 4: it is not a bare number."""
+    ds = data if isinstance(data, (list, tuple)) else G.shape(data)
+    if ds is None or const_shape is None:
+        return False
+    cs = tuple(const_shape)
+    if len(cs) > len(ds):
+        return False
+    for c, d in zip(reversed(cs), reversed(list(ds))):
+        if c != 1 and not (isinstance(d, (int, np.integer)) and int(d) == int(c)):
+            return False
+    return True
+
+
+def const_shape(tensor):
+    info = G.const_info(tensor)
+    return None if info is None else info[0]
+
+
+def scalar_of(tensor, data):
+    """The number a one-element constant `tensor` stands for where it meets `data` (a tensor or
+    a shape) elementwise, or None: not constant, more than one element, or a broadcast that
+    widens data's rank."""
+    v = G.const_value(tensor)
+    if v is None or v.size != 1:
+        return None
+    if not keeps_shape(v.shape, data):
+        return None
+    return float(np.asarray(v, np.float64).reshape(-1)[0]) if v.dtype.kind in "fiub" or W.is_float(v.dtype) else None
 
 
 def broadcast_axis(inp, out, a):
@@ -214,7 +279,7 @@ def per_axis(value, data):
     per-channel: it varies along axis -2."""
     v = np.asarray(value)
     r = G.rank(data)
-    if r is None or v.ndim > r:
+    if r is None or not keeps_shape(v.shape, data):
         return None
     if v.size == 1:
         return (None, v.reshape(()))

@@ -511,6 +511,21 @@ def is_graph_output(graph: gs.Graph, tensor) -> bool:
     return any(t is tensor for t in graph.outputs)
 
 
+def is_read(graph: gs.Graph, tensor) -> bool:
+    """Does anything observe `tensor`: a node of the current graph (a read inside a nested
+    subgraph counts, as a read by its owner) or the graph's outputs? The one question every
+    "is this value used?" check asks (an optional output left empty is never read)."""
+    if tensor is None or not getattr(tensor, "name", ""):
+        return False
+    return is_graph_output(graph, tensor) or bool(consumers(tensor))
+
+
+def only_reader(graph: gs.Graph, tensor, node) -> bool:
+    """`node` is the one observer of `tensor` (not a graph output, no other reader)."""
+    cons = consumers(tensor)
+    return len(cons) == 1 and cons[0] is node and not is_graph_output(graph, tensor)
+
+
 def rank(tensor) -> int | None:
     shape = getattr(tensor, "shape", None)
     if shape is None:

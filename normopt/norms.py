@@ -7,6 +7,8 @@
     as attribute or input and keepdims=1 (or keepdims=0 followed by an Unsqueeze of the same
     axes); keepdims=0 without it broadcasts wrongly and is not a LayerNorm;
   - com.microsoft SkipLayerNormalization (an Add fused with a LayerNorm).
+* Every constant the recognizer meets must leave x's shape as it is (axes.keeps_shape): a
+  one-element [1, 1, 1, 1] gamma or eps widens a rank-3 LN to rank 4 and is not a number.
 * :func:`find_norms` lists every normalization for ``normopt inspect``: the LN forms above, RMS
   forms, BatchNormalization and per-channel affine chains.
 """
@@ -20,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from . import graph as G
 from . import weights as W
+from .axes import keeps_shape, scalar_of
 
 
 @dataclass(eq=False)
@@ -59,11 +62,9 @@ class LayerNormMatch:
         return f"{self.kind} '{self.name}' over axes {self.axes} eps={self.epsilon:g}"
 
 
-def _only_consumer(tensor, node, graph) -> bool:
-    return len(tensor.outputs) == 1 and tensor.outputs[0] is node and not G.is_graph_output(graph, tensor)
-
-
 def _const_scalar(tensor):
+    """A one-element constant as a number, whatever its rank (inspect only: a matcher asks
+    axes.scalar_of, which also checks that the constant does not widen the value it meets)."""
     v = G.const_value(tensor)
     if v is None or v.size != 1:
         return None
@@ -80,7 +81,7 @@ def _other(node, tensor):
     return None
 
 
-def _match_layernorm_op(node) -> LayerNormMatch:
+def _match_layernorm_op(graph, node) -> LayerNormMatch:
     x = node.inputs[0]
     r = G.rank(x)
     axis = int(node.attrs.get("axis", -1))
@@ -88,7 +89,7 @@ def _match_layernorm_op(node) -> LayerNormMatch:
     if r is not None:
         a = G.normalize_axis(axis, r)
         axes = tuple(range(a, r))
-    used = any(len(o.outputs) or False for o in node.outputs[1:])
+    used = any(G.is_read(graph, o) for o in node.outputs[1:])  # Mean / InvStdDev: a reader or a graph output
     return LayerNormMatch(
         kind="LayerNormalization",
         name=node.name,
@@ -158,7 +159,7 @@ def _mean_of(graph, node):
         cons = G.consumers(out)
         if len(cons) != 1 or G.is_graph_output(graph, out) or cons[0].op not in ("Mul", "Div"):
             return None
-        k = _const_scalar(_other(cons[0], out))
+        k = scalar_of(_other(cons[0], out), out)
         if k is None or (cons[0].op == "Div" and cons[0].inputs[0] is not out):
             return None
         if not np.isclose(k if cons[0].op == "Mul" else 1.0 / k, 1.0 / n, rtol=1e-6, atol=0):
@@ -172,7 +173,7 @@ def _square_of(node, t):
     """True when node computes t * t (Mul(t, t) or Pow(t, 2))."""
     if node.op == "Mul" and len(node.inputs) == 2 and node.inputs[0] is t and node.inputs[1] is t:
         return True
-    return node.op == "Pow" and node.inputs[0] is t and _const_scalar(node.inputs[1]) == 2.0
+    return node.op == "Pow" and node.inputs[0] is t and scalar_of(node.inputs[1], t) == 2.0
 
 
 def _means_of(graph, t, axes):
@@ -208,7 +209,7 @@ def _variances(graph, x, axes, mu):
                         v, nodes = sub.outputs[0], [sq] + m2[3] + [msq, sub]
                         cons = G.consumers(v)
                         if len(cons) == 1 and (cons[0].op == "Relu" or (cons[0].op == "Max" and len(cons[0].inputs) == 2
-                                                                           and _const_scalar(_other(cons[0], v)) == 0.0)):
+                                                                           and scalar_of(_other(cons[0], v), v) == 0.0)):
                             nodes.append(cons[0])
                             v = cons[0].outputs[0]
                         out.append((v, nodes))
@@ -278,7 +279,7 @@ def _ln_form(poly: _Poly):
     px, pm = dict(kx), dict(km)
     if px.pop("x", 0) != 1 or px.pop("r", 0) != 1 or pm.pop("m", 0) != 1 or pm.pop("r", 0) != 1:
         return None
-    if px != pm or not np.isclose(cx, -cm, rtol=1e-9, atol=0) or any(s_ in _SOURCES for s_ in px):
+    if px != pm or abs(cx + cm) > 1e-9 * abs(cm) or any(s_ in _SOURCES for s_ in px):  # cx == -cm (rtol 1e-9)
         return None
     return cx, tuple(sorted(px.items())), rest
 
@@ -286,7 +287,7 @@ def _ln_form(poly: _Poly):
 EVAL_OPS = ("Add", "Sub", "Mul", "Div", "Neg", "Reciprocal", "Sqrt", "Pow", "Identity")
 
 
-def _match_algebraic(graph, mean_node) -> LayerNormMatch | None:
+def _match_algebraic(graph, mean_node, order=None) -> LayerNormMatch | None:
     found = _mean_of(graph, mean_node)
     if found is None:
         return None
@@ -299,14 +300,14 @@ def _match_algebraic(graph, mean_node) -> LayerNormMatch | None:
         for add in G.consumers(var):
             if add.op != "Add" or len(add.inputs) != 2 or G.is_graph_output(graph, var):
                 continue
-            eps = _const_scalar(_other(add, var))
+            eps = scalar_of(_other(add, var), var)  # a [1, 1, 1, 1] eps widens the rank: not this LN
             if eps is None or eps < 0:
                 continue
             m = _evaluate(graph, x, mu, add.outputs[0], axes, r)
             if m is None:
                 continue
             poly_of, producers, consts = m
-            match = _furthest(graph, x, mu, mean_nodes + var_nodes + [add], poly_of, producers, consts, axes, r, eps)
+            match = _furthest(graph, x, mu, mean_nodes + var_nodes + [add], poly_of, producers, consts, axes, r, eps, order)
             if match is not None:
                 return match
     return None
@@ -333,7 +334,7 @@ def _evaluate(graph, x, mu, ve, axes, r):
                 if any(special.get(id(i)) == "ve" for i in ins):  # sqrt(ve) = 1/r, ve^-0.5 = r
                     if node.op == "Sqrt":
                         poly = _Poly.sym("r", -1)
-                    elif node.op == "Pow" and node.inputs[0] is ve and _const_scalar(node.inputs[1]) == -0.5:
+                    elif node.op == "Pow" and node.inputs[0] is ve and scalar_of(node.inputs[1], ve) == -0.5:
                         poly = _Poly.sym("r")
                     else:
                         continue
@@ -347,6 +348,9 @@ def _evaluate(graph, x, mu, ve, axes, r):
                         else:
                             v = G.const_value(i)
                             if v is None or not W.is_float(v.dtype):
+                                args = None
+                                break
+                            if not keeps_shape(v.shape, x):  # it widens the value (a [1, 1, 1, 1] is not a number)
                                 args = None
                                 break
                             if v.size == 1:
@@ -392,15 +396,16 @@ def _apply(node, args):
     if op == "Div":
         inv = b.inverse()
         return None if inv is None else a * inv
-    if op == "Pow" and node.inputs[1] is not None and _const_scalar(node.inputs[1]) == 2.0:
+    if op == "Pow" and node.inputs[1] is not None and scalar_of(node.inputs[1], node.inputs[0]) == 2.0:
         return a * a
     return None
 
 
-def _furthest(graph, x, mu, stat_nodes, poly_of, producers, consts, axes, r, eps):
+def _furthest(graph, x, mu, stat_nodes, poly_of, producers, consts, axes, r, eps, order=None):
     """The last value in LN form whose region (statistics + evaluated nodes up to it) is
     closed: nothing inside it is read from outside or is a graph output."""
-    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    if order is None:  # node positions: made once per find_layernorms (linear in nodes overall)
+        order = {id(n): i for i, n in enumerate(graph.nodes)}
     cands = sorted((t for t in producers if _ln_form(poly_of[t]) is not None), key=lambda t: -order.get(id(producers[t]), -1))
     tensors = {}
     for n in list(producers.values()) + stat_nodes:
@@ -499,11 +504,12 @@ def _flat(v, x, axes):
 
 def find_layernorms(graph: gs.Graph) -> list[LayerNormMatch]:
     found, claimed = [], set()
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         if node.op == "LayerNormalization" and node.domain in ("", "ai.onnx", None):
-            found.append(_match_layernorm_op(node))
+            found.append(_match_layernorm_op(graph, node))
         elif node.op in ("ReduceMean", "ReduceSum", "GlobalAveragePool") and id(node) not in claimed:
-            m = _match_algebraic(graph, node)
+            m = _match_algebraic(graph, node, order)
             if m is not None:
                 found.append(m)
                 claimed.update(id(n) for n in m.nodes)

@@ -84,6 +84,7 @@ class Pass:
     description = ""
     opt_in = False
     repeat = False  # re-analyze and apply until nothing more applies (at most MAX_ROUNDS)
+    keeps_shapes = False  # True: apply never changes the structure, a dtype or a shape (no re-inference after it)
 
     def analyze(self, graph: gs.Graph, ctx: Context) -> Analysis:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -169,18 +170,20 @@ class Pipeline:
         A pass that raises never ends the run: the graph and the pass state go back to what
         they were before the pass (a snapshot of the skeleton: structure only, weights by
         reference), the report records ``internal error in <pass>: <message>``, and the next
-        pass runs."""
+        pass runs. An analysis only reads the graph, so the snapshot is taken just before the
+        pass's first apply: a pass with nothing to apply costs no export of the graph (linear
+        in nodes, but seconds at 100k nodes, once per pass)."""
         for i, p in enumerate(self.passes, 1):
             if progress:
                 progress(f"pass {self._place(i, p)} {p.name}: running ...")
             t0 = time.perf_counter()
             before = G.op_counts(graph)
-            snapshot, state = G.snapshot(graph), copy.deepcopy(ctx.state)
+            rollback, state = _Rollback(graph), copy.deepcopy(ctx.state)
             notes_before = len(ctx.notes)
             try:
-                graph, pr = self._run_everywhere(p, graph, ctx, on_analysis)
+                graph, pr = self._run_everywhere(p, graph, ctx, on_analysis, rollback)
             except Exception as exc:
-                graph = G.restore(snapshot, like=graph)
+                graph = rollback.restore()
                 ctx.state.clear()
                 ctx.state.update(state)
                 del ctx.notes[notes_before:]
@@ -196,7 +199,7 @@ class Pipeline:
                          + (" (FAILED, changes dropped)" if pr.error else ""))
         return graph
 
-    def _run_everywhere(self, p, root, ctx, on_analysis):
+    def _run_everywhere(self, p, root, ctx, on_analysis, rollback=None):
         """The pass on the main graph, then branch by branch on every If whose condition
         verification can drive (see subgraphs_to_run); its report covers them all."""
         matched, declined, applied = [], [], 0
@@ -205,7 +208,7 @@ class Pipeline:
             if g is not root:
                 g.opset = root.opset
             with G.scope(root, g):
-                m, d, n = self._run_pass(p, root, g, ctx, on_analysis)
+                m, d, n = self._run_pass(p, root, g, ctx, on_analysis, rollback)
             matched += m
             declined += d
             applied += n
@@ -213,7 +216,7 @@ class Pipeline:
             declined += [asdict(d) for d in skipped]
         return root, PassReport(p.name, p.description, matched, int(applied), declined, {}, {}, 0.0)
 
-    def _run_pass(self, p, root, graph, ctx, on_analysis):
+    def _run_pass(self, p, root, graph, ctx, on_analysis, rollback=None):
         analysis = p.analyze(graph, ctx)
         if on_analysis is not None:
             on_analysis(p, analysis)
@@ -222,8 +225,11 @@ class Pipeline:
         for _ in range(MAX_ROUNDS if p.repeat else 1):
             if not analysis.matches:
                 break
+            if rollback is not None:
+                rollback.take()
             done = p.apply(graph, analysis.matches, ctx) or 0
-            G.refresh(root)
+            if not p.keeps_shapes:  # shape inference over the whole model: only where shapes may change
+                G.refresh(root)
             applied += done
             if not p.repeat or done == 0:
                 break
@@ -247,6 +253,22 @@ class Pipeline:
         report.changed_values = sorted(ctx.state.get(CHANGED, ()))
         report.beta_folded = ctx.state.get("beta_folded", 0)
         return out, report
+
+
+class _Rollback:
+    """The model's state before a pass, taken on demand (before the pass first rewrites)."""
+
+    def __init__(self, root):
+        self.root, self.snapshot = root, None
+
+    def take(self):
+        if self.snapshot is None:
+            self.snapshot = G.snapshot(self.root)
+
+    def restore(self):
+        """The graph as it was before the pass: the snapshot, or the graph itself when the pass
+        failed before rewriting anything."""
+        return self.root if self.snapshot is None else G.restore(self.snapshot, like=self.root)
 
 
 def subgraphs_to_run(root):

@@ -18,7 +18,13 @@ Ingredients, drawn per example:
   stream, an If with a constant condition and several outputs, an existing x - ReduceMean(x),
   a per-token [n, 1] constant after a norm (n == d is the trap), a broadcast x[B,N,1] * s[d],
   a run-time gamma/beta (graph inputs), fp16 LNs kept in fp32 through Casts;
-  an initializer that is also a graph input (an overridable default).
+  an initializer that is also a graph input (an overridable default);
+  hazards of issue 17: a one-element [1, 1, 1, 1] gamma or eps that widens a norm's output to
+  rank 4, a norm reading the stream through a narrowing round-trip Cast (fp32 -> fp16 -> fp32,
+  fp16 -> bf16 -> fp16), an existing x - ReduceMean(x) whose mean is a graph output,
+  LayerNormalization's Mean / InvStdDev as graph outputs, a Dropout whose training_mode is a
+  graph input (ratio 0, so either mode computes the same), and an empty tensor (a ReduceMean
+  over a [0, d] constant, 0 in ONNX Runtime, added to the stream).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 NORMS = ["ln_op", "ln_dec", "rms_dec", "rms_op", "repbn", "un", "bn", "none"]
-HAZARDS = ["if_magnitude", "if_flag", "if_const", "loop", "centering", "per_token", "broadcast"]
+HAZARDS = ["if_magnitude", "if_flag", "if_const", "loop", "centering", "per_token", "broadcast",
+           "rank_widen", "narrow_cast", "exposed_mean", "extra_outputs", "dropout_flag", "empty"]
 
 
 class Builder:
@@ -94,7 +101,7 @@ class Builder:
                 b = self.const(0.2 * self.rng.standard_normal(variant["norm_shape"]), "beta")
             return self.node("LayerNormalization", [x, g, b], **kw)
         if kind in ("ln_dec", "rms_dec"):
-            e = self.const(eps if eps is not None else 1e-5, "eps")
+            e = self.const(np.full((1, 1, 1, 1) if variant.get("eps4") else (), eps if eps is not None else 1e-5), "eps")
             keep = variant.get("keepdims", 1)
             if kind == "ln_dec":
                 m = self.reduce_mean(x, axis, keep)
@@ -203,6 +210,36 @@ class Builder:
         if kind == "broadcast":  # x[B,N,1] * s[d]: a per-token value spread over the channels
             m = self.reduce_mean(x, -1, 1)
             return self.node("Add", [x, self.node("Mul", [m, self.const(self.rand(d, scale=0.5), "s")])]), []
+        if kind == "rank_widen":  # a one-element constant of rank 4 after (or inside) a norm: the output is rank 4
+            eps4 = norm_kind in ("ln_dec", "rms_dec") and bool(self.rng.integers(0, 2))
+            y = self.norm(x, norm_kind, d, -1, {"eps": 1e-5, "eps4": eps4})
+            if not eps4:
+                y = self.node("Mul", [y, self.const(np.full((1, 1, 1, 1), 1.25), "g4")])
+            return x, [(y, (1, 1, n, d))]
+        if kind == "narrow_cast":  # a norm of the stream rounded to a narrower float and back
+            lo, hi = (TensorProto.BFLOAT16, TensorProto.FLOAT16) if self.dtype == np.float16 else (TensorProto.FLOAT16, TensorProto.FLOAT)
+            c = self.node("Cast", [self.node("Cast", [x], to=lo)], to=hi)
+            return x, [(self.norm(c, norm_kind, d, -1, {"eps": 1e-5}), (1, n, d))]
+        if kind == "exposed_mean":  # x - mean(x) whose mean is a graph output
+            m = self.reduce_mean(x, -1, 1)
+            c = self.node("Sub", [x, m])
+            return x, [(m, (1, n, 1)), (self.node("MatMul", [c, self.const(self.rand(d, d, scale=0.3), "cw")]), (1, n, d))]
+        if kind == "extra_outputs" and self.opset >= 17 and self.dtype == np.float32:  # LN's Mean / InvStdDev exposed
+            g = self.const(1 + 0.2 * self.rng.standard_normal(d), "gamma")
+            b = self.const(0.2 * self.rng.standard_normal(d), "beta")
+            y, mu, isd = self.node("LayerNormalization", [x, g, b], n_out=3, axis=-1)
+            return self.node("Add", [x, self.sublayer(y, d, n, cfg, shared)]), [(mu, (1, n, 1)), (isd, (1, n, 1))]
+        if kind == "dropout_flag" and self.opset >= 12:  # training_mode fed at run time (ratio 0: same either way)
+            flag = self.input("training", TensorProto.BOOL, [])
+            y = self.norm(x, norm_kind, d, -1, {"eps": 1e-5})
+            return x, [(self.node("Dropout", [y, self.const(0.0, "ratio"), flag]), (1, n, d))]
+        if kind == "empty":  # ReduceMean over an empty [0, d] constant: 0 in ONNX Runtime (NaN in onnx.reference)
+            e = self.const(np.zeros((0, d)), "empty")
+            if self.opset >= 18:
+                r = self.node("ReduceMean", [e, self.ints([0])], keepdims=0)
+            else:
+                r = self.node("ReduceMean", [e], axes=[0], keepdims=0)
+            return self.node("Add", [x, r]), []
         return x, []
 
     def node_free(self, op, inputs, base):

@@ -66,6 +66,7 @@ class CompressRMSStreams(Pass):
         rms = [_rms_match(n) for n in graph.nodes if n.op in RMS_OPS and n.name in names]
         by_reader = {id(m.nodes[0]): m for m in rms}
         done = set()
+        tensors = graph.tensors() if rms else {}  # once per analysis (not per stream)
         for seed in rms:
             if id(seed) in done:
                 continue
@@ -74,7 +75,7 @@ class CompressRMSStreams(Pass):
                 s = closure.run()
                 for m in s.lns:
                     done.add(id(m))
-                reason = self._check(graph, s)
+                reason = self._check(graph, s, tensors)
             except AxisError as exc:
                 reason = str(exc)
                 s = None
@@ -89,7 +90,7 @@ class CompressRMSStreams(Pass):
             a.matches.append(s)
         return a
 
-    def _check(self, graph, s):
+    def _check(self, graph, s, tensors=None):
         if s.centerings or s.layerscales:
             return "the stream is not zero-mean as it stands (it would need new centering)"
         for m in s.lns:
@@ -97,7 +98,7 @@ class CompressRMSStreams(Pass):
             if gv is None or per_axis(gv, m.x) is None or (gv.size > 1 and per_axis(gv, m.x)[0] != G.rank(m.x) - 1):
                 return f"the scale of {m.kind} '{m.name}' is not a constant per-channel vector (it is folded into weights)"
         axes = set(s.values.values())
-        tensors = graph.tensors()
+        tensors = tensors if tensors is not None else graph.tensors()
         norm_nodes = {id(n) for m in s.lns for n in m.nodes}
         d = None
         for name in s.values:
@@ -267,11 +268,15 @@ class CompressRMSStreams(Pass):
 
     @staticmethod
     def _reshapes_to(graph, namer, t, d):
-        """Reshapes between a compressed reader output and its linear readers: last dim d -> d-1."""
-        for c in G.consumers(t):
-            if c.op == "Reshape" and c.inputs[0] is t:
-                shp = np.array(G.const_value(c.inputs[1]))
-                if shp is not None and shp.size and int(shp[-1]) == d:
-                    shp[-1] = d - 1
-                    c.inputs[1] = G.new_const(namer, f"{c.inputs[1].name}_crms", shp)
-                CompressRMSStreams._reshapes_to(graph, namer, c.outputs[0], d)
+        """Reshapes between a compressed reader output and its linear readers: last dim d -> d-1
+        (iterative: no recursion depth tied to the graph's)."""
+        stack = [t]
+        while stack:
+            t = stack.pop()
+            for c in G.consumers(t):
+                if c.op == "Reshape" and c.inputs[0] is t:
+                    shp = np.array(G.const_value(c.inputs[1]))
+                    if shp is not None and shp.size and int(shp[-1]) == d:
+                        shp[-1] = d - 1
+                        c.inputs[1] = G.new_const(namer, f"{c.inputs[1].name}_crms", shp)
+                    stack.append(c.outputs[0])

@@ -34,6 +34,7 @@ def _domain(node):
 class ExplicitDefaults(Pass):
     name = "explicit_defaults"
     description = "make default attributes explicit (LN epsilon 1e-5, axis -1; keepdims; Gemm alpha/beta) (canonicalization)"
+    keeps_shapes = True  # a default written out changes no value, shape or dtype: no re-inference
 
     def analyze(self, graph, ctx):
         matches = []

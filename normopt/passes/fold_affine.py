@@ -12,6 +12,11 @@ Fold forward into a consumer:   (a * x + t) W + c = x (diag(a) W) + (t W + c)
 Fold backward into a producer:  a * (x W + c) + t = x (W diag(a)) + (a * c + t)
 
 Preconditions, checked per affine (a failed one is declined with its reason):
+  - BatchNormalization is an affine only at inference: training_mode 0 (is_test not 0 before
+    opset 7), spatial 1, one statistic per channel, and no extra output (running mean / var,
+    saved statistics) read by a node or the graph's outputs;
+  - every constant of a chain leaves the value's shape as it is (axes.keeps_shape: a
+    [1, 1, 1, 1] scalar widens a rank-3 value, so it is not a scalar of the chain);
   - the affine's axis, carried through every Transpose / Reshape / Squeeze / Unsqueeze /
     Gather / Slice / Expand / Tile / ReduceMean (over other axes) on the way, is the channel
     axis of the linear op: MatMul's input feature axis (the last) with a constant 2-D weight;
@@ -35,7 +40,7 @@ import onnx_graphsurgeon as gs
 
 from .. import graph as G
 from .. import weights as W
-from ..axes import LAYOUT_OPS, VALUE_INDEPENDENT, AxisError, forward_axis, per_axis
+from ..axes import LAYOUT_OPS, VALUE_INDEPENDENT, AxisError, forward_axis, keeps_shape, per_axis
 from ..pipeline import Analysis, Decline, Pass, mark_changed
 
 ELEMENTWISE = ("Mul", "Div", "Add", "Sub")
@@ -68,12 +73,20 @@ def _per_channel(value, data):
 
 
 def _bn(graph, node):
-    if int(node.attrs.get("training_mode", 0)) or any(o.outputs for o in node.outputs[1:]):
+    """BatchNormalization at inference, or None. Training mode (training_mode=1, or is_test=0
+    before opset 7), spatial=0 (per-element statistics), or an extra output (running mean /
+    var, saved statistics) that a node or the graph's outputs read are not an affine."""
+    if int(node.attrs.get("training_mode", 0)) or any(G.is_read(graph, o) for o in node.outputs[1:]):
+        return None
+    if ("is_test" in node.attrs and not int(node.attrs["is_test"])) or int(node.attrs.get("spatial", 1)) != 1:
         return None
     vals = [G.const_value(t) for t in node.inputs[1:5]]
     if any(v is None for v in vals) or G.rank(node.inputs[0]) is None:
         return None
     g, b, rm, rv = (G.f64(v).reshape(-1) for v in vals)
+    c = G.static_dim(node.inputs[0], 1)
+    if c is None or any(len(v) != c for v in (g, b, rm, rv)):
+        return None  # the statistics must be one value per channel of x
     eps = float(node.attrs.get("epsilon", 1e-5))
     inv = g / np.sqrt(rv + eps)
     x, y = node.inputs[0], node.outputs[0]
@@ -98,8 +111,10 @@ def _bn(graph, node):
     return aff
 
 
-def _chain(graph, node, in_chain):
-    """A maximal chain of Mul/Div/Add/Sub by per-channel constants starting at node."""
+def _chain(graph, node, in_chain, walked=None):
+    """A maximal chain of Mul/Div/Add/Sub by per-channel constants starting at node. Every
+    node the walk takes is added to `walked`: a chain that starts later inside it would stop
+    where this one stops, so it is never walked again (linear in nodes)."""
     nodes, a, t, axis, x = [], None, None, None, None
     cur = node
     while cur is not None and cur.op in ELEMENTWISE and id(cur) not in in_chain:
@@ -139,6 +154,8 @@ def _chain(graph, node, in_chain):
             a, t = (a, t - c) if c_idx == 1 else (-a, c - t)
         axis = ax if ax is not None else axis
         nodes.append(cur)
+        if walked is not None:
+            walked.add(id(cur))
         out = cur.outputs[0]
         cons = G.consumers(out)
         if len(cons) != 1 or G.is_graph_output(graph, out):
@@ -167,28 +184,17 @@ def _is_linear_bias(node):
 
 
 def _has_reduce_ancestor(t, depth=5) -> bool:
-    p = G.producer(t)
-    if p is None or depth == 0:
-        return False
-    if p.op in ("ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum"):
-        return True
-    return any(_has_reduce_ancestor(i, depth - 1) for i in p.inputs if G.const_value(i) is None)
-
-
-def _is_norm_tail(node):
-    """gamma/beta of a decomposed norm (x * f(reduce(x)) or x / f(reduce(x))): left to the
-    norm, which ORT fuses only with its gamma Mul in place. (An Add after a fused norm op,
-    such as the beta ln_to_rms keeps after SimplifiedLayerNormalization, is a plain shift and
-    may fold.)"""
-    for inp in node.inputs:
-        p = G.producer(inp)
-        if p is None:
+    """A Reduce* within `depth` producers of t (iterative; bounded by depth, not graph depth)."""
+    stack, seen = [(t, depth)], set()
+    while stack:
+        t, d = stack.pop()
+        p = G.producer(t)
+        if p is None or d == 0 or (id(p), d) in seen:
             continue
-        if p.op in ("Div", "Mul") and all(G.const_value(q) is None for q in p.inputs):
-            if any(_has_reduce_ancestor(q) for q in p.inputs):
-                return True
-        if p.op == "Mul" and _is_norm_tail(p):  # beta after gamma
+        seen.add((id(p), d))
+        if p.op in ("ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceSum"):
             return True
+        stack.extend((i, d - 1) for i in p.inputs if G.const_value(i) is None)
     return False
 
 
@@ -207,6 +213,28 @@ def _unshaped_candidate(node):
     return v if G.rank(v) is None and (dt is None or W.is_float(dt)) else None
 
 
+def _norm_tails(graph) -> set:
+    """ids of the nodes that are gamma/beta of a decomposed norm (x * f(reduce(x)) or
+    x / f(reduce(x)), then Muls after it): left to the norm, which ORT fuses only with its
+    gamma Mul in place. (An Add after a fused norm op, such as the beta ln_to_rms keeps after
+    SimplifiedLayerNormalization, is a plain shift and may fold.) One pass in topological
+    order: a node's answer reads its producers' answers (no recursion along Mul chains)."""
+    tails = set()
+    for node in graph.nodes:
+        for inp in node.inputs:
+            p = G.producer(inp)
+            if p is None:
+                continue
+            if p.op in ("Div", "Mul") and all(G.const_value(q) is None for q in p.inputs) \
+                    and any(_has_reduce_ancestor(q) for q in p.inputs):
+                tails.add(id(node))
+                break
+            if p.op == "Mul" and id(p) in tails:  # beta after gamma
+                tails.add(id(node))
+                break
+    return tails
+
+
 def find_affines(graph, unshaped=None) -> list[Affine]:
     """The affine candidates; `unshaped`, if given, collects (node, value) for each candidate
     left out because its data's shape is unknown (the caller declines it with that reason)."""
@@ -223,11 +251,13 @@ def find_affines(graph, unshaped=None) -> list[Affine]:
             if aff is not None:
                 found.append(aff)
                 claimed.update(id(n) for n in aff.nodes)
+    tails = _norm_tails(graph)
+    walked = set()
     for node in graph.nodes:
-        # nodes come in topological order: a chain that starts earlier has claimed its nodes
-        if id(node) in claimed or node.op not in ELEMENTWISE or _is_linear_bias(node) or _is_norm_tail(node):
+        # nodes come in topological order: a chain that starts earlier has claimed (or walked) its nodes
+        if id(node) in claimed or id(node) in walked or node.op not in ELEMENTWISE or _is_linear_bias(node) or id(node) in tails:
             continue
-        aff = _chain(graph, node, claimed)
+        aff = _chain(graph, node, claimed, walked)
         if aff is not None:
             found.append(aff)
             claimed.update(id(n) for n in aff.nodes)
@@ -274,30 +304,36 @@ def _between(src, dst_tensors):
 
 
 def _forward_plan(graph, t, axis):
-    """[(linear node, its input tensor)] covering every consumer path of t, or a reason."""
-    if G.is_graph_output(graph, t):
-        return f"'{t.name}' is a graph output"
-    targets = []
-    for c in G.consumers(t):
-        if c.op in VALUE_INDEPENDENT:
-            continue  # reads the shape only, which the fold does not change
-        la = _linear_input_axis(c, t)
-        if la is not None:
-            if la != axis:
-                return f"axis {axis} of '{t.name}' is not the channel axis ({la}) of {c.op} '{c.name}'"
-            targets.append((c, t))
-            continue
-        try:
-            b = forward_axis(c, t, axis, LAYOUT_OPS)
-        except (AxisError, TypeError, KeyError):
-            b = None
-        if b is None or c.inputs[0] is not t:
-            return f"'{t.name}' is read by {c.op} '{c.name}', which is neither a linear op on the channel axis nor a layout op"
-        sub = _forward_plan(graph, c.outputs[0], b)
-        if isinstance(sub, str):
-            return sub
-        targets.extend(sub)
-    return targets if targets else f"'{t.name}' has no readers"
+    """[(linear node, its input tensor)] covering every consumer path of t, or a reason.
+    Iterative (a long run of layout ops costs no recursion depth); every value on the way
+    must reach at least one linear op."""
+    targets, stack = [], [(t, axis)]
+    while stack:
+        t, axis = stack.pop()
+        if G.is_graph_output(graph, t):
+            return f"'{t.name}' is a graph output"
+        reaches = False
+        for c in G.consumers(t):
+            if c.op in VALUE_INDEPENDENT:
+                continue  # reads the shape only, which the fold does not change
+            la = _linear_input_axis(c, t)
+            if la is not None:
+                if la != axis:
+                    return f"axis {axis} of '{t.name}' is not the channel axis ({la}) of {c.op} '{c.name}'"
+                targets.append((c, t))
+                reaches = True
+                continue
+            try:
+                b = forward_axis(c, t, axis, LAYOUT_OPS)
+            except (AxisError, TypeError, KeyError):
+                b = None
+            if b is None or c.inputs[0] is not t or len(c.outputs) != 1:
+                return f"'{t.name}' is read by {c.op} '{c.name}', which is neither a linear op on the channel axis nor a layout op"
+            stack.append((c.outputs[0], b))
+            reaches = True
+        if not reaches:
+            return f"'{t.name}' has no readers"
+    return targets
 
 
 def _needs_new_bias(graph, lin) -> bool:
@@ -377,12 +413,9 @@ def _check_out_axis(graph, lin, out, a, bias_edge):
     if bias_edge is not None:
         # the bias must broadcast into the linear output without widening it (Add(u, b) is u's shape)
         b = G.const_info(bias_edge[0].inputs[bias_edge[1]])
-        us = G.shape(out)
-        if b is None or us is None or len(b[0]) > len(us):
-            return f"bias of '{bias_edge[0].name}' does not broadcast into the output of {lin.op} '{lin.name}'"
-        for bd, ud in zip(reversed(b[0]), reversed(us)):
-            if bd != 1 and bd != ud:
-                return f"bias of '{bias_edge[0].name}' (shape {list(b[0])}) does not broadcast into {lin.op} '{lin.name}' output {us}"
+        if b is None or not keeps_shape(b[0], out):
+            return (f"bias of '{bias_edge[0].name}' (shape {list(b[0]) if b else '?'}) does not broadcast into "
+                    f"{lin.op} '{lin.name}' output {G.shape(out)} without widening it")
     return (lin, bias_edge, r, a)
 
 

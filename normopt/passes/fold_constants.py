@@ -16,7 +16,16 @@ Preconditions, per node (a node that fails one is left to run as it is):
     weight, which become the same bytes under a new shape (no copy);
   - no input is a weight (over ``SHARED_BYTES``) that other nodes read too: a tied embedding's
     Transpose for the LM head stays, or the model would carry the table twice;
-  - the output is not a graph output (its name must keep a producer).
+  - the output is not a graph output (its name must keep a producer);
+  - the op is on the vetted allowlist ``FOLDABLE``: ops whose ONNX reference result is the
+    result ONNX Runtime computes (data movement, shape arithmetic, exact float arithmetic).
+    Left to run: transcendental ops, Mod (sign conventions), Resize, anything not listed;
+  - never over an empty tensor, except pure data movement (ReduceMean of an empty tensor is
+    NaN in onnx.reference and 0 in ONNX Runtime): arithmetic and reductions with an empty
+    input or output stay;
+  - value checks where reference and runtime part ways: integer Div by zero (undefined),
+    Cast of a non-finite or out-of-range float to an integer (undefined), Cast to or from
+    bfloat16 / float8 / string, Min/Max over NaN, integer Pow, float Range.
 Evaluation is ONNX's reference implementation (onnx.reference), node by node in topological
 order, so a chain folds in one sweep.
 """
@@ -39,6 +48,18 @@ NEVER = {
     "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Constant",
 }
 ALIASING = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}  # same bytes, new shape
+# data movement: the output's elements are copies of the inputs' (or the shape): exact anywhere,
+# an empty tensor included
+MOVEMENT = ALIASING | {"Shape", "Size", "Transpose", "Concat", "Gather", "Slice", "Expand", "Tile", "ConstantOfShape", "Cast"}
+# arithmetic whose reference result is ONNX Runtime's (IEEE-exact ops, comparisons, selection,
+# integer arithmetic with C semantics); reductions over non-empty inputs
+ARITHMETIC = {
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt", "Reciprocal", "Pow", "Min", "Max", "Sum",
+    "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "Where",
+    "Range", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Floor", "Ceil", "Sign",
+}
+FOLDABLE = MOVEMENT | ARITHMETIC
+_NARROW_FLOATS = ("bfloat16", "float8", "float4")  # their rounding/saturation modes differ between implementations
 
 
 def _inputs(node):
@@ -53,7 +74,7 @@ def _nbytes(t) -> int:
 
 
 def _foldable(graph, node) -> bool:
-    if (node.domain or "") not in ("", "ai.onnx") or node.op in NEVER:
+    if (node.domain or "") not in ("", "ai.onnx") or node.op in NEVER or node.op not in FOLDABLE:
         return False
     if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
         return False
@@ -197,10 +218,46 @@ class FoldConstants(Pass):
             t.dims.extend(out_shape)
             return gs.Constant(t.name, W.RefValues(t))
         values = [G.const_value(t) if t is not None and t.name else None for t in ins]
+        if not _same_as_runtime(node, values):
+            return None
         out = np.asarray(_evaluate(node, values, opset))
         if out.nbytes > MAX_BYTES:
             return None
+        if out.size == 0 and node.op not in MOVEMENT:
+            return None  # arithmetic with an empty result: left to ONNX Runtime
         return out
+
+
+def _same_as_runtime(node, values) -> bool:
+    """Would onnx.reference compute what ONNX Runtime computes on these values?"""
+    given = [v for v in values if v is not None]
+    if node.op not in MOVEMENT and any(np.asarray(v).size == 0 for v in given):
+        return False  # e.g. ReduceMean over an empty tensor: NaN in the reference, 0 in ORT
+    if any(np.asarray(v).dtype.kind in "OSU" for v in given):
+        return False  # strings
+    if node.op == "Div" and len(given) == 2 and np.asarray(given[0]).dtype.kind in "iu":
+        if np.any(np.asarray(given[1]) == 0):
+            return False  # integer division by zero is undefined
+    if node.op == "Cast":
+        src = np.asarray(given[0]).dtype
+        dst = W.np_dtype(int(node.attrs.get("to", 0)))
+        if dst is None:
+            return False
+        if any(d.name.startswith(_NARROW_FLOATS) for d in (src, dst)) or dst.kind in "OSU":
+            return False
+        if src.kind == "f" and dst.kind in "iu":
+            v = np.asarray(given[0], np.float64)
+            info = np.iinfo(dst)
+            if not np.all(np.isfinite(v)) or np.any(v <= info.min - 1.0) or np.any(v >= info.max + 1.0):
+                return False  # out of range: undefined behaviour in C++, wraps in numpy
+    if node.op in ("Min", "Max", "ReduceMax", "ReduceMin") and any(
+            np.asarray(v).dtype.kind == "f" and np.isnan(np.asarray(v)).any() for v in given):
+        return False  # NaN propagation differs (numpy propagates, ORT's kernels may not)
+    if node.op == "Pow" and any(np.asarray(v).dtype.kind in "iu" for v in given):
+        return False  # integer Pow: overflow and negative exponents differ
+    if node.op == "Range" and any(np.asarray(v).dtype.kind == "f" for v in given):
+        return False  # float Range: the element count depends on rounding
+    return True
 
 
 def _constant(name, value):

@@ -49,8 +49,13 @@ def _candidate(graph, norm):
         return None, "the Add's inputs are not of one known rank-2/3 shape"
     if int(norm.attrs.get("axis", -1)) not in (-1, len(sa) - 1):
         return None, "it does not normalize the last axis"
-    if any(o.outputs for o in norm.outputs[1:]):
-        return None, "its extra outputs are read"
+    if any(G.is_read(graph, o) for o in norm.outputs[1:]):
+        return None, "its extra outputs are read (by a node or as graph outputs)"
+    # the Skip ops take gamma (and beta) as one vector over d: a [1, 1, d] or one-element scale
+    # broadcasts differently (it may widen the output's rank)
+    for t in norm.inputs[1:3]:
+        if t is not None and t.name and G.shape(t) != [sa[-1]]:
+            return None, f"'{t.name}' is not a vector of the normalized width {sa[-1]}"
     dt = G.tensor_dtype(x)
     if dt is None or np.dtype(dt) not in (np.float32, np.float16):
         return None, "dtype is not fp32/fp16"
@@ -140,7 +145,7 @@ class FuseSkipNorms(Pass):
             # absorb a writer's constant bias: a = Add(u, b) read only here
             for i, t in enumerate((a, s)):
                 p = G.producer(t)
-                if p is not None and p.op == "Add" and len(t.outputs) == 1 and not G.is_graph_output(graph, t):
+                if p is not None and p.op == "Add" and G.only_reader(graph, t, add):
                     bi = [k for k in (0, 1) if G.const_value(p.inputs[k]) is not None]
                     pa = per_axis(G.const_value(p.inputs[bi[0]]), p.inputs[1 - bi[0]]) if len(bi) == 1 else None
                     # the Skip op's bias is one vector over the last axis: a per-token [N, 1] bias is not one

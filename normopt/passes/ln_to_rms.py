@@ -14,7 +14,8 @@ How the pass proves it (two phases, like TVM's FoldScaleAxis):
    It passes through residual Adds (both operands), and through ops that commute with
    per-token centering (Transpose, Reshape/Squeeze/Unsqueeze/Flatten that keep the axis,
    Gather/Slice/Concat/Expand/Tile along other axes, Reduce over other axes, Mul/Div by a
-   per-token value). It ends at a *writer*, centered along a:
+   per-token value, and exact widening float Casts only: a narrowing Cast rounds, so
+   Cast(x - m) != Cast(x) - m). It ends at a *writer*, centered along a:
      - a constant (position embedding, cls token, bias): subtract its mean over a;
      - a Gather from a constant table (token/position embeddings): center every row;
      - MatMul with a constant [k, d] weight: W <- W - mean over the output axis;
@@ -30,11 +31,15 @@ How the pass proves it (two phases, like TVM's FoldScaleAxis):
    A graph output, a Post-LN sum read by attention, a classifier on the raw stream, or any
    other reader makes the stream non-equivalent: the whole stream is left alone, with a reason.
 
+An existing x - ReduceMean(x) reads x as one mean-invariant unit only while its mean has no
+other observer (no other reader, not a graph output: the mean changes when x is centered).
+The demand and the forward check are one work loop (a stack and a queue), never recursion.
+
 Preconditions, per stream (a connected set of LNs, writers and readers):
   - every reader of every changed value is mean-invariant (phase 2);
   - every writer is centerable (phase 1) and every axis is tracked through static shapes;
   - an LN converts only when it normalizes exactly the last axis and its mean/inv-std
-    outputs are unused;
+    outputs are unread (no reader, not a graph output: graph.is_read);
   - explicit centerings cost one mean each; the stream converts only if it removes more LN
     means than the centerings it adds.
 Initializers are never edited in place: every centered weight is a new tensor (a tied table,
@@ -60,7 +65,7 @@ from .. import graph as G
 from .. import weights as W
 from ..axes import AxisError as _Fail  # a stream that cannot convert (an untraceable axis is one)
 from ..axes import backward_axis as _backward_axis, broadcast_axis as _broadcast_axis
-from ..axes import VALUE_INDEPENDENT, forward_axis as _forward_axis, reshape_map as _reshape_map
+from ..axes import VALUE_INDEPENDENT, forward_axis as _forward_axis, keeps_shape as _keeps_shape, reshape_map as _reshape_map
 from ..norms import LayerNormMatch, find_layernorms
 from ..pipeline import Analysis, Decline, Pass, mark_changed, tuning_shape
 
@@ -124,12 +129,15 @@ def quantized_writer(t, depth=6):
     return None
 
 
-def _centering_unit(c, t, a) -> bool:
+def _centering_unit(graph, c, t, a) -> bool:
     """c is part of an existing centering of t along a: the Sub(t, ReduceMean(t)) itself, or a
-    ReduceMean(t) whose every reader is such a Sub. The pair reads t as one unit."""
+    ReduceMean(t) whose every reader is such a Sub and that is no graph output (its value
+    changes when t does). The pair reads t as one unit."""
     if c.op == "Sub" and len(c.inputs) == 2 and c.inputs[0] is t:
         return _is_centering(c, a)
     if c.op == "ReduceMean" and c.inputs and c.inputs[0] is t:
+        if G.is_graph_output(graph, c.outputs[0]):
+            return False  # the mean itself is observed: it is not internal to the centering
         readers = G.consumers(c.outputs[0])
         return bool(readers) and all(r.op == "Sub" and r.inputs[0] is t and r.inputs[1] is c.outputs[0] and _is_centering(r, a)
                                      for r in readers)
@@ -154,10 +162,15 @@ class _Closure:
         self.s = Stream()
         self.removed = set()  # ids of nodes that the rewrite removes (LayerScale Muls)
         self.work = collections.deque()
+        self.pending = []  # demands not yet followed (a stack: no recursion depth tied to graph depth)
         self.seed = seed
 
     # -- phase 1: demand ---------------------------------------------------------------------
     def demand(self, t, a, edge):
+        """t must be zero-mean along a (followed later, by run's loop)."""
+        self.pending.append((t, a, edge))
+
+    def _demand(self, t, a, edge):
         if t.name in self.s.values:
             if self.s.values[t.name] != a:
                 raise _Fail(f"'{t.name}' would need centering along two axes")
@@ -183,7 +196,7 @@ class _Closure:
         op = p.op
         if op in ("Add", "Sub") and len(p.inputs) == 2:
             self.mark(t, a)
-            for i, inp in enumerate(p.inputs):
+            for i, inp in reversed(list(enumerate(p.inputs))):  # a stack: input 0 is followed first
                 ai = _broadcast_axis(inp, t, a)
                 if ai is None or ai == -1:
                     if G.const_value(inp) is None:
@@ -195,7 +208,7 @@ class _Closure:
         back = _backward_axis(p, a)
         if back is not None:
             self.mark(t, a)
-            for i, ai in back:
+            for i, ai in reversed(back):
                 self.demand(p.inputs[i], ai, (p, i))
             return
         if op == "Gather" and G.const_value(p.inputs[0]) is not None and G.rank(t) is not None:
@@ -276,8 +289,8 @@ class _Closure:
             if sv is None or G.const_value(u) is not None:
                 continue
             ai = _broadcast_axis(s, t, a)
-            if ai in (None, -1) or sum(1 for d in sv.shape if d != 1) > 1:
-                continue
+            if ai in (None, -1) or sum(1 for d in sv.shape if d != 1) > 1 or not _keeps_shape(sv.shape, u):
+                continue  # s must be one vector along a that leaves u's shape (and rank) as it is
             if len(G.consumers(u)) != 1 or G.is_graph_output(self.graph, u):
                 continue
             p = G.producer(u)
@@ -335,7 +348,7 @@ class _Closure:
 
     def _unit(self, c, t, a) -> bool:
         """c is part of an existing centering of t that is not the start of a LayerNorm."""
-        return id(c) not in self.ln_by_reader and _centering_unit(c, t, a)
+        return id(c) not in self.ln_by_reader and _centering_unit(self.graph, c, t, a)
 
     def _changed_reader(self, c, t, a):
         if id(c) in self.removed or c.op in VALUE_INDEPENDENT or self._unit(c, t, a):
@@ -363,12 +376,18 @@ class _Closure:
                 if c.op in ("QuantizeLinear", "DynamicQuantizeLinear"):
                     raise _Fail(f"stream value '{t.name}' is quantized by {c.op} '{c.name}': a quantized stream cannot be "
                                 "centered exactly (run normopt before quantizing)")
+                if c.op == "Cast":
+                    raise _Fail(f"stream value '{t.name}' is read by Cast '{c.name}', which is not an exact widening float cast "
+                                "(a narrowing cast rounds: Cast(x - m) != Cast(x) - m)")
                 raise _Fail(f"stream value '{t.name}' is read by {c.op} '{c.name}', which is not invariant to the per-token mean")
             self._changed_reader(c, t, a)
 
     def run(self) -> Stream:
         self.demand(self.seed.x, self.seed.rank - 1, None)
-        while self.work:
+        while self.pending or self.work:  # each value is marked once: linear in the stream's size
+            if self.pending:
+                self._demand(*self.pending.pop())
+                continue
             t, a = self.work.popleft()
             self.changed(t, a)
         if self.seed not in self.s.lns:
@@ -488,37 +507,46 @@ def _emit_rms(graph, namer, ln: LayerNormMatch, x, out, target, opset, form=None
 def _linear_readers(graph, y):
     """Consumers of y, through Reshapes that keep the last axis, that can absorb a per-channel
     beta into a bias: [(linear node, bias edge)] or None if any consumer cannot."""
-    found = []
-    if G.is_graph_output(graph, y):
-        return None
-    r = G.rank(y)
-    for c in G.consumers(y):
-        if c.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-            if r is None or c.inputs[0] is not y or _reshape_map(y, c.outputs[0], r - 1) != (G.rank(c.outputs[0]) or 0) - 1:
-                return None
-            sub = _linear_readers(graph, c.outputs[0])
-            if sub is None:
-                return None
-            found.extend(sub)
+    found, stack, seen = [], [y], set()
+    while stack:  # iterative: a long chain of Reshapes costs no recursion depth
+        y = stack.pop()
+        if id(y) in seen:
             continue
-        if c.op == "MatMul" and c.inputs[0] is y and G.const_value(c.inputs[1]) is not None and G.const_value(c.inputs[1]).ndim == 2:
-            mo = c.outputs[0]
-            cons = G.consumers(mo)
-            if len(cons) == 1 and cons[0].op == "Add" and not G.is_graph_output(graph, mo):
-                add = cons[0]
-                bi = 1 if add.inputs[0] is mo else 0
-                bv = G.const_value(add.inputs[bi])
-                if bv is not None and bv.ndim <= 1:
-                    found.append((c, (add, bi)))
-                    continue
+        seen.add(id(y))
+        if G.is_graph_output(graph, y):
             return None
-        if c.op == "Gemm" and c.inputs[0] is y and not int(c.attrs.get("transA", 0)) and G.const_value(c.inputs[1]) is not None:
-            if len(c.inputs) > 2 and c.inputs[2].name and G.const_value(c.inputs[2]) is None:
+        for c in G.consumers(y):
+            if not _linear_reader(graph, c, y, stack, found):
                 return None
-            found.append((c, None))
-            continue
-        return None
     return found
+
+
+def _linear_reader(graph, c, y, stack, found) -> bool:
+    """One consumer c of y for _linear_readers: a Reshape keeping the last axis (its output is
+    pushed on the stack), or a linear op that absorbs beta (appended to found)."""
+    r = G.rank(y)
+    if c.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+        if r is None or c.inputs[0] is not y or _reshape_map(y, c.outputs[0], r - 1) != (G.rank(c.outputs[0]) or 0) - 1:
+            return False
+        stack.append(c.outputs[0])
+        return True
+    if c.op == "MatMul" and c.inputs[0] is y and G.const_value(c.inputs[1]) is not None and G.const_value(c.inputs[1]).ndim == 2:
+        mo = c.outputs[0]
+        cons = G.consumers(mo)
+        if len(cons) == 1 and cons[0].op == "Add" and not G.is_graph_output(graph, mo):
+            add = cons[0]
+            bi = 1 if add.inputs[0] is mo else 0
+            bv = G.const_value(add.inputs[bi])
+            if bv is not None and bv.ndim <= 1:
+                found.append((c, (add, bi)))
+                return True
+        return False
+    if c.op == "Gemm" and c.inputs[0] is y and not int(c.attrs.get("transA", 0)) and G.const_value(c.inputs[1]) is not None:
+        if len(c.inputs) > 2 and c.inputs[2].name and G.const_value(c.inputs[2]) is None:
+            return False
+        found.append((c, None))
+        return True
+    return False
 
 
 def _fold_beta(graph, namer, beta_v, readers):
@@ -613,8 +641,12 @@ class LayerNormToRMSNorm(Pass):
             try:
                 stream = closure.run()
             except _Fail as exc:
-                # every LN the stream reached is left alone for the same reason
+                # every LN the stream reached is left alone for the same reason: those found, and
+                # every LN that reads a value of the stream (it is the same connected stream, so
+                # walking it again from that LN would only meet the same failure)
                 members = set(id(m) for m in closure.s.lns) | {id(seed)}
+                reached = set(closure.s.values) | set(closure.s.centerings)
+                members |= {id(m) for m in lns if m.x is not None and m.x.name in reached}
                 for m in lns:
                     if id(m) in members and id(m) not in done:
                         done.add(id(m))
@@ -644,7 +676,7 @@ class LayerNormToRMSNorm(Pass):
             # the stream values are now zero-mean (centered), and so is the mean an existing
             # x - mean(x) takes of one (its difference is the same)
             means = [c.outputs[0].name for name, a in s.values.items() if name in tensors
-                     for c in G.consumers(tensors[name]) if c.op == "ReduceMean" and _centering_unit(c, tensors[name], a)]
+                     for c in G.consumers(tensors[name]) if c.op == "ReduceMean" and _centering_unit(graph, c, tensors[name], a)]
             mark_changed(ctx, *s.values, *means)
 
             def centered_const(tensor, axis):

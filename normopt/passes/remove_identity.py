@@ -1,7 +1,9 @@
 """remove_identity: drop Identity nodes, no-op Casts and inference-mode Dropout.
 
 Identity: Identity(x) = x; Cast(x, to=T) = x when x already has type T; Dropout(x) = x when
-training_mode is absent or false and its mask output is unused.
+training_mode is absent or a constant false (a run-time training_mode may be true: that
+Dropout stays), is_test is not 0 (opset < 7), and its mask output is unread (no node, no graph
+output).
 
 Preconditions: an Identity whose output is a graph output is kept when its input is a graph
 input or an initializer, or is itself a graph output (the output name must survive); otherwise
@@ -17,6 +19,21 @@ from .. import graph as G
 from ..pipeline import Analysis, Decline, Pass
 
 
+def _dropout_active(node):
+    """Why Dropout may drop at run time (None when it is the identity): training_mode (opset
+    >= 12) is true or a run-time value, which the caller decides; is_test = 0 (opset < 7).
+    The ratio only matters in training mode."""
+    if "is_test" in node.attrs and not int(node.attrs["is_test"]):
+        return "is_test is 0 (training mode)"
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        tm = G.const_value(node.inputs[2])
+        if tm is None:
+            return f"training_mode '{node.inputs[2].name}' is a run-time value (it may be true)"
+        if tm.size != 1 or bool(np.asarray(tm).reshape(-1)[0]):
+            return "training_mode is true"
+    return None
+
+
 class RemoveIdentity(Pass):
     name = "remove_identity"
     description = "remove Identity nodes, no-op Casts and inference-mode Dropout (canonicalization)"
@@ -25,11 +42,11 @@ class RemoveIdentity(Pass):
         a = Analysis()
         for node in graph.nodes:
             if node.op == "Dropout":
-                tm = G.const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-                if tm is not None and bool(tm.reshape(-1)[0]):
-                    a.declined.append(Decline(node.name, "Dropout", "training_mode is true"))
+                why = _dropout_active(node)
+                if why:
+                    a.declined.append(Decline(node.name, "Dropout", why))
                     continue
-                if len(node.outputs) > 1 and (node.outputs[1].outputs or G.is_graph_output(graph, node.outputs[1])):
+                if len(node.outputs) > 1 and G.is_read(graph, node.outputs[1]):
                     a.declined.append(Decline(node.name, "Dropout", "its mask output is read"))
                     continue
             elif node.op == "Cast":

@@ -25,7 +25,7 @@ TAG = "normopt_split_skip"
 
 
 def _used(graph, t) -> bool:
-    return t is not None and t.name and (len(t.outputs) > 0 or G.is_graph_output(graph, t))
+    return G.is_read(graph, t)
 
 
 class SplitSkipLayerNorm(Pass):
@@ -116,7 +116,6 @@ def _sum_parts(graph, total):
         return None
     a, b = add.inputs
     inner = G.producer(a)
-    if G.const_value(b) is not None and inner is not None and inner.op == "Add" and len(a.outputs) == 1 \
-            and not G.is_graph_output(graph, a):
+    if G.const_value(b) is not None and inner is not None and inner.op == "Add" and G.only_reader(graph, a, add):
         return inner.inputs[0], inner.inputs[1], b, [add, inner]
     return a, b, None, [add]
