@@ -546,8 +546,13 @@ def _infer_rule(cx: _Ctx):
         if x.shape is None:
             return [Info(x.dtype, None)]
         return [Info(x.dtype, list(x.shape[:2]) + [1] * (len(x.shape) - 2))]
-    if op in ("BatchNormalization",) and n_out == 1:
-        return [Info(x.dtype, x.shape)]
+    if op == "BatchNormalization":
+        # training-mode statistics (running mean/var, saved mean/var): one per channel, shaped
+        # like the scale; ONNX's own inference leaves them unshaped below opset 14
+        stat = ins[1] if len(ins) > 1 and ins[1].shape is not None else None
+        c = list(stat.shape) if stat is not None else ([x.shape[1]] if x.shape is not None and len(x.shape) > 1 else None)
+        mean_dt = ins[3].dtype if len(ins) > 3 and ins[3].dtype else x.dtype
+        return [Info(x.dtype, x.shape)] + [Info(mean_dt, c) for _ in range(n_out - 1)]
     if op == "GroupQueryAttention":
         return _gqa(cx)
     if op in ("QuantizeLinear", "DequantizeLinear"):

@@ -416,7 +416,7 @@ def test_incremental_refresh_infers_a_fraction_of_the_graph(monkeypatch):
     optimize_model(preln_stream_model(layers=4))
     st = S.state(graphs[0])
     at_import, refreshed = -sizes[0], sizes[1:]
-    assert len(refreshed) >= 2
+    assert len(refreshed) >= 1  # passes whose apply keeps shapes (or that apply nothing) do not refresh
     work = st.nodes_inferred - at_import
     assert 0 < work < 0.5 * sum(refreshed), (work, refreshed)
 
