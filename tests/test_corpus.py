@@ -102,7 +102,7 @@ def test_cli_runs_an_optimum_merged_decoder_without_flags(tmp_path):
     r = run_cli("optimize", src, "-o", tmp_path / "o.onnx", "--no-tune")
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("inputs:"))
-    assert "past_sequence_length=0" in line and "use_cache_branch True/False by seed" in line
+    assert "past_sequence_length=0" in line and "use_cache_branch True/False by flag combination" in line
 
 
 def _fresh_corpus():
