@@ -1,0 +1,571 @@
+"""What the prover knows about one graph, derived from the graph alone.
+
+A :class:`GraphView` indexes a GraphProto (producers, consumers, static shapes and element
+types from ONNX shape inference, constants) and, for the ORIGINAL graph, the per-channel affine
+forms: for each value ``w`` a form ``w = L(a * b + t)`` over a *base* value ``b``, where ``L``
+is a layout (Transpose / Squeeze / Unsqueeze / unit Reshape) and ``a``, ``t`` are vectors along
+one axis of ``b``. They come from the ORIGINAL's own per-channel ops (Mul/Add/Sub/Div by a
+constant, inference BatchNormalization, a sum of two forms of one base, Identity, inference
+Dropout, a Cast to the same type). A value whose layout is the identity belongs to its base's
+*family*; family members are the values a rewrite may relate an optimized value to (this is how
+BatchNorm, RepBN and Unified Norm folds and cancelled layout pairs are seen).
+
+Weights are never held: a large initializer is read on demand (a read-only memory map of its
+file region, through normopt.weights) and dropped after use.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .. import weights as W
+
+SMALL = 1 << 16  # elements: constants this small are cached and may be evaluated
+EVAL_LIMIT = 1 << 20  # elements: constant subexpressions up to this size are evaluated
+
+
+def attr_dict(node) -> dict:
+    out = {}
+    for a in node.attribute:
+        if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            continue
+        v = onnx.helper.get_attribute_value(a)
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", "replace")
+        elif isinstance(v, onnx.TensorProto):
+            v = ("tensor", v.data_type, tuple(v.dims), _tensor_bytes(v))
+        elif isinstance(v, list):
+            v = tuple(x.decode() if isinstance(x, bytes) else x for x in v)
+        out[a.name] = v
+    return out
+
+
+def graph_attrs(node) -> dict:
+    out = {}
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out[a.name] = [a.g]
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out[a.name] = list(a.graphs)
+    return out
+
+
+def _tensor_bytes(t) -> bytes:
+    ref = W.external_ref(t)
+    if ref is not None:
+        return np.ascontiguousarray(W.load_array(t, ref[0], ref[1], ref[2] if ref[2] is not None else W.tensor_nbytes(t))).tobytes()
+    return np.ascontiguousarray(numpy_helper.to_array(t)).tobytes()
+
+
+def tensor_value(t: onnx.TensorProto) -> np.ndarray:
+    """The tensor's values (a read-only memory map for a referenced weight)."""
+    ref = W.external_ref(t)
+    if ref is not None:
+        length = ref[2] if ref[2] is not None else W.tensor_nbytes(t)
+        return W.load_array(t, ref[0], ref[1], length)
+    return np.asarray(numpy_helper.to_array(t))
+
+
+def schema_defaults(op: str, domain: str, opset: int) -> dict:
+    try:
+        s = onnx.defs.get_schema(op, opset, domain or "")
+    except Exception:
+        return {}
+    out = {}
+    for name, a in s.attributes.items():
+        if a.default_value is not None and a.default_value.type != 0:
+            try:
+                v = onnx.helper.get_attribute_value(a.default_value)
+            except Exception:
+                continue
+            if isinstance(v, bytes):
+                v = v.decode()
+            elif isinstance(v, list):
+                v = tuple(v)
+            out[name] = v
+    return out
+
+
+# contrib ops (com.microsoft or ORT's default-domain SimplifiedLayerNormalization): defaults by hand
+CONTRIB_DEFAULTS = {
+    "SimplifiedLayerNormalization": {"axis": -1, "epsilon": 1e-5, "stash_type": 1},
+    "SkipLayerNormalization": {"epsilon": 1e-12},
+    "SkipSimplifiedLayerNormalization": {"epsilon": 1e-12},
+}
+
+
+@dataclass
+class Form:
+    """w = L(a * b + t): b the base value, axis the channel axis of b (None: scalars only),
+    a and t float64 vectors of length d (or scalars), perm[i] the axis of b that axis i of w
+    shows (None for an inserted unit axis)."""
+
+    base: str
+    axis: int | None
+    a: np.ndarray | float
+    t: np.ndarray | float
+    perm: tuple | None
+
+
+class GraphView:
+    def __init__(self, graph: onnx.GraphProto, opsets: dict, parent: "GraphView | None" = None, types: dict | None = None,
+                 forms: bool = False):
+        self.graph = graph
+        self.parent = parent
+        self.opsets = opsets
+        self.nodes = list(graph.node)
+        input_names = {i.name for i in graph.input}
+        self.overridable = {t.name for t in graph.initializer if t.name in input_names}
+        self.inits = {t.name: t for t in graph.initializer if t.name not in input_names}
+        self.inputs = [i.name for i in graph.input]
+        self.outputs = [o.name for o in graph.output]
+        self.producer = {}
+        self.consumers = defaultdict(list)
+        for node in self.nodes:
+            for k, o in enumerate(node.output):
+                if o:
+                    self.producer[o] = (node, k)
+            for k, i in enumerate(node.input):
+                if i:
+                    self.consumers[i].append((node, k))
+            for subs in graph_attrs(node).values():
+                for g in subs:
+                    for name in _outer_refs(g):
+                        self.consumers[name].append((node, -1))
+        self.types = dict(types or {})
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            self.types.setdefault(vi.name, _type_of(vi))
+        for t in graph.initializer:
+            self.types[t.name] = (t.data_type, tuple(int(d) for d in t.dims))
+        self._small = {}
+        self.form = {}
+        self.family = defaultdict(list)
+        self._evaluate_constants()
+        if forms:
+            self._build_forms()
+
+    # ------------------------------------------------------------------ lookups
+    def type_of(self, name):
+        if name in self.types:
+            return self.types[name]
+        return self.parent.type_of(name) if self.parent else None
+
+    def shape(self, name):
+        t = self.type_of(name)
+        return t[1] if t else None
+
+    def rank(self, name):
+        s = self.shape(name)
+        return len(s) if s is not None else None
+
+    def elem(self, name):
+        t = self.type_of(name)
+        return t[0] if t else None
+
+    def is_const(self, name) -> bool:
+        if not name:
+            return False
+        if name in self.inits or name in self._small:
+            return True
+        if name in self.producer or name in self.inputs:
+            return False
+        return self.parent.is_const(name) if self.parent else False
+
+    def const(self, name):
+        """The constant's values (float arrays as stored), or None."""
+        if name in self._small:
+            return self._small[name]
+        if name in self.inits:
+            return tensor_value(self.inits[name])
+        if name in self.producer or name in self.inputs:
+            return None
+        return self.parent.const(name) if self.parent else None
+
+    def const_size(self, name) -> int:
+        if name in self._small:
+            return int(self._small[name].size)
+        if name in self.inits:
+            return int(np.prod(self.inits[name].dims)) if len(self.inits[name].dims) else 1
+        if self.parent and name not in self.producer:
+            return self.parent.const_size(name)
+        return -1
+
+    def get_form(self, name):
+        if name in self.form:
+            return self.form[name]
+        if self.parent and name not in self.producer and name not in self.inputs:
+            return self.parent.get_form(name)
+        return Form(name, None, 1.0, 0.0, None)
+
+    def get_family(self, base):
+        fam = list(self.family.get(base, ()))
+        if self.parent:
+            fam += self.parent.get_family(base)
+        return fam
+
+    def opset(self, domain=""):
+        return self.opsets.get(domain or "", self.opsets.get("ai.onnx", 0))
+
+    def attrs(self, node) -> dict:
+        """The node's attributes with the schema's defaults filled in."""
+        dom = "" if node.domain in ("", "ai.onnx") else node.domain
+        if node.op_type in CONTRIB_DEFAULTS and (dom == "com.microsoft" or node.op_type == "SimplifiedLayerNormalization"):
+            out = dict(CONTRIB_DEFAULTS[node.op_type])
+        else:
+            out = schema_defaults(node.op_type, dom, self.opset(dom))
+        out.update(attr_dict(node))
+        return out
+
+    # ------------------------------------------------------------------ constants
+    def _evaluate_constants(self):
+        """Constant nodes, and small nodes whose inputs are all constants (Shape of a static
+        shape included), evaluated with ONNX's reference implementation."""
+        for node in self.nodes:
+            if node.op_type == "Constant":
+                attrs = {a.name: a for a in node.attribute}
+                try:
+                    if "value" in attrs:
+                        self._small[node.output[0]] = tensor_value(attrs["value"].t)
+                    else:
+                        a = next(iter(attrs.values()))
+                        v = onnx.helper.get_attribute_value(a)
+                        self._small[node.output[0]] = np.asarray(v)
+                except Exception:
+                    pass
+                continue
+            if node.domain not in ("", "ai.onnx") or graph_attrs(node) or node.op_type in _NO_EVAL:
+                continue
+            if node.op_type in ("Shape", "Size") and node.input:
+                s = self.shape(node.input[0])
+                if s is not None and all(isinstance(d, int) and d >= 0 for d in s):
+                    a = self.attrs(node)
+                    if node.op_type == "Size":
+                        self._small[node.output[0]] = np.array(int(np.prod(s)), np.int64)
+                    else:
+                        r = len(s)
+                        start, end = a.get("start", 0), a.get("end", r)
+                        start = max(0, min(r, start + r if start < 0 else start))
+                        end = max(0, min(r, end + r if end < 0 else end))
+                        self._small[node.output[0]] = np.array(s[start:end], np.int64)
+                continue
+            ins = [i for i in node.input if i]
+            if not ins or not all(self.is_const(i) for i in ins):
+                continue
+            if any(self.const_size(i) > EVAL_LIMIT or self.const_size(i) < 0 for i in ins):
+                continue
+            try:
+                vals = _eval_node(node, [self.const(i) if i else None for i in node.input], self.opsets)
+            except Exception:
+                continue
+            for o, v in zip(node.output, vals):
+                if o and v is not None and np.asarray(v).size <= EVAL_LIMIT:
+                    self._small[o] = np.asarray(v)
+
+    # ------------------------------------------------------------------ affine forms
+    def _identity_perm(self, name):
+        r = self.rank(name)
+        return tuple(range(r)) if r is not None else None
+
+    def is_identity_layout(self, name, f: Form) -> bool:
+        if f.perm is None:
+            return False
+        s, sb = self.shape(name), self.shape(f.base)
+        if s is None or sb is None or tuple(s) != tuple(sb):
+            return False
+        seen = [p for p in f.perm if p is not None and sb[p] != 1]
+        return seen == sorted(seen) and len(seen) == sum(1 for d in sb if d != 1)
+
+    def layout_key(self, name, f: Form | None = None):
+        """(base, shape, order of the base's non-unit axes): values with one key hold the same
+        elements in the same places up to their per-channel affines."""
+        f = f or self.get_form(name)
+        perm = f.perm if f.perm is not None else (self._identity_perm(name) if f.base == name else None)
+        s = self.shape(name)
+        if perm is None or s is None or len(perm) != len(s):
+            return None
+        sb = self.shape(f.base)
+        if sb is None:
+            return None
+        return (f.base, tuple(s), tuple(p for p in perm if p is not None and sb[p] != 1))
+
+    def _build_forms(self):
+        self.keyed = defaultdict(list)
+        for node in self.nodes:
+            if not node.output or not node.output[0]:
+                continue
+            y = node.output[0]
+            try:
+                f = self._form_of(node)
+            except Exception:
+                f = None
+            if f is None:
+                continue
+            self.form[y] = f
+            key = self.layout_key(y, f)
+            if key is not None:
+                if not self.keyed[key] and self.layout_key(key[0]) == key:
+                    self.keyed[key].append(key[0])
+                self.keyed[key].append(y)
+            if f.base != y and self.is_identity_layout(y, f):
+                self.family[f.base].append(y)
+
+    def members(self, name):
+        """Values of this graph (and enclosing ones) with name's layout key, name first."""
+        key = self.layout_key(name)
+        out = [name]
+        view = self
+        while view is not None and key is not None:
+            out += [w for w in getattr(view, "keyed", {}).get(key, ()) if w not in out]
+            view = view.parent
+        return out
+
+    def axis_in(self, name, base_axis):
+        """Position in `name` of the base's axis `base_axis`."""
+        if base_axis is None:
+            return None
+        f = self.get_form(name)
+        perm = f.perm if f.perm is not None else (self._identity_perm(name) if f.base == name else None)
+        if perm is None or base_axis not in perm:
+            return None
+        return perm.index(base_axis)
+
+    def _channel_vec(self, k: np.ndarray, x: str, f: Form):
+        """(axis of the base, vector or scalar) when constant k broadcast against x varies only
+        along one axis of x that maps to an axis of the base; None otherwise."""
+        r = self.rank(x)
+        if r is None or k.ndim > r:
+            return None
+        if k.size == 1:
+            return f.axis, float(np.asarray(k, np.float64).reshape(-1)[0])
+        shp = (1,) * (r - k.ndim) + tuple(k.shape)
+        xs = self.shape(x)
+        varying = [i for i, d in enumerate(shp) if d != 1]
+        if len(varying) != 1:
+            return None
+        i = varying[0]
+        if xs is None or xs[i] != shp[i] or f.perm is None or f.perm[i] is None:
+            return None
+        axis = f.perm[i]
+        if f.axis is not None and f.axis != axis:
+            return None
+        return axis, np.asarray(k, np.float64).reshape(-1)
+
+    def _form_of(self, node):
+        op, ins = node.op_type, list(node.input)
+        if node.domain not in ("", "ai.onnx") or not ins or not ins[0]:
+            return None
+        x = ins[0]
+        if self.is_const(x) and op not in ("Mul", "Add", "Sub"):
+            return None
+        fx = self.get_form(x)
+        if fx.perm is None:
+            fx = Form(fx.base, fx.axis, fx.a, fx.t, self._identity_perm(x)) if fx.base == x else fx
+        if op in ("Identity",) or (op == "Dropout" and _dropout_inference(self, node)) or (
+                op == "Cast" and self.elem(x) is not None and self.attrs(node).get("to") == self.elem(x)):
+            return fx
+        if op == "Transpose":
+            if fx.perm is None:
+                return None
+            perm = self.attrs(node).get("perm") or tuple(reversed(range(len(fx.perm))))
+            return Form(fx.base, fx.axis, fx.a, fx.t, tuple(fx.perm[p] for p in perm))
+        if op in ("Unsqueeze", "Squeeze", "Reshape"):
+            return self._layout_form(node, fx)
+        if op == "BatchNormalization":
+            a = self.attrs(node)
+            if a.get("training_mode", 0) or any(o for o in node.output[1:]) or len(ins) < 5 or fx.perm is None or len(fx.perm) < 2:
+                return None
+            vals = [self.const(i) for i in ins[1:5]]
+            if any(v is None for v in vals) or fx.perm[1] is None:
+                return None
+            axis = fx.perm[1]
+            if fx.axis is not None and fx.axis != axis:
+                return None
+            g, b, m, v = (np.asarray(t, np.float64).reshape(-1) for t in vals)
+            s = g / np.sqrt(v + float(a.get("epsilon", 1e-5)))
+            return Form(fx.base, axis, fx.a * s, fx.t * s + (b - s * m), fx.perm)
+        if op in ("Mul", "Add", "Sub", "Div") and len(ins) == 2:
+            c0, c1 = self.is_const(ins[0]), self.is_const(ins[1])
+            if c0 == c1:
+                if c0 or op not in ("Add", "Sub"):
+                    return None
+                f0, f1 = self.get_form(ins[0]), self.get_form(ins[1])
+                if f0.base != f1.base or f0.perm is None or f0.perm != f1.perm or self.shape(ins[0]) != self.shape(ins[1]):
+                    return None
+                if f0.axis is not None and f1.axis is not None and f0.axis != f1.axis:
+                    return None
+                axis = f0.axis if f0.axis is not None else f1.axis
+                sign = 1.0 if op == "Add" else -1.0
+                return Form(f0.base, axis, f0.a + sign * f1.a, f0.t + sign * f1.t, f0.perm)
+            xi = 1 if c0 else 0
+            x = ins[xi]
+            fx = self.get_form(x)
+            if fx.perm is None:
+                fx = Form(fx.base, fx.axis, fx.a, fx.t, self._identity_perm(x))
+            if fx.perm is None or self.shape(y := node.output[0]) != self.shape(x):
+                return None
+            k = self.const(ins[1 - xi])
+            if k is None or not np.issubdtype(np.asarray(k).dtype, np.floating):
+                return None
+            cv = self._channel_vec(np.asarray(k), x, fx)
+            if cv is None:
+                return None
+            axis, kv = cv
+            a, t = fx.a, fx.t
+            if op == "Mul":
+                a, t = a * kv, t * kv
+            elif op == "Add":
+                t = t + kv
+            elif op == "Sub":
+                a, t = (a, t - kv) if xi == 0 else (-a, kv - t)
+            else:
+                if xi != 0 or np.any(np.asarray(kv) == 0):
+                    return None
+                a, t = a / kv, t / kv
+            return Form(fx.base, axis, a, t, fx.perm)
+        return None
+
+    def _layout_form(self, node, fx):
+        if fx.perm is None:
+            return None
+        op, x, y = node.op_type, node.input[0], node.output[0]
+        sx, sy = self.shape(x), self.shape(y)
+        if sx is None or sy is None or any(not isinstance(d, int) for d in tuple(sx) + tuple(sy)):
+            return None
+        if [d for d in sx if d != 1] != [d for d in sy if d != 1]:
+            return None
+        sb = self.shape(fx.base)
+        kept = [p for p, d in zip(fx.perm, sx) if d != 1]
+        it = iter(kept)
+        perm = tuple(next(it) if d != 1 else None for d in sy)
+        # a unit axis of the base that the layout drops is fine; its values are unchanged
+        del sb
+        return Form(fx.base, fx.axis, fx.a, fx.t, perm)
+
+    def zero_mean_axis(self, name):
+        """Axis along which the ORIGINAL value is zero-mean by construction: x - ReduceMean(x)."""
+        p = self.producer.get(name)
+        if p is None or p[0].op_type != "Sub" or p[0].domain not in ("", "ai.onnx"):
+            return None
+        x, m = p[0].input[0], p[0].input[1]
+        q = self.producer.get(m)
+        if q is None or q[0].op_type != "ReduceMean" or q[0].input[0] != x:
+            return None
+        axes = reduce_axes(self, q[0])
+        r = self.rank(x)
+        if axes is None or r is None or len(axes) != 1 or not self.attrs(q[0]).get("keepdims", 1):
+            return None
+        return axes[0] % r
+
+
+_NO_EVAL = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+            "Bernoulli", "DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
+
+
+def reduce_axes(view, node):
+    """The reduction axes of a Reduce* node (attribute or, from opset 18, input), normalized;
+    () when all axes are reduced; None when unknown."""
+    a = view.attrs(node)
+    r = view.rank(node.input[0])
+    axes = a.get("axes")
+    if len(node.input) > 1 and node.input[1]:
+        v = view.const(node.input[1])
+        if v is None:
+            return None
+        axes = tuple(int(i) for i in np.asarray(v).reshape(-1))
+    if axes is None or len(axes) == 0:
+        if a.get("noop_with_empty_axes", 0):
+            return None
+        return tuple(range(r)) if r is not None else None
+    if r is None:
+        return None
+    return tuple(sorted(int(i) % r for i in axes))
+
+
+def _dropout_inference(view, node) -> bool:
+    if len(node.output) > 1 and node.output[1]:
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        v = view.const(node.input[2])
+        return v is not None and not bool(np.asarray(v).reshape(-1)[0])
+    return True
+
+
+def _type_of(vi):
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        return None
+    shape = None
+    if tt.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+    return (tt.elem_type, shape)
+
+
+def _outer_refs(g: onnx.GraphProto):
+    """Names a subgraph reads from its enclosing scopes."""
+    local = {i.name for i in g.input} | {t.name for t in g.initializer}
+    refs = []
+    for n in g.node:
+        local.update(o for o in n.output if o)
+    for n in g.node:
+        for i in n.input:
+            if i and i not in local:
+                refs.append(i)
+        for subs in graph_attrs(n).values():
+            for sg in subs:
+                refs.extend(r for r in _outer_refs(sg) if r not in local)
+    for o in g.output:
+        if o.name not in local:
+            refs.append(o.name)
+    return list(dict.fromkeys(refs))
+
+
+def _eval_node(node, values, opsets):
+    from onnx.reference import ReferenceEvaluator
+
+    ins = []
+    feeds = {}
+    for k, (name, v) in enumerate(zip(node.input, values)):
+        if not name:
+            ins.append("")
+            continue
+        nm = f"i{k}"
+        ins.append(nm)
+        feeds[nm] = np.asarray(v)
+    n2 = onnx.helper.make_node(node.op_type, ins, [f"o{k}" if o else "" for k, o in enumerate(node.output)], domain=node.domain)
+    n2.attribute.extend(node.attribute)
+    g = onnx.helper.make_graph([n2], "c", [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                                           for n, v in feeds.items()],
+                               [onnx.helper.make_tensor_value_info(f"o{k}", 0, None) for k, o in enumerate(node.output) if o])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
+    out = ReferenceEvaluator(m).run(None, feeds)
+    it = iter(out)
+    return [next(it) if o else None for o in node.output]
+
+
+def infer_types(model: onnx.ModelProto) -> dict:
+    """name -> (elem_type, shape) from ONNX shape inference on the skeleton (weights stay where they are)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = model
+    out = {}
+
+    def visit(g):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            t = _type_of(vi)
+            if t is not None:
+                out.setdefault(vi.name, t)
+        for t in g.initializer:
+            out[t.name] = (t.data_type, tuple(int(d) for d in t.dims))
+        for n in g.node:
+            for subs in graph_attrs(n).values():
+                for sg in subs:
+                    visit(sg)
+
+    visit(inferred.graph)
+    return out

@@ -1,0 +1,122 @@
+"""Relations between an optimized value v' and an original value u.
+
+    v' = P(a * u) + t          along one axis of u
+
+where P is the identity or the centering along the axis (x - mean_axis(x)), and a, t are
+float64 vectors along the axis (None: 1 and 0). Special cases: *equal* (P = identity, a = 1,
+t = 0) and *centered* (P centering, a = 1, t = 0). ``kind="mean"`` is v' = mean_axis(u)
+(keepdims). ``err`` bounds the absolute rounding error of t (from the weights' dtype), so
+``t ~ 0`` is judged against what rounding can explain and nothing more.
+
+Every relation the prover records is a true statement about the two graphs (given the weight
+facts it checked); several may hold for one value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+A_TOL = 64  # a ~ 1 within this many ulps of the value's dtype
+
+
+def eps_of(elem_type) -> float:
+    from .. import weights as W
+
+    dt = W.np_dtype(elem_type) if elem_type else None
+    if dt is None or dt.kind != "f":
+        return float(np.finfo(np.float32).eps)
+    return float(np.finfo(dt).eps) if dt.itemsize >= 2 and dt.name != "bfloat16" else 2.0 ** -7
+
+
+@dataclass
+class Rel:
+    u: str
+    axis: int | None = None
+    centered: bool = False
+    a: np.ndarray | None = None
+    t: np.ndarray | None = None
+    err: np.ndarray | float = 0.0
+    kind: str = "rel"
+    how: str = field(default="", compare=False)
+
+    @property
+    def eq(self) -> bool:
+        return self.kind == "rel" and not self.centered and self.a is None and self.t is None
+
+    @property
+    def pure_center(self) -> bool:
+        return self.kind == "rel" and self.centered and self.a is None and self.t is None
+
+    def describe(self) -> str:
+        if self.kind == "mean":
+            return f"mean of '{self.u}' along axis {self.axis}"
+        if self.eq:
+            return f"equal to '{self.u}'"
+        parts = []
+        if self.centered:
+            parts.append(f"centered along axis {self.axis}")
+        if self.a is not None:
+            parts.append("scaled per channel")
+        if self.t is not None:
+            parts.append("shifted per channel")
+        return f"'{self.u}' " + ", ".join(parts)
+
+
+def simplify(r: Rel, eps: float) -> Rel:
+    if r.kind != "rel":
+        return r
+    a, t = r.a, r.t
+    if a is not None:
+        a = np.asarray(a, np.float64)
+        if np.all(np.abs(a - 1.0) <= A_TOL * eps):
+            a = None
+    if t is not None:
+        t = np.asarray(t, np.float64)
+        bound = np.asarray(r.err, np.float64) + 1e-30
+        if r.centered:
+            tc = t - t.mean() if t.ndim else t * 0
+            if np.all(np.abs(tc) <= bound):
+                t = None
+        elif np.all(np.abs(t) <= bound):
+            t = None
+    centered = r.centered
+    axis = r.axis
+    if not centered and a is None and t is None:
+        axis = None
+    return Rel(r.u, axis, centered, a, t, r.err if t is not None else 0.0, r.kind, r.how)
+
+
+def vec(x, d):
+    if x is None:
+        return None
+    x = np.asarray(x, np.float64)
+    if x.ndim == 0 or x.size == 1:
+        return np.full(d, float(x.reshape(-1)[0]))
+    return x.reshape(-1)
+
+
+def per_channel(arr: np.ndarray, axis: int, rank: int, tol=0.0):
+    """A float64 vector when the array (broadcast to `rank`, right-aligned) varies only along
+    `axis`; a scalar array when constant; None otherwise."""
+    arr = np.asarray(arr, np.float64)
+    if arr.ndim > rank:
+        return None
+    if arr.size == 1:
+        return arr.reshape(())
+    full = arr.reshape((1,) * (rank - arr.ndim) + arr.shape)
+    other = tuple(i for i in range(rank) if i != axis)
+    first = full[tuple(slice(0, 1) if i in other else slice(None) for i in range(rank))]
+    if not np.array_equal(np.broadcast_to(first, full.shape), full):
+        # variation along the other axes is allowed only within the rounding bound `tol`
+        mean = full.mean(axis=other, keepdims=True)
+        if not np.all(np.abs(full - mean) <= np.asarray(tol, np.float64) + 1e-300):
+            return None
+        return mean.reshape(-1)
+    return first.reshape(-1)
+
+
+def center(arr: np.ndarray, axis: int) -> np.ndarray:
+    arr = np.asarray(arr, np.float64)
+    return arr - arr.mean(axis=axis, keepdims=True)
