@@ -75,11 +75,8 @@ def simplify(r: Rel, eps: float) -> Rel:
     if t is not None:
         t = np.asarray(t, np.float64)
         bound = np.asarray(r.err, np.float64) + 1e-30
-        if r.centered:
-            tc = t - t.mean() if t.ndim else t * 0
-            if np.all(np.abs(tc) <= bound):
-                t = None
-        elif np.all(np.abs(t) <= bound):
+        # P(x) + c is not P(x) even for a uniform c: t must vanish itself
+        if np.all(np.abs(t) <= bound):
             t = None
     centered = r.centered
     axis = r.axis

@@ -107,9 +107,9 @@ def _shift_rel(O, y, q: Rel, delta, err_extra):
     if axis is None:
         varying = [i for i, dd in enumerate(delta.shape) if dd != 1]
         if not varying:
-            tv = delta.reshape(())
-            return simplify(Rel(y, None, False, q.a, None if float(tv) == 0 else tv.reshape(1), err_extra), eps_of(O.elem(y))) \
-                if q.a is None else None
+            if float(delta.reshape(())) == 0.0:
+                return simplify(Rel(y, None, False, None, None, 0.0), eps_of(O.elem(y))) if q.a is None else None
+            varying = [ry - 1]  # a scalar shift: per channel along the last axis
         if len(varying) != 1:
             return None
         axis = varying[0]
