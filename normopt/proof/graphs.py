@@ -146,8 +146,10 @@ class GraphView:
         self.form = {}
         self.family = defaultdict(list)
         self._evaluate_constants()
+        self.ln_sites = defaultdict(list)
         if forms:
             self._build_forms()
+            self._find_ln_sites()
 
     # ------------------------------------------------------------------ lookups
     def type_of(self, name):
@@ -446,6 +448,68 @@ class GraphView:
         del sb
         return Form(fx.base, fx.axis, fx.a, fx.t, perm)
 
+    def _only(self, name, ops):
+        return [n for n, k in self.consumers.get(name, ()) if n.op_type in ops and n.domain in ("", "ai.onnx")]
+
+    def _mean_over_last(self, node, x):
+        """node is ReduceMean(x) over x's last axis alone; returns the keepdims-1 value or None."""
+        if node.op_type != "ReduceMean" or node.input[0] != x:
+            return None
+        r = self.rank(x)
+        axes = reduce_axes(self, node)
+        if r is None or axes != (r - 1,):
+            return None
+        if self.attrs(node).get("keepdims", 1):
+            return node.output[0]
+        for u in self._only(node.output[0], ("Unsqueeze",)):
+            ax = self.attrs(u).get("axes")
+            if len(u.input) > 1 and u.input[1]:
+                v = self.const(u.input[1])
+                ax = None if v is None else [int(i) for i in np.asarray(v).reshape(-1)]
+            if ax is not None and len(ax) == 1 and int(ax[0]) % r == r - 1:
+                return u.output[0]
+        return None
+
+    def _find_ln_sites(self):
+        """Decomposed LayerNorms of the ORIGINAL: n = (x - mean x) / sqrt(mean((x - mean x)^2) + eps),
+        over the last axis (Pow or Mul for the square, Div or Reciprocal-Mul, keepdims 0 + Unsqueeze).
+        ln_sites[x] lists (n, eps); the gamma / beta after n are per-channel forms of n."""
+        for node in self.nodes:
+            if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
+                continue
+            x = node.input[0]
+            mu = self._mean_over_last(node, x)
+            if mu is None:
+                continue
+            for sub in self._only(mu, ("Sub",)):
+                if sub.input[0] != x or sub.input[1] != mu:
+                    continue
+                c = sub.output[0]
+                for sq in self._only(c, ("Pow", "Mul")):
+                    if sq.op_type == "Pow" and not (sq.input[0] == c and _is_two(self.const(sq.input[1]))):
+                        continue
+                    if sq.op_type == "Mul" and not (sq.input[0] == c and sq.input[1] == c):
+                        continue
+                    for vn in self._only(sq.output[0], ("ReduceMean",)):
+                        v = self._mean_over_last(vn, sq.output[0])
+                        if v is None:
+                            continue
+                        for add in self._only(v, ("Add",)):
+                            other = add.input[1] if add.input[0] == v else add.input[0]
+                            e = self.const(other)
+                            if e is None or np.asarray(e).size != 1:
+                                continue
+                            eps = float(np.asarray(e).reshape(-1)[0])
+                            for sq_node in self._only(add.output[0], ("Sqrt",)):
+                                s = sq_node.output[0]
+                                for dv in self._only(s, ("Div",)):
+                                    if dv.input[0] == c and dv.input[1] == s:
+                                        self.ln_sites[x].append((dv.output[0], eps))
+                                for rc in self._only(s, ("Reciprocal",)):
+                                    for mul in self._only(rc.output[0], ("Mul",)):
+                                        if set(mul.input) == {c, rc.output[0]}:
+                                            self.ln_sites[x].append((mul.output[0], eps))
+
     def zero_mean_axis(self, name):
         """Axis along which the ORIGINAL value is zero-mean by construction: x - ReduceMean(x)."""
         p = self.producer.get(name)
@@ -460,6 +524,10 @@ class GraphView:
         if axes is None or r is None or len(axes) != 1 or not self.attrs(q[0]).get("keepdims", 1):
             return None
         return axes[0] % r
+
+
+def _is_two(v) -> bool:
+    return v is not None and np.asarray(v).size == 1 and float(np.asarray(v).reshape(-1)[0]) == 2.0
 
 
 _NO_EVAL = {"If", "Loop", "Scan", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",

@@ -247,10 +247,15 @@ class Prover:
         # 2. a rule for the op
         rule = RULES.get(node.op_type)
         reasons = []
-        if rule is not None and (node.domain in ("", "ai.onnx") or node.op_type in ("SkipSimplifiedLayerNormalization",
-                                                                                      "SkipLayerNormalization")):
+        rules = [rule] if rule is not None else []
+        if node.op_type in STAT_OPS and any(isinstance(r, list) and any(q.kind == "stat" or q.pure_center or q.eq for q in r)
+                                            for r in in_rels):
+            rules.append(rule_stat)
+        for rule_fn in rules:
+            if not (node.domain in ("", "ai.onnx") or node.op_type in ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")):
+                break
             try:
-                got = rule(self, O, P, node, in_rels)
+                got = rule_fn(self, O, P, node, in_rels)
             except NotProved:
                 raise
             except _Skip as exc:
@@ -263,6 +268,7 @@ class Prover:
                     if o and not rs and self._read(P, o):
                         raise NotProved(_where(node), f"output '{o}' is read but has no proved relation")
                 return got
+        rule = rules[0] if rules else None
         if node.op_type in LAYOUT and node.domain in ("", "ai.onnx"):
             try:
                 got = self._layout(O, P, node, in_rels)
@@ -629,4 +635,4 @@ def _show(rs) -> str:
     return rs[0].describe() if rs else "?"
 
 
-from .rules import RULES  # noqa: E402  (the rules use the helpers above)
+from .rules import RULES, STAT_OPS, rule_stat  # noqa: E402  (the rules use the helpers above)

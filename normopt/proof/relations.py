@@ -38,8 +38,9 @@ class Rel:
     a: np.ndarray | None = None
     t: np.ndarray | None = None
     err: np.ndarray | float = 0.0
-    kind: str = "rel"
+    kind: str = "rel"  # "rel" | "mean" | "stat" (a per-token statistic of u, see stat)
     how: str = field(default="", compare=False)
+    stat: tuple = ()  # kind "stat": ("sq",) (P(u))^2, ("ms",) mean of it, ("mse", eps), ("rms", eps), ("irms", eps)
 
     @property
     def eq(self) -> bool:
@@ -52,6 +53,8 @@ class Rel:
     def describe(self) -> str:
         if self.kind == "mean":
             return f"mean of '{self.u}' along axis {self.axis}"
+        if self.kind == "stat":
+            return f"statistic {self.stat[0]} of centered '{self.u}' along axis {self.axis}"
         if self.eq:
             return f"equal to '{self.u}'"
         parts = []
@@ -82,7 +85,7 @@ def simplify(r: Rel, eps: float) -> Rel:
     axis = r.axis
     if not centered and a is None and t is None:
         axis = None
-    return Rel(r.u, axis, centered, a, t, r.err if t is not None else 0.0, r.kind, r.how)
+    return Rel(r.u, axis, centered, a, t, r.err if t is not None else 0.0, r.kind, r.how, r.stat)
 
 
 def vec(x, d):

@@ -141,8 +141,9 @@ def _p_of(arr, q: Rel, rank):
 
 def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
     """Relations of v' + sign_c * c for v' with relations rs and the optimized constant c."""
-    c = np.asarray(c, np.float64)
-    eps_c = 4 * eps_of(None)
+    c = np.asarray(c)
+    eps_c = 4 * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))
+    c = c.astype(np.float64)
     out = []
     for w, q in prover._rels_on(O, rs):
         if q.kind != "rel":
@@ -532,7 +533,13 @@ def _vals(view, name):
     return None if v is None else np.asarray(v, np.float64)
 
 
-def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1):
+def _same_eps(e0, e1, tol) -> bool:
+    if np.float32(e0) == np.float32(e1):
+        return True
+    return abs(float(e0) - float(e1)) <= tol * abs(float(e0))  # the epsilon rounded to the value's dtype
+
+
+def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, eps_tol=0.0):
     """Relations of RMS/LN(x') * gamma_p (+ beta_p) for x' with relations rs."""
     out = []
     for w, q in prover._rels_on(O, rs):
@@ -548,8 +555,23 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1):
             ok = q.a is None and (q.axis in (None, last)) and (q.t is None or np.ptp(q.t) <= 2 * np.max(np.asarray(q.err) + 1e-30))
         if not ok:
             continue
-        for cand, slot in O.consumers.get(w, ()):
+        sites = [(cand, slot) for cand, slot in O.consumers.get(w, ())] + [(site, 0) for site in O.ln_sites.get(w, ())]
+        for cand, slot in sites:
             if slot != 0:
+                continue
+            if isinstance(cand, tuple):  # a decomposed LayerNorm of the original: (normalized value, eps)
+                n, e0 = cand
+                if not _same_eps(e0, eps_attr, eps_tol):
+                    continue
+                d = O.shape(w)[last]
+                if not isinstance(d, int) or gamma_p is None:
+                    continue
+                gp = vec(gamma_p, d) if gamma_p.size in (1, d) else None
+                bp = np.zeros(d) if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else None)
+                if gp is None or bp is None:
+                    continue
+                eps = eps_of(O.elem(w))
+                out.append(simplify(Rel(n, last, False, gp, bp, 4 * eps * np.abs(bp), how="norm"), eps))
                 continue
             oa = O.attrs(cand)
             if cand.op_type == "LayerNormalization":
@@ -558,7 +580,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1):
                 g0, b0 = _vals(O, cand.input[1] if len(cand.input) > 1 else ""), None
             else:
                 continue
-            if _norm_axis(oa, r) != last or np.float32(oa.get("epsilon", 1e-5)) != np.float32(eps_attr):
+            if _norm_axis(oa, r) != last or not _same_eps(oa.get("epsilon", 1e-5), eps_attr, eps_tol):
                 continue
             if int(oa.get("stash_type", 1)) != 1 or stash != 1:
                 continue
@@ -592,7 +614,7 @@ def rule_norm(prover, O, P, node, in_rels):
     op = node.op_type
     if in_rels[0] in (None, "const"):
         raise _Skip(f"{op} of a constant")
-    if any(o for o in node.output[1:]):
+    if any(o and prover._read(P, o) for o in node.output[1:]):
         raise _Skip(f"{op}'s extra outputs are read")
     a = P.attrs(node)
     gp = _vals(P, node.input[1]) if len(node.input) > 1 and node.input[1] else None
@@ -630,7 +652,7 @@ def rule_skip(prover, O, P, node, in_rels):
     if node.domain != "com.microsoft":
         raise _Skip(f"{op} outside com.microsoft")
     simplified = op == "SkipSimplifiedLayerNormalization"
-    if any(node.output[k] for k in (1, 2) if k < len(node.output)):
+    if any(prover._read(P, node.output[k]) for k in (1, 2) if k < len(node.output) and node.output[k]):
         raise _Skip(f"{op}'s mean / inv_std outputs are read")
     if in_rels[0] in (None, "const") or in_rels[1] in (None, "const"):
         raise _Skip(f"{op} with a constant input or skip")
@@ -692,6 +714,95 @@ def rule_reduce_mean(prover, O, P, node, in_rels):
             continue
         out.append(Rel(w, int(axes[0]) % r, kind="mean", how="mean"))
     return _finish(prover, out, "ReduceMean that the original does not compute")
+
+
+# ============================================================================ decomposed RMS norms
+
+STAT_OPS = {"Pow", "Mul", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Div"}
+
+
+def _stat_in(prover, O, rs, *names):
+    return [(w, q) for w, q in prover._rels_on(O, rs or []) if q.kind == "stat" and q.stat and q.stat[0] in names] \
+        if rs not in (None, "const") else []
+
+
+def _centered_in(prover, O, rs):
+    if rs in (None, "const"):
+        return []
+    out = []
+    for w, q in prover._rels_on(O, rs):
+        r = O.rank(w)
+        if r is None:
+            continue
+        if q.pure_center and q.axis == r - 1:
+            out.append((w, q))
+        elif q.eq and O.zero_mean_axis(w) == r - 1:
+            out.append((w, Rel(w, r - 1, True, how="zero-mean")))
+    return out
+
+
+def _scalar(P, name):
+    v = P.const(name) if name else None
+    if v is None or np.asarray(v).size != 1:
+        return None
+    return float(np.asarray(v).reshape(-1)[0])
+
+
+def _scalar_tol(P, name):
+    v = np.asarray(P.const(name))
+    return float(np.finfo(v.dtype).eps) if v.dtype.kind == "f" else 0.0
+
+
+def rule_stat(prover, O, P, node, in_rels):
+    """A decomposed RMS norm of a centered value, node by node:
+    (P u)^2 -> mean over the axis -> + eps -> sqrt -> (reciprocal) -> P u / rms = LN(u) without affine."""
+    op, ins = node.op_type, list(node.input)
+
+    def stat(w, q, *st):
+        return [Rel(w, q.axis, False, kind="stat", stat=tuple(st), how="rms statistic")]
+
+    if op == "Pow" and len(ins) == 2 and in_rels[1] == "const" and _scalar(P, ins[1]) == 2.0:
+        for w, q in _centered_in(prover, O, in_rels[0]):
+            return stat(w, q, "sq")
+    if op == "Mul" and len(ins) == 2 and ins[0] == ins[1]:
+        for w, q in _centered_in(prover, O, in_rels[0]):
+            return stat(w, q, "sq")
+    if op == "ReduceMean":
+        a = P.attrs(node)
+        for w, q in _stat_in(prover, O, in_rels[0], "sq"):
+            axes = a.get("axes")
+            if len(ins) > 1 and ins[1]:
+                v = P.const(ins[1])
+                axes = None if v is None else [int(i) for i in np.asarray(v).reshape(-1)]
+            r = O.rank(w)
+            if axes and len(axes) == 1 and r and int(axes[0]) % r == q.axis and a.get("keepdims", 1):
+                return stat(w, q, "ms")
+    if op == "Add" and len(ins) == 2 and "const" in in_rels:
+        ci = 0 if in_rels[0] == "const" else 1
+        e = _scalar(P, ins[ci])
+        if e is not None:
+            for w, q in _stat_in(prover, O, in_rels[1 - ci], "ms"):
+                return stat(w, q, "mse", e, _scalar_tol(P, ins[ci]))
+    if op == "Sqrt":
+        for w, q in _stat_in(prover, O, in_rels[0], "mse"):
+            return stat(w, q, "rms", *q.stat[1:])
+    if op == "Reciprocal":
+        for w, q in _stat_in(prover, O, in_rels[0], "rms"):
+            return stat(w, q, "irms", *q.stat[1:])
+    normed = []
+    if op == "Div" and len(ins) == 2:
+        normed = [(w, q, s.stat[1:]) for w, q in _centered_in(prover, O, in_rels[0]) for w2, s in _stat_in(prover, O, in_rels[1], "rms")
+                  if w2 == w]
+    if op == "Mul" and len(ins) == 2:
+        for i in (0, 1):
+            normed += [(w, q, s.stat[1:]) for w, q in _centered_in(prover, O, in_rels[i])
+                       for w2, s in _stat_in(prover, O, in_rels[1 - i], "irms") if w2 == w]
+    for w, q, e in normed:
+        got = norm_rels(prover, O, [q], np.ones(1), None, e[0], "rms", _where(node), eps_tol=e[1])
+        if got:
+            prover.stats.norms_converted += 1
+            return _sorted(got)
+    raise _Skip(f"{op} is not a step of an RMS norm of a centered value")
 
 
 RULES = {
