@@ -118,7 +118,7 @@ class GraphView:
         self.graph = graph
         self.parent = parent
         self.opsets = opsets
-        self.nodes = list(graph.node)
+        self.nodes = expand_skip_norms(graph.node) if forms else list(graph.node)
         input_names = {i.name for i in graph.input}
         self.overridable = {t.name for t in graph.initializer if t.name in input_names}
         self.inits = {t.name: t for t in graph.initializer if t.name not in input_names}
@@ -142,6 +142,12 @@ class GraphView:
             self.types.setdefault(vi.name, _type_of(vi))
         for t in graph.initializer:
             self.types[t.name] = (t.data_type, tuple(int(d) for d in t.dims))
+        for node in self.nodes:  # values the Skip expansion names: the type of what they sum
+            for o in node.output:
+                if "__proof_" in o and node.input:
+                    t = self.type_of(node.input[0])
+                    if t is not None:
+                        self.types[o] = t
         self._small = {}
         self.form = {}
         self.family = defaultdict(list)
@@ -524,6 +530,40 @@ class GraphView:
         if axes is None or r is None or len(axes) != 1 or not self.attrs(q[0]).get("keepdims", 1):
             return None
         return axes[0] % r
+
+
+def expand_skip_norms(nodes):
+    """The ORIGINAL's com.microsoft Skip(Simplified)LayerNormalization as their definition:
+    s = input + skip (+ bias), output 3 = s, output 0 = (Simplified)LayerNormalization(s) over the
+    last axis with the node's epsilon (contrib default 1e-12). Nodes whose mean / inv_std outputs
+    are set stay as they are."""
+    out = []
+    for k, n in enumerate(nodes):
+        if n.domain != "com.microsoft" or n.op_type not in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization") \
+                or any(o for o in n.output[1:3]) or len(n.input) < 3:
+            out.append(n)
+            continue
+        simplified = n.op_type == "SkipSimplifiedLayerNormalization"
+        eps = 1e-12
+        for a in n.attribute:
+            if a.name == "epsilon":
+                eps = a.f
+        ins = list(n.input)
+        bias = ins[3] if simplified and len(ins) > 3 else (ins[4] if not simplified and len(ins) > 4 else "")
+        beta = "" if simplified or len(ins) < 4 else ins[3]
+        final = n.output[3] if len(n.output) > 3 and n.output[3] else f"{n.output[0]}__proof_sum"
+        s1 = final if not bias else f"{final}__proof_pre_bias"
+        out.append(onnx.helper.make_node("Add", [ins[0], ins[1]], [s1], name=f"{n.name}/add"))
+        if bias:
+            out.append(onnx.helper.make_node("Add", [s1, bias], [final], name=f"{n.name}/bias"))
+        if n.output[0]:
+            if simplified:
+                out.append(onnx.helper.make_node("SimplifiedLayerNormalization", [final, ins[2]], [n.output[0]], name=n.name,
+                                                 axis=-1, epsilon=eps))
+            else:
+                out.append(onnx.helper.make_node("LayerNormalization", [final, ins[2]] + ([beta] if beta else []), [n.output[0]],
+                                                 name=n.name, axis=-1, epsilon=eps))
+    return out
 
 
 def _is_two(v) -> bool:

@@ -26,6 +26,7 @@ MAX_RELS = 6
 W_TOL = 3.0  # weight facts: |actual - expected| <= W_TOL * eps * (|expected| + |pre-centering term|)
 LAYOUT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Gather", "Concat", "Split", "Expand",
           "Cast", "ReduceMean", "Tile"}
+SHAPE_ONLY = {"Shape", "Size"}  # a relation of kind "rel" keeps the shape, so these read it as equal
 NORMS = {"SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization"}
 
 
@@ -105,6 +106,13 @@ class Prover:
                 raise NotProved(f"initializer '{n}'", "overridable (a graph input) in one model only")
 
     def prove_graph(self, O: GraphView, P: GraphView, rels: dict):
+        saved, self._outer = self._outer, rels
+        try:
+            self._prove_graph(O, P, rels)
+        finally:
+            self._outer = saved
+
+    def _prove_graph(self, O: GraphView, P: GraphView, rels: dict):
         for name in P.overridable:
             rels[name] = [Rel(name)]
         for node in P.nodes:
@@ -302,10 +310,11 @@ class Prover:
 
     def _identical(self, O, P, node, in_rels):
         eq_slots = []
+        same = (lambda x: x.kind == "rel") if node.op_type in SHAPE_ONLY else (lambda x: x.eq)
         for k, (i, r) in enumerate(zip(node.input, in_rels)):
             if r is None or r == "const":
                 continue
-            ws = [w for w, rr in self._rels_on(O, r, keep=lambda x: x.eq)]
+            ws = [w for w, rr in self._rels_on(O, r, keep=same)]
             if not ws:
                 return None
             eq_slots.append((k, ws))
@@ -333,7 +342,7 @@ class Prover:
                 elif r == "const":
                     ok = self._const_input_ok(O, P, i, oi)
                 else:
-                    ok = any(w == oi for w, _ in self._rels_on(O, r, keep=lambda x: x.eq))
+                    ok = any(w == oi for w, _ in self._rels_on(O, r, keep=same))
                 if not ok:
                     break
             if not ok:
@@ -358,18 +367,10 @@ class Prover:
                     if a.name != b.name:
                         raise NotProved(_where(node), f"body '{name}' input '{a.name}' is named '{b.name}' in the original")
                     inner[a.name] = [Rel(b.name)]
-                saved = self._outer
-                self._outer = inner
-                try:
-                    self.prove_graph_body(Ov, Pv, inner)
-                finally:
-                    self._outer = saved
+                self.prove_graph(Ov, Pv, inner)
                 self.stats.subgraphs += 1
 
     _outer: dict = {}
-
-    def prove_graph_body(self, O, P, rels):
-        self.prove_graph(O, P, rels)
 
     # ---------------------------------------------------------------- layout / commuting ops
     def _layout(self, O, P, node, in_rels):

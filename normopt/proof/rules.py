@@ -536,7 +536,8 @@ def _vals(view, name):
 def _same_eps(e0, e1, tol) -> bool:
     if np.float32(e0) == np.float32(e1):
         return True
-    return abs(float(e0) - float(e1)) <= tol * abs(float(e0))  # the epsilon rounded to the value's dtype
+    rel, tiny = tol if isinstance(tol, tuple) else (tol, 0.0)
+    return abs(float(e0) - float(e1)) <= rel * abs(float(e0)) + tiny  # the epsilon rounded to the value's dtype
 
 
 def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, eps_tol=0.0):
@@ -750,7 +751,10 @@ def _scalar(P, name):
 
 def _scalar_tol(P, name):
     v = np.asarray(P.const(name))
-    return float(np.finfo(v.dtype).eps) if v.dtype.kind == "f" else 0.0
+    if v.dtype.kind != "f":
+        return (0.0, 0.0)
+    fi = np.finfo(v.dtype)
+    return (float(fi.eps), float(fi.smallest_subnormal))  # relative, and the spacing of subnormals
 
 
 def rule_stat(prover, O, P, node, in_rels):
