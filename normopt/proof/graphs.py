@@ -71,6 +71,67 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
     return np.asarray(numpy_helper.to_array(t))
 
 
+BLOCK_BYTES = 16 << 20  # bytes of a stored tensor read at once
+
+
+def _tensor_of(view, name):
+    while view is not None:
+        if name in view.inits:
+            return view.inits[name]
+        if name in view.producer or name in view.inputs:
+            return None
+        view = view.parent
+    return None
+
+
+def row_blocks(view, name, block_bytes=BLOCK_BYTES):
+    """(first row, rows) of a constant along its axis 0, as stored. A weight in a file is read
+    block by block with plain reads (no mapping stays resident), so a pass over a large tensor
+    holds one block at a time."""
+    t = _tensor_of(view, name)
+    ref = W.external_ref(t) if t is not None else None
+    if ref is None:
+        arr = view.const(name)
+        if arr is None:
+            return
+        arr = np.asarray(arr)
+        if arr.ndim == 0:
+            yield 0, arr.reshape(1)
+            return
+        step = max(1, block_bytes // max(1, arr[:1].nbytes))
+        for s in range(0, arr.shape[0], step):
+            yield s, arr[s:s + step]
+        return
+    dt = W.np_dtype(t.data_type)
+    shape = tuple(int(d) for d in t.dims)
+    if dt is None or dt.kind == "O" or not shape:
+        arr = tensor_value(t)
+        yield 0, np.asarray(arr).reshape(shape[:1] + shape[1:] if shape else (1,))
+        return
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    row_bytes = row * dt.itemsize
+    step = max(1, block_bytes // max(1, row_bytes))
+    path, offset = ref[0], ref[1]
+    for s in range(0, shape[0], step):
+        n = min(step, shape[0] - s)
+        buf = W.read_bytes(path, offset + s * row_bytes, n * row_bytes)
+        yield s, np.frombuffer(buf, dtype=dt).reshape((n,) + shape[1:])
+
+
+def same_bytes(view_a, name_a, view_b, name_b) -> bool:
+    """Two stored constants with the same type, shape and bytes (read block by block)."""
+    ta, tb = _tensor_of(view_a, name_a), _tensor_of(view_b, name_b)
+    if ta is None or tb is None or ta.data_type != tb.data_type or list(ta.dims) != list(tb.dims):
+        return False
+    ra, rb = W.external_ref(ta), W.external_ref(tb)
+    if ra is not None and ra == rb:
+        return True
+    for (_, a), (_, b) in zip(row_blocks(view_a, name_a), row_blocks(view_b, name_b)):
+        if a.shape != b.shape or a.tobytes() != b.tobytes():
+            return False
+    return True
+
+
 def schema_defaults(op: str, domain: str, opset: int) -> dict:
     try:
         s = onnx.defs.get_schema(op, opset, domain or "")
@@ -293,13 +354,12 @@ class GraphView:
         elements in the same places up to their per-channel affines."""
         f = f or self.get_form(name)
         perm = f.perm if f.perm is not None else (self._identity_perm(name) if f.base == name else None)
-        s = self.shape(name)
-        if perm is None or s is None or len(perm) != len(s):
+        if perm is None:
             return None
+        # the layout ops tracked (Identity, Transpose, (Un)Squeeze, unit Reshape) fix the shape by
+        # the base's shape and this map, so equal keys mean equal shapes (symbolic dims included)
         sb = self.shape(f.base)
-        if sb is None:
-            return None
-        return (f.base, tuple(s), tuple(p for p in perm if p is not None and sb[p] != 1))
+        return (f.base, tuple(None if p is None or (sb is not None and sb[p] == 1) else p for p in perm))
 
     def _build_forms(self):
         self.keyed = defaultdict(list)

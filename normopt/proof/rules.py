@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import weights as W
-from .graphs import reduce_axes
+from .graphs import reduce_axes, row_blocks
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
 from .relations import Rel, center, eps_of, per_channel, simplify, vec
 
@@ -296,25 +296,77 @@ def rule_mul(prover, O, P, node, in_rels):
 # ============================================================================ linear ops
 
 
-def _matrix(prover, view, name, node, op, attrs, role):
-    """(2-D float array [K, N] view, rows repeat) of a linear op's weight; None when not constant."""
-    if not view.is_const(name):
-        return None
-    w = view.const(name)
-    if op == "MatMul":
-        if w.ndim != 2:
-            return None
-        return w, 1
-    if op == "Gemm":
-        if w.ndim != 2:
-            return None
-        return (w.T if attrs.get("transB", 0) else w), 1
-    if op == "Conv":
-        if w.ndim < 3 or attrs.get("group", 1) != 1:
-            return None
-        o = w.shape[0]
-        return w.reshape(o, -1).T, int(np.prod(w.shape[2:]))
-    return None
+class _Mat:
+    """A linear op's constant weight as a [K, N] matrix (inputs x outputs), read in row blocks
+    of float64: MatMul and Gemm (transB=0) weights stream from their file; Gemm transB=1 and
+    Conv weights (small in practice) are read whole."""
+
+    def __init__(self, view, name, op, attrs):
+        self.view, self.name = view, name
+        shape = view.shape(name)
+        if shape is None:
+            arr = view.const(name)
+            shape = None if arr is None else arr.shape
+        if shape is None:
+            raise _Skip("weight of unknown shape")
+        shape = tuple(int(d) for d in shape)
+        self.rep, self.whole = 1, None
+        if op in ("MatMul", "Gemm"):
+            if len(shape) != 2:
+                raise _Skip(f"{op} weight of rank {len(shape)}")
+            if op == "Gemm" and attrs.get("transB", 0):
+                self.whole = np.asarray(view.const(name), np.float64).T
+                self.K, self.N = shape[1], shape[0]
+            else:
+                self.K, self.N = shape
+        elif op == "Conv":
+            if len(shape) < 3 or attrs.get("group", 1) != 1:
+                raise _Skip("grouped or 1-D Conv weight")
+            w = np.asarray(view.const(name), np.float64)
+            self.whole = w.reshape(shape[0], -1).T
+            self.K, self.N = self.whole.shape
+            self.rep = int(np.prod(shape[2:]))
+        else:
+            raise _Skip(f"{op} is not linear")
+
+    def blocks(self):
+        if self.whole is not None:
+            step = max(1, (2 << 20) // max(1, self.N))
+            for s in range(0, self.K, step):
+                yield s, self.whole[s:s + step]
+            return
+        for s, b in row_blocks(self.view, self.name):
+            yield s, np.asarray(b, np.float64)
+
+
+class _Table:
+    """A stored constant's row blocks in float64 (for _Rows)."""
+
+    def __init__(self, view, name):
+        self.view, self.name = view, name
+
+    def blocks(self):
+        for s, b in row_blocks(self.view, self.name):
+            yield s, np.asarray(b, np.float64)
+
+
+class _Rows:
+    """Rows of a _Mat on demand, whatever block sizes the caller asks for."""
+
+    def __init__(self, mat):
+        self.it, self.buf, self.at = mat.blocks(), None, 0
+
+    def take(self, n):
+        parts = []
+        while n > 0:
+            if self.buf is None or self.at >= len(self.buf):
+                _, self.buf = next(self.it)
+                self.at = 0
+            k = min(n, len(self.buf) - self.at)
+            parts.append(self.buf[self.at:self.at + k])
+            self.at += k
+            n -= k
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _bias(view, node, op, attrs, n):
@@ -351,18 +403,25 @@ def _in_axis(op, rank):
     return 1 if op == "Conv" else rank - 1
 
 
-def _check_matrix(Wp, Wo, alpha, cz, centered, eps):
+def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None):
     """Is diag(alpha) Wp equal to Wo diag(cz) (centered along the outputs if asked) within the
-    rounding of eps? Row blocks in float64; returns (ok, first bad (row, col))."""
-    K, N = Wp.shape
-    if Wo.shape != (K, N):
-        return False, None
-    step = max(1, (4 << 20) // max(1, N))
-    for s in range(0, K, step):
-        p = np.asarray(Wp[s:s + step], np.float64)
+    rounding of eps? One pass over both weights in float64 row blocks, which also gives
+    tau Wp, |tau| |Wp| and err_in |Wp|. Returns (ok, first bad (row, col), tauW, abs_tauW, errW)."""
+    if (Mo.K, Mo.N) != (Mp.K, Mp.N):
+        return False, None, None, None, None
+    N = Mp.N
+    tw, atw, ew = np.zeros(N), np.zeros(N), np.zeros(N)
+    rows = _Rows(Mo)
+    for s, p in Mp.blocks():
+        n = len(p)
+        o = rows.take(n)
+        if tau is not None:
+            tw += tau[s:s + n] @ p
+            atw += np.abs(tau[s:s + n]) @ np.abs(p)
+        if err_in is not None:
+            ew += err_in[s:s + n] @ np.abs(p)
         if alpha is not None:
-            p = p * alpha[s:s + step, None]
-        o = np.asarray(Wo[s:s + step], np.float64)
+            p = p * alpha[s:s + n, None]
         if cz is not None:
             o = o * cz[None, :]
         e = o - o.mean(axis=1, keepdims=True) if centered else o
@@ -370,8 +429,8 @@ def _check_matrix(Wp, Wo, alpha, cz, centered, eps):
         bad = np.abs(p - e) > bound + 1e-300
         if bad.any():
             i, j = np.argwhere(bad)[0]
-            return False, (s + int(i), int(j))
-    return True, None
+            return False, (s + int(i), int(j)), None, None, None
+    return True, None, tw, atw, ew
 
 
 def rule_linear(prover, O, P, node, in_rels):
@@ -381,11 +440,8 @@ def rule_linear(prover, O, P, node, in_rels):
     pattrs = P.attrs(node)
     if not _linear_ok(node, pattrs, P, node.input[0]):
         raise _Skip(f"{op} form not supported")
-    mp = _matrix(prover, P, node.input[1], node, op, pattrs, "opt")
-    if mp is None:
-        raise _Skip(f"{op} weight form not supported")
-    Wp, rep = mp
-    K, N = Wp.shape
+    Mp = _Mat(P, node.input[1], op, pattrs)
+    rep, K, N = Mp.rep, Mp.K, Mp.N
     if op == "Gemm":
         Wp_scale = float(pattrs.get("alpha", 1.0))
     else:
@@ -415,11 +471,13 @@ def rule_linear(prover, O, P, node, in_rels):
                     continue
             if not _linear_ok(cand, oattrs, O, w) or len(cand.input) < 2:
                 continue
-            mo = _matrix(prover, O, cand.input[1], cand, cand.op_type, oattrs, "orig")
-            if mo is None:
+            if not O.is_const(cand.input[1]):
                 continue
-            Wo, rep_o = mo
-            if Wo.shape != (K, N) or rep_o != rep:
+            try:
+                Mo = _Mat(O, cand.input[1], cand.op_type, oattrs)
+            except _Skip:
+                continue
+            if (Mo.K, Mo.N) != (K, N) or Mo.rep != rep:
                 continue
             Wo_scale = float(oattrs.get("alpha", 1.0)) if cand.op_type == "Gemm" else 1.0
             bo = _bias(O, cand, cand.op_type, oattrs, N)
@@ -453,8 +511,11 @@ def rule_linear(prover, O, P, node, in_rels):
                     sz = vec(fz.t, N) if np.ndim(fz.t) or fz.t != 0.0 else 0.0
                 c_all = (np.ones(N) if cz is None else cz) * Wo_scale
                 c_use = None if np.all(c_all == 1.0) else c_all
+                e_in = None
+                if q.err is not None and np.any(np.asarray(q.err) != 0):
+                    e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
                 for centered in (False, True):
-                    ok, bad = _check_matrix(Wp, Wo, alpha, c_use, centered, eps)
+                    ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c_use, centered, eps, tau, e_in)
                     prover.stats.weights_checked += 1
                     if not ok:
                         tried.append((z, bad))
@@ -463,11 +524,10 @@ def rule_linear(prover, O, P, node, in_rels):
                     shift = np.asarray(bp, np.float64) * 1.0
                     err = 4 * eps * np.abs(bp)
                     if tau is not None:
-                        shift = shift + W.vecmat(tau, Wp) * Wp_scale
-                        err = err + 4 * eps * W.vecmat(np.abs(tau), np.abs(Wp)) * abs(Wp_scale)
-                    if q.err is not None and np.any(np.asarray(q.err) != 0):
-                        e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
-                        err = err + W.vecmat(e_in, np.abs(Wp)) * abs(Wp_scale)
+                        shift = shift + tw * Wp_scale
+                        err = err + 4 * eps * atw * abs(Wp_scale)
+                    if e_in is not None:
+                        err = err + ew * abs(Wp_scale)
                     orig_shift = (np.ones(N) if cz is None else cz) * bo + sz
                     err = err + 4 * eps_of(O.elem(cand.input[1])) * np.abs(orig_shift)
                     if centered:
@@ -495,20 +555,26 @@ def rule_gather(prover, O, P, node, in_rels):
     if in_rels[0] != "const" or in_rels[1] in (None, "const"):
         raise _Skip("Gather not of a constant table")
     g = P.attrs(node).get("axis", 0)
-    table = P.const(node.input[0])
-    if table is None or table.ndim < 2 or g % table.ndim == table.ndim - 1:
+    tshape = P.shape(node.input[0])
+    if tshape is None or len(tshape) < 2 or g % len(tshape) == len(tshape) - 1:
         raise _Skip("Gather along the channel axis")
+    eps_t = eps_of(P.elem(node.input[0]))
     out = []
     for w, q in prover._rels_on(O, in_rels[1], keep=lambda r: r.eq):
         for cand, slot in O.consumers.get(w, ()):
             if cand.op_type != "Gather" or slot != 1 or O.attrs(cand).get("axis", 0) != g or not O.is_const(cand.input[0]):
                 continue
-            t0 = O.const(cand.input[0])
-            if t0.shape != table.shape:
+            if O.shape(cand.input[0]) != tshape:
                 continue
-            exp = center(t0, table.ndim - 1)
             prover.stats.weights_checked += 1
-            if _weights_close(table, exp, eps_of(P.elem(node.input[0])), np.abs(np.asarray(t0, np.float64))):
+            rows = _Rows(_Table(O, cand.input[0]))
+            ok = True
+            for _, blk in row_blocks(P, node.input[0]):
+                t0 = rows.take(len(blk))
+                if not _weights_close(np.asarray(blk, np.float64), center(t0, t0.ndim - 1), eps_t, np.abs(t0)):
+                    ok = False
+                    break
+            if ok:
                 y = cand.output[0]
                 ry = O.rank(y)
                 if ry is None:
