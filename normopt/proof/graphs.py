@@ -210,6 +210,7 @@ class GraphView:
                     if t is not None:
                         self.types[o] = t
         self._small = {}
+        self._partial = {}  # Shape outputs with some dynamic dims: [int or None]
         self.form = {}
         self.family = defaultdict(list)
         self._evaluate_constants()
@@ -311,17 +312,32 @@ class GraphView:
                 continue
             if node.op_type in ("Shape", "Size") and node.input:
                 s = self.shape(node.input[0])
-                if s is not None and all(isinstance(d, int) and d >= 0 for d in s):
+                if s is not None:
+                    # a symbolic dim is kept as its name (or a name for this dim), so equal dims cancel
+                    s = [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else f"{node.input[0]}#{k}")
+                         for k, d in enumerate(s)]
                     a = self.attrs(node)
                     if node.op_type == "Size":
-                        self._small[node.output[0]] = np.array(int(np.prod(s)), np.int64)
+                        if all(d is not None for d in s):
+                            self._small[node.output[0]] = np.array(int(np.prod(s)), np.int64)
                     else:
                         r = len(s)
                         start, end = a.get("start", 0), a.get("end", r)
                         start = max(0, min(r, start + r if start < 0 else start))
                         end = max(0, min(r, end + r if end < 0 else end))
-                        self._small[node.output[0]] = np.array(s[start:end], np.int64)
+                        part = s[start:end]
+                        if all(isinstance(d, int) for d in part):
+                            self._small[node.output[0]] = np.array(part, np.int64)
+                        else:
+                            self._partial[node.output[0]] = part
                 continue
+            if node.op_type in ("Gather", "Slice") and node.input and node.input[0] in self._partial:
+                self._partial_index(node)
+                continue
+            if node.input and any(i in self._partial for i in node.input) and self._partial_op(node):
+                continue
+            if node.op_type == "Reshape" and len(node.input) > 1:
+                self._refine_reshape(node)
             ins = [i for i in node.input if i]
             if not ins or not all(self.is_const(i) for i in ins):
                 continue
@@ -334,6 +350,120 @@ class GraphView:
             for o, v in zip(node.output, vals):
                 if o and v is not None and np.asarray(v).size <= EVAL_LIMIT:
                     self._small[o] = np.asarray(v)
+
+    def _pvals(self, name):
+        """A 1-D int shape vector as [int or None], from a partial or a small constant."""
+        if name in self._partial:
+            return list(self._partial[name])
+        v = self.const(name) if name else None
+        if v is None or np.asarray(v).dtype.kind not in "iu" or np.asarray(v).ndim > 1 or np.asarray(v).size > 64:
+            return None
+        return [int(x) for x in np.asarray(v).reshape(-1)]
+
+    def _set_partial(self, name, vals, scalar=False):
+        if all(isinstance(v, (int, np.integer)) for v in vals):
+            arr = np.array(vals, np.int64)
+            self._small[name] = arr.reshape(()) if scalar else arr
+        else:
+            self._partial[name] = vals
+
+    def _partial_op(self, node):
+        """Shape arithmetic on partly static shape vectors (Concat, Unsqueeze, Squeeze, Cast,
+        Identity, elementwise Add/Sub/Mul/Div with a constant): what is static stays static."""
+        op, ins, out = node.op_type, list(node.input), node.output[0]
+        if op == "Concat" and self.attrs(node).get("axis", 0) == 0:
+            parts = [self._pvals(i) for i in ins]
+            if any(p is None for p in parts):
+                return False
+            self._set_partial(out, [v for p in parts for v in p])
+            return True
+        if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+            vals = self._pvals(ins[0])
+            if vals is None or (op == "Cast" and self.attrs(node).get("to") not in (6, 7)):
+                return False
+            self._set_partial(out, vals, scalar=(op == "Squeeze"))
+            return True
+        if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
+            a, b = self._pvals(ins[0]), self._pvals(ins[1])
+            if a is None or b is None:
+                return False
+            if len(a) == 1 and len(b) > 1:
+                a = a * len(b)
+            if len(b) == 1 and len(a) > 1:
+                b = b * len(a)
+            if len(a) != len(b):
+                return False
+            f = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,
+                 "Div": lambda x, y: x // y if y else None}[op]
+            num = (int, np.integer)
+            self._set_partial(out, [f(x, y) if isinstance(x, num) and isinstance(y, num) else None for x, y in zip(a, b)],
+                              scalar=(self.rank(ins[0]) == 0 and self.rank(ins[1]) in (0, None)))
+            return True
+        return False
+
+    def _refine_reshape(self, node):
+        """Static dims of a Reshape's output that its shape vector fixes, where inference left
+        them symbolic (0 copies the input's dim unless allowzero; -1 from the element count)."""
+        vals = self._pvals(node.input[1])
+        t_in, t_out = self.type_of(node.input[0]), self.type_of(node.output[0])
+        if vals is None or t_in is None or t_in[1] is None:
+            return
+        sin = list(t_in[1])
+        allowzero = self.attrs(node).get("allowzero", 0)
+        dims = []
+        for k, v in enumerate(vals):
+            if v is None:
+                dims.append(None)
+            elif v == 0 and not allowzero:
+                dims.append(sin[k] if k < len(sin) else None)
+            elif v == -1:
+                dims.append(-1)
+            else:
+                dims.append(v)
+        if -1 in dims:
+            known = [d for d in dims if not (isinstance(d, int) and d == -1)]
+            num = [d for d in sin if isinstance(d, int)]
+            sym = [d for d in sin if not isinstance(d, int)]
+            den_num = [d for d in known if isinstance(d, int)]
+            den_sym = [d for d in known if not isinstance(d, int)]
+            ok = None not in sym and None not in den_sym
+            for d in den_sym if ok else ():
+                if d in sym:
+                    sym.remove(d)
+                else:
+                    ok = False
+            rest = int(np.prod(den_num)) if den_num else 1
+            if ok and not sym and rest and int(np.prod(num)) % rest == 0:
+                dims[dims.index(-1)] = int(np.prod(num)) // rest
+            else:
+                dims[dims.index(-1)] = None
+        old = list(t_out[1]) if t_out and t_out[1] is not None and len(t_out[1]) == len(dims) else [None] * len(dims)
+        new = tuple(d if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and "#" not in d) else o for d, o in zip(dims, old))
+        elem = t_out[0] if t_out else t_in[0]
+        self.types[node.output[0]] = (elem, new)
+
+    def _partial_index(self, node):
+        """Gather / Slice of a partly static shape: a constant when every dim picked is static."""
+        dims = self._partial[node.input[0]]
+        try:
+            if node.op_type == "Gather":
+                idx = self.const(node.input[1]) if len(node.input) > 1 else None
+                if idx is None or self.attrs(node).get("axis", 0) != 0:
+                    return
+                idx = np.asarray(idx)
+                picked = [dims[int(i)] for i in idx.reshape(-1)]
+                self._set_partial(node.output[0], picked, scalar=(idx.ndim == 0))
+                return
+            vals = [self.const(i) if i else None for i in node.input[1:]]
+            if len(vals) < 2 or vals[0] is None or vals[1] is None or any(v is None for v, i in zip(vals, node.input[1:]) if i):
+                return
+            starts, ends = int(np.asarray(vals[0]).reshape(-1)[0]), int(np.asarray(vals[1]).reshape(-1)[0])
+            if len(vals) > 2 and vals[2] is not None and int(np.asarray(vals[2]).reshape(-1)[0]) != 0:
+                return
+            step = int(np.asarray(vals[3]).reshape(-1)[0]) if len(vals) > 3 and vals[3] is not None else 1
+            self._set_partial(node.output[0], dims[slice(starts, ends, step)])
+        except (IndexError, ValueError, TypeError):
+            return
 
     # ------------------------------------------------------------------ affine forms
     def _identity_perm(self, name):
