@@ -46,16 +46,23 @@ def prove(original, optimized) -> ProofResult:
     """Prove that `optimized` computes `original`'s function. Each argument is a path or an
     onnx.ModelProto (an in-memory model or a normopt skeleton). Bad input (a file that does not
     load) raises normopt.errors.NormoptError; everything else is a ProofResult."""
+    from ..errors import NormoptError
     from .prover import NotProved, Prover
 
     orig, opt = _load(original), _load(optimized)
     p = Prover(orig, opt)
     try:
         stats = p.run()
+    except (NormoptError, KeyboardInterrupt):
+        raise
     except NotProved as exc:
         s = p.stats
         return ProofResult(False, f"not proved: {exc.where}: {exc.reason}", exc.where, exc.reason,
                            {"nodes_checked": s.nodes, "weights_checked": s.weights_checked})
+    except Exception as exc:  # the prover's own bug: never "proved"
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        return ProofResult(False, f"not proved: internal error in the prover: {type(exc).__name__}: {text}", None, text,
+                           {"internal_error": True})
     return ProofResult(True, f"proved: {stats.line()}", details={
         "nodes": stats.nodes, "identical": stats.identical, "norms_converted": stats.norms_converted,
         "writers_centered": stats.centered_writers, "affine_folds": stats.affine_folds,

@@ -158,7 +158,7 @@ class Prover:
         """r (on u) restated on w, a member of u's family; None if it cannot be."""
         if r.u == w:
             return r
-        if r.kind != "rel":
+        if r.kind != "rel" or r.full_t:
             return None
         ku, kw = O.layout_key(r.u), O.layout_key(w)
         if ku is None or ku != kw:
@@ -407,6 +407,8 @@ class Prover:
 
     def _layout_with(self, O, P, node, cand, in_rels, rr: Rel, data_slots):
         op = node.op_type
+        if rr.full_t:
+            return None
         x = cand.input[0 if op != "Concat" else data_slots[0]]
         for k, (i, r) in enumerate(zip(node.input, in_rels)):
             oi = cand.input[k]

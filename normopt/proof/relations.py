@@ -47,6 +47,11 @@ class Rel:
         return self.kind == "rel" and not self.centered and self.a is None and self.t is None
 
     @property
+    def full_t(self) -> bool:
+        """t is a whole constant tensor (not per-channel): only a constant Add may consume it."""
+        return self.t is not None and np.ndim(self.t) > 1
+
+    @property
     def pure_center(self) -> bool:
         return self.kind == "rel" and self.centered and self.a is None and self.t is None
 

@@ -55,7 +55,7 @@ def _finish(prover, rs, what):
 
 
 def _combine(O, q1: Rel, q2: Rel, w1, w2, y, sign):
-    if q1.kind != "rel" or q2.kind != "rel" or q1.centered != q2.centered:
+    if q1.kind != "rel" or q2.kind != "rel" or q1.centered != q2.centered or q1.full_t or q2.full_t:
         return None
     r1, r2, ry = O.rank(w1), O.rank(y), O.rank(y)
     r2 = O.rank(w2)
@@ -151,7 +151,7 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
         ry = O.rank(w)
         if ry is None or c.ndim > ry:
             continue
-        t0 = 0.0 if q.t is None else _bcast(q.t, q.axis, ry) if q.axis is not None else q.t
+        t0 = 0.0 if q.t is None else (q.t if np.ndim(q.t) > 1 else _bcast(q.t, q.axis, ry) if q.axis is not None else q.t)
         # A: the original adds (or subtracts) a constant too
         for cand, slot in O.consumers.get(w, ()):
             if cand.op_type not in ("Add", "Sub") or len(cand.input) != 2 or (cand.op_type == "Sub" and slot != 0):
@@ -239,7 +239,7 @@ def rule_mul(prover, O, P, node, in_rels):
     rs = in_rels[1 - ci]
     out = []
     for w, q in prover._rels_on(O, rs):
-        if q.kind != "rel":
+        if q.kind != "rel" or q.full_t:
             continue
         ry = O.rank(w)
         if ry is None or c.ndim > ry:
@@ -433,6 +433,81 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None):
     return True, None, tw, atw, ew
 
 
+def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q):
+    """The weight is the original's with each output column scaled: diag(alpha) Wp = Wo diag(c)
+    for a c solved column by column (a per-channel scale the original applies later, past a
+    layout op, for example). The output relates to m by a = c, t = tau Wp + bp - c bo."""
+    N = Mp.N
+    num, den = np.zeros(N), np.zeros(N)
+    rows = _Rows(Mo)
+    for s, p in Mp.blocks():
+        o = rows.take(len(p))
+        if alpha is not None:
+            p = p * alpha[s:s + len(p), None]
+        num += (p * o).sum(axis=0)
+        den += (o * o).sum(axis=0)
+    if np.any(den == 0):
+        return False
+    c = num / den / Wo_scale
+    if np.any(c == 0):
+        return False
+    e_in = None
+    if q.err is not None and np.any(np.asarray(q.err) != 0):
+        e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
+    ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c * Wo_scale, False, eps, tau, e_in)
+    prover.stats.weights_checked += 1
+    if not ok:
+        return False
+    shift = np.asarray(bp, np.float64) - c * bo
+    err = 4 * eps * (np.abs(bp) + np.abs(c * bo))
+    if tau is not None:
+        shift = shift + tw * Wp_scale
+        err = err + 4 * eps * atw * abs(Wp_scale)
+    if e_in is not None:
+        err = err + ew * abs(Wp_scale)
+    out.append(simplify(Rel(m, out_axis, False, c, shift, err, how="scaled weights"), eps))
+    prover.stats.affine_folds += 1
+    return True
+
+
+def _writer_targets(prover, O, m, out_axis, N, rm):
+    """(z, c, s) for original values z = c * (m + T) + s after a linear op's output m: m's family
+    (c, s per-channel vectors), and the family of m + T for a constant T of any broadcastable
+    shape (s then a full array: c * T + s)."""
+    out = []
+
+    def family(base, T):
+        for z in prover.fam(O, base):
+            fz = O.get_form(z)
+            if z == base:
+                cz, sz = None, 0.0
+            else:
+                if fz.base != base or not O.is_identity_layout(z, fz):
+                    continue
+                if fz.axis is not None and fz.axis != out_axis:
+                    continue
+                cz = vec(fz.a, N) if np.ndim(fz.a) or fz.a != 1.0 else None
+                sz = vec(fz.t, N) if np.ndim(fz.t) or fz.t != 0.0 else 0.0
+            if T is not None:
+                c_b = _bcast(np.ones(N) if cz is None else cz, out_axis, rm)
+                sz = c_b * T + (_bcast(sz, out_axis, rm) if np.ndim(sz) else sz)
+            out.append((z, cz, sz))
+
+    family(m, None)
+    for cand, slot in O.consumers.get(m, ()):
+        if cand.op_type != "Add" or len(cand.input) != 2 or not O.is_const(cand.input[1 - slot]):
+            continue
+        T = O.const(cand.input[1 - slot])
+        if T is None or np.asarray(T).ndim > rm or np.asarray(T).size > (1 << 22) or O.rank(cand.output[0]) != rm:
+            continue
+        T = _full(np.asarray(T, np.float64), rm)
+        sm, so = O.shape(m), O.shape(cand.output[0])
+        if sm is None or so is None or tuple(sm) != tuple(so) or np.asarray(T).ndim < 2 or per_channel(T, out_axis, rm) is not None:
+            continue  # per-channel constants are already in m's family
+        family(cand.output[0], T)
+    return out
+
+
 def rule_linear(prover, O, P, node, in_rels):
     op = node.op_type
     if in_rels[0] in (None, "const") or len(node.input) < 2 or in_rels[1] != "const":
@@ -452,7 +527,7 @@ def rule_linear(prover, O, P, node, in_rels):
     eps = eps_of(P.elem(node.input[1]))
     out, tried = [], []
     for w, q in prover._rels_on(O, in_rels[0]):
-        if q.kind != "rel" or q.centered:
+        if q.kind != "rel" or q.centered or q.full_t:
             continue
         rw = O.rank(w)
         if rw is None:
@@ -498,17 +573,7 @@ def rule_linear(prover, O, P, node, in_rels):
                 pads = pattrs.get("pads") or ()
                 if any(pads) or pattrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
                     continue  # a shift does not pass through zero padding
-            for z in prover.fam(O, m):
-                fz = O.get_form(z)
-                if z == m:
-                    cz, sz = None, 0.0
-                else:
-                    if fz.base != m or not O.is_identity_layout(z, fz):
-                        continue
-                    if fz.axis is not None and fz.axis != out_axis:
-                        continue
-                    cz = vec(fz.a, N) if np.ndim(fz.a) or fz.a != 1.0 else None
-                    sz = vec(fz.t, N) if np.ndim(fz.t) or fz.t != 0.0 else 0.0
+            for z, cz, sz in _writer_targets(prover, O, m, out_axis, N, rm):
                 c_all = (np.ones(N) if cz is None else cz) * Wo_scale
                 c_use = None if np.all(c_all == 1.0) else c_all
                 e_in = None
@@ -528,17 +593,31 @@ def rule_linear(prover, O, P, node, in_rels):
                         err = err + 4 * eps * atw * abs(Wp_scale)
                     if e_in is not None:
                         err = err + ew * abs(Wp_scale)
-                    orig_shift = (np.ones(N) if cz is None else cz) * bo + sz
-                    err = err + 4 * eps_of(O.elem(cand.input[1])) * np.abs(orig_shift)
-                    if centered:
-                        orig_shift = orig_shift - orig_shift.mean()
-                    r = simplify(Rel(z, out_axis, centered, None, shift - orig_shift, err, how=f"{op} weights"), eps)
+                    if np.ndim(sz) > 1:  # the original adds a full constant tensor before its per-channel chain
+                        c_b = _bcast(np.ones(N) if cz is None else cz, out_axis, rm)
+                        orig_shift = c_b * _bcast(bo, out_axis, rm) + sz
+                        if centered:
+                            orig_shift = center(orig_shift, out_axis)
+                        t_full = _bcast(shift, out_axis, rm) - orig_shift
+                        bound = np.max(err) + 4 * eps_of(O.elem(cand.input[1])) * float(np.max(np.abs(orig_shift)))
+                        tv = per_channel(t_full, out_axis, rm, bound)
+                        t_rel = tv if tv is not None else t_full
+                        err = err + bound
+                    else:
+                        orig_shift = (np.ones(N) if cz is None else cz) * bo + sz
+                        err = err + 4 * eps_of(O.elem(cand.input[1])) * np.abs(orig_shift)
+                        if centered:
+                            orig_shift = orig_shift - orig_shift.mean()
+                        t_rel = shift - orig_shift
+                    r = simplify(Rel(z, out_axis, centered, None, t_rel, err, how=f"{op} weights"), eps)
                     out.append(r)
                     if centered:
                         prover.stats.centered_writers += 1
                     elif alpha is not None or c_use is not None:
                         prover.stats.affine_folds += 1
                     break
+            if not out and not prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q):
+                pass
     if not out:
         where = ""
         if tried:
@@ -610,7 +689,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
     """Relations of RMS/LN(x') * gamma_p (+ beta_p) for x' with relations rs."""
     out = []
     for w, q in prover._rels_on(O, rs):
-        if q.kind != "rel":
+        if q.kind != "rel" or q.full_t:
             continue
         r = O.rank(w)
         if r is None:
