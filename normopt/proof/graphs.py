@@ -218,6 +218,8 @@ class GraphView:
         if forms:
             self._build_forms()
             self._find_ln_sites()
+            self._alg_done = set()
+            self._find_ln_algebra()
 
     # ------------------------------------------------------------------ lookups
     def type_of(self, name):
@@ -338,6 +340,8 @@ class GraphView:
                 continue
             if node.op_type == "Reshape" and len(node.input) > 1:
                 self._refine_reshape(node)
+            if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+                self._refine_linear(node)
             ins = [i for i in node.input if i]
             if not ins or not all(self.is_const(i) for i in ins):
                 continue
@@ -377,6 +381,13 @@ class GraphView:
                 return False
             self._set_partial(out, [v for p in parts for v in p])
             return True
+        if op == "ReduceProd":
+            vals = self._pvals(ins[0])
+            if vals is None or not all(isinstance(v, (int, np.integer)) for v in vals):
+                return False
+            keep = self.attrs(node).get("keepdims", 1)
+            self._set_partial(out, [int(np.prod(vals))], scalar=not keep)
+            return True
         if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
             vals = self._pvals(ins[0])
             if vals is None or (op == "Cast" and self.attrs(node).get("to") not in (6, 7)):
@@ -400,6 +411,18 @@ class GraphView:
                               scalar=(self.rank(ins[0]) == 0 and self.rank(ins[1]) in (0, None)))
             return True
         return False
+
+    def _refine_linear(self, node):
+        """The output channel count of a MatMul / Gemm with a constant 2-D weight, where inference left it symbolic."""
+        w = node.input[1]
+        if w not in self.inits or len(self.inits[w].dims) != 2:
+            return
+        dims = [int(d) for d in self.inits[w].dims]
+        n = dims[0] if node.op_type == "Gemm" and self.attrs(node).get("transB", 0) else dims[1]
+        t = self.type_of(node.output[0])
+        if t is None or t[1] is None or not t[1] or isinstance(t[1][-1], int):
+            return
+        self.types[node.output[0]] = (t[0], tuple(t[1][:-1]) + (n,))
 
     def _refine_reshape(self, node):
         """Static dims of a Reshape's output that its shape vector fixes, where inference left
@@ -706,6 +729,139 @@ class GraphView:
                                         if set(mul.input) == {c, rc.output[0]}:
                                             self.ln_sites[x].append((mul.output[0], eps))
 
+    # ---------------------------------------------------------------- LayerNorms written as algebra
+    def _find_ln_algebra(self):
+        """LayerNorms the exporters write as algebra (tf2onnx: rsqrt(var + eps) * gamma times x and
+        mean separately, var as mean(x^2) - mean(x)^2 under Max(., 0), GlobalAveragePool means):
+        every value from a mean over x's last axis is tracked as a polynomial in x, mean(x),
+        mean(x^2) and r = 1/sqrt(var(x) + eps) with per-channel coefficients; a value equal to
+        gamma * r * (x - mean x) + beta is a LayerNorm site of x."""
+        for node in self.nodes:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            x = node.input[0] if node.input else ""
+            if not x or self._mean_kind(node) is None or x in self._alg_done:
+                continue
+            self._alg_done.add(x)
+            try:
+                self._ln_algebra_from(x)
+            except Exception:
+                continue
+
+    def _mean_kind(self, node):
+        r = self.rank(node.input[0]) if node.input else None
+        if r is None or r < 2:
+            return None
+        if node.op_type == "ReduceMean" and reduce_axes(self, node) == (r - 1,):
+            return "keep" if self.attrs(node).get("keepdims", 1) else "drop"
+        if node.op_type == "GlobalAveragePool" and r == 3:
+            return "keep"
+        return None
+
+    def _ln_algebra_from(self, x):
+        d = self.shape(x)[-1]
+        if not isinstance(d, int):
+            return
+        r = self.rank(x)
+        expr = {x: {(1, 0, 0, None): np.float64(1.0)}}
+        frontier = [x]
+        seen_nodes = set()
+        budget = 64
+        while frontier and budget > 0:
+            v = frontier.pop(0)
+            for n, _k in self.consumers.get(v, ()):
+                if id(n) in seen_nodes or n.domain not in ("", "ai.onnx") or not n.output or not n.output[0]:
+                    continue
+                ins = [i for i in n.input if i]
+                if not all(i in expr or self.is_const(i) for i in ins):
+                    continue
+                seen_nodes.add(id(n))
+                budget -= 1
+                e = self._alg_step(n, expr, d, r)
+                if e is None:
+                    continue
+                y = n.output[0]
+                expr[y] = e
+                frontier.append(y)
+                site = _ln_form(e)
+                if site is not None:
+                    eps, g, b = site
+                    self.ln_sites[x].append((y, eps, g, b))
+
+    def _alg_const(self, name, d, r):
+        c = self.const(name)
+        if c is None:
+            return None
+        c = np.asarray(c, np.float64)
+        if c.ndim > r:
+            return None
+        if c.size == 1:
+            return c.reshape(())
+        full = c.reshape((1,) * (r - c.ndim) + c.shape)
+        if any(k != 1 for k in full.shape[:-1]) or full.shape[-1] != d:
+            return None
+        return full.reshape(-1)
+
+    def _alg_step(self, n, expr, d, r):
+        op, ins = n.op_type, list(n.input)
+
+        def get(i):
+            if i in expr:
+                return expr[i]
+            c = self._alg_const(i, d, r)
+            return None if c is None else {(0, 0, 0, None): c}
+
+        if op in ("Identity",) or (op == "Cast" and self.attrs(n).get("to") == self.elem(ins[0])):
+            return get(ins[0])
+        if op == "Unsqueeze" or op == "Squeeze":
+            e = get(ins[0])
+            return e if e is not None and all(m[0] == 0 for m in e) else None  # per-token values only
+        if op in ("Add", "Sub", "Mul") and len(ins) == 2:
+            a, b = get(ins[0]), get(ins[1])
+            if a is None or b is None:
+                return None
+            if op == "Mul":
+                return _poly_mul(a, b)
+            return _poly_add(a, b, 1.0 if op == "Add" else -1.0)
+        if op == "Neg":
+            e = get(ins[0])
+            return None if e is None else {m: -c for m, c in e.items()}
+        if op == "Pow" and len(ins) == 2:
+            e, k = get(ins[0]), self.const(ins[1])
+            if e is None or k is None or np.asarray(k).size != 1 or float(np.asarray(k).reshape(-1)[0]) != 2.0:
+                return None
+            return _poly_mul(e, e)
+        if op in ("ReduceMean", "GlobalAveragePool"):
+            if self._mean_kind(n) is None:
+                return None
+            return _poly_mean(get(ins[0]))
+        if op == "Max" and len(ins) == 2:  # max(var, 0) = var
+            a, b = get(ins[0]), get(ins[1])
+            for p, q in ((a, b), (b, a)):
+                if p is not None and q is not None and set(q) == {(0, 0, 0, None)} and np.all(q[(0, 0, 0, None)] == 0) \
+                        and _variance(p) is not None and _variance(p) == 0.0:
+                    return p
+            return None
+        if op == "Sqrt":
+            e = get(ins[0])
+            eps = _variance(e) if e is not None else None
+            return None if eps is None else {("sqrt", eps): np.float64(1.0)}
+        if op == "Reciprocal":
+            e = get(ins[0])
+            if e is None or len(e) != 1 or next(iter(e))[0] != "sqrt":
+                return None
+            return {(0, 0, 0, next(iter(e))[1]): np.float64(1.0) / e[next(iter(e))]}
+        if op == "Div" and len(ins) == 2:
+            a, b = get(ins[0]), get(ins[1])
+            if a is None or b is None:
+                return None
+            if len(b) == 1 and next(iter(b))[0] == "sqrt":
+                key = next(iter(b))
+                return _poly_mul(a, {(0, 0, 0, key[1]): np.float64(1.0) / b[key]})
+            if set(b) == {(0, 0, 0, None)} and np.all(b[(0, 0, 0, None)] != 0):
+                return {m: c / b[(0, 0, 0, None)] for m, c in a.items()}
+        return None
+
     def zero_mean_axis(self, name):
         """Axis along which the ORIGINAL value is zero-mean by construction: x - ReduceMean(x)."""
         p = self.producer.get(name)
@@ -754,6 +910,82 @@ def expand_skip_norms(nodes):
                 out.append(onnx.helper.make_node("LayerNormalization", [final, ins[2]] + ([beta] if beta else []), [n.output[0]],
                                                  name=n.name, axis=-1, epsilon=eps))
     return out
+
+
+# polynomials: {(power of x, power of mean x, power of mean x^2, eps of r or None): coef}, r = 1/sqrt(var + eps)
+
+
+def _poly_add(a, b, sign):
+    out = dict(a)
+    for m, c in b.items():
+        if m[0] == "sqrt":
+            return None
+        out[m] = out.get(m, 0.0) + sign * c
+    return {m: c for m, c in out.items() if np.any(c != 0)}
+
+
+def _poly_mul(a, b):
+    out = {}
+    for ma, ca in a.items():
+        for mb, cb in b.items():
+            if ma[0] == "sqrt" or mb[0] == "sqrt" or (ma[3] is not None and mb[3] is not None):
+                return None
+            m = (ma[0] + mb[0], ma[1] + mb[1], ma[2] + mb[2], ma[3] if ma[3] is not None else mb[3])
+            if m[0] > 2:
+                return None
+            out[m] = out.get(m, 0.0) + ca * cb
+    return {m: c for m, c in out.items() if np.any(c != 0)}
+
+
+def _poly_mean(e):
+    """mean over the last axis: x -> mean x, x^2 -> mean x^2 (scalar coefficients only)."""
+    if e is None:
+        return None
+    out = {}
+    for m, c in e.items():
+        if m[0] == "sqrt":
+            return None
+        if m[0] == 0:
+            key, val = m, np.float64(np.mean(c))
+        elif np.ndim(c) == 0 or np.ptp(c) == 0:
+            cc = np.float64(np.asarray(c).reshape(-1)[0])
+            key, val = ((0, m[1] + 1, m[2], m[3]) if m[0] == 1 else (0, m[1], m[2] + 1, m[3])), cc
+        else:
+            return None
+        out[key] = out.get(key, 0.0) + val
+    return {m: c for m, c in out.items() if np.any(c != 0)}
+
+
+def _variance(e):
+    """eps when e = mean(x^2) - mean(x)^2 + eps (a variance plus a scalar), else None."""
+    if e is None:
+        return None
+    keys = set(e)
+    need = {(0, 0, 1, None), (0, 2, 0, None)}
+    if not need <= keys or not keys <= need | {(0, 0, 0, None)}:
+        return None
+    if not (np.ndim(e[(0, 0, 1, None)]) == 0 and float(e[(0, 0, 1, None)]) == 1.0 and float(e[(0, 2, 0, None)]) == -1.0):
+        return None
+    eps = e.get((0, 0, 0, None), 0.0)
+    if np.ndim(eps) != 0 or float(eps) < 0:
+        return None
+    return float(eps)
+
+
+def _ln_form(e):
+    """(eps, gamma, beta) when e = gamma * r * (x - mean x) + beta."""
+    rx = [m for m in e if m[0] == 1 and m[1] == 0 and m[2] == 0 and m[3] is not None]
+    if len(rx) != 1:
+        return None
+    eps = rx[0][3]
+    g = e[rx[0]]
+    rmu = (0, 1, 0, eps)
+    allowed = {rx[0], rmu, (0, 0, 0, None)}
+    if set(e) - allowed or rmu not in e:
+        return None
+    if not np.allclose(e[rmu], -np.asarray(g), rtol=1e-12, atol=0):
+        return None
+    return eps, np.asarray(g, np.float64), np.asarray(e.get((0, 0, 0, None), 0.0), np.float64)
 
 
 def _is_two(v) -> bool:

@@ -705,19 +705,26 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
         for cand, slot in sites:
             if slot != 0:
                 continue
-            if isinstance(cand, tuple):  # a decomposed LayerNorm of the original: (normalized value, eps)
-                n, e0 = cand
+            if isinstance(cand, tuple):  # a decomposed LayerNorm of the original: (value, eps[, gamma, beta])
+                n, e0 = cand[0], cand[1]
                 if not _same_eps(e0, eps_attr, eps_tol):
                     continue
                 d = O.shape(w)[last]
                 if not isinstance(d, int) or gamma_p is None:
                     continue
+                g0 = vec(cand[2], d) if len(cand) > 2 else np.ones(d)
+                b0 = vec(cand[3], d) if len(cand) > 3 else np.zeros(d)
                 gp = vec(gamma_p, d) if gamma_p.size in (1, d) else None
                 bp = np.zeros(d) if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else None)
                 if gp is None or bp is None:
                     continue
+                same = g0 == gp
+                if np.any((g0 == 0) & ~same):
+                    continue
+                a = np.where(same, 1.0, gp / np.where(g0 == 0, 1.0, g0))
+                t = bp - a * b0
                 eps = eps_of(O.elem(w))
-                out.append(simplify(Rel(n, last, False, gp, bp, 4 * eps * np.abs(bp), how="norm"), eps))
+                out.append(simplify(Rel(n, last, False, a, t, 4 * eps * (np.abs(bp) + np.abs(a * b0)), how="norm"), eps))
                 continue
             oa = O.attrs(cand)
             if cand.op_type == "LayerNormalization":
