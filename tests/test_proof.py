@@ -134,8 +134,8 @@ def mutants(orig, opt):
             node = next(x for x in m.graph.node if x.name == n.name and x.output == n.output)
             next(a for a in node.attribute if a.name == "epsilon").f *= 10
             yield "epsilon changed", m
-        if n.op_type == "Transpose":
-            perm = list(helper.get_attribute_value(n.attribute[0]))
+        if n.op_type == "Transpose" and any(a.name == "perm" for a in n.attribute):
+            perm = list(helper.get_attribute_value(next(a for a in n.attribute if a.name == "perm")))
             if len(perm) >= 2 and perm[-1] != perm[-2]:
                 m = copy.deepcopy(opt)
                 node = next(x for x in m.graph.node if x.output == n.output)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-A_TOL = 64  # a ~ 1 within this many ulps of the value's dtype
+A_TOL = 4  # a ~ 1 within this many ulps of the value's dtype (a scale is a ratio of stored values)
 
 
 def eps_of(elem_type) -> float:
@@ -116,7 +116,9 @@ def per_channel(arr: np.ndarray, axis: int, rank: int, tol=0.0):
     if not np.array_equal(np.broadcast_to(first, full.shape), full):
         # variation along the other axes is allowed only within the rounding bound `tol`
         mean = full.mean(axis=other, keepdims=True)
-        if not np.all(np.abs(full - mean) <= np.asarray(tol, np.float64) + 1e-300):
+        tol = np.broadcast_to(np.asarray(tol, np.float64), np.broadcast_shapes(np.shape(tol), full.shape))
+        # each element within its own bound of a mean that is itself within the largest bound
+        if not np.all(np.abs(full - mean) <= tol + tol.max(axis=other, keepdims=True) + 1e-300):
             return None
         return mean.reshape(-1)
     return first.reshape(-1)

@@ -92,14 +92,27 @@ def _full(arr, rank):
     return arr.reshape((1,) * (rank - arr.ndim) + arr.shape) if arr.ndim <= rank else None
 
 
-def _shift_rel(O, y, q: Rel, delta, err_extra):
-    """Rel on y: P(a y) + delta, delta a full array; None unless delta is per-channel."""
+def _channel_err(err_full, q: Rel, rank):
+    """An elementwise bound reduced to the relation's axis (max over the other axes), or a scalar."""
+    e = np.asarray(err_full, np.float64)
+    if e.ndim == 0:
+        return float(e)
+    if q.axis is None or e.ndim != rank or e.shape[q.axis] == 1:
+        return float(e.max())
+    other = tuple(i for i in range(rank) if i != q.axis)
+    return e.max(axis=other).reshape(-1)
+
+
+def _shift_rel(O, y, q: Rel, delta, err_full):
+    """Rel on y: P(a y) + delta, delta a full array; None unless delta is per-channel within the
+    elementwise rounding bound err_full (plus the relation's own)."""
     ry = O.rank(y)
     if ry is None:
         return None
     delta = _full(delta, ry)
     if delta is None:
         return None
+    err_full = _full(err_full, ry)
     sy = O.shape(y)
     if sy is not None and any(isinstance(s, int) and dd not in (1, s) for dd, s in zip(delta.shape, sy)):
         return None  # the constant would broadcast the value to a larger shape
@@ -113,9 +126,12 @@ def _shift_rel(O, y, q: Rel, delta, err_extra):
         if len(varying) != 1:
             return None
         axis = varying[0]
-    tv = per_channel(delta, axis, ry, np.asarray(q.err, np.float64).max() + np.max(err_extra) if np.size(err_extra) else 0.0)
+    qe = np.asarray(q.err, np.float64)
+    bound = (_bcast(qe, axis, ry) if qe.ndim == 1 else qe) + err_full
+    tv = per_channel(delta, axis, ry, bound)
     if tv is None:
         return None
+    err_extra = _channel_err(err_full, Rel(y, axis), ry)
     d = sy[axis] if sy is not None else None
     if not isinstance(d, int):
         return None
@@ -142,7 +158,7 @@ def _p_of(arr, q: Rel, rank):
 def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
     """Relations of v' + sign_c * c for v' with relations rs and the optimized constant c."""
     c = np.asarray(c)
-    eps_c = 4 * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))
+    eps_c = 2 * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))
     c = c.astype(np.float64)
     out = []
     for w, q in prover._rels_on(O, rs):
@@ -168,13 +184,12 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
             if pc is None:
                 continue
             delta = t0 + sign_c * _full(c, ry) - pc
-            err = eps_c * (np.max(np.abs(c)) + np.max(np.abs(c0)) * (np.max(np.abs(q.a)) if q.a is not None else 1.0))
-            r = _shift_rel(O, y, q, delta, err)
+            r = _shift_rel(O, y, q, delta, eps_c * (np.abs(_full(c, ry)) + np.abs(pc)))
             if r is not None:
                 out.append(r)
         # B: the constant has no counterpart (a bias moved here, a beta re-added)
         delta = t0 + sign_c * _full(c, ry)
-        r = _shift_rel(O, w, q, delta, eps_c * float(np.max(np.abs(c))) if c.size else 0.0)
+        r = _shift_rel(O, w, q, delta, eps_c * np.abs(_full(c, ry)))
         if r is not None:
             out.append(r)
     return out
@@ -284,7 +299,7 @@ def rule_mul(prover, O, P, node, in_rels):
             err = np.asarray(q.err, np.float64) * np.abs(cv)
             if axis is not None:
                 a, t = vec(a, d), (None if t is None else vec(t, d))
-            elif np.ndim(a) == 0 and float(a) != 1.0 and not np.isclose(float(a), 1.0, rtol=64 * eps_of(O.elem(y)), atol=0):
+            elif np.ndim(a) == 0 and float(a) != 1.0 and not np.isclose(float(a), 1.0, rtol=4 * eps_of(O.elem(y)), atol=0):
                 continue
             elif np.ndim(a) == 0:
                 a = None
@@ -459,10 +474,10 @@ def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale
     if not ok:
         return False
     shift = np.asarray(bp, np.float64) - c * bo
-    err = 4 * eps * (np.abs(bp) + np.abs(c * bo))
+    err = 2 * eps * (np.abs(bp) + np.abs(c * bo))
     if tau is not None:
         shift = shift + tw * Wp_scale
-        err = err + 4 * eps * atw * abs(Wp_scale)
+        err = err + 2 * eps * atw * abs(Wp_scale)
     if e_in is not None:
         err = err + ew * abs(Wp_scale)
     out.append(simplify(Rel(m, out_axis, False, c, shift, err, how="scaled weights"), eps))
@@ -587,10 +602,10 @@ def rule_linear(prover, O, P, node, in_rels):
                         continue
                     # output shift: tau Wp + bp - c bo - s (centered: minus its centering)
                     shift = np.asarray(bp, np.float64) * 1.0
-                    err = 4 * eps * np.abs(bp)
+                    err = 2 * eps * np.abs(bp)
                     if tau is not None:
                         shift = shift + tw * Wp_scale
-                        err = err + 4 * eps * atw * abs(Wp_scale)
+                        err = err + 2 * eps * atw * abs(Wp_scale)
                     if e_in is not None:
                         err = err + ew * abs(Wp_scale)
                     if np.ndim(sz) > 1:  # the original adds a full constant tensor before its per-channel chain
@@ -599,13 +614,13 @@ def rule_linear(prover, O, P, node, in_rels):
                         if centered:
                             orig_shift = center(orig_shift, out_axis)
                         t_full = _bcast(shift, out_axis, rm) - orig_shift
-                        bound = np.max(err) + 4 * eps_of(O.elem(cand.input[1])) * float(np.max(np.abs(orig_shift)))
+                        bound = np.max(err) + 2 * eps * float(np.max(np.abs(orig_shift)))
                         tv = per_channel(t_full, out_axis, rm, bound)
                         t_rel = tv if tv is not None else t_full
                         err = err + bound
                     else:
                         orig_shift = (np.ones(N) if cz is None else cz) * bo + sz
-                        err = err + 4 * eps_of(O.elem(cand.input[1])) * np.abs(orig_shift)
+                        err = err + 2 * eps * np.abs(orig_shift)  # the stored bias rounds the folded value
                         if centered:
                             orig_shift = orig_shift - orig_shift.mean()
                         t_rel = shift - orig_shift
@@ -724,7 +739,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
                 a = np.where(same, 1.0, gp / np.where(g0 == 0, 1.0, g0))
                 t = bp - a * b0
                 eps = eps_of(O.elem(w))
-                out.append(simplify(Rel(n, last, False, a, t, 4 * eps * (np.abs(bp) + np.abs(a * b0)), how="norm"), eps))
+                out.append(simplify(Rel(n, last, False, a, t, 2 * eps * (np.abs(bp) + np.abs(a * b0)), how="norm"), eps))
                 continue
             oa = O.attrs(cand)
             if cand.op_type == "LayerNormalization":
@@ -757,7 +772,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             a = np.where(same, 1.0, gp / safe)
             t = bp - a * b0
             eps = eps_of(O.elem(w))
-            err = 4 * eps * (np.abs(a * b0) + np.abs(bp))
+            err = 2 * eps * (np.abs(a * b0) + np.abs(bp))
             y = cand.output[0]
             out.append(simplify(Rel(y, last, False, a, t, err, how="norm"), eps))
     return out
