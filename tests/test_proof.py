@@ -303,3 +303,17 @@ def test_optimize_proves_its_output(tmp_path):
     assert any(n.startswith("proved: ") for n in res.report.notes)
     res = optimize(str(src), str(tmp_path / "o2.onnx"), verify=False)
     assert res.proof is None
+
+
+def test_overridable_default_is_part_of_the_function():
+    """An initializer that is also a graph input keeps its default for callers that do not feed
+    it: a changed default is refused even though the value is a graph input."""
+    m = _relu_model()
+    m.graph.input.append(vi("w", [8, 8]))
+    assert prove(m, copy.deepcopy(m)).proved
+    other = copy.deepcopy(m)
+    w = numpy_helper.to_array(other.graph.initializer[0]).copy()
+    w[0, 0] *= 1.0005
+    other.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    res = prove(m, other)
+    assert not res.proved and "'w'" in res.summary
