@@ -331,7 +331,6 @@ class Prover:
             if not ws:
                 return None
             eq_slots.append((k, ws))
-        pattrs = P.attrs(node)
         if not eq_slots:
             cands = [n for n in O.nodes if n.op_type == node.op_type and n.name == node.name]
         else:
@@ -341,14 +340,16 @@ class Prover:
             if (cand.domain or "") not in ((node.domain or ""), "ai.onnx" if not node.domain else node.domain):
                 if not ((cand.domain in ("", "ai.onnx")) and (node.domain in ("", "ai.onnx"))):
                     continue
-            if len(cand.input) != len(node.input) and not _trailing_empty(cand.input, node.input):
-                continue
-            if O.attrs(cand) != pattrs:
+            oattrs, oslots = canonical_signature(O, cand)
+            pattrs, pslots = canonical_signature(P, node, like=(O, cand))
+            if oattrs != pattrs or len(oslots) != len(pslots):
                 continue
             if any(o and (k >= len(cand.output) or not cand.output[k]) for k, o in enumerate(node.output)):
                 continue
             ok = True
             for k, (i, r) in enumerate(zip(node.input, in_rels)):
+                if k not in pslots:
+                    continue  # an operand the signature already holds (axes moved from attribute to input)
                 oi = cand.input[k] if k < len(cand.input) else ""
                 if r is None:
                     ok = not oi
@@ -395,27 +396,32 @@ class Prover:
         if r0 in (None, "const"):
             if op != "Concat":
                 raise _Skip(f"{op} of a constant")
-        pattrs = P.attrs(node)
         # the first non-constant data input names the candidates
         k0 = next(k for k in data_slots if in_rels[k] not in (None, "const"))
         for w, rr in self._rels_on(O, in_rels[k0]):
             if rr.kind != "rel":
                 continue
             for cand, slot in O.consumers.get(w, ()):
-                if cand.op_type != op or slot != k0 or O.attrs(cand) != pattrs or len(cand.input) != len(node.input):
+                if cand.op_type != op or slot != k0:
                     continue
-                res = self._layout_with(O, P, node, cand, in_rels, rr, data_slots)
+                oattrs, oslots = canonical_signature(O, cand)
+                pattrs, pslots = canonical_signature(P, node, like=(O, cand))
+                if oattrs != pattrs or len(oslots) != len(pslots):
+                    continue
+                res = self._layout_with(O, P, node, cand, in_rels, rr, data_slots, pslots)
                 if res is not None:
                     return res
         raise _Skip(f"no original {op} reads the related value with the same attributes")
 
-    def _layout_with(self, O, P, node, cand, in_rels, rr: Rel, data_slots):
+    def _layout_with(self, O, P, node, cand, in_rels, rr: Rel, data_slots, pslots):
         op = node.op_type
         if rr.full_t:
             return None
         x = cand.input[0 if op != "Concat" else data_slots[0]]
         for k, (i, r) in enumerate(zip(node.input, in_rels)):
-            oi = cand.input[k]
+            if k not in pslots:
+                continue
+            oi = cand.input[k] if k < len(cand.input) else ""
             if k in data_slots:
                 if r in (None, "const"):
                     if r is None or not O.is_const(oi):
@@ -567,6 +573,51 @@ class Prover:
 
 class _Skip(Exception):
     pass
+
+
+AXES_INPUT = {  # op: (the slot holding axes / split sizes from some opset on, the attribute it replaced)
+    "Squeeze": (1, "axes"), "Unsqueeze": (1, "axes"), "ReduceSum": (1, "axes"), "ReduceMean": (1, "axes"),
+    "ReduceMax": (1, "axes"), "ReduceMin": (1, "axes"), "ReduceProd": (1, "axes"), "ReduceL2": (1, "axes"),
+    "ReduceSumSquare": (1, "axes"), "ReduceLogSumExp": (1, "axes"), "Split": (1, "split"),
+}
+COERCED_2D = {"Softmax", "LogSoftmax", "Hardmax"}  # before opset 13 they flatten at `axis` to 2-D
+
+
+def canonical_signature(view, node, like=None):
+    """(attributes with defaults, the input slots compared as data) of a node, the same for one
+    computation across the opsets ONNX's version converter moves between: axes or split sizes as
+    an attribute or as a constant input; Softmax over the last axis whether coerced to 2-D
+    (opset < 13) or not. Slots dropped from the comparison are folded into the attributes.
+    like=(view, node) of the original's counterpart gives the ranks (an optimized graph may
+    hold values ONNX's inference cannot shape)."""
+    attrs = view.attrs(node)
+    rv, rn = like if like is not None else (view, node)
+    slots = [k for k, i in enumerate(node.input) if i]
+    dom = "" if node.domain in ("", "ai.onnx") else node.domain
+    if dom:
+        return attrs, slots
+    op = node.op_type
+    if op in AXES_INPUT:
+        slot, key = AXES_INPUT[op]
+        if len(node.input) > slot and node.input[slot]:
+            v = view.const(node.input[slot])
+            if v is not None:
+                attrs = dict(attrs)
+                attrs[key] = tuple(int(x) for x in np.asarray(v).reshape(-1))
+                slots = [k for k in slots if k != slot]
+        if key in attrs and key == "axes" and attrs[key] is not None:
+            r = rv.rank(rn.output[0] if op == "Unsqueeze" else rn.input[0])
+            if r is not None:
+                attrs = dict(attrs)
+                attrs[key] = tuple(sorted(int(a) % r for a in attrs[key]))
+    if op in COERCED_2D:
+        r = rv.rank(rn.input[0])
+        axis = attrs.get("axis", -1 if view.opset() >= 13 else 1)
+        attrs = dict(attrs)
+        if r is not None:
+            axis = int(axis) % r
+            attrs["axis"] = axis if (view.opset() >= 13 or axis == r - 1) else ("coerced", axis)
+    return attrs, slots
 
 
 # ====================================================================== numeric helpers
