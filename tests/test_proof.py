@@ -317,3 +317,16 @@ def test_overridable_default_is_part_of_the_function():
     other.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
     res = prove(m, other)
     assert not res.proved and "'w'" in res.summary
+
+
+def test_opset_upgrade_by_the_version_converter_proves():
+    """optimize upgrades an opset-11 model to 13 with ONNX's version converter (Squeeze/Unsqueeze
+    axes become inputs, Softmax stops coercing to 2-D) and proves the output against the input."""
+    from normopt.api import prepare_opset
+
+    orig = nio.load_model(os.path.join(CORPUS, "paddle_preln_enc_op11.onnx")).model
+    upgraded, note = prepare_opset(orig)
+    assert note and nio.default_opset(upgraded) == 13
+    out, _ = optimize_model(upgraded)
+    res = prove(orig, out)
+    assert res.proved, res.summary
