@@ -330,3 +330,33 @@ def test_opset_upgrade_by_the_version_converter_proves():
     out, _ = optimize_model(upgraded)
     res = prove(orig, out)
     assert res.proved, res.summary
+
+
+def test_run_time_gamma():
+    """A LayerNorm whose gamma is a graph input converts with the same run-time gamma; a
+    different run-time value in its place is refused."""
+    rng = np.random.default_rng(3)
+    d = 8
+    inits = [numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), "beta")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["x", "h"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "beta"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "w2"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, 3, d]), vi("g", [d])], [vi("y", [2, 3, d])], inits)
+    # x is a graph input (not centered), so nothing converts unless the optimizer centers it;
+    # hand-build the conversion: s' = s - mean(s), RMS(s', g), + beta
+    opt = copy.deepcopy(m)
+    del opt.graph.node[2:]
+    opt.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "ax"))
+    opt.graph.node.extend([
+        helper.make_node("ReduceMean", ["s"], ["mu"], axes=[-1], keepdims=1),
+        helper.make_node("Sub", ["s", "mu"], ["sc"]),
+        helper.make_node("SimplifiedLayerNormalization", ["sc", "g"], ["n0"], axis=-1, epsilon=1e-5),
+        helper.make_node("Add", ["n0", "beta"], ["n"]),
+        helper.make_node("MatMul", ["n", "w2"], ["y"])])
+    res = prove(m, opt)
+    assert res.proved, res.summary
+    wrong = copy.deepcopy(opt)
+    wrong.graph.node[4].input[1] = "x"  # another run-time value as gamma
+    assert not prove(m, wrong).proved

@@ -721,6 +721,8 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             if slot != 0:
                 continue
             if isinstance(cand, tuple):  # a decomposed LayerNorm of the original: (value, eps[, gamma, beta])
+                if isinstance(gamma_p, RuntimeGamma):
+                    continue
                 n, e0 = cand[0], cand[1]
                 if not _same_eps(e0, eps_attr, eps_tol):
                     continue
@@ -752,10 +754,24 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
                 continue
             if int(oa.get("stash_type", 1)) != 1 or stash != 1:
                 continue
-            if g0 is None:
-                continue
             d = O.shape(w)[last]
             if not isinstance(d, int):
+                continue
+            if isinstance(gamma_p, RuntimeGamma):
+                # the same run-time scale on both sides: out = y - gamma * b0 needs b0 = 0 unless a beta is re-added
+                if len(cand.input) < 2 or cand.input[1] not in gamma_p.names:
+                    continue
+                if len(cand.input) > 2 and cand.input[2] and b0 is None:
+                    continue  # a run-time beta
+                b0v = np.zeros(d) if b0 is None else (vec(b0, d) if b0.size in (1, d) else None)
+                bpv = np.zeros(d) if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else None)
+                if b0v is None or bpv is None:
+                    continue
+                eps = eps_of(O.elem(w))
+                out.append(simplify(Rel(cand.output[0], last, False, None, bpv - b0v, 2 * eps * (np.abs(b0v) + np.abs(bpv)),
+                                        how="norm"), eps))
+                continue
+            if g0 is None:
                 continue
             g0 = vec(g0, d) if g0.size in (1, d) else None
             gp = vec(gamma_p, d) if gamma_p is not None and gamma_p.size in (1, d) else None
@@ -787,7 +803,11 @@ def rule_norm(prover, O, P, node, in_rels):
     a = P.attrs(node)
     gp = _vals(P, node.input[1]) if len(node.input) > 1 and node.input[1] else None
     if len(node.input) > 1 and node.input[1] and gp is None:
-        raise _Skip(f"{op} scale is not a constant")
+        # a run-time scale: the original's norm must read the same value (equal), and then a = 1
+        g_rels = in_rels[1] if isinstance(in_rels[1], list) else []
+        gp = RuntimeGamma({w for w, q in prover._rels_on(O, g_rels) if q.eq})
+        if not gp.names:
+            raise _Skip(f"{op} scale is neither a constant nor equal to an original value")
     bp = None
     kind = "ln" if op == "LayerNormalization" else "rms"
     if kind == "ln" and len(node.input) > 2 and node.input[2]:
@@ -807,6 +827,14 @@ def rule_norm(prover, O, P, node, in_rels):
         prover.stats.norms_converted += 1
     return _finish(prover, got, f"its input is not a centered value whose original is read by a LayerNormalization "
                                 f"with the same axis and epsilon ({_desc(rs)})")
+
+
+class RuntimeGamma:
+    """A norm scale that is a run-time value, equal to these original values."""
+
+    def __init__(self, names):
+        self.names = set(names)
+        self.size = -1
 
 
 def _desc(rs):
