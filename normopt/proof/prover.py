@@ -22,7 +22,7 @@ import onnx
 from .graphs import GraphView, graph_attrs, infer_types, reduce_axes, row_blocks, same_bytes, tensor_value
 
 SMALL_CONST = 1 << 20  # elements: larger constants are compared block by block
-from .relations import Rel, center, eps_of, per_channel, simplify, vec
+from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
 
 MAX_RELS = 6
 W_TOL = 3.0  # weight facts: |actual - expected| <= W_TOL * eps * (|expected| + |pre-centering term|)
@@ -485,7 +485,7 @@ class Prover:
         if rr.t is not None:
             exp = exp + _bcast(rr.t, rr.axis, rank)
         self.stats.weights_checked += 1
-        return _weights_close(np.asarray(c, np.float64), exp, eps_of(P.elem(pname)), np.abs(c0))
+        return _weights_close(np.asarray(c, np.float64), exp, eps_of(P.elem(pname)), np.abs(c0), tiny_of(P.elem(pname)))
 
     def _map_axis(self, O, node, axis, rin, rout):
         op = node.op_type
@@ -648,15 +648,16 @@ def _close(a, b) -> bool:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     same_inf = np.isinf(a64) & (a64 == b64)
     diff = np.where(same_inf, 0.0, np.abs(a64 - b64))
-    return bool(np.all(diff <= 4 * eps * np.abs(b64) + 1e-300) and not np.any(np.isnan(a64) != np.isnan(b64)))
+    tiny = float(np.finfo(a.dtype).smallest_subnormal) if a.dtype.kind == "f" else 0.0
+    return bool(np.all(diff <= 4 * eps * np.abs(b64) + 2 * tiny + 1e-300) and not np.any(np.isnan(a64) != np.isnan(b64)))
 
 
-def _weights_close(actual, expected, eps, scale=None) -> bool:
+def _weights_close(actual, expected, eps, scale=None, tiny=0.0) -> bool:
     actual = np.asarray(actual, np.float64)
     bound = W_TOL * eps * np.abs(expected)
     if scale is not None:
         bound = bound + W_TOL * eps * np.asarray(scale, np.float64)
-    bound = bound + 1e-3 * eps * (float(np.max(np.abs(expected))) if expected.size else 0.0)
+    bound = bound + 1e-3 * eps * (float(np.max(np.abs(expected))) if expected.size else 0.0) + 2 * tiny
     return bool(np.all(np.abs(actual - expected) <= bound))
 
 

@@ -30,6 +30,19 @@ def eps_of(elem_type) -> float:
     return float(np.finfo(dt).eps) if dt.itemsize >= 2 and dt.name != "bfloat16" else 2.0 ** -7
 
 
+def tiny_of(elem_type) -> float:
+    """The spacing of the dtype's subnormals: the absolute rounding floor near zero."""
+    from .. import weights as W
+
+    dt = W.np_dtype(elem_type) if elem_type else None
+    if dt is None or dt.kind != "f":
+        return float(np.finfo(np.float32).smallest_subnormal)
+    try:
+        return float(np.finfo(dt).smallest_subnormal)
+    except Exception:
+        return 0.0
+
+
 @dataclass
 class Rel:
     u: str
@@ -82,7 +95,7 @@ def simplify(r: Rel, eps: float) -> Rel:
             a = None
     if t is not None:
         t = np.asarray(t, np.float64)
-        bound = np.asarray(r.err, np.float64) + 1e-30
+        bound = np.asarray(r.err, np.float64) + 1e-12  # float64 noise of the prover's own arithmetic
         # P(x) + c is not P(x) even for a uniform c: t must vanish itself
         if np.all(np.abs(t) <= bound):
             t = None

@@ -26,7 +26,7 @@ import numpy as np
 from .. import weights as W
 from .graphs import reduce_axes, row_blocks
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
-from .relations import Rel, center, eps_of, per_channel, simplify, vec
+from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
 
 
 def _rank_key(r: Rel):
@@ -159,6 +159,7 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
     """Relations of v' + sign_c * c for v' with relations rs and the optimized constant c."""
     c = np.asarray(c)
     eps_c = 2 * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))
+    tiny_c = 2 * float(np.finfo(c.dtype).smallest_subnormal) if c.dtype.kind == "f" else 0.0
     c = c.astype(np.float64)
     out = []
     for w, q in prover._rels_on(O, rs):
@@ -184,12 +185,12 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
             if pc is None:
                 continue
             delta = t0 + sign_c * _full(c, ry) - pc
-            r = _shift_rel(O, y, q, delta, eps_c * (np.abs(_full(c, ry)) + np.abs(pc)))
+            r = _shift_rel(O, y, q, delta, eps_c * (np.abs(_full(c, ry)) + np.abs(pc)) + tiny_c)
             if r is not None:
                 out.append(r)
         # B: the constant has no counterpart (a bias moved here, a beta re-added)
         delta = t0 + sign_c * _full(c, ry)
-        r = _shift_rel(O, w, q, delta, eps_c * np.abs(_full(c, ry)))
+        r = _shift_rel(O, w, q, delta, eps_c * np.abs(_full(c, ry)) + tiny_c)
         if r is not None:
             out.append(r)
     return out
@@ -418,7 +419,7 @@ def _in_axis(op, rank):
     return 1 if op == "Conv" else rank - 1
 
 
-def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None):
+def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=0.0):
     """Is diag(alpha) Wp equal to Wo diag(cz) (centered along the outputs if asked) within the
     rounding of eps? One pass over both weights in float64 row blocks, which also gives
     tau Wp, |tau| |Wp| and err_in |Wp|. Returns (ok, first bad (row, col), tauW, abs_tauW, errW)."""
@@ -440,7 +441,7 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None):
         if cz is not None:
             o = o * cz[None, :]
         e = o - o.mean(axis=1, keepdims=True) if centered else o
-        bound = W_TOL * eps * (np.abs(e) + np.abs(p) + (np.abs(o) if centered else 0.0))
+        bound = W_TOL * eps * (np.abs(e) + np.abs(p) + (np.abs(o) if centered else 0.0)) + 2 * tiny
         bad = np.abs(p - e) > bound + 1e-300
         if bad.any():
             i, j = np.argwhere(bad)[0]
@@ -469,15 +470,15 @@ def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale
     e_in = None
     if q.err is not None and np.any(np.asarray(q.err) != 0):
         e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
-    ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c * Wo_scale, False, eps, tau, e_in)
+    ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c * Wo_scale, False, eps, tau, e_in, tiny_of(Mp.view.elem(Mp.name)))
     prover.stats.weights_checked += 1
     if not ok:
         return False
     shift = np.asarray(bp, np.float64) - c * bo
-    err = 2 * eps * (np.abs(bp) + np.abs(c * bo))
+    err = eps * (np.abs(bp) + np.abs(c * bo))
     if tau is not None:
         shift = shift + tw * Wp_scale
-        err = err + 2 * eps * atw * abs(Wp_scale)
+        err = err + eps * atw * abs(Wp_scale)
     if e_in is not None:
         err = err + ew * abs(Wp_scale)
     out.append(simplify(Rel(m, out_axis, False, c, shift, err, how="scaled weights"), eps))
@@ -595,17 +596,18 @@ def rule_linear(prover, O, P, node, in_rels):
                 if q.err is not None and np.any(np.asarray(q.err) != 0):
                     e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
                 for centered in (False, True):
-                    ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c_use, centered, eps, tau, e_in)
+                    ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c_use, centered, eps, tau, e_in,
+                                                         tiny_of(P.elem(node.input[1])))
                     prover.stats.weights_checked += 1
                     if not ok:
                         tried.append((z, bad))
                         continue
                     # output shift: tau Wp + bp - c bo - s (centered: minus its centering)
                     shift = np.asarray(bp, np.float64) * 1.0
-                    err = 2 * eps * np.abs(bp)
+                    err = eps * np.abs(bp)
                     if tau is not None:
                         shift = shift + tw * Wp_scale
-                        err = err + 2 * eps * atw * abs(Wp_scale)
+                        err = err + eps * atw * abs(Wp_scale)
                     if e_in is not None:
                         err = err + ew * abs(Wp_scale)
                     if np.ndim(sz) > 1:  # the original adds a full constant tensor before its per-channel chain
@@ -620,7 +622,7 @@ def rule_linear(prover, O, P, node, in_rels):
                         err = err + bound
                     else:
                         orig_shift = (np.ones(N) if cz is None else cz) * bo + sz
-                        err = err + 2 * eps * np.abs(orig_shift)  # the stored bias rounds the folded value
+                        err = err + eps * np.abs(orig_shift)  # the stored bias rounds the folded value
                         if centered:
                             orig_shift = orig_shift - orig_shift.mean()
                         t_rel = shift - orig_shift
@@ -665,7 +667,7 @@ def rule_gather(prover, O, P, node, in_rels):
             ok = True
             for _, blk in row_blocks(P, node.input[0]):
                 t0 = rows.take(len(blk))
-                if not _weights_close(np.asarray(blk, np.float64), center(t0, t0.ndim - 1), eps_t, np.abs(t0)):
+                if not _weights_close(np.asarray(blk, np.float64), center(t0, t0.ndim - 1), eps_t, np.abs(t0), tiny_of(P.elem(node.input[0]))):
                     ok = False
                     break
             if ok:
