@@ -187,6 +187,9 @@ class GraphView:
         self.outputs = [o.name for o in graph.output]
         self.producer = {}
         self.consumers = defaultdict(list)
+        self.by_name = defaultdict(list)
+        for node in self.nodes:
+            self.by_name[node.name].append(node)
         for node in self.nodes:
             for k, o in enumerate(node.output):
                 if o:

@@ -22,7 +22,7 @@ import onnx
 from .graphs import GraphView, graph_attrs, infer_types, reduce_axes, row_blocks, same_bytes, tensor_value
 
 SMALL_CONST = 1 << 20  # elements: larger constants are compared block by block
-from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
+from .relations import Rel, center, eps_of, simplify, tiny_of, vec
 
 MAX_RELS = 6
 W_TOL = 3.0  # weight facts: |actual - expected| <= W_TOL * eps * (|expected| + |pre-centering term|)
@@ -332,7 +332,7 @@ class Prover:
                 return None
             eq_slots.append((k, ws))
         if not eq_slots:
-            cands = [n for n in O.nodes if n.op_type == node.op_type and n.name == node.name]
+            cands = [n for n in O.by_name.get(node.name, ()) if n.op_type == node.op_type]
         else:
             k0, ws0 = eq_slots[0]
             cands = self._candidates(O, node, [(w, k0) for w in ws0])
@@ -621,17 +621,6 @@ def canonical_signature(view, node, like=None):
 
 
 # ====================================================================== numeric helpers
-
-
-def _same_tensor(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
-    from .. import weights as W
-
-    if a.data_type != b.data_type or list(a.dims) != list(b.dims):
-        return False
-    ra, rb = W.external_ref(a), W.external_ref(b)
-    if ra is not None and rb is not None and ra == rb:
-        return True
-    return False
 
 
 def _close(a, b) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import weights as W
 from .graphs import reduce_axes, row_blocks
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
 from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
