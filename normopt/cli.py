@@ -248,7 +248,7 @@ def _prove_command(reference, candidate, json_path, junit_path):
         write_junit(junit_path, "normopt verify", [("proof", None if res.proved else res.summary, {})])
     github_summary(f"### normopt verify --prove {os.path.basename(candidate)} against {os.path.basename(reference)}\n\n"
                    f"- {res.summary}")
-    sys.exit(0 if res.proved else 1)
+    sys.exit(0 if res.proved else 3 if res.details.get("internal_error") else 1)
 
 
 @main.command()

@@ -458,8 +458,8 @@ class Prover:
                 if in_rels[k] == "const":
                     if not self._const_related(O, P, node.input[k], cand.input[k], rr, O.rank(cand.input[k])):
                         raise _Skip(f"constant '{node.input[k]}' is not the original's '{cand.input[k]}' under the same relation")
-        if rr.centered and axis_out is not None:
-            so, si = O.shape(y), O.shape(cand.input[0])
+        if axis_out is not None:  # the channel axis keeps its length (no broadcast along it)
+            so, si = O.shape(y), O.shape(x)
             if so is None or si is None or so[axis_out] != si[rr.axis] or not isinstance(so[axis_out], int):
                 return None
         res = Rel(y, axis_out, rr.centered, rr.a, rr.t, rr.err, rr.kind, how=op)
