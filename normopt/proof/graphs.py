@@ -345,6 +345,7 @@ class GraphView:
                 self._refine_reshape(node)
             if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
                 self._refine_linear(node)
+            self._refine_shape(node)
             ins = [i for i in node.input if i]
             if not ins or not all(self.is_const(i) for i in ins):
                 continue
@@ -414,6 +415,62 @@ class GraphView:
                               scalar=(self.rank(ins[0]) == 0 and self.rank(ins[1]) in (0, None)))
             return True
         return False
+
+    def _refine_shape(self, node):
+        """Shapes ONNX's inference left unknown, for the ops that move dims plainly: unary
+        elementwise ops, broadcasting binary ops, Transpose, Squeeze / Unsqueeze with constant axes."""
+        if not node.output or not node.output[0] or node.domain not in ("", "ai.onnx"):
+            return
+        out = node.output[0]
+        t_out = self.type_of(out)
+        if t_out is not None and t_out[1] is not None:
+            return
+        op, ins = node.op_type, [i for i in node.input]
+        t_in = self.type_of(ins[0]) if ins and ins[0] else None
+        if t_in is None or t_in[1] is None:
+            return
+        sin, elem = list(t_in[1]), (t_out[0] if t_out and t_out[0] else t_in[0])
+        new = None
+        if op in _UNARY:
+            new = sin
+        elif op in ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where") and len(ins) >= 2:
+            shapes = [self.shape(i) for i in ins]
+            if any(sh is None for sh in shapes):
+                return
+            r = max(len(sh) for sh in shapes)
+            padded = [[1] * (r - len(sh)) + list(sh) for sh in shapes]
+            new = []
+            for dims in zip(*padded):
+                real = [d for d in dims if d != 1]
+                if not real:
+                    new.append(1)
+                elif all(d == real[0] for d in real):
+                    new.append(real[0])
+                else:
+                    ints = [d for d in real if isinstance(d, int)]
+                    new.append(ints[0] if ints and all(d == ints[0] for d in ints) and len(ints) == len(real) else None)
+            if op == "Where":
+                elem = self.elem(ins[1]) or elem
+        elif op == "Transpose":
+            perm = self.attrs(node).get("perm") or tuple(reversed(range(len(sin))))
+            new = [sin[p] for p in perm]
+        elif op in ("Squeeze", "Unsqueeze"):
+            axes = self.attrs(node).get("axes")
+            if len(ins) > 1 and ins[1]:
+                v = self.const(ins[1])
+                axes = None if v is None else [int(a) for a in np.asarray(v).reshape(-1)]
+            if axes is None:
+                return
+            if op == "Squeeze":
+                ax = {a % len(sin) for a in axes}
+                new = [d for k, d in enumerate(sin) if k not in ax]
+            else:
+                r = len(sin) + len(axes)
+                ax = {a % r for a in axes}
+                it = iter(sin)
+                new = [1 if k in ax else next(it) for k in range(r)]
+        if new is not None:
+            self.types[out] = (elem, tuple(new))
 
     def _refine_linear(self, node):
         """The output channel count of a MatMul / Gemm with a constant 2-D weight, where inference left it symbolic."""
@@ -989,6 +1046,10 @@ def _ln_form(e):
     if not np.allclose(e[rmu], -np.asarray(g), rtol=1e-12, atol=0):
         return None
     return eps, np.asarray(g, np.float64), np.asarray(e.get((0, 0, 0, None), 0.0), np.float64)
+
+
+_UNARY = {"Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Sqrt", "Neg", "Exp", "Log", "Abs", "Reciprocal", "Softmax",
+          "Gelu", "LeakyRelu", "Elu", "Softplus", "HardSigmoid", "Not", "IsNaN", "Floor", "Ceil", "Round", "Sign"}
 
 
 def _is_two(v) -> bool:
