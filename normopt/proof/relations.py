@@ -51,7 +51,7 @@ class Rel:
     a: np.ndarray | None = None
     t: np.ndarray | None = None
     err: np.ndarray | float = 0.0
-    kind: str = "rel"  # "rel" | "mean" | "stat" (a per-token statistic of u, see stat)
+    kind: str = "rel"  # "rel" | "mean" | "zero" (the mean of a centered u: 0) | "stat" (a per-token statistic of u)
     how: str = field(default="", compare=False)
     stat: tuple = ()  # kind "stat": ("sq",) (P(u))^2, ("ms",) mean of it, ("mse", eps), ("rms", eps), ("irms", eps)
 
@@ -71,6 +71,8 @@ class Rel:
     def describe(self) -> str:
         if self.kind == "mean":
             return f"mean of '{self.u}' along axis {self.axis}"
+        if self.kind == "zero":
+            return f"mean of centered '{self.u}' (zero)"
         if self.kind == "stat":
             return f"statistic {self.stat[0]} of centered '{self.u}' along axis {self.axis}"
         if self.eq:

@@ -233,6 +233,12 @@ def rule_add(prover, O, P, node, in_rels, sign=1.0):
                 if q.eq and q2.kind == "mean" and q2.u == w:
                     out.append(Rel(w, q2.axis, True, how="explicit centering"))
                     prover.stats.centered_values += 1
+                if q.pure_center and q2.kind == "zero" and q2.u == w and q2.axis == q.axis:
+                    # P(u) - 0 = P(u), and the original's own u - mean(u) is exactly that
+                    out.append(Rel(w, q.axis, True, how="centering of a centered value"))
+                    for cand, slot in O.consumers.get(w, ()):
+                        if cand.op_type == "Sub" and slot == 0 and O.zero_mean_axis(cand.output[0]) == q.axis:
+                            out.append(Rel(cand.output[0], how="existing centering"))
     return _finish(prover, out, f"no original {op} of the related values keeps one relation")
 
 
@@ -896,7 +902,7 @@ def rule_reduce_mean(prover, O, P, node, in_rels):
         raise _Skip("ReduceMean of a constant")
     a = P.attrs(node)
     out = []
-    for w, q in prover._rels_on(O, in_rels[0], keep=lambda r: r.eq):
+    for w, q in prover._rels_on(O, in_rels[0], keep=lambda r: r.eq or r.pure_center):
         r = O.rank(w)
         if r is None:
             continue
@@ -908,6 +914,10 @@ def rule_reduce_mean(prover, O, P, node, in_rels):
                 continue
             axes = [int(i) for i in np.asarray(v).reshape(-1)]
         if not axes or len(axes) != 1 or not a.get("keepdims", 1):
+            continue
+        if q.pure_center:
+            if int(axes[0]) % r == q.axis:  # the mean of a centered value: zero per token
+                out.append(Rel(w, q.axis, kind="zero", how="mean of a centered value"))
             continue
         out.append(Rel(w, int(axes[0]) % r, kind="mean", how="mean"))
     return _finish(prover, out, "ReduceMean that the original does not compute")
