@@ -25,6 +25,7 @@ from onnx import numpy_helper
 
 from .. import weights as W
 
+OPAQUE = "same layout, rank unknown"
 SMALL = 1 << 16  # elements: constants this small are cached and may be evaluated
 EVAL_LIMIT = 1 << 20  # elements: constant subexpressions up to this size are evaluated
 
@@ -423,6 +424,12 @@ class GraphView:
             return
         out = node.output[0]
         t_out = self.type_of(out)
+        fixed = _FIXED_TYPE.get(node.op_type)
+        if node.op_type == "Cast":
+            fixed = self.attrs(node).get("to")
+        if fixed and (t_out is None or not t_out[0]):
+            t_out = (fixed, t_out[1] if t_out else None)
+            self.types[out] = t_out
         if t_out is not None and t_out[1] is not None:
             return
         op, ins = node.op_type, [i for i in node.input]
@@ -554,6 +561,8 @@ class GraphView:
         return tuple(range(r)) if r is not None else None
 
     def is_identity_layout(self, name, f: Form) -> bool:
+        if f.perm == OPAQUE:
+            return self._identity_perm(f.base) is None
         if f.perm is None:
             return False
         s, sb = self.shape(name), self.shape(f.base)
@@ -567,6 +576,8 @@ class GraphView:
         elements in the same places up to their per-channel affines."""
         f = f or self.get_form(name)
         perm = f.perm if f.perm is not None else (self._identity_perm(name) if f.base == name else None)
+        if perm == OPAQUE or (perm is None and f.base == name):
+            return (f.base, OPAQUE) if self._identity_perm(f.base) is None else None
         if perm is None:
             return None
         # the layout ops tracked (Identity, Transpose, (Un)Squeeze, unit Reshape) fix the shape by
@@ -611,7 +622,7 @@ class GraphView:
             return None
         f = self.get_form(name)
         perm = f.perm if f.perm is not None else (self._identity_perm(name) if f.base == name else None)
-        if perm is None or base_axis not in perm:
+        if perm is None or perm == OPAQUE or base_axis not in perm:
             return None
         return perm.index(base_axis)
 
@@ -648,7 +659,10 @@ class GraphView:
             fx = Form(fx.base, fx.axis, fx.a, fx.t, self._identity_perm(x)) if fx.base == x else fx
         if op in ("Identity",) or (op == "Dropout" and _dropout_inference(self, node)) or (
                 op == "Cast" and self.elem(x) is not None and self.attrs(node).get("to") == self.elem(x)):
-            return fx
+            # the same values: with an unknown rank the layout is "the base's, whatever it is"
+            return fx if fx.perm is not None else Form(fx.base, fx.axis, fx.a, fx.t, OPAQUE)
+        if fx.perm == OPAQUE:
+            return None
         if op == "Transpose":
             if fx.perm is None:
                 return None
@@ -1048,6 +1062,9 @@ def _ln_form(e):
     return eps, np.asarray(g, np.float64), np.asarray(e.get((0, 0, 0, None), 0.0), np.float64)
 
 
+_FIXED_TYPE = {op: onnx.TensorProto.BOOL for op in ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And",
+                                                    "Or", "Xor", "IsNaN", "IsInf")}
+_FIXED_TYPE.update({"Shape": onnx.TensorProto.INT64, "Size": onnx.TensorProto.INT64})
 _UNARY = {"Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Sqrt", "Neg", "Exp", "Log", "Abs", "Reciprocal", "Softmax",
           "Gelu", "LeakyRelu", "Elu", "Softplus", "HardSigmoid", "Not", "IsNaN", "Floor", "Ceil", "Round", "Sign"}
 
