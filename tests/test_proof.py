@@ -396,3 +396,25 @@ def test_fuzzed_outputs_prove_and_fp32_mutants_are_refused():
             assert not r.proved, f"{kind}: {r.summary}"
             checked += 1
     assert checked > 0
+
+
+def test_the_validator_imports_nothing_of_the_optimizer():
+    """normopt.proof re-derives every fact: no module of it imports the passes or the optimizer's
+    graph mechanisms (it may read files through normopt.io / normopt.weights)."""
+    import ast
+    import glob
+
+    allowed = {"normopt.io", "normopt.weights", "normopt.errors"}
+    here = os.path.join(os.path.dirname(__file__), "..", "normopt", "proof")
+    for path in glob.glob(os.path.join(here, "*.py")):
+        tree = ast.parse(open(path).read())
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.level >= 2:
+                mods = [f"normopt.{n.module}" if n.module else f"normopt.{a.name}" for a in n.names] if not n.module else [f"normopt.{n.module}"]
+                for mod in mods:
+                    assert mod in allowed, f"{os.path.basename(path)} imports {mod}"
+            if isinstance(n, ast.ImportFrom) and n.level == 0 and (n.module or "").startswith("normopt"):
+                assert n.module in allowed, f"{os.path.basename(path)} imports {n.module}"
+            if isinstance(n, ast.Import):
+                for a in n.names:
+                    assert not a.name.startswith("normopt") or a.name in allowed, a.name
