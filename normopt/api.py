@@ -25,6 +25,7 @@ class OptimizeResult:
     report: Report
     verification: EquivalenceResult | None
     unchanged: bool = False  # no optimizing pass applied: the output is a byte-identical copy of the input
+    proof: object = None  # normopt.proof.ProofResult of the output against the input (None: not attempted)
 
 
 def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt_in=None, provider: str = "cpu",
@@ -237,7 +238,10 @@ def optimize(
             store.close()  # the output holds its own copy of every spilled tensor now
             del out_model
             result = None
+            proof = None
             if verify:
+                say("proving the output against the input (translation validation) ...")
+                proof = _prove_staged(in_path, staged.path, report)
                 say(f"verifying against the input with ONNX Runtime ({provider}) ...")
                 result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
                                         verify_level, provider)
@@ -245,7 +249,22 @@ def optimize(
     finally:
         store.close()
     _write_report(report_path, report)
-    return OptimizeResult(written, report, result)
+    return OptimizeResult(written, report, result, proof=proof)
+
+
+def _prove_staged(in_path, staged_path, report):
+    """The translation validator on the staged output (normopt.proof): its one-line verdict goes
+    into the report's notes. The dynamic check below remains the gate for writing."""
+    from .proof import ProofResult, prove
+
+    try:
+        res = prove(in_path, staged_path)
+    except NormoptError:
+        raise
+    except Exception as exc:  # the prover's own bug never hides or replaces the dynamic check
+        res = ProofResult(False, f"not proved: internal error in the prover: {type(exc).__name__}: {exc}")
+    report.notes.append(res.summary)
+    return res
 
 
 def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol, input_opts, verify_level, provider):

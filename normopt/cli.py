@@ -243,11 +243,13 @@ def optimize(model, output, passes, report_path, target, no_verify, crms, provid
 @click.option("--localize", is_flag=True, help="when they differ, name the first node whose value diverges")
 @click.option("--report", "report_path", default=None,
               help="normopt optimize's JSON report for CANDIDATE: values it changed on purpose are not blamed by --localize")
+@click.option("--prove", is_flag=True,
+              help="prove CANDIDATE equivalent from the two graphs and their weights, running neither model (exit 0 proved, 1 not proved)")
 @approx_options
 @input_options
 @guarded
-def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, junit_path, localize, report_path, min_cosine, min_snr,
-           min_top1, shape, int_range, inputs):
+def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, junit_path, localize, report_path, prove, min_cosine,
+           min_snr, min_top1, shape, int_range, inputs):
     """Check that CANDIDATE computes the same as REFERENCE (exit 0 equivalent, 1 differs).
 
     Each output is judged against REFERENCE evaluated in float64: CANDIDATE passes when it is no
@@ -258,6 +260,8 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
     With --min-cosine / --min-snr / --min-top1 the comparison is approximate (a model that
     differs by design, such as fp16 or int8 against fp32): a float output passes when it meets
     every threshold given. A markdown summary is appended to $GITHUB_STEP_SUMMARY when set."""
+    if prove:
+        _prove_command(reference, candidate, json_path, junit_path)
     import time
 
     from .api import verify as run
@@ -285,6 +289,22 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
         write_junit(junit_path, "normopt verify", verify_cases(res), elapsed=time.perf_counter() - t0)
     github_summary(verify_markdown(f"normopt verify {os.path.basename(candidate)} against {os.path.basename(reference)}", res))
     sys.exit(0 if res.equivalent else 1)
+
+
+def _prove_command(reference, candidate, json_path, junit_path):
+    """verify --prove: one line (proved: ... / not proved: <where>: <reason>), exit 0 or 1."""
+    from .proof import prove
+
+    res = prove(reference, candidate)
+    click.echo(res.summary)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"proof": res.to_dict()}, f, indent=2, default=str)
+    if junit_path:
+        write_junit(junit_path, "normopt verify", [("proof", None if res.proved else res.summary, {})])
+    github_summary(f"### normopt verify --prove {os.path.basename(candidate)} against {os.path.basename(reference)}\n\n"
+                   f"- {res.summary}")
+    sys.exit(0 if res.proved else 3 if res.details.get("internal_error") else 1)
 
 
 @main.command()

@@ -1,0 +1,144 @@
+"""Relations between an optimized value v' and an original value u.
+
+    v' = P(a * u) + t          along one axis of u
+
+where P is the identity or the centering along the axis (x - mean_axis(x)), and a, t are
+float64 vectors along the axis (None: 1 and 0). Special cases: *equal* (P = identity, a = 1,
+t = 0) and *centered* (P centering, a = 1, t = 0). ``kind="mean"`` is v' = mean_axis(u)
+(keepdims). ``err`` bounds the absolute rounding error of t (from the weights' dtype), so
+``t ~ 0`` is judged against what rounding can explain and nothing more.
+
+Every relation the prover records is a true statement about the two graphs (given the weight
+facts it checked); several may hold for one value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+A_TOL = 4  # a ~ 1 within this many ulps of the value's dtype (a scale is a ratio of stored values)
+
+
+def eps_of(elem_type) -> float:
+    from .. import weights as W
+
+    dt = W.np_dtype(elem_type) if elem_type else None
+    if dt is None or dt.kind != "f":
+        return float(np.finfo(np.float32).eps)
+    return float(np.finfo(dt).eps) if dt.itemsize >= 2 and dt.name != "bfloat16" else 2.0 ** -7
+
+
+def tiny_of(elem_type) -> float:
+    """The spacing of the dtype's subnormals: the absolute rounding floor near zero."""
+    from .. import weights as W
+
+    dt = W.np_dtype(elem_type) if elem_type else None
+    if dt is None or dt.kind != "f":
+        return float(np.finfo(np.float32).smallest_subnormal)
+    try:
+        return float(np.finfo(dt).smallest_subnormal)
+    except Exception:
+        return 0.0
+
+
+@dataclass
+class Rel:
+    u: str
+    axis: int | None = None
+    centered: bool = False
+    a: np.ndarray | None = None
+    t: np.ndarray | None = None
+    err: np.ndarray | float = 0.0
+    kind: str = "rel"  # "rel" | "mean" | "zero" (the mean of a centered u: 0) | "stat" (a per-token statistic of u)
+    how: str = field(default="", compare=False)
+    stat: tuple = ()  # kind "stat": ("sq",) (P(u))^2, ("ms",) mean of it, ("mse", eps), ("rms", eps), ("irms", eps)
+
+    @property
+    def eq(self) -> bool:
+        return self.kind == "rel" and not self.centered and self.a is None and self.t is None
+
+    @property
+    def full_t(self) -> bool:
+        """t is a whole constant tensor (not per-channel): only a constant Add may consume it."""
+        return self.t is not None and np.ndim(self.t) > 1
+
+    @property
+    def pure_center(self) -> bool:
+        return self.kind == "rel" and self.centered and self.a is None and self.t is None
+
+    def describe(self) -> str:
+        if self.kind == "mean":
+            return f"mean of '{self.u}' along axis {self.axis}"
+        if self.kind == "zero":
+            return f"mean of centered '{self.u}' (zero)"
+        if self.kind == "stat":
+            return f"statistic {self.stat[0]} of centered '{self.u}' along axis {self.axis}"
+        if self.eq:
+            return f"equal to '{self.u}'"
+        parts = []
+        if self.centered:
+            parts.append(f"centered along axis {self.axis}")
+        if self.a is not None:
+            parts.append("scaled per channel")
+        if self.t is not None:
+            parts.append("shifted per channel")
+        return f"'{self.u}' " + ", ".join(parts)
+
+
+def simplify(r: Rel, eps: float) -> Rel:
+    if r.kind != "rel":
+        return r
+    a, t = r.a, r.t
+    if a is not None:
+        a = np.asarray(a, np.float64)
+        if np.all(np.abs(a - 1.0) <= A_TOL * eps):
+            a = None
+    if t is not None:
+        t = np.asarray(t, np.float64)
+        bound = np.asarray(r.err, np.float64) + 1e-12  # float64 noise of the prover's own arithmetic
+        # P(x) + c is not P(x) even for a uniform c: t must vanish itself
+        if np.all(np.abs(t) <= bound):
+            t = None
+    centered = r.centered
+    axis = r.axis
+    if not centered and a is None and t is None:
+        axis = None
+    return Rel(r.u, axis, centered, a, t, r.err if t is not None else 0.0, r.kind, r.how, r.stat)
+
+
+def vec(x, d):
+    if x is None:
+        return None
+    x = np.asarray(x, np.float64)
+    if x.ndim == 0 or x.size == 1:
+        return np.full(d, float(x.reshape(-1)[0]))
+    return x.reshape(-1)
+
+
+def per_channel(arr: np.ndarray, axis: int, rank: int, tol=0.0):
+    """A float64 vector when the array (broadcast to `rank`, right-aligned) varies only along
+    `axis`; a scalar array when constant; None otherwise."""
+    arr = np.asarray(arr, np.float64)
+    if arr.ndim > rank:
+        return None
+    if arr.size == 1:
+        return arr.reshape(())
+    full = arr.reshape((1,) * (rank - arr.ndim) + arr.shape)
+    other = tuple(i for i in range(rank) if i != axis)
+    first = full[tuple(slice(0, 1) if i in other else slice(None) for i in range(rank))]
+    if not np.array_equal(np.broadcast_to(first, full.shape), full):
+        # variation along the other axes is allowed only within the rounding bound `tol`
+        mean = full.mean(axis=other, keepdims=True)
+        tol = np.broadcast_to(np.asarray(tol, np.float64), np.broadcast_shapes(np.shape(tol), full.shape))
+        # each element within its own bound of a mean that is itself within the largest bound
+        if not np.all(np.abs(full - mean) <= tol + tol.max(axis=other, keepdims=True) + 1e-300):
+            return None
+        return mean.reshape(-1)
+    return first.reshape(-1)
+
+
+def center(arr: np.ndarray, axis: int) -> np.ndarray:
+    arr = np.asarray(arr, np.float64)
+    return arr - arr.mean(axis=axis, keepdims=True)

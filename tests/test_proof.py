@@ -1,0 +1,420 @@
+"""normopt.proof: optimize outputs prove; planted mutants of them do not; rewrites without a
+rule say so. The prover never runs a model: these tests build small graphs, optimize them in
+memory and ask prove(original, optimized)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import make_model, preln_stream_model, run_cli, vi
+from normopt import io as nio
+from normopt.api import optimize_model
+from normopt.proof import prove
+
+CORPUS = os.path.join(os.path.dirname(__file__), "corpus")
+
+
+# ------------------------------------------------------------------------------ models
+
+STREAM_VARIANTS = {
+    "op": {},
+    "gemm_writer": dict(gemm_writer=True),
+    "tied_reader": dict(tied_reader=True),
+    "div": dict(ln_form="div"),
+    "recip": dict(ln_form="recip"),
+    "keepdims0": dict(ln_form="keepdims0"),
+    "opset18": dict(ln_form="div", opset=18),
+    "fp16": dict(dtype=np.float16),
+}
+
+TARGETS = {"ort": {}, "onnx": dict(target="onnx"), "skip_fusion": dict(provider="cuda"), "beta_kept": dict(options={"fold_beta": False})}
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("variant", sorted(STREAM_VARIANTS))
+def test_stream_outputs_prove(variant, target):
+    m = preln_stream_model(**STREAM_VARIANTS[variant])
+    out, report = optimize_model(m, **TARGETS[target])
+    assert any(p.applied for p in report.passes if p.name == "ln_to_rms")
+    res = prove(m, out)
+    assert res.proved, res.summary
+    assert res.summary.startswith("proved: ") and res.details["norms_converted"] >= 1
+
+
+@pytest.fixture(scope="module")
+def builder_models(tmp_path_factory):
+    pytest.importorskip("torch")
+    from normopt.models import builders as B
+    from normopt.models.export import example_inputs, export
+
+    d = tmp_path_factory.mktemp("proof_builders")
+    out = {}
+    for name, build in [("gpt", B.gpt), ("vit", B.vit), ("slab", B.slab), ("unified", B.unified), ("bert", B.bert),
+                        ("norm_after_linear", B.norm_after_linear)]:
+        model = build()
+        p = str(d / f"{name}.onnx")
+        export(model, example_inputs(model), p)
+        out[name] = p
+    return out
+
+
+BUILDER_KINDS = {"gpt": "norms_converted", "vit": "norms_converted", "slab": "affine_folds", "unified": "affine_folds",
+                 "bert": "norms_converted", "norm_after_linear": "affine_folds"}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDER_KINDS))
+def test_builder_outputs_prove(builder_models, name):
+    orig = nio.load_model(builder_models[name]).model
+    for kw in ({}, dict(provider="cuda"), dict(target="onnx")):
+        out, _ = optimize_model(orig, **kw)
+        res = prove(orig, out)
+        assert res.proved, (kw, res.summary)
+        assert res.details[BUILDER_KINDS[name]] >= 1, res.summary
+
+
+@pytest.mark.parametrize("name", ["genai_phi_fp32_cpu.onnx", "genai_phi_int4_cpu.onnx", "paddle_preln_enc_op11.onnx",
+                                  "paddle_svtr_rec_op11.onnx"])
+def test_corpus_outputs_prove(name):
+    orig = nio.load_model(os.path.join(CORPUS, name)).model
+    out, _ = optimize_model(orig)
+    res = prove(orig, out)
+    assert res.proved, res.summary
+
+
+# ------------------------------------------------------------------------------ mutants
+
+
+def _with_init(model, name, arr):
+    m = copy.deepcopy(model)
+    for t in m.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(arr.astype(numpy_helper.to_array(t).dtype), name))
+    return m
+
+
+def _changed_floats(orig, opt):
+    o = {t.name: numpy_helper.to_array(t) for t in orig.graph.initializer}
+    out = []
+    for t in opt.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype.kind == "f" and (t.name not in o or o[t.name].shape != a.shape or not np.array_equal(o[t.name], a)):
+            out.append((t.name, a))
+    return out
+
+
+def mutants(orig, opt):
+    """(kind, mutant) pairs planted into an optimized model: one per kind and target."""
+    orig_inits = {t.name: numpy_helper.to_array(t) for t in orig.graph.initializer}
+    changed = _changed_floats(orig, opt)
+    floats = [(t.name, numpy_helper.to_array(t)) for t in opt.graph.initializer if t.data_type in (1, 10)]
+    for pool in (changed, floats):
+        for name, a in [x for x in pool if x[1].ndim >= 2][:2]:
+            b = a.astype(np.float64)
+            b[..., 0] *= 1.02
+            yield "channel x1.02", _with_init(opt, name, b)
+            b = a.astype(np.float64)
+            b.reshape(-1)[b.size // 3] *= 1.0005
+            if b.reshape(-1)[b.size // 3] != a.reshape(-1)[a.size // 3]:
+                yield "element x1.0005", _with_init(opt, name, b)
+        for name, a in [x for x in pool if x[1].ndim == 1 and x[1].size > 2][:2]:
+            b = a.copy()
+            b[[0, 1]] = b[[1, 0]]
+            if not np.array_equal(a, b):
+                yield "bias element moved", _with_init(opt, name, b)
+    for n in opt.graph.node:
+        if any(a.name == "epsilon" for a in n.attribute):
+            m = copy.deepcopy(opt)
+            node = next(x for x in m.graph.node if x.name == n.name and x.output == n.output)
+            next(a for a in node.attribute if a.name == "epsilon").f *= 10
+            yield "epsilon changed", m
+        if n.op_type == "Transpose" and any(a.name == "perm" for a in n.attribute):
+            perm = list(helper.get_attribute_value(next(a for a in n.attribute if a.name == "perm")))
+            if len(perm) >= 2 and perm[-1] != perm[-2]:
+                m = copy.deepcopy(opt)
+                node = next(x for x in m.graph.node if x.output == n.output)
+                perm[-1], perm[-2] = perm[-2], perm[-1]
+                del node.attribute[:]
+                node.attribute.append(helper.make_attribute("perm", perm))
+                yield "transpose perm swapped", m
+    for t in opt.graph.initializer:
+        if t.name.endswith("_centered") and t.name[: -len("_centered")] in orig_inits:
+            o = orig_inits[t.name[: -len("_centered")]]
+            if o.shape == tuple(t.dims):
+                yield "centering dropped", _with_init(opt, t.name, o.astype(np.float64))
+
+
+def _mutant_check(orig, opt, need):
+    assert prove(orig, opt).proved
+    kinds = {}
+    for kind, m in mutants(orig, opt):
+        res = prove(orig, m)
+        assert not res.proved, f"{kind} mutant proved: {res.summary}"
+        assert res.summary.startswith("not proved: ")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert need <= set(kinds), f"mutant kinds planted: {kinds}"
+    return kinds
+
+
+ALL_KINDS = {"channel x1.02", "element x1.0005", "bias element moved", "epsilon changed", "centering dropped"}
+
+
+@pytest.mark.parametrize("variant", ["op", "div", "gemm_writer"])
+def test_stream_mutants_are_refused(variant):
+    m = preln_stream_model(**STREAM_VARIANTS[variant])
+    out, _ = optimize_model(m)
+    _mutant_check(m, out, ALL_KINDS)
+
+
+@pytest.mark.parametrize("name", ["gpt", "vit", "slab", "unified"])
+def test_builder_mutants_are_refused(builder_models, name):
+    orig = nio.load_model(builder_models[name]).model
+    out, _ = optimize_model(orig)
+    # load the output's weights in memory so mutants can edit them
+    out = onnx.load_from_string(_inline(out).SerializeToString())
+    need = {"channel x1.02", "element x1.0005", "bias element moved", "transpose perm swapped"}
+    if name in ("gpt", "vit"):
+        need |= {"epsilon changed", "centering dropped"}
+    _mutant_check(_inline(orig), out, need)
+
+
+def _inline(model):
+    from normopt.proof.graphs import tensor_value
+
+    m = copy.deepcopy(model)
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            arr = np.array(tensor_value(t))
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    return m
+
+
+def test_tiny_element_change_below_any_dynamic_tolerance_is_refused():
+    """A single weight element off by 1e-5 relative changes outputs by far less than a dynamic
+    check's tolerance; the proof still refuses it (its tolerance is the weight dtype's rounding)."""
+    m = preln_stream_model()
+    out, _ = optimize_model(m)
+    name, a = next((n, a) for n, a in _changed_floats(m, out) if a.ndim == 2)
+    b = a.astype(np.float64)
+    b[1, 1] *= 1 + 1e-5
+    res = prove(m, _with_init(out, name, b))
+    assert not res.proved and name in res.summary
+
+
+# ------------------------------------------------------------------------------ honesty
+
+
+def _relu_model():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return make_model(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])], [w])
+
+
+def test_unsupported_rewrite_says_no_proof_rule():
+    """Relu(h) = Max(h, 0) is true, but the validator has no rule for it: "not proved", never "proved"."""
+    m = _relu_model()
+    opt = copy.deepcopy(m)
+    del opt.graph.node[1]
+    opt.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "zero"))
+    opt.graph.node.append(helper.make_node("Max", ["h", "zero"], ["y"], name="relu"))
+    res = prove(m, opt)
+    assert not res.proved
+    assert "no proof rule for Max" in res.summary or "Max" in res.summary
+
+
+def test_names_are_only_hints():
+    m = preln_stream_model()
+    out, _ = optimize_model(m)
+    shuffled = copy.deepcopy(out)
+    names = [n.name for n in shuffled.graph.node]
+    for n, new in zip(shuffled.graph.node, names[::-1]):
+        n.name = new
+    assert prove(m, shuffled).proved
+    # a wrong model whose node names all match the original's is still refused
+    name, a = next((n, a) for n, a in _changed_floats(m, out) if a.ndim == 2)
+    b = a.astype(np.float64)
+    b[:, 0] *= 1.02
+    assert not prove(m, _with_init(out, name, b)).proved
+
+
+def test_identical_model_proves_and_a_different_one_does_not():
+    m = _relu_model()
+    assert prove(m, copy.deepcopy(m)).proved
+    other = copy.deepcopy(m)
+    other.graph.node[1].op_type = "Sigmoid"
+    res = prove(m, other)
+    assert not res.proved and "Sigmoid" in res.summary
+
+
+def test_if_branches_are_proved_like_graphs():
+    """Both branches of an If are proved, including one no input would take."""
+    w = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4) / 10, "w")
+
+    def branch(op, tag):
+        return helper.make_graph([helper.make_node(op, ["x"], [f"o_{tag}"])], f"b_{tag}", [], [vi(f"o_{tag}", [2, 4])])
+
+    def model(else_op):
+        nodes = [helper.make_node("If", ["c"], ["r"], name="if", then_branch=branch("Relu", "t"), else_branch=branch(else_op, "e")),
+                 helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")]
+        return make_model(nodes, [vi("c", [], onnx.TensorProto.BOOL), vi("x", [2, 4])], [vi("y", [2, 4])], [w])
+
+    assert prove(model("Tanh"), model("Tanh")).proved
+    res = prove(model("Tanh"), model("Sigmoid"))
+    assert not res.proved and "Sigmoid" in res.summary
+
+
+# ------------------------------------------------------------------------------ CLI and API
+
+
+def test_cli_verify_prove(tmp_path):
+    m = preln_stream_model()
+    out, _ = optimize_model(m)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(m, a)
+    onnx.save(out, b)
+    r = run_cli("verify", a, b, "--prove", "--json", tmp_path / "p.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("proved: ")
+    assert json.load(open(tmp_path / "p.json"))["proof"]["proved"] is True
+    name, arr = next((n, x) for n, x in _changed_floats(m, out) if x.ndim == 2)
+    bad = arr.astype(np.float64)
+    bad[0, :] *= 1.02
+    onnx.save(_with_init(out, name, bad), tmp_path / "c.onnx")
+    r = run_cli("verify", a, tmp_path / "c.onnx", "--prove")
+    assert r.returncode == 1 and r.stdout.startswith("not proved: "), r.stdout + r.stderr
+    r = run_cli("verify", a, tmp_path / "missing.onnx", "--prove")
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_optimize_proves_its_output(tmp_path):
+    from normopt.api import optimize
+
+    src = tmp_path / "m.onnx"
+    onnx.save(preln_stream_model(), src)
+    res = optimize(str(src), str(tmp_path / "o.onnx"), seeds=1)
+    assert res.proof is not None and res.proof.proved, res.proof
+    assert any(n.startswith("proved: ") for n in res.report.notes)
+    res = optimize(str(src), str(tmp_path / "o2.onnx"), verify=False)
+    assert res.proof is None
+
+
+def test_overridable_default_is_part_of_the_function():
+    """An initializer that is also a graph input keeps its default for callers that do not feed
+    it: a changed default is refused even though the value is a graph input."""
+    m = _relu_model()
+    m.graph.input.append(vi("w", [8, 8]))
+    assert prove(m, copy.deepcopy(m)).proved
+    other = copy.deepcopy(m)
+    w = numpy_helper.to_array(other.graph.initializer[0]).copy()
+    w[0, 0] *= 1.0005
+    other.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    res = prove(m, other)
+    assert not res.proved and "'w'" in res.summary
+
+
+def test_opset_upgrade_by_the_version_converter_proves():
+    """optimize upgrades an opset-11 model to 13 with ONNX's version converter (Squeeze/Unsqueeze
+    axes become inputs, Softmax stops coercing to 2-D) and proves the output against the input."""
+    from normopt.api import prepare_opset
+
+    orig = nio.load_model(os.path.join(CORPUS, "paddle_preln_enc_op11.onnx")).model
+    upgraded, note = prepare_opset(orig)
+    assert note and nio.default_opset(upgraded) == 13
+    out, _ = optimize_model(upgraded)
+    res = prove(orig, out)
+    assert res.proved, res.summary
+
+
+def test_run_time_gamma():
+    """A LayerNorm whose gamma is a graph input converts with the same run-time gamma; a
+    different run-time value in its place is refused."""
+    rng = np.random.default_rng(3)
+    d = 8
+    inits = [numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), "beta")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["x", "h"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "beta"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "w2"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, 3, d]), vi("g", [d])], [vi("y", [2, 3, d])], inits)
+    # x is a graph input (not centered), so nothing converts unless the optimizer centers it;
+    # hand-build the conversion: s' = s - mean(s), RMS(s', g), + beta
+    opt = copy.deepcopy(m)
+    del opt.graph.node[2:]
+    opt.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "ax"))
+    opt.graph.node.extend([
+        helper.make_node("ReduceMean", ["s"], ["mu"], axes=[-1], keepdims=1),
+        helper.make_node("Sub", ["s", "mu"], ["sc"]),
+        helper.make_node("SimplifiedLayerNormalization", ["sc", "g"], ["n0"], axis=-1, epsilon=1e-5),
+        helper.make_node("Add", ["n0", "beta"], ["n"]),
+        helper.make_node("MatMul", ["n", "w2"], ["y"])])
+    res = prove(m, opt)
+    assert res.proved, res.summary
+    wrong = copy.deepcopy(opt)
+    wrong.graph.node[4].input[1] = "x"  # another run-time value as gamma
+    assert not prove(m, wrong).proved
+
+
+def _fuzz_examples():
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+
+    from fuzz_graphs import transformer_graphs
+
+    found = []
+
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(transformer_graphs())
+    def collect(model):
+        found.append(model)
+
+    collect()
+    return found
+
+
+def test_fuzzed_outputs_prove_and_fp32_mutants_are_refused():
+    """Deterministic examples of the fuzzer's graphs: each optimized output proves, and every
+    planted mutant of an fp32 output is refused (in fp16 a x1.0005 change is one ulp: rounding)."""
+    checked = 0
+    for model in _fuzz_examples():
+        out, _ = optimize_model(model)
+        res = prove(model, out)
+        assert res.proved, res.summary
+        if not any(t.data_type == onnx.TensorProto.FLOAT for t in out.graph.initializer):
+            continue
+        if any(t.data_type == onnx.TensorProto.FLOAT16 for t in out.graph.initializer):
+            continue
+        for kind, m in mutants(model, out):
+            r = prove(model, m)
+            assert not r.proved, f"{kind}: {r.summary}"
+            checked += 1
+    assert checked > 0
+
+
+def test_the_validator_imports_nothing_of_the_optimizer():
+    """normopt.proof re-derives every fact: no module of it imports the passes or the optimizer's
+    graph mechanisms (it may read files through normopt.io / normopt.weights)."""
+    import ast
+    import glob
+
+    allowed = {"normopt.io", "normopt.weights", "normopt.errors"}
+    here = os.path.join(os.path.dirname(__file__), "..", "normopt", "proof")
+    for path in glob.glob(os.path.join(here, "*.py")):
+        tree = ast.parse(open(path).read())
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.level >= 2:
+                mods = [f"normopt.{n.module}" if n.module else f"normopt.{a.name}" for a in n.names] if not n.module else [f"normopt.{n.module}"]
+                for mod in mods:
+                    assert mod in allowed, f"{os.path.basename(path)} imports {mod}"
+            if isinstance(n, ast.ImportFrom) and n.level == 0 and (n.module or "").startswith("normopt"):
+                assert n.module in allowed, f"{os.path.basename(path)} imports {n.module}"
+            if isinstance(n, ast.Import):
+                for a in n.names:
+                    assert not a.name.startswith("normopt") or a.name in allowed, a.name
