@@ -10,6 +10,7 @@ import onnx
 import onnx.version_converter
 
 from . import io as nio
+from . import paths as P
 from . import weights as W
 from .errors import InternalError, NormoptError, VerificationFailed
 from .passes import build_pipeline
@@ -38,9 +39,26 @@ def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt
     ``normopt.weights.using(store)`` new large tensors go to the store's spill file."""
     if target not in ("ort", "onnx"):
         raise NormoptError(f"unknown target '{target}' (ort or onnx)")
+    sparse = sparse_tensor_names(model)
+    if sparse:
+        # graphsurgeon has no sparse tensors (it would read them as dense zeros): the model is
+        # passed through as it is, never rewritten without its values
+        shown = ", ".join(sparse[:3]) + (f", ... ({len(sparse)} in all)" if len(sparse) > 3 else "")
+        return model, Report(notes=[f"sparse tensors ({shown}): normopt's graph layer cannot represent them; "
+                                    "the model is left unchanged (densify them first to let normopt optimize it)"])
     ctx = Context(target=target, provider=provider, tune=tune, threads=threads, shapes=dict(shapes or {}))
     ctx.state.update(options or {})
     return build_pipeline(passes, opt_in).run(model, ctx, progress=progress)
+
+
+def sparse_tensor_names(model: onnx.ModelProto) -> list:
+    """Names of the model's sparse initializers and sparse attribute tensors (subgraphs and
+    functions included)."""
+    names = []
+    for t, what in nio.all_tensors(model):
+        if what == "sparse tensor values":
+            names.append(t.name or "(unnamed)")
+    return names
 
 
 def prepare_opset(model: onnx.ModelProto, opset: int | None = None):
@@ -110,13 +128,16 @@ def _tuned(model, out, report, target, opt_in, provider, input_opts, threads=Non
     return out, report
 
 
-def _write_report(path, report: Report):
+def _write_report(path, report: Report, plan=None):
+    """The JSON report, atomically, at a place checked by the run's plan (normopt.paths)."""
     if not path:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report.to_dict(), f, indent=2, default=str)
-    os.replace(tmp, path)
+    P.write_bytes(path if plan is None else _planned(plan, path, "--report"),
+                  json.dumps(report.to_dict(), indent=2, default=str), plan)
+
+
+def _planned(plan, path, option):
+    return next((t for t in plan.writes if t.option == option and t.given == path), None) or P.target_of(path, option)
 
 
 def optimize(
@@ -147,8 +168,16 @@ def optimize(
     creates are spilled beside the output, the output is streamed tensor by tensor, and the
     two verification sessions are never resident at once."""
     say = progress or (lambda msg: None)
-    nio.check_output_path(in_path, out_path)
+    # every file this run reads and may write, checked before any work (normopt.paths)
     loaded = nio.load_model(in_path)
+    plan = P.Plan()
+    plan.read_model(in_path, loaded.model)
+    if input_opts and input_opts.inputs_npz:
+        plan.read(input_opts.inputs_npz, f"the --inputs file {input_opts.inputs_npz}")
+    nio.plan_model_output(plan, in_path, loaded, out_path, nio.needs_external(loaded))
+    plan.write(report_path, "--report")
+    plan.check()
+    nio.ort_check(loaded)
     model, upgrade = prepare_opset(loaded.model, opset)
     inputs_line = None
     if verify:
@@ -159,7 +188,7 @@ def optimize(
         if not (input_opts and input_opts.inputs_npz):
             inputs_line = plan_inputs(model, input_opts).line()
         check_memory(loaded)
-    store = W.WeightStore(os.path.dirname(os.path.abspath(out_path)))
+    store = W.WeightStore(os.path.dirname(next(t for t in plan.writes if t.option == "-o").final))
     try:
         with W.using(store):
             out_model, report = optimize_model(model, passes, target, opt_in, provider, tune, progress=progress,
@@ -169,8 +198,8 @@ def optimize(
                 report.notes.insert(0, "no changes: no optimizing pass applied; the output is a byte-identical copy of the input")
                 if inputs_line:
                     report.notes.insert(1, inputs_line)
-                written = nio.copy_model_files(in_path, out_path)
-                _write_report(report_path, report)
+                written = nio.copy_model_files(in_path, out_path, plan)
+                _write_report(report_path, report, plan)
                 return OptimizeResult(written, report, None, unchanged=True)
             if tune and not passes:
                 say("tuning: timing variants and the output against the input ...")
@@ -183,25 +212,26 @@ def optimize(
             nio.check_model(out_model)
         except Exception as exc:
             report.notes.append(f"output fails onnx.checker: {exc}")
-            _write_report(report_path, report)
+            _write_report(report_path, report, plan)
             raise InternalError(f"the optimized model fails onnx.checker; nothing was written: {str(exc).splitlines()[0]}") from None
         say("writing the output ...")
-        with nio.StagedModel(out_model, out_path, loaded.had_external_data) as staged:
+        with nio.StagedModel(out_model, out_path, nio.needs_external(loaded), plan) as staged:
             store.close()  # the output holds its own copy of every spilled tensor now
             del out_model
             result = None
             if verify:
                 say(f"verifying against the input with ONNX Runtime ({provider}) ...")
                 result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
-                                        verify_level, provider)
+                                        verify_level, provider, plan)
             written = staged.commit()
     finally:
         store.close()
-    _write_report(report_path, report)
+    _write_report(report_path, report, plan)
     return OptimizeResult(written, report, result)
 
 
-def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol, input_opts, verify_level, provider):
+def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol, input_opts, verify_level, provider,
+                   plan=None):
     kw = dict(seeds=seeds, atol=atol, rtol=rtol, input_opts=input_opts)
     ref_cache = {}  # the reference runs once; the ORT_DISABLE_ALL check below reuses its outputs
     result = compare(in_path, staged_path, level=verify_level, ref_cache=ref_cache, **kw)
@@ -224,13 +254,13 @@ def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol,
         except Exception as exc:  # localization is a diagnostic: never mask the failure
             result.first_divergence = {"error": f"{type(exc).__name__}: {exc}"}
         report.verification = result.to_dict()
-        _write_report(report_path, report)
+        _write_report(report_path, report, plan)
         raise VerificationFailed(msg, result)
     if verify_level != "disable":
         # every output must also load and run with ORT's optimizations off
         exact = compare(in_path, staged_path, level="disable", ref_cache=ref_cache, **{**kw, "seeds": 1, "stress": False})
         if not exact.equivalent:
-            _write_report(report_path, report)
+            _write_report(report_path, report, plan)
             raise VerificationFailed("the optimized model differs under ORT_DISABLE_ALL; nothing was written", exact)
     return result
 

@@ -65,8 +65,11 @@ def norm_change(first: dict, this: dict) -> str:
 # CI
 
 
-def write_junit(path: str, suite: str, cases: list) -> None:
-    """cases: [(name, failure message or None, {property: value})]."""
+def write_junit(path, suite: str, cases: list, plan=None) -> None:
+    """cases: [(name, failure message or None, {property: value})]. `path` is a path or a
+    normopt.paths.Target from the command's checked plan; written atomically."""
+    from . import paths as P
+
     root = ET.Element("testsuites")
     ts = ET.SubElement(root, "testsuite", name=suite, tests=str(len(cases)),
                        failures=str(sum(1 for _, f, _ in cases if f)), errors="0", skipped="0")
@@ -79,9 +82,7 @@ def write_junit(path: str, suite: str, cases: list) -> None:
         if failure:
             f = ET.SubElement(tc, "failure", message=failure)
             f.text = failure
-    tmp = path + ".tmp"
-    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
-    os.replace(tmp, path)
+    P.write_bytes(P.target_of(path, "--junit"), ET.tostring(root, encoding="utf-8", xml_declaration=True), plan)
 
 
 def github_summary(markdown: str) -> None:
