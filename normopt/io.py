@@ -90,7 +90,7 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
     if unknown:
         op = next(n.op_type for n in model.graph.node if n.domain == unknown[0])
         raise NormoptError(f"{path}: op '{op}' of domain '{unknown[0]}' is unknown to ONNX Runtime")
-    problem = validate_tensors(model, path)
+    problem = text_problem(model) or validate_tensors(model, path)
     if problem:
         raise NormoptError(f"{path}: {problem}")
     me = os.path.abspath(path)
@@ -102,6 +102,40 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
         raise NormoptError(f"{path}: invalid ONNX model: {first}") from None
     return LoadedModel(model=model, path=path, had_external_data=external, opset=opset,
                        weight_bytes=W.weight_bytes(model))
+
+
+def text_problem(model: onnx.ModelProto) -> str | None:
+    """The first name or type string that is not UTF-8 text (protobuf hands such a string over
+    as bytes; ONNX requires UTF-8), or None. Names of nodes, values, tensors, attributes, ops,
+    domains, functions and metadata are checked."""
+    def bad(*xs):
+        return any(isinstance(x, bytes) for x in xs)
+
+    if bad(model.producer_name, model.producer_version, model.domain, model.doc_string) or any(
+            bad(o.domain) for o in model.opset_import) or any(bad(p.key, p.value) for p in model.metadata_props):
+        return "the model's header holds text that is not UTF-8"
+    graphs = list(_graphs(model.graph))
+    for fn in model.functions:
+        if bad(fn.name, fn.domain, *fn.input, *fn.output, *fn.attribute):
+            return "a function's name or signature is not UTF-8 text"
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.extend(_graphs(attr.g))
+                graphs.extend(g2 for g in attr.graphs for g2 in _graphs(g))
+    nodes = [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]
+    for g in graphs:
+        if bad(g.name, g.doc_string) or any(bad(v.name) for v in list(g.input) + list(g.output) + list(g.value_info)):
+            return "a graph's name or value name is not UTF-8 text"
+        if any(bad(t.name) for t in g.initializer) or any(bad(s.values.name) for s in g.sparse_initializer):
+            return "an initializer's name is not UTF-8 text"
+    for n in nodes:
+        if bad(n.name, n.op_type, n.domain, n.doc_string, *n.input, *n.output):
+            return f"node {n.name!r}: a name, op type or domain is not UTF-8 text"
+        for a in n.attribute:
+            if bad(a.name, a.ref_attr_name, a.doc_string) or (a.HasField("t") and bad(a.t.name)):
+                return f"node {n.name!r}: an attribute name is not UTF-8 text"
+    return None
 
 
 KNOWN_DTYPES = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}

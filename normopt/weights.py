@@ -458,6 +458,8 @@ def read_skeleton(path: str, threshold: int = INLINE_BYTES) -> onnx.ModelProto:
         if t.data_location != TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
+        if isinstance(t.name, bytes):
+            raise BadTensor("a tensor's name is not UTF-8 text")
         if info.get("location") == SELF:  # our own reference to the tensor's raw_data
             if t.data_type == TensorProto.STRING:
                 raise BadTensor(f"tensor '{t.name}': a STRING tensor cannot hold raw_data")
@@ -484,6 +486,8 @@ def parse_external(tensor: TensorProto, model_path: str):
     the model file itself, offset and length non-negative integers. A missing length is the
     size the tensor's dims and type need. Raises BadTensor."""
     info = {e.key: e.value for e in tensor.external_data}
+    if any(isinstance(v, bytes) for kv in info.items() for v in kv):
+        raise BadTensor(f"tensor '{tensor.name}': its external data keys or values are not UTF-8 text")
     where = info.get("location", "")
     if not where:
         raise BadTensor(f"tensor '{tensor.name}': external data without a location")
