@@ -177,7 +177,7 @@ def optimize(
     nio.plan_model_output(plan, in_path, loaded, out_path, nio.needs_external(loaded))
     plan.write(report_path, "--report")
     plan.check()
-    nio.ort_check(loaded)
+    ort_check = nio.OrtCheck(loaded)  # ONNX Runtime loads the input once, beside the passes; joined before any write
     model, upgrade = prepare_opset(loaded.model, opset)
     inputs_line = None
     if verify:
@@ -193,6 +193,7 @@ def optimize(
         with W.using(store):
             out_model, report = optimize_model(model, passes, target, opt_in, provider, tune, progress=progress,
                                                threads=threads, shapes=(input_opts.shapes if input_opts else None))
+            ort_check.result()
             if not report.changed() and opset is None:
                 # nothing to gain: the input itself, byte for byte (no guard, nothing to verify)
                 report.notes.insert(0, "no changes: no optimizing pass applied; the output is a byte-identical copy of the input")
@@ -224,6 +225,9 @@ def optimize(
                 result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
                                         verify_level, provider, plan)
             written = staged.commit()
+    except Exception:
+        ort_check.result()  # an input ONNX Runtime refuses is the bad input behind any failure
+        raise
     finally:
         store.close()
     _write_report(report_path, report, plan)

@@ -333,24 +333,47 @@ ORT_CHECK_BYTES = 2 << 30  # inputs with more weight bytes are checked without a
 def ort_check(loaded: LoadedModel) -> None:
     """ONNX Runtime loads the input once (graph optimizations off, one thread): a model it
     refuses is bad input, not something to pass on. A model whose weights exceed
-    ORT_CHECK_BYTES, or do not fit in the memory available, gets the skeleton checks and the
-    ONNX checker only. A kernel ORT's CPU build lacks is not a defect of the file."""
-    if loaded.weight_bytes > ORT_CHECK_BYTES:
-        return
-    import onnxruntime as ort
+    ORT_CHECK_BYTES gets the skeleton checks and the ONNX checker only. A kernel ORT's CPU
+    build lacks is not a defect of the file."""
+    OrtCheck(loaded).result()
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 4
-    try:
-        ort.InferenceSession(os.path.abspath(loaded.path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        if type(exc).__name__ == "NotImplemented":
-            return
-        first = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
-        raise NormoptError(f"{loaded.path}: ONNX Runtime refuses to load it: {first[:300]}") from None
+
+class OrtCheck:
+    """ort_check in a thread, started before the passes run and joined before anything is
+    written: session creation is native code that releases the GIL, so it overlaps with the
+    pipeline instead of adding to it. ``result()`` raises NormoptError if ORT refuses the input."""
+
+    def __init__(self, loaded: LoadedModel):
+        import threading
+
+        self.loaded, self.error = loaded, None
+        self.thread = None
+        if loaded.weight_bytes <= ORT_CHECK_BYTES:
+            self.thread = threading.Thread(target=self._run, name="normopt-ort-check", daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 4
+        try:
+            ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            if type(exc).__name__ == "NotImplemented":
+                return
+            first = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
+            self.error = f"{self.loaded.path}: ONNX Runtime refuses to load it: {first[:300]}"
+
+    def result(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error:
+            raise NormoptError(self.error)
 
 
 class StagedModel:

@@ -148,10 +148,23 @@ def test_bench_outputs_over_its_inputs_are_refused(work):
 # --- special files and links --------------------------------------------------------------------
 
 
+def _device(folder):
+    """A character device of the test's own (a null device made with mknod), so that no test
+    depends on, or can harm, the system's /dev/null; /dev/null itself where mknod is not allowed."""
+    path = folder / "null"
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        return path
+    except (OSError, AttributeError):
+        if not stat.S_ISCHR(os.stat("/dev/null").st_mode):
+            pytest.skip("no character device to test with")
+        return "/dev/null"
+
+
 @pytest.fixture
 def specials(work):
     os.mkfifo(work / "fifo")
-    return {"fifo": work / "fifo", "device": "/dev/null"}
+    return {"fifo": work / "fifo", "device": _device(work)}
 
 
 PATH_OPTIONS = [
