@@ -178,6 +178,19 @@ def optimize(
     plan.write(report_path, "--report")
     plan.check()
     ort_check = nio.OrtCheck(loaded)  # ONNX Runtime loads the input once, beside the passes; joined before any write
+    try:
+        return _optimize_checked(in_path, out_path, passes, target, verify, report_path, seeds, atol, rtol, input_opts,
+                                 opt_in, verify_level, provider, tune, opset, progress, threads, say, loaded, plan,
+                                 ort_check)
+    except Exception:
+        ort_check.result()  # an input ONNX Runtime refuses is the bad input behind any failure
+        raise
+    finally:
+        ort_check.join()  # never exit while the check's native code runs
+
+
+def _optimize_checked(in_path, out_path, passes, target, verify, report_path, seeds, atol, rtol, input_opts, opt_in,
+                      verify_level, provider, tune, opset, progress, threads, say, loaded, plan, ort_check):
     model, upgrade = prepare_opset(loaded.model, opset)
     inputs_line = None
     if verify:
@@ -225,9 +238,6 @@ def optimize(
                 result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
                                         verify_level, provider, plan)
             written = staged.commit()
-    except Exception:
-        ort_check.result()  # an input ONNX Runtime refuses is the bad input behind any failure
-        raise
     finally:
         store.close()
     _write_report(report_path, report, plan)

@@ -368,10 +368,13 @@ class OrtCheck:
             first = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
             self.error = f"{self.loaded.path}: ONNX Runtime refuses to load it: {first[:300]}"
 
-    def result(self) -> None:
+    def join(self) -> None:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
+
+    def result(self) -> None:
+        self.join()
         if self.error:
             raise NormoptError(self.error)
 
