@@ -390,6 +390,10 @@ class StagedModel:
         self.external = external_data or W.weight_bytes(model) + model.ByteSize() > TWO_GB
         if plan is None:
             plan = P.Plan()
+            for t in W.iter_tensors(model):  # a skeleton reads its weights from these files
+                ref = W.external_ref(t)
+                if ref is not None and os.path.isabs(ref[0]):
+                    plan.read(ref[0], f"the file {ref[0]} that holds the model's weights")
             plan.write(out_path, "-o")
         self.plan = plan
         self.target = next(t for t in plan.writes if t.option == "-o")

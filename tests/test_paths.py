@@ -303,3 +303,17 @@ def test_cli_subprocess_refuses_a_fifo_without_hanging(work, specials):
     assert_refused((r.returncode, r.stdout, r.stderr), work, before, "FIFO")
     r = run_cli("optimize", specials["fifo"], "-o", work / "o.onnx", *OPT)  # a FIFO as the input: never read
     assert_refused((r.returncode, r.stdout, r.stderr), work, before, "not a regular file")
+
+
+def test_api_save_model_never_writes_over_the_files_a_skeleton_reads(tmp_path):
+    from normopt import io as nio
+    from normopt.errors import NormoptError
+
+    onnx.save(preln_stream_model(), tmp_path / "m.onnx")
+    skeleton = nio.load_model(str(tmp_path / "m.onnx")).model  # weights referenced in m.onnx
+    h = sha(tmp_path / "m.onnx")
+    with pytest.raises(NormoptError, match="weights"):
+        nio.save_model(skeleton, str(tmp_path / "m.onnx"))
+    assert sha(tmp_path / "m.onnx") == h
+    nio.save_model(skeleton, str(tmp_path / "copy.onnx"))
+    assert loads(tmp_path / "copy.onnx")
