@@ -232,6 +232,12 @@ def test_unwritable_output_place_is_bad_input(work):
     before = snapshot(work)
     assert_refused(cli("optimize", work / "m.onnx", "-o", "/sys/x.onnx", *OPT), work, before, "/sys")
     assert_refused(cli("optimize", work / "m.onnx", "-o", "/proc/x.onnx", *OPT), work, before, "/proc")
+    # a model no pass changes takes the unchanged-copy path
+    w = init("w", np.ones((32, 32), np.float32))
+    onnx.save(make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [4, 32])], [vi("y", [4, 32])], [w]),
+              work / "plain.onnx")
+    before = snapshot(work)
+    assert_refused(cli("optimize", work / "plain.onnx", "-o", "/sys/x.onnx", *OPT), work, before, "/sys")
 
 
 def test_missing_report_folder_fails_before_the_model_is_written(work):
