@@ -310,9 +310,13 @@ def plan_model_output(plan: P.Plan, in_path: str, loaded: LoadedModel, out_path:
     if (external or copies) and os.path.realpath(given_dir) != os.path.dirname(target.final):
         raise NormoptError(f"-o {out_path}: is a link into another folder, and the output has external data that "
                            "must sit beside the model file: give the link's target as -o")
+    data = None
     if external:
-        plan.write(os.path.join(given_dir, data_name_for(out_path)), "the output's data file", owner=out_path)
+        data = plan.write(os.path.join(given_dir, data_name_for(out_path)), "the output's data file", owner=out_path)
     for src, dst in copies:
+        if data is not None and P._same(dst, data.given):
+            data.source = src  # the same place on either path: one target, which the unchanged copy fills
+            continue
         plan.write(dst, "the unchanged copy's data file", owner=out_path, required=False, mkdirs=True, source=src)
     return target
 
@@ -646,7 +650,7 @@ def copy_model_files(in_path: str, out_path: str, plan: P.Plan | None = None) ->
         plan_model_output(plan, in_path, loaded, out_path, False)
         plan.check()
     for t in plan.writes:
-        if t.option == "the unchanged copy's data file":
+        if t.source is not None:
             try:
                 os.makedirs(os.path.dirname(t.final), exist_ok=True)
             except OSError as exc:

@@ -323,3 +323,21 @@ def test_api_save_model_never_writes_over_the_files_a_skeleton_reads(tmp_path):
     assert sha(tmp_path / "m.onnx") == h
     nio.save_model(skeleton, str(tmp_path / "copy.onnx"))
     assert loads(tmp_path / "copy.onnx")
+
+
+@pytest.mark.parametrize("maker", ["changed", "unchanged"])
+def test_optimize_into_another_folder_under_the_same_name(tmp_path, maker):
+    """in/m.onnx + in/m.onnx.data -> out/m.onnx: the output's data file and the unchanged copy's
+    data file are the same place (one target, not a collision)."""
+    if maker == "changed":
+        m = preln_stream_model()
+    else:
+        w = init("w", np.ones((32, 32), np.float32))
+        m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [4, 32])], [vi("y", [4, 32])], [w])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    onnx.save(m, tmp_path / "in" / "m.onnx", save_as_external_data=True, location="m.onnx.data", size_threshold=1024)
+    for _ in range(2):  # and again over the first run's output
+        code, out, err = cli("optimize", tmp_path / "in" / "m.onnx", "-o", tmp_path / "out" / "m.onnx", *OPT)
+        assert code == 0, err
+        assert loads(tmp_path / "out" / "m.onnx") and (tmp_path / "out" / "m.onnx.data").exists()
