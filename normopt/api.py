@@ -10,6 +10,7 @@ import onnx
 import onnx.version_converter
 
 from . import io as nio
+from . import paths as P
 from . import weights as W
 from .errors import InternalError, NormoptError, VerificationFailed
 from .passes import build_pipeline
@@ -39,9 +40,26 @@ def optimize_model(model: onnx.ModelProto, passes=None, target: str = "ort", opt
     ``normopt.weights.using(store)`` new large tensors go to the store's spill file."""
     if target not in ("ort", "onnx"):
         raise NormoptError(f"unknown target '{target}' (ort or onnx)")
+    sparse = sparse_tensor_names(model)
+    if sparse:
+        # graphsurgeon has no sparse tensors (it would read them as dense zeros): the model is
+        # passed through as it is, never rewritten without its values
+        shown = ", ".join(sparse[:3]) + (f", ... ({len(sparse)} in all)" if len(sparse) > 3 else "")
+        return model, Report(notes=[f"sparse tensors ({shown}): normopt's graph layer cannot represent them; "
+                                    "the model is left unchanged (densify them first to let normopt optimize it)"])
     ctx = Context(target=target, provider=provider, tune=tune, threads=threads, shapes=dict(shapes or {}))
     ctx.state.update(options or {})
     return build_pipeline(passes, opt_in).run(model, ctx, progress=progress)
+
+
+def sparse_tensor_names(model: onnx.ModelProto) -> list:
+    """Names of the model's sparse initializers and sparse attribute tensors (subgraphs and
+    functions included)."""
+    names = []
+    for t, what in nio.all_tensors(model):
+        if what == "sparse tensor values":
+            names.append(t.name or "(unnamed)")
+    return names
 
 
 def prepare_opset(model: onnx.ModelProto, opset: int | None = None):
@@ -150,13 +168,16 @@ def _tuned(model, out, report, target, opt_in, provider, input_opts, threads=Non
     return out, report
 
 
-def _write_report(path, report: Report):
+def _write_report(path, report: Report, plan=None):
+    """The JSON report, atomically, at a place checked by the run's plan (normopt.paths)."""
     if not path:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report.to_dict(), f, indent=2, default=str)
-    os.replace(tmp, path)
+    P.write_bytes(path if plan is None else _planned(plan, path, "--report"),
+                  json.dumps(report.to_dict(), indent=2, default=str), plan)
+
+
+def _planned(plan, path, option):
+    return next((t for t in plan.writes if t.option == option and t.given == path), None) or P.target_of(path, option)
 
 
 def optimize(
@@ -187,8 +208,29 @@ def optimize(
     creates are spilled beside the output, the output is streamed tensor by tensor, and the
     two verification sessions are never resident at once."""
     say = progress or (lambda msg: None)
-    nio.check_output_path(in_path, out_path)
+    # every file this run reads and may write, checked before any work (normopt.paths)
     loaded = nio.load_model(in_path)
+    plan = P.Plan()
+    plan.read_model(in_path, loaded.model)
+    if input_opts and input_opts.inputs_npz:
+        plan.read(input_opts.inputs_npz, f"the --inputs file {input_opts.inputs_npz}")
+    nio.plan_model_output(plan, in_path, loaded, out_path, nio.needs_external(loaded))
+    plan.write(report_path, "--report")
+    plan.check()
+    ort_check = nio.OrtCheck(loaded)  # ONNX Runtime loads the input once, beside the passes; joined before any write
+    try:
+        return _optimize_checked(in_path, out_path, passes, target, verify, report_path, seeds, atol, rtol, input_opts,
+                                 opt_in, verify_level, provider, tune, opset, progress, threads, say, loaded, plan,
+                                 ort_check)
+    except Exception:
+        ort_check.result()  # an input ONNX Runtime refuses is the bad input behind any failure
+        raise
+    finally:
+        ort_check.join()  # never exit while the check's native code runs
+
+
+def _optimize_checked(in_path, out_path, passes, target, verify, report_path, seeds, atol, rtol, input_opts, opt_in,
+                      verify_level, provider, tune, opset, progress, threads, say, loaded, plan, ort_check):
     model, upgrade = prepare_opset(loaded.model, opset)
     inputs_line, plan_notes, tune_dims = None, [], {}
     if verify or (tune and not passes):
@@ -205,20 +247,21 @@ def optimize(
             if inputs_line:
                 say(inputs_line)
             tune_dims = dict(plan_inputs(model, input_opts).dims)
-    store = W.WeightStore(os.path.dirname(os.path.abspath(out_path)))
+    store = W.WeightStore(os.path.dirname(next(t for t in plan.writes if t.option == "-o").final))
     try:
         with W.using(store):
             out_model, report = optimize_model(model, passes, target, opt_in, provider, tune, progress=progress,
                                                threads=threads, shapes=(input_opts.shapes if input_opts else None),
                                                options={"tune_dims": tune_dims} if tune_dims else None)
             report.notes[:0] = plan_notes
+            ort_check.result()
             if not report.changed() and opset is None:
                 # nothing to gain: the input itself, byte for byte (no guard, nothing to verify)
                 report.notes.insert(0, "no changes: no optimizing pass applied; the output is a byte-identical copy of the input")
                 if inputs_line:
                     report.notes.insert(1, inputs_line)
-                written = nio.copy_model_files(in_path, out_path)
-                _write_report(report_path, report)
+                written = nio.copy_model_files(in_path, out_path, plan)
+                _write_report(report_path, report, plan)
                 return OptimizeResult(written, report, None, unchanged=True)
             if tune and not passes:
                 say("tuning: timing variants and the output against the input ...")
@@ -231,10 +274,10 @@ def optimize(
             nio.check_model(out_model)
         except Exception as exc:
             report.notes.append(f"output fails onnx.checker: {exc}")
-            _write_report(report_path, report)
+            _write_report(report_path, report, plan)
             raise InternalError(f"the optimized model fails onnx.checker; nothing was written: {str(exc).splitlines()[0]}") from None
         say("writing the output ...")
-        with nio.StagedModel(out_model, out_path, loaded.had_external_data) as staged:
+        with nio.StagedModel(out_model, out_path, nio.needs_external(loaded), plan) as staged:
             store.close()  # the output holds its own copy of every spilled tensor now
             del out_model
             result = None
@@ -244,11 +287,11 @@ def optimize(
                 proof = _prove_staged(in_path, staged.path, report)
                 say(f"verifying against the input with ONNX Runtime ({provider}) ...")
                 result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
-                                        verify_level, provider)
+                                        verify_level, provider, plan)
             written = staged.commit()
     finally:
         store.close()
-    _write_report(report_path, report)
+    _write_report(report_path, report, plan)
     return OptimizeResult(written, report, result, proof=proof)
 
 
@@ -267,7 +310,8 @@ def _prove_staged(in_path, staged_path, report):
     return res
 
 
-def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol, input_opts, verify_level, provider):
+def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol, input_opts, verify_level, provider,
+                   plan=None):
     kw = dict(seeds=seeds, atol=atol, rtol=rtol)
     # every session once: the original, its float64 evaluation and their outputs are kept by input
     # set in ref_cache, so the checks below reuse them (and the settled input plan)
@@ -296,7 +340,7 @@ def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol,
         except Exception as exc:  # localization is a diagnostic: never mask the failure
             result.first_divergence = {"error": f"{type(exc).__name__}: {exc}"}
         report.verification = result.to_dict()
-        _write_report(report_path, report)
+        _write_report(report_path, report, plan)
         raise VerificationFailed(msg, result)
     if verify_level != "disable":
         # every output must also load and run with ORT's optimizations off
@@ -305,7 +349,7 @@ def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol,
         result.timings["ORT_DISABLE_ALL check"] = exact.timings.get("total", 0.0)
         report.verification = result.to_dict()
         if not exact.equivalent:
-            _write_report(report_path, report)
+            _write_report(report_path, report, plan)
             raise VerificationFailed("the optimized model differs under ORT_DISABLE_ALL; nothing was written", exact)
     return result
 

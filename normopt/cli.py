@@ -260,8 +260,6 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
     With --min-cosine / --min-snr / --min-top1 the comparison is approximate (a model that
     differs by design, such as fp16 or int8 against fp32): a float output passes when it meets
     every threshold given. A markdown summary is appended to $GITHUB_STEP_SUMMARY when set."""
-    if prove:
-        _prove_command(reference, candidate, json_path, junit_path)
     import time
 
     from .api import verify as run
@@ -270,6 +268,19 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
 
     t0 = time.perf_counter()
     providers_for(provider)
+    from . import io as nio
+    from . import paths as P
+
+    plan = P.Plan()
+    for m in (reference, candidate):
+        plan.read_model(m, nio.load_model(m).model)
+    plan.read(report_path, f"the --report file {report_path}")
+    plan.read(inputs, f"the --inputs file {inputs}")
+    json_t = plan.write(json_path, "--json")
+    junit_t = plan.write(junit_path, "--junit")
+    plan.check()
+    if prove:
+        _prove_command(reference, candidate, json_t, junit_t, plan)
     changed = None
     if report_path:
         try:
@@ -282,26 +293,30 @@ def verify(reference, candidate, atol, rtol, seeds, provider, level, json_path, 
               thresholds=Thresholds(min_cosine, min_snr, min_top1))
     for line in res.summary_lines():
         click.echo(line)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(res.to_dict(), f, indent=2, default=str)
-    if junit_path:
-        write_junit(junit_path, "normopt verify", verify_cases(res), elapsed=time.perf_counter() - t0)
+    if json_t:
+        P.write_bytes(json_t, json.dumps(res.to_dict(), indent=2, default=str), plan)
+    if junit_t:
+        write_junit(junit_t, "normopt verify", verify_cases(res), plan, elapsed=time.perf_counter() - t0)
     github_summary(verify_markdown(f"normopt verify {os.path.basename(candidate)} against {os.path.basename(reference)}", res))
     sys.exit(0 if res.equivalent else 1)
 
 
-def _prove_command(reference, candidate, json_path, junit_path):
-    """verify --prove: one line (proved: ... / not proved: <where>: <reason>), exit 0 or 1."""
+def _prove_command(reference, candidate, json_t, junit_t, plan):
+    """verify --prove: one line (proved: ... / not proved: <where>: <reason>), exit 0 or 1. The
+    --json/--junit targets come from the command's checked plan (normopt.paths)."""
+    import time
+
+    from . import paths as P
     from .proof import prove
 
+    t0 = time.perf_counter()
     res = prove(reference, candidate)
     click.echo(res.summary)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"proof": res.to_dict()}, f, indent=2, default=str)
-    if junit_path:
-        write_junit(junit_path, "normopt verify", [("proof", None if res.proved else res.summary, {})])
+    if json_t:
+        P.write_bytes(json_t, json.dumps({"proof": res.to_dict()}, indent=2, default=str), plan)
+    if junit_t:
+        write_junit(junit_t, "normopt verify", [("proof", None if res.proved else res.summary, {})], plan,
+                    elapsed=time.perf_counter() - t0)
     github_summary(f"### normopt verify --prove {os.path.basename(candidate)} against {os.path.basename(reference)}\n\n"
                    f"- {res.summary}")
     sys.exit(0 if res.proved else 3 if res.details.get("internal_error") else 1)
@@ -365,13 +380,26 @@ def bench(models, provider, threads, runs, warmup, level, baselines, model_type,
         raise NormoptError(f"--inputs {inputs}: no such file")
     sweep = _parse_shapes(shape, sweep=True)
     ranges = _int_ranges(int_range)
+    from . import paths as P
+
+    plan = P.Plan()
     for m in models:
-        nio.load_model(m)
+        plan.read_model(m, nio.load_model(m).model)
+    plan.read(inputs, f"the --inputs file {inputs}")
+    output_t = plan.write(output, "--output")
+    junit_t = plan.write(junit_path, "--junit")
+    plot_t = plan.write(plot_path, "--plot")
     if plot_path:
         try:
             import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure
         except ImportError:
             raise NormoptError("--plot needs matplotlib: pip install -e '.[plot]' (from a clone) or pip install 'normopt[plot]'") from None
+        ext = os.path.splitext(plot_path)[1].lstrip(".").lower()
+        kinds = Figure().canvas.get_supported_filetypes()
+        if ext not in kinds:
+            raise NormoptError(f"--plot {plot_path}: give a file name ending in one of {', '.join('.' + k for k in sorted(kinds))}")
+    plan.check()
     labels = [os.path.basename(m) for m in models]
     if len(set(labels)) < len(labels):
         labels = list(models)
@@ -414,16 +442,13 @@ def bench(models, provider, threads, runs, warmup, level, baselines, model_type,
         for _, _, tag, res in results:
             for line in res.verdicts():
                 click.echo(f"normopt: {line}" + (f" ({tag})" if tag else ""))
-    if output:
-        with open(output, "w") as f:
-            f.write(_bench_text(results, fmt) + "\n")
-    if plot_path:
+    if output_t:
+        P.write_bytes(output_t, _bench_text(results, fmt) + "\n", plan)
+    if plot_t:
         from .runtime_tests.plot import plot_ratios, plot_sweep
 
-        if len(results) == 1:
-            plot_ratios(results[0][3], plot_path)
-        else:
-            plot_sweep(results, plot_path)
+        draw = (lambda tmp: plot_ratios(results[0][3], tmp)) if len(results) == 1 else (lambda tmp: plot_sweep(results, tmp))
+        P.write_with(plot_t, draw, plan, suffix=os.path.splitext(plot_path)[1])
     slow = []
     cases = []
     times = []  # each case's time: the seconds its model ran in that configuration
@@ -435,8 +460,8 @@ def bench(models, provider, threads, runs, warmup, level, baselines, model_type,
                 slow.append(f"{m.label}{' (' + tag + ')' if tag else ''}: ratio {m.ratio:.3f}, CI [{m.ci_low:.3f}, {m.ci_high:.3f}] above {max_ratio}")
             cases.append((f"{m.label}{' ' + tag if tag else ''}", slow[-1] if bad else None,
                           {"median_ms": m.median_ms, "ratio": m.ratio, "ci_low": m.ci_low, "ci_high": m.ci_high}))
-    if junit_path:
-        write_junit(junit_path, "normopt bench", cases, times=times)
+    if junit_t:
+        write_junit(junit_t, "normopt bench", cases, plan, times=times)
     github_summary("### normopt bench\n\n" + _bench_text(results, "md") + "\n\n" +
                    "\n".join(f"- {line}" + (f" ({tag})" if tag else "") for _, _, tag, r in results for line in r.verdicts()))
     if slow:
@@ -512,8 +537,10 @@ def passes():
 @guarded
 def demo(workdir, runs, threads):
     """Build a small Pre-LN transformer, optimize it, verify it and bench it."""
+    from . import paths as P
     from .demo import run_demo
 
+    P.check_folder(workdir, "--dir", ("gpt_preln.onnx", "gpt_preln.opt.onnx", "gpt_preln.opt.onnx.data", "report.json"))
     run_demo(workdir, runs=runs, threads=threads, echo=click.echo)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from . import paths as P
 from . import weights as W
 from .errors import NormoptError
 
@@ -47,13 +48,18 @@ def default_opset(model: onnx.ModelProto) -> int | None:
 
 def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOADABLE_OPSET) -> LoadedModel:
     """Read and validate a model as a *skeleton* (weights.read_skeleton): tensors over 1 KiB are
-    references into the model file or its external-data files, never loaded. Raises
-    NormoptError with one line on any bad input. (load_external is accepted for compatibility
-    and ignored: weights are always read on demand.)"""
-    if not os.path.exists(path):
+    references into the model file or its external-data files, never loaded. Every tensor is
+    checked as ONNX Runtime would check it (validate_tensors), without reading external data.
+    Raises NormoptError with one line on any bad input. (load_external is accepted for
+    compatibility and ignored: weights are always read on demand.)"""
+    if not os.path.lexists(path):
         raise NormoptError(f"{path}: no such file")
+    if not os.path.exists(path):
+        raise NormoptError(f"{path}: a symlink to a file that does not exist")
     if os.path.isdir(path):
         raise NormoptError(f"{path}: is a directory, not an ONNX model file")
+    if not os.path.isfile(path):
+        raise NormoptError(f"{path}: not a regular file (a device, FIFO or socket), not an ONNX model file")
     size = os.path.getsize(path)
     if size == 0:
         raise NormoptError(f"{path}: empty file, not an ONNX model")
@@ -64,8 +70,12 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
         )
     try:
         model = W.read_skeleton(path)
-    except Exception as exc:  # a wire-format error, protobuf DecodeError, ...
-        raise NormoptError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from None
+    except W.BadTensor as exc:
+        raise NormoptError(f"{path}: {exc}") from None
+    except W.WireError as exc:
+        raise NormoptError(f"{path}: not a valid ONNX model: {exc}") from None
+    except OSError as exc:
+        raise NormoptError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise NormoptError(f"{path}: not a valid ONNX model (no graph, IR version or opset)")
     opset = default_opset(model)
@@ -80,27 +90,11 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
     if unknown:
         op = next(n.op_type for n in model.graph.node if n.domain == unknown[0])
         raise NormoptError(f"{path}: op '{op}' of domain '{unknown[0]}' is unknown to ONNX Runtime")
-
+    problem = text_problem(model) or validate_tensors(model, path)
+    if problem:
+        raise NormoptError(f"{path}: {problem}")
     me = os.path.abspath(path)
-    external = False
-    for tensor in W.iter_tensors(model):
-        ref = W.external_ref(tensor)
-        if ref is None or ref[0] == me:
-            continue
-        external = True
-        location, offset, length = ref
-        shown = os.path.relpath(location, os.path.dirname(me))
-        if not os.path.isfile(location):
-            raise NormoptError(f"{path}: external data file '{shown}' for tensor '{tensor.name}' is missing")
-        fsize = os.path.getsize(location)
-        needed = offset + (length if length is not None else W.tensor_nbytes(tensor))
-        if needed > fsize or offset > fsize:
-            raise NormoptError(
-                f"{path}: external data file '{shown}' is shorter ({fsize} bytes) than "
-                f"tensor '{tensor.name}' needs ({needed} bytes)"
-            )
-        if length is None:
-            W.set_external(tensor, location, offset, W.tensor_nbytes(tensor))
+    external = any(W.external_ref(t) is not None and W.external_ref(t)[0] != me for t in W.iter_tensors(model))
     try:
         check_model(model)
     except Exception as exc:
@@ -108,6 +102,140 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
         raise NormoptError(f"{path}: invalid ONNX model: {first}") from None
     return LoadedModel(model=model, path=path, had_external_data=external, opset=opset,
                        weight_bytes=W.weight_bytes(model))
+
+
+def text_problem(model: onnx.ModelProto) -> str | None:
+    """The first name or type string that is not UTF-8 text (protobuf hands such a string over
+    as bytes; ONNX requires UTF-8), or None. Names of nodes, values, tensors, attributes, ops,
+    domains, functions and metadata are checked."""
+    def bad(*xs):
+        return any(isinstance(x, bytes) for x in xs)
+
+    if bad(model.producer_name, model.producer_version, model.domain, model.doc_string) or any(
+            bad(o.domain) for o in model.opset_import) or any(bad(p.key, p.value) for p in model.metadata_props):
+        return "the model's header holds text that is not UTF-8"
+    graphs = list(_graphs(model.graph))
+    for fn in model.functions:
+        if bad(fn.name, fn.domain, *fn.input, *fn.output, *fn.attribute):
+            return "a function's name or signature is not UTF-8 text"
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.extend(_graphs(attr.g))
+                graphs.extend(g2 for g in attr.graphs for g2 in _graphs(g))
+    nodes = [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]
+    for g in graphs:
+        if bad(g.name, g.doc_string) or any(bad(v.name) for v in list(g.input) + list(g.output) + list(g.value_info)):
+            return "a graph's name or value name is not UTF-8 text"
+        if any(bad(t.name) for t in g.initializer) or any(bad(s.values.name) for s in g.sparse_initializer):
+            return "an initializer's name is not UTF-8 text"
+    for n in nodes:
+        if bad(n.name, n.op_type, n.domain, n.doc_string, *n.input, *n.output):
+            return f"node {n.name!r}: a name, op type or domain is not UTF-8 text"
+        for a in n.attribute:
+            if bad(a.name, a.ref_attr_name, a.doc_string) or (a.HasField("t") and bad(a.t.name)):
+                return f"node {n.name!r}: an attribute name is not UTF-8 text"
+    return None
+
+
+KNOWN_DTYPES = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+_T = onnx.TensorProto
+# where a tensor's values are when they are not raw bytes: field, values per element
+_TYPED_FIELD = {_T.FLOAT: ("float_data", 1), _T.COMPLEX64: ("float_data", 2), _T.DOUBLE: ("double_data", 1),
+                _T.COMPLEX128: ("double_data", 2), _T.INT64: ("int64_data", 1), _T.UINT32: ("uint64_data", 1),
+                _T.UINT64: ("uint64_data", 1), _T.STRING: ("string_data", 1)}
+MAX_ELEMENT_BYTES = 1 << 62  # a tensor's dims beyond this overflow ONNX Runtime's size arithmetic
+
+
+def all_tensors(model: onnx.ModelProto):
+    """(tensor, what) for every TensorProto of the model: initializers, Constant and other
+    attribute tensors, subgraphs, functions, and the values and indices of sparse tensors."""
+    for t in W.iter_tensors(model):
+        yield t, "tensor"
+    graphs = list(_graphs(model.graph))
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.extend(_graphs(attr.g))
+                for g in attr.graphs:
+                    graphs.extend(_graphs(g))
+    nodes = [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]
+    sparse = [s for g in graphs for s in g.sparse_initializer]
+    for n in nodes:
+        for attr in n.attribute:
+            if attr.HasField("sparse_tensor"):
+                sparse.append(attr.sparse_tensor)
+            sparse.extend(attr.sparse_tensors)
+    for s in sparse:
+        yield s.values, "sparse tensor values"
+        yield s.indices, "sparse tensor indices"
+
+
+def validate_tensors(model: onnx.ModelProto, path: str) -> str | None:
+    """The first problem that makes ONNX Runtime refuse one of the model's tensors, in words, or
+    None: an unknown data_type, a negative or overflowing dim, a STRING tensor with raw or
+    external data, a data size that does not match dims x type (raw_data, the typed fields, or
+    external data: length, and the file's size against offset + length, never read), an
+    external-data file that is missing or not a regular file."""
+    for t, what in all_tensors(model):
+        problem = tensor_problem(t, path)
+        if problem:
+            return f"{what} '{t.name}': {problem}" if t.name or what == "tensor" else f"{what}: {problem}"
+    return None
+
+
+def tensor_problem(t: onnx.TensorProto, path: str) -> str | None:
+    if t.data_type not in KNOWN_DTYPES:
+        return f"unknown data_type {t.data_type}"
+    dims = list(t.dims)
+    if any(d < 0 for d in dims):
+        return f"negative dimension in dims {dims}"
+    n = W.element_count(t)
+    dt = W.np_dtype(t.data_type)
+    if n * max(1, dt.itemsize if dt is not None else 1) >= MAX_ELEMENT_BYTES:
+        return f"dims {dims} overflow ({n} elements)"
+    type_name = _T.DataType.Name(t.data_type)
+    ref = W.external_ref(t)
+    if t.data_location == _T.EXTERNAL and ref is None:
+        return "marked as external data without a location"
+    if t.data_type == _T.STRING:
+        if ref is not None:
+            return "a STRING tensor cannot be external data"
+        if t.HasField("raw_data"):
+            return "a STRING tensor cannot hold raw_data"
+    expected = W.expected_nbytes(t)
+    if ref is not None:
+        loc, off, length = ref
+        shown = os.path.relpath(loc, os.path.dirname(os.path.abspath(path)))
+        if length != expected:
+            if loc == os.path.abspath(path):
+                return f"raw_data holds {length} bytes, but dims {dims} of {type_name} need {expected}"
+            return f"external data length {length} does not match dims {dims} of {type_name} ({expected} bytes)"
+        try:
+            st = os.stat(loc)
+        except OSError:
+            return f"external data file '{shown}' is missing"
+        if not os.path.isfile(loc):
+            return f"external data file '{shown}' is not a regular file"
+        if off + length > st.st_size:
+            return (f"the data runs past the end of the file '{shown}' "
+                    f"(offset {off} + length {length} > {st.st_size} bytes)")
+        return None
+    if t.HasField("raw_data"):
+        if len(t.raw_data) != expected:
+            return f"raw_data holds {len(t.raw_data)} bytes, but dims {dims} of {type_name} need {expected}"
+        return None
+    name, per = _TYPED_FIELD.get(t.data_type, ("int32_data", 1))
+    want = n * per
+    if t.data_type in W._INT4ISH:
+        want = (n + 1) // 2
+    elif t.data_type in W._INT2ISH | W._FLOAT6:
+        return None  # packing of the typed field not checked here (the checker and ORT see it)
+    have = len(getattr(t, name))
+    if have != want:
+        return f"holds {have} values in {name}, but dims {dims} need {want}"
+    return None
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -154,42 +282,150 @@ def _graphs(graph):
                 yield from _graphs(g)
 
 
+def data_name_for(out_path: str) -> str:
+    """The file name of a written model's external data: '<model file name>.data'."""
+    return os.path.basename(out_path) + ".data"
+
+
+def needs_external(loaded: LoadedModel) -> bool:
+    """Is the output written with external data? When the input has it, or would not fit one
+    protobuf."""
+    return loaded.had_external_data or loaded.weight_bytes + loaded.model.ByteSize() > TWO_GB
+
+
+def plan_model_output(plan: P.Plan, in_path: str, loaded: LoadedModel, out_path: str, external: bool) -> P.Target:
+    """Add the files `optimize` may write for OUT to the plan: the model, its data file (when
+    written with external data), and the data files an unchanged copy of the input needs beside
+    it (the input's own names, unless they are the input's files themselves)."""
+    target = plan.write(out_path, "-o")
+    given_dir = os.path.dirname(os.path.abspath(out_path))
+    copies = []
+    me = os.path.abspath(in_path)
+    base = os.path.dirname(me)
+    for src in sorted({W.external_ref(t)[0] for t in W.iter_tensors(loaded.model)
+                       if W.external_ref(t) is not None and W.external_ref(t)[0] != me}):
+        dst = os.path.join(given_dir, os.path.relpath(src, base))
+        if not P._same(dst, src):
+            copies.append((src, dst))
+    if (external or copies) and os.path.realpath(given_dir) != os.path.dirname(target.final):
+        raise NormoptError(f"-o {out_path}: is a link into another folder, and the output has external data that "
+                           "must sit beside the model file: give the link's target as -o")
+    data = None
+    if external:
+        data = plan.write(os.path.join(given_dir, data_name_for(out_path)), "the output's data file", owner=out_path)
+    for src, dst in copies:
+        if data is not None and P._same(dst, data.given):
+            data.source = src  # the same place on either path: one target, which the unchanged copy fills
+            continue
+        plan.write(dst, "the unchanged copy's data file", owner=out_path, required=False, mkdirs=True, source=src)
+    return target
+
+
 def check_output_path(in_path: str, out_path: str) -> None:
-    if os.path.abspath(in_path) == os.path.abspath(out_path) or (
-        os.path.exists(out_path) and os.path.samefile(in_path, out_path)
-    ):
-        raise NormoptError(f"-o {out_path}: output path is the input path; refusing to overwrite the input")
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(out_dir):
-        raise NormoptError(f"-o {out_path}: output directory {out_dir} does not exist")
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise NormoptError(f"-o {out_path}: output directory {out_dir} is not writable")
-    if os.path.isdir(out_path):
-        raise NormoptError(f"-o {out_path}: is a directory")
+    """Refuse an output path that is the input, an input's data file, a special file, or in a
+    folder that is missing or cannot be written (see normopt.paths)."""
+    loaded = load_model(in_path)
+    plan = P.Plan()
+    plan.read_model(in_path, loaded.model)
+    plan_model_output(plan, in_path, loaded, out_path, needs_external(loaded))
+    plan.check()
+
+
+ORT_CHECK_BYTES = 2 << 30  # inputs with more weight bytes are checked without a session (docs/files.md)
+
+
+def ort_check(loaded: LoadedModel) -> None:
+    """ONNX Runtime loads the input once (graph optimizations off, one thread): a model it
+    refuses is bad input, not something to pass on. A model whose weights exceed
+    ORT_CHECK_BYTES gets the skeleton checks and the ONNX checker only. A kernel ORT's CPU
+    build lacks is not a defect of the file."""
+    OrtCheck(loaded).result()
+
+
+class OrtCheck:
+    """ort_check in a thread, started before the passes run and joined before anything is
+    written: session creation is native code that releases the GIL, so it overlaps with the
+    pipeline instead of adding to it. ``result()`` raises NormoptError if ORT refuses the input."""
+
+    def __init__(self, loaded: LoadedModel):
+        import threading
+
+        self.loaded, self.error = loaded, None
+        self.thread = None
+        if loaded.weight_bytes <= ORT_CHECK_BYTES:
+            self.thread = threading.Thread(target=self._run, name="normopt-ort-check", daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 4
+        try:
+            ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            if type(exc).__name__ == "NotImplemented":
+                return
+            first = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
+            self.error = f"{self.loaded.path}: ONNX Runtime refuses to load it: {first[:300]}"
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def result(self) -> None:
+        self.join()
+        if self.error:
+            raise NormoptError(self.error)
 
 
 class StagedModel:
     """A model written to a temporary directory beside its destination.
 
     ``path`` can be loaded (for verification) before ``commit`` renames it into place. The model
-    may be a skeleton: referenced weights are streamed into the output (write_model)."""
+    may be a skeleton: referenced weights are streamed into the output (write_model). Its
+    places come from a checked :class:`normopt.paths.Plan` (one is made when none is given)."""
 
-    def __init__(self, model: onnx.ModelProto, out_path: str, external_data: bool):
-        self.out_path = os.path.abspath(out_path)
+    def __init__(self, model: onnx.ModelProto, out_path: str, external_data: bool, plan: P.Plan | None = None):
+        self.external = external_data or W.weight_bytes(model) + model.ByteSize() > TWO_GB
+        if plan is None:
+            plan = P.Plan()
+            for t in W.iter_tensors(model):  # a skeleton reads its weights from these files
+                ref = W.external_ref(t)
+                if ref is not None and os.path.isabs(ref[0]):
+                    plan.read(ref[0], f"the file {ref[0]} that holds the model's weights")
+            plan.write(out_path, "-o")
+        self.plan = plan
+        self.target = next(t for t in plan.writes if t.option == "-o")
+        self.out_path = self.target.final
+        self.data_name = data_name_for(self.target.given)
+        self.data_target = next((t for t in plan.writes if t.option == "the output's data file"), None)
+        if self.external and self.data_target is None:
+            # decided here (the rewritten model outgrew one protobuf): plan and check it now
+            extra = P.Plan(reads=plan.reads)
+            self.data_target = extra.write(os.path.join(os.path.dirname(os.path.abspath(self.target.given)),
+                                                        self.data_name), "the output's data file", owner=self.target.given)
+            plan.writes.append(self.data_target)
+        if self.data_target is not None:
+            P.Plan(reads=plan.reads, writes=[w for w in plan.writes if w is not self.data_target] + [self.data_target]).check()
+        else:
+            plan.check()
         out_dir = os.path.dirname(self.out_path)
-        self.name = os.path.basename(self.out_path)
-        self.data_name = self.name + ".data"
+        self.name = os.path.basename(self.target.given)
         try:
             self.tmpdir = tempfile.mkdtemp(prefix=".normopt-", dir=out_dir)
         except OSError as exc:
-            raise NormoptError(f"cannot write to {out_dir}: {exc.strerror}") from None
+            raise NormoptError(f"-o {out_path}: cannot write in {out_dir} ({exc.strerror})") from None
         self.path = os.path.join(self.tmpdir, self.name)
-        self.external = external_data or W.weight_bytes(model) + model.ByteSize() > TWO_GB
         try:
             write_model(model, self.path, self.external, self.data_name)
         except OSError as exc:
             self.discard()
-            raise NormoptError(f"cannot write {out_path}: {exc.strerror or exc}") from None
+            raise NormoptError(f"-o {out_path}: cannot write it ({exc.strerror or exc})") from None
         except Exception as exc:
             self.discard()
             raise NormoptError(f"cannot serialize the output model: {exc}") from None
@@ -198,11 +434,13 @@ class StagedModel:
         try:
             data = os.path.join(self.tmpdir, self.data_name)
             if os.path.exists(data):
-                os.replace(data, os.path.join(os.path.dirname(self.out_path), self.data_name))
-            os.replace(self.path, self.out_path)
+                os.chmod(data, P._mode_for(self.data_target.final))
+                P.replace_into(data, self.data_target, self.plan)
+            os.chmod(self.path, P._mode_for(self.out_path))
+            P.replace_into(self.path, self.target, self.plan)
         finally:
             self.discard()
-        return self.out_path
+        return os.path.abspath(self.target.given)
 
     def discard(self) -> None:
         shutil.rmtree(getattr(self, "tmpdir", ""), ignore_errors=True)
@@ -216,7 +454,8 @@ class StagedModel:
 
 
 def save_model(model: onnx.ModelProto, out_path: str, external_data: bool = False) -> str:
-    """Write atomically (temp file in the target directory, then rename)."""
+    """Write atomically (temp file in the target directory, then rename); the path is checked
+    as any output is (normopt.paths)."""
     return StagedModel(model, out_path, external_data).commit()
 
 
@@ -294,6 +533,11 @@ def write_model(model: onnx.ModelProto, path: str, external: bool, data_name: st
     out = onnx.ModelProto()
     out.CopyFrom(model)
     sources = _Sources()
+    for t in W.iter_tensors(out):
+        if t.data_location == onnx.TensorProto.EXTERNAL and W.external_ref(t) is None:
+            # a constant a pass gave new values keeps graphsurgeon's copy of its old location flag
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
     try:
         for t in _attribute_tensors(out):  # Constant/attribute tensors stay inline
             if _is_ref(t):
@@ -324,6 +568,8 @@ def _write_external(out, path, data_name, sources):
         for g in _graphs(out.graph):
             for t in g.initializer:
                 n = W.tensor_nbytes(t)
+                if t.data_type == onnx.TensorProto.STRING:
+                    continue  # strings are never external data (ONNX Runtime reads them from string_data only)
                 if n < W.INLINE_BYTES:
                     if _is_ref(t):
                         _inline(t)
@@ -392,34 +638,24 @@ def _write_single(out, path, sources):
         os.ftruncate(fd, pos)
 
 
-def copy_model_files(in_path: str, out_path: str) -> str:
-    """A byte-identical copy of a model and the external-data files it names, written atomically
-    (used when no pass changed anything). Written into the input's own directory, the copy reads
-    the input's data files where they are (the same names): they are never rewritten."""
-    loaded = load_model(in_path)
-    base = os.path.dirname(os.path.abspath(in_path))
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    files = sorted({W.external_ref(t)[0] for t in W.iter_tensors(loaded.model)
-                    if W.external_ref(t) is not None and W.external_ref(t)[0] != os.path.abspath(in_path)})
-    tmp = tempfile.mkdtemp(prefix=".normopt-", dir=out_dir)
-    try:
-        moves = []
-        for src in files:
-            rel = os.path.relpath(src, base)
-            if os.path.abspath(os.path.join(out_dir, rel)) == src:
-                continue  # the same directory: the input's data file is already where the copy looks
-            dst = os.path.join(tmp, rel)
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copyfile(src, dst)
-            moves.append((dst, os.path.join(out_dir, rel)))
-        staged = os.path.join(tmp, os.path.basename(out_path))
-        shutil.copyfile(in_path, staged)
-        for src, dst in moves:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.replace(src, dst)
-        os.replace(staged, os.path.abspath(out_path))
-    except OSError as exc:
-        raise NormoptError(f"cannot write {out_path}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def copy_model_files(in_path: str, out_path: str, plan: P.Plan | None = None) -> str:
+    """A byte-identical copy of a model and the external-data files it names, each written
+    atomically (used when no pass changed anything). Written into the input's own directory, the
+    copy reads the input's data files where they are (the same names): they are never rewritten.
+    The places come from the plan made by plan_model_output (one is made when none is given)."""
+    if plan is None:
+        loaded = load_model(in_path)
+        plan = P.Plan()
+        plan.read_model(in_path, loaded.model)
+        plan_model_output(plan, in_path, loaded, out_path, False)
+        plan.check()
+    for t in plan.writes:
+        if t.source is not None:
+            try:
+                os.makedirs(os.path.dirname(t.final), exist_ok=True)
+            except OSError as exc:
+                raise NormoptError(f"-o {out_path}: cannot make the folder for {t.given} ({exc.strerror})") from None
+            P.write_with(t, lambda tmp, src=t.source: shutil.copyfile(src, tmp), plan)
+    target = next(t for t in plan.writes if t.option == "-o")
+    P.write_with(target, lambda tmp: shutil.copyfile(in_path, tmp), plan)
     return os.path.abspath(out_path)

@@ -66,10 +66,14 @@ def norm_change(first: dict, this: dict) -> str:
 # CI
 
 
-def write_junit(path: str, suite: str, cases: list, times: list | None = None, elapsed: float | None = None) -> None:
-    """cases: [(name, failure message or None, {property: value})]. Each case's `time` (seconds) is
-    times[i] when given (bench: the time that model ran), else an even share of `elapsed` (verify:
-    every output is compared in the same runs, so the check's wall time is split between them)."""
+def write_junit(path, suite: str, cases: list, plan=None, times: list | None = None, elapsed: float | None = None) -> None:
+    """cases: [(name, failure message or None, {property: value})]. `path` is a path or a
+    normopt.paths.Target from the command's checked plan; written atomically. Each case's `time`
+    (seconds) is times[i] when given (bench: the time that model ran), else an even share of
+    `elapsed` (verify: every output is compared in the same runs, so the check's wall time is
+    split between them)."""
+    from . import paths as P
+
     if times is None:
         share = (elapsed or 0.0) / max(1, len(cases))
         times = [share] * len(cases)
@@ -86,9 +90,7 @@ def write_junit(path: str, suite: str, cases: list, times: list | None = None, e
         if failure:
             f = ET.SubElement(tc, "failure", message=failure)
             f.text = failure
-    tmp = path + ".tmp"
-    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
-    os.replace(tmp, path)
+    P.write_bytes(P.target_of(path, "--junit"), ET.tostring(root, encoding="utf-8", xml_declaration=True), plan)
 
 
 def github_summary(markdown: str) -> None:

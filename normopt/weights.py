@@ -37,7 +37,7 @@ CHUNK_BYTES = 64 << 20  # float64 working set of one block of weight math
 ALIGN_LARGE = 1 << 16  # offsets of tensors >= 1 MiB are aligned so ONNX Runtime can mmap them
 ALIGN_SMALL = 64
 
-_PACKED = {TensorProto.INT4, TensorProto.UINT4} | {getattr(TensorProto, n) for n in ("FLOAT4E2M1",) if hasattr(TensorProto, n)}
+_PACKED = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2", "FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, n)}
 
 
 def np_dtype(data_type: int):
@@ -79,9 +79,10 @@ def tensor_nbytes(tensor: TensorProto) -> int:
         return ref[2]
     if tensor.HasField("raw_data"):
         return len(tensor.raw_data)
-    dt = np_dtype(tensor.data_type)
-    n = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    return n * (dt.itemsize if dt is not None else 1)
+    if tensor.data_type == TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    n = expected_nbytes(tensor)
+    return n if n is not None else element_count(tensor)
 
 
 def read_bytes(path: str, offset: int, length: int) -> bytes:
@@ -269,14 +270,22 @@ def vecmat(vec: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 class WireError(ValueError):
-    pass
+    """The file is not a well-formed protobuf: the message says what and at which byte."""
+
+
+class BadTensor(ValueError):
+    """A tensor ONNX Runtime would refuse (its data, dims or type): the message names it."""
+
+
+SELF = "\x00normopt:self\x00"  # the skeleton walker's location for a tensor's own raw_data region
 
 
 def _varint(buf, pos, end):
     result = shift = 0
+    start = pos
     while True:
         if pos >= end:
-            raise WireError("truncated varint")
+            raise WireError(f"truncated at byte {pos} (a number that starts at byte {start} runs past the end of its message)")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
@@ -284,7 +293,7 @@ def _varint(buf, pos, end):
             return result, pos
         shift += 7
         if shift > 63:
-            raise WireError("varint too long")
+            raise WireError(f"a number at byte {start} is longer than 10 bytes")
 
 
 def _enc_varint(v: int) -> bytes:
@@ -303,25 +312,59 @@ def _key(field: int, wire: int) -> bytes:
     return _enc_varint((field << 3) | wire)
 
 
+def _skip(buf, pos, end, wire, start):
+    """End of a field value of `wire` type that starts at `pos` (groups, wire types 3 and 4,
+    are skipped to their matching end marker, as protobuf does with unknown fields)."""
+    if wire == 0:
+        return _varint(buf, pos, end)[1]
+    if wire == 1:
+        return pos + 8
+    if wire == 2:
+        n, pos = _varint(buf, pos, end)
+        return pos + n
+    if wire == 5:
+        return pos + 4
+    if wire == 3:
+        groups = [_varint(buf, start, end)[0] >> 3]
+        while groups:
+            if pos >= end:
+                raise WireError(f"truncated at byte {pos} (the group field {groups[0]} that starts at byte {start} is never closed)")
+            at = pos
+            key, pos = _varint(buf, pos, end)
+            field, w = key >> 3, key & 7
+            if w == 4:
+                if field != groups[-1]:
+                    raise WireError(f"byte {at}: a group's end marker (field {field}) does not match its start (field {groups[-1]})")
+                groups.pop()
+            elif w == 3:
+                groups.append(field)
+            elif w in (0, 1, 2, 5):
+                pos = _skip(buf, pos, end, w, at)
+            else:
+                raise WireError(f"byte {at}: invalid protobuf wire type {w}")
+            if pos > end:
+                raise WireError(f"truncated at byte {end} (a field that starts at byte {at} runs past the end of its message)")
+        return pos
+    if wire == 4:
+        raise WireError(f"byte {start}: a group's end marker without its start")
+    raise WireError(f"byte {start}: invalid protobuf wire type {wire}")
+
+
 def _fields(buf, pos, end):
     """Yield (field, wire type, value start, value end, field start) over a message."""
     while pos < end:
         start = pos
         key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos2 = _varint(buf, pos, end)
-        elif wire == 1:
-            pos2 = pos + 8
-        elif wire == 2:
+        if field == 0:
+            raise WireError(f"byte {start}: field number 0 (not a protobuf message)")
+        if wire == 2:
             n, pos = _varint(buf, pos, end)
             pos2 = pos + n
-        elif wire == 5:
-            pos2 = pos + 4
         else:
-            raise WireError(f"unsupported wire type {wire}")
+            pos2 = _skip(buf, pos, end, wire, start)
         if pos2 > end:
-            raise WireError("field runs past the end of its message")
+            raise WireError(f"truncated at byte {end} (the field that starts at byte {start} needs {pos2 - start} bytes)")
         yield field, wire, pos, pos2, start
         pos = pos2
 
@@ -385,7 +428,7 @@ class _Walker:
             if field in (9, 13, 14):
                 continue
             out.append(bytes(self.buf[start:b]))
-        for k, v in (("location", self.path), ("offset", str(raw[0])), ("length", str(raw[1] - raw[0]))):
+        for k, v in (("location", SELF), ("offset", str(raw[0])), ("length", str(raw[1] - raw[0]))):
             out.append(_ld(13, _ld(1, k.encode()) + _ld(2, v.encode())))
         out.append(_key(14, 0) + _enc_varint(TensorProto.EXTERNAL))
         self.refs += 1
@@ -406,15 +449,95 @@ def read_skeleton(path: str, threshold: int = INLINE_BYTES) -> onnx.ModelProto:
             new = walker.message("model", 0, size)
             data = bytes(mm) if new is None else new
     model = onnx.ModelProto()
-    model.ParseFromString(data)
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:  # protobuf's DecodeError: a field of the wrong type, bad UTF-8, ...
+        raise WireError(f"protobuf cannot parse it ({' '.join(str(exc).split()) or type(exc).__name__})") from None
     base = os.path.dirname(path)
     for t in iter_tensors(model):
-        ref = external_ref(t)
-        if ref is not None and not os.path.isabs(ref[0]):
-            loc = os.path.normpath(os.path.join(base, ref[0]))
-            length = ref[2] if ref[2] is not None else max(0, os.path.getsize(loc) - ref[1]) if os.path.exists(loc) else 0
-            set_external(t, loc, ref[1], length)
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        if isinstance(t.name, bytes):
+            raise BadTensor("a tensor's name is not UTF-8 text")
+        if info.get("location") == SELF:  # our own reference to the tensor's raw_data
+            if t.data_type == TensorProto.STRING:
+                raise BadTensor(f"tensor '{t.name}': a STRING tensor cannot hold raw_data")
+            set_external(t, path, int(info["offset"]), int(info["length"]))
+            continue
+        loc, off, length = parse_external(t, path)
+        set_external(t, loc, off, length)
     return model
+
+
+def _nonneg(tensor, key, value):
+    try:
+        v = int(value)
+    except ValueError:
+        raise BadTensor(f"tensor '{tensor.name}': external data {key} '{value}' is not a number") from None
+    if v < 0:
+        raise BadTensor(f"tensor '{tensor.name}': external data {key} {v} is negative")
+    return v
+
+
+def parse_external(tensor: TensorProto, model_path: str):
+    """(absolute location, offset, length) of a tensor's external data as its model file states
+    it, checked as ONNX Runtime checks it: a relative location inside the model's folder, never
+    the model file itself, offset and length non-negative integers. A missing length is the
+    size the tensor's dims and type need. Raises BadTensor."""
+    info = {e.key: e.value for e in tensor.external_data}
+    if any(isinstance(v, bytes) for kv in info.items() for v in kv):
+        raise BadTensor(f"tensor '{tensor.name}': its external data keys or values are not UTF-8 text")
+    where = info.get("location", "")
+    if not where:
+        raise BadTensor(f"tensor '{tensor.name}': external data without a location")
+    if os.path.isabs(where) or where.startswith(("/", "\\")):
+        raise BadTensor(f"tensor '{tensor.name}': external data location '{where}' is an absolute path "
+                        "(ONNX Runtime reads external data only from the model's folder)")
+    rel = os.path.normpath(where)
+    if rel == ".." or rel.startswith(".." + os.sep) or rel == ".":
+        raise BadTensor(f"tensor '{tensor.name}': external data location '{where}' is outside the model's folder")
+    base = os.path.dirname(model_path)
+    loc = os.path.join(base, rel)
+    if os.path.abspath(loc) == os.path.abspath(model_path) or (
+            os.path.exists(loc) and os.path.samefile(loc, model_path)):
+        raise BadTensor(f"tensor '{tensor.name}': external data location '{where}' is the model file itself")
+    off = _nonneg(tensor, "offset", info.get("offset") or "0")
+    if info.get("length") not in (None, ""):
+        length = _nonneg(tensor, "length", info["length"])
+    else:
+        length = expected_nbytes(tensor)
+        if length is None:
+            raise BadTensor(f"tensor '{tensor.name}': a {TensorProto.DataType.Name(tensor.data_type)} tensor cannot be external data")
+    return loc, off, length
+
+
+_INT4ISH = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
+_INT2ISH = {getattr(TensorProto, n) for n in ("INT2", "UINT2") if hasattr(TensorProto, n)}
+_FLOAT6 = {getattr(TensorProto, n) for n in ("FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, n)}
+
+
+def element_count(tensor: TensorProto) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= int(d)
+    return n
+
+
+def expected_nbytes(tensor: TensorProto):
+    """Bytes of the tensor's data as raw_data or external data (packed sub-byte types
+    included), or None for STRING (or a type with no fixed size)."""
+    n = element_count(tensor)
+    if tensor.data_type in _INT4ISH:
+        return (n + 1) // 2
+    if tensor.data_type in _INT2ISH:
+        return (n + 3) // 4
+    if tensor.data_type in _FLOAT6:
+        return (6 * n + 7) // 8
+    dt = np_dtype(tensor.data_type)
+    if dt is None or dt.kind == "O" or tensor.data_type == TensorProto.STRING:
+        return None
+    return n * dt.itemsize
 
 
 def iter_tensors(model_or_graph):

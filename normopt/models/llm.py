@@ -155,6 +155,12 @@ def write_decoder(path: str, spec: DecoderSpec | None = None, single_file: bool 
     def ints(v):
         return const(np.asarray(v, np.int64), "i")
 
+    def exponent(v):
+        # Pow's exponent type T1 takes bfloat16 only from opset 15 on: a float32 exponent before
+        if spec.opset < 15 and "bfloat16" in str(w.dtype):
+            return const(np.asarray(v, np.float32), "s")
+        return scalar(v)
+
     def reduce_mean(x, axis=-1):
         if spec.opset >= 18:
             return node("ReduceMean", [x, ints([axis])], keepdims=1)
@@ -170,7 +176,7 @@ def write_decoder(path: str, spec: DecoderSpec | None = None, single_file: bool 
             return node("LayerNormalization", [x, g, b], base=tag, axis=-1, epsilon=1e-5)
         m = reduce_mean(x)
         c = node("Sub", [x, m])
-        v = reduce_mean(node("Pow", [c, scalar(2.0)]))
+        v = reduce_mean(node("Pow", [c, exponent(2.0)]))
         s = node("Sqrt", [node("Add", [v, scalar(1e-5)])])
         return node("Add", [node("Mul", [node("Div", [c, s]), g]), b], base=tag)
 
@@ -179,7 +185,7 @@ def write_decoder(path: str, spec: DecoderSpec | None = None, single_file: bool 
         return node("Add", [y, w.tensor(f"{tag}.bias", [n], "b")]) if bias else y
 
     def gelu(x):  # tanh approximation, as GPT-2 exports it
-        x3 = node("Pow", [x, scalar(3.0)])
+        x3 = node("Pow", [x, exponent(3.0)])
         inner = node("Mul", [node("Add", [x, node("Mul", [x3, scalar(0.044715)])]), scalar(np.sqrt(2 / np.pi))])
         return node("Mul", [node("Mul", [x, scalar(0.5)]), node("Add", [node("Tanh", [inner]), scalar(1.0)])])
 
