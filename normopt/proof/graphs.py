@@ -252,6 +252,14 @@ class GraphView:
             return False
         return self.parent.is_const(name) if self.parent else False
 
+    def is_stored(self, name) -> bool:
+        """A constant the model stores (an initializer), not one computed from other constants."""
+        if name in self.inits:
+            return True
+        if name in self.producer or name in self.inputs or name in self._small:
+            return False
+        return self.parent.is_stored(name) if self.parent else False
+
     def const(self, name):
         """The constant's values (float arrays as stored), or None."""
         if name in self._small:

@@ -235,17 +235,21 @@ class Prover:
         self.stats.weights_checked += 1
         if same_bytes(P, pname, O, oname):
             return True
+        # a constant the original stores is read unchanged: equal values exactly (any encoding);
+        # only a constant the original computes (folded by the optimizer, evaluated here) may
+        # differ by its evaluation's rounding
+        same = _equal if P.is_stored(pname) else _close
         if P.const_size(pname) > SMALL_CONST and P.const_size(pname) == O.const_size(oname):
             # a large constant: value by value, block by block
             pa, oa = row_blocks(P, pname), row_blocks(O, oname)
             for (_, x), (_, y) in zip(pa, oa):
-                if not _close(x, y):
+                if not same(x, y):
                     return False
             return P.shape(pname) == O.shape(oname) if P.shape(pname) and O.shape(oname) else True
         a, b = P.const(pname), O.const(oname)
         if a is None or b is None:
             return False
-        return _close(a, b)
+        return same(a, b)
 
     # ================================================================== nodes
     def prove_node(self, O, P, node, rels):
@@ -621,6 +625,12 @@ def canonical_signature(view, node, like=None):
 
 
 # ====================================================================== numeric helpers
+
+
+def _equal(a, b) -> bool:
+    """The same values, exactly (NaNs where the other has NaNs)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
 
 
 def _close(a, b) -> bool:
