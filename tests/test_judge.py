@@ -482,3 +482,63 @@ def test_float64_that_does_not_fit_falls_back_and_says_so(monkeypatch):
     res = compare(m, m)
     assert res.equivalent and res.mode == "fallback"
     assert any("float64" in n and "GB" in n for n in res.notes)
+
+
+# --- the float64 evaluator must compute ONNX Runtime's function ---------------------------------
+
+
+def _bn_opset11_model():
+    from onnx import helper, numpy_helper as nh
+
+    rng = np.random.default_rng(3)
+    c = 6
+    g, b, m = (rng.standard_normal(c).astype(np.float32) for _ in range(3))
+    v = (rng.random(c) + 0.5).astype(np.float32)
+    w = rng.standard_normal((4, c, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "bn11", [helper.make_tensor_value_info("x", 1, [1, c, 5, 5])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4, 5, 5])],
+                              [nh.from_array(a, k) for a, k in ((w, "w"), (g, "g"), (b, "b"), (m, "m"), (v, "v"))])
+    graph.node[1].input[1:] = ["g4", "b4", "m4", "v4"]
+    for name, arr in (("g4", g[:4]), ("b4", b[:4]), ("m4", m[:4]), ("v4", v[:4])):
+        graph.initializer.append(nh.from_array(arr, name))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    return model
+
+
+def test_float64_batchnorm_below_opset_14_is_orts(tmp_path):
+    """onnx.reference evaluates BatchNormalization below opset 14 away from its definition; the
+    exact reference uses a corrected kernel, so the original's own error is rounding-sized and a
+    planted bias change is refused (an inflated 'exact' error would hide it under 10x)."""
+    from onnx import numpy_helper as nh
+
+    src = tmp_path / "bn11.onnx"
+    onnx.save(_bn_opset11_model(), src)
+    same = compare(str(src), str(src), seeds=1)
+    assert same.mode == "exact", same.notes
+    worst = max(m.err_orig for m in same.outputs if m.err_orig is not None)
+    assert worst < 1e-5, worst
+    bad = onnx.load(src)
+    t = next(i for i in bad.graph.initializer if i.name == "b4")
+    arr = nh.to_array(t).copy()
+    arr[1] += 0.01
+    t.CopyFrom(nh.from_array(arr, "b4"))
+    cand = tmp_path / "bad.onnx"
+    onnx.save(bad, cand)
+    res = compare(str(src), str(cand), seeds=1)
+    assert res.mode == "exact" and not res.equivalent, res.summary_lines()
+
+
+def test_float64_evaluator_that_disagrees_with_ort_falls_back_named(tmp_path, monkeypatch):
+    """Without the corrected kernel, onnx.reference's answer at the model's own precision is far
+    from ORT's: the float64 evaluation is not trusted, and the check falls back, saying why."""
+    from normopt.runtime_tests import exact
+
+    monkeypatch.setattr(exact, "_corrected_ops", lambda: [])
+    src = tmp_path / "bn11.onnx"
+    onnx.save(_bn_opset11_model(), src)
+    res = compare(str(src), str(src), seeds=1)
+    assert res.mode == "fallback"
+    assert any("disagrees with ONNX Runtime" in n for n in res.notes), res.notes

@@ -63,6 +63,57 @@ def _keep32(graph) -> set:
     return keep
 
 
+def _corrected_ops():
+    """onnx.reference kernels replaced where they do not compute ONNX Runtime's function:
+    BatchNormalization below opset 14 (onnx 1.23 evaluates it 0.16 away from
+    scale * (x - mean) / sqrt(var + eps) + bias on unit-normal inputs)."""
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, spatial=None, is_test=None,
+                 training_mode=None, consumed_inputs=None):
+            if training_mode or len([o for o in self.onnx_node.output if o]) > 1:
+                raise NotImplementedError("BatchNormalization in training mode")
+            eps = np.asarray(1e-5 if epsilon is None else epsilon, x.dtype)
+            shape = [1, -1] + [1] * (x.ndim - 2)
+            y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * scale.reshape(shape) + bias.reshape(shape)
+            return (y.astype(x.dtype),)
+
+    return [BatchNormalization]
+
+
+def reference_evaluator(model: onnx.ModelProto):
+    """onnx.reference's evaluator with the corrected kernels (_corrected_ops)."""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model, new_ops=_corrected_ops())
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every tensor read in from its file (types unchanged), for
+    evaluators that cannot follow normopt's weight references (onnx.reference)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    stack = [out.graph]
+    while stack:
+        g = stack.pop()
+        tensors = list(g.initializer) + [st.values for st in g.sparse_initializer] + [st.indices for st in g.sparse_initializer]
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("g"):
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+                if a.HasField("t"):
+                    tensors.append(a.t)
+                tensors.extend(a.tensors)
+        for t in tensors:
+            if W.external_ref(t) is not None:
+                t.CopyFrom(numpy_helper.from_array(_array(t), t.name))
+    return out
+
+
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` computing in float64 (weights read in from their files)."""
     out = onnx.ModelProto()
@@ -126,6 +177,7 @@ class ExactRunner:
         self.outputs = list(outputs)
         self.seconds = 0.0
         self._first = None  # (feeds, outputs) of the trial run, reused by run()
+        self._sess = self._ref = None  # the float64 session (ONNX Runtime), else the evaluator
         t0 = time.perf_counter()
         try:
             self.model = to_float64(model)
@@ -145,9 +197,7 @@ class ExactRunner:
             errors.append(str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
         if not self.available:
             try:
-                from onnx.reference import ReferenceEvaluator
-
-                self._ref = ReferenceEvaluator(self.model)
+                self._ref = reference_evaluator(self.model)
                 if first_feeds is not None:
                     self._first = (first_feeds, [np.asarray(v) for v in self._ref.run(self.outputs, double_feeds(first_feeds))])
                 self.engine, self.available = "onnx.reference (float64, op by op)", True
@@ -157,6 +207,38 @@ class ExactRunner:
                 self.why = "; ".join(errors)
                 self.model = None
         self.seconds += time.perf_counter() - t0
+
+    def disagreement(self, native_model: onnx.ModelProto, feeds: dict, ort_vals: list, k: float, floor_ulps: float):
+        """onnx.reference only: does the evaluator compute ONNX Runtime's function? It evaluates
+        the original at its own precision too; where that answer is further from ORT's than
+        precision explains (k x its distance to its own float64 answer + floor_ulps ulp x RMS),
+        an op means something else to the evaluator (as BatchNormalization did below opset 14) and its float64
+        answer is not the exact value of ORT's function. The reason, or None."""
+        if self._ref is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            native = [np.asarray(v) for v in reference_evaluator(materialized(native_model)).run(self.outputs, feeds)]
+        except Exception as exc:
+            return f"onnx.reference cannot evaluate the original at its own precision ({type(exc).__name__})"
+        finally:
+            self.seconds += time.perf_counter() - t0
+        high = self.run(feeds)
+        for name, o, n, h in zip(self.outputs, ort_vals, native, high):
+            o = np.asarray(o)
+            if o.dtype.kind != "f" or not o.size or np.shape(n) != o.shape or np.shape(h) != o.shape:
+                continue
+            o64, n64, h64 = (np.asarray(x, np.float64) for x in (o, n, h))
+            finite = np.isfinite(o64) & np.isfinite(n64) & np.isfinite(h64)
+            if not finite.any():
+                continue
+            sem = float(np.abs(o64 - n64)[finite].max())
+            prec = float(np.abs(n64 - h64)[finite].max())
+            rms = float(np.sqrt(np.mean(np.square(h64[finite]))))
+            if sem > k * prec + floor_ulps * float(np.finfo(o.dtype).eps) * rms:
+                return (f"onnx.reference disagrees with ONNX Runtime on the original's '{name}' at its own precision "
+                        f"(max diff {sem:.3g}, against {prec:.3g} from precision), so its float64 answer is not ORT's function")
+        return None
 
     def run(self, feeds: dict) -> list:
         if self._first is not None and self._first[0] is feeds:
