@@ -1149,7 +1149,7 @@ def _walk(root, g, st, opset, domains, changed, seen_nodes, seen_tensors, declar
 
 
 def _write(t, info, keep_shape):
-    if keep_shape and t.shape is not None:
+    if keep_shape and t.shape is not None and not _contradicts(t.shape, info.shape):
         return  # the model's contract: an output's stated shape (its dim names too) stays
     shape = None if info.shape is None else [to_gs(d) for d in info.shape]
     if info.dtype:
@@ -1166,6 +1166,27 @@ def _write(t, info, keep_shape):
 
 
 _NP = {}
+
+
+def _contradicts(declared, inferred) -> bool:
+    """A graph output's declared shape claims more than the graph computes: another rank, or a
+    static dim where the engine infers another number or a dim of the model's names. ONNX's
+    checker and ONNX Runtime accept such a declaration (ORT warns and returns the computed
+    shape), so the passes must see the inferred shape (a Shape of the output would fold to
+    the declared one); the declaration stays where it only names what the engine cannot (an
+    opaque dim) or renames a dynamic dim."""
+    if inferred is None:
+        return False
+    if len(declared) != len(inferred):
+        return True
+    for d, i in zip(declared, inferred):
+        if isinstance(d, (int, np.integer)) and int(d) >= 0:
+            if isinstance(i, int):
+                if int(d) != i:
+                    return True
+            elif not str(i).startswith("unk__"):
+                return True
+    return False
 
 
 def _infer_node(node, ins, opset, domains, st, subs):

@@ -61,3 +61,40 @@ def test_mutant_in_a_three_flag_branch_is_refused():
     w2[:, 1] *= 1.5
     res = compare(_nested_flags(w), _nested_flags(w2), seeds=2, level="disable")
     assert not res.equivalent, res.summary_lines()
+
+
+# --- a graph output's declared shape is the model's word, not a fact the passes may use ---------
+# ONNX's strict checker and ONNX Runtime both accept an output declared [1, 16] that the graph
+# computes as [N, 16] (ORT warns and returns [N, 16]). Shape inference kept the declared shape on
+# the tensor, so fold_constants folded Shape(h) to [1, 16]: y = x * prod(shape(h)) came out 16 x
+# where it is 48 x at N = 3.
+
+
+def _declared_output_model():
+    nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Shape", ["h"], ["s"]),
+             helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceProd", ["sf"], ["p"], keepdims=0), helper.make_node("Mul", ["x", "p"], ["y"])]
+    return make_model(nodes, [vi("x", ["N", 16])], [vi("h", [1, 16]), vi("y", ["N", 16])], [], opset=17)
+
+
+def test_declared_output_shape_does_not_override_what_the_graph_computes():
+    from normopt import optimize_model
+    from normopt.runtime_tests.providers import make_session
+
+    m = _declared_output_model()
+    onnx.checker.check_model(m, full_check=True)  # valid by ONNX's own strict inference
+    out, report = optimize_model(m)
+    x = RNG.standard_normal((3, 16)).astype(np.float32)
+    ref = make_session(m.SerializeToString(), level="disable").run(None, {"x": x})
+    got = make_session(out.SerializeToString(), level="disable").run(None, {"x": x})
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r, rtol=1e-6)
+
+
+def test_consistent_declared_output_names_are_kept():
+    from normopt import optimize_model
+
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", ["N", 16])], [vi("y", ["batch", 16])], [], opset=17)
+    out, _ = optimize_model(m)
+    dims = out.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 16]
