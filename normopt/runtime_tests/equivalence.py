@@ -7,9 +7,10 @@ that exact answer, compared with the original's own error against it:
     pass  iff  err_cand <= K_EXACT * err_orig + FLOOR_ULPS * eps(dtype) * RMS(exact)
 
 with err = max abs difference over the finite elements (non-finite elements must be
-non-finite as in the original). The same bound holds per channel (last axis) and per row, each
-block against the original's error in that block (blocks of at least MIN_BLOCK elements): the
-original's worst error in one part of an output does not excuse an error in another. A reassociation (a folded affine, a mean moved into a weight)
+non-finite as in the original). Per channel (last axis) and per row, each block is also judged
+against the original's error in that block, with the looser K_BLOCK (blocks of at least
+MIN_BLOCK elements): the original's worst error in one part of an output does not excuse an
+error in another. A reassociation (a folded affine, a mean moved into a weight)
 is as exact as the original (0.5-3x its error); a planted error is 50-50,000x further. See
 docs/verification.md for the choice of K_EXACT and FLOOR_ULPS. Integer and bool outputs must
 equal the original's exactly.
@@ -276,6 +277,11 @@ def exact_judgement(orig: np.ndarray, cand: np.ndarray, exact: np.ndarray, sensi
 
 
 MIN_BLOCK = 16  # a block judged on its own holds at least this many elements (fewer: one lucky-exact draw decides)
+# a block may be this many times further from exact than the original is there: looser than
+# K_EXACT, since an exact rewrite may concentrate rounding in a block (crms rebuilds the last
+# channel as minus the sum of the d-1 others: ~sqrt(d) ulps there, 17x the original at d=256),
+# yet far below what a masked planted error gives (1e4-1e6x the original's error in its block)
+K_BLOCK = 100.0
 
 
 def _blockwise(o, c, e, both, sensitivity, eps, rms):
@@ -299,7 +305,7 @@ def _blockwise(o, c, e, both, sensitivity, eps, rms):
         n = cnt.sum(axis=axes)
         bo, bc = do.max(axis=axes), dc.max(axis=axes)
         brms = np.sqrt(e2.sum(axis=axes) / np.maximum(n, 1))
-        bound = K_EXACT * np.maximum(bo, sensitivity or 0.0) + FLOOR_ULPS * eps * np.maximum(brms, rms)
+        bound = K_BLOCK * np.maximum(bo, sensitivity or 0.0) + FLOOR_ULPS * eps * np.maximum(brms, rms)
         bad = (n > 0) & ~(bc <= bound)
         if bad.any():
             i = np.unravel_index(int(np.argmax(np.where(bad, bc / np.maximum(bound, 1e-300), -1.0))), bad.shape)
