@@ -98,3 +98,24 @@ def test_consistent_declared_output_names_are_kept():
     out, _ = optimize_model(m)
     dims = out.graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 16]
+
+
+def test_declared_static_output_dim_the_engine_cannot_infer_is_not_trusted():
+    """NonZero's count is unknown to inference; an output declared [2, 5] is the model's word
+    only (ORT returns [2, count]): folding Shape of it to [2, 5] gave 10 where it is 2 * count."""
+    from normopt import optimize_model
+    from normopt.runtime_tests.providers import make_session
+
+    nodes = [helper.make_node("NonZero", ["x"], ["nz"]), helper.make_node("Cast", ["nz"], ["h"], to=TensorProto.FLOAT),
+             helper.make_node("Shape", ["h"], ["s"]), helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceProd", ["sf"], ["y"], keepdims=0)]
+    m = make_model(nodes, [vi("x", [4, 4])], [vi("h", [2, 5]), vi("y", [])], [], opset=17)
+    onnx.checker.check_model(m, full_check=True)
+    out, _ = optimize_model(m)
+    x = (RNG.standard_normal((4, 4)) > 0).astype(np.float32)
+    ref = make_session(m.SerializeToString(), level="disable").run(None, {"x": x})
+    got = make_session(out.SerializeToString(), level="disable").run(None, {"x": x})
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r)
+    # the written model declares its outputs as the original did
+    assert out.graph.output[0].type == m.graph.output[0].type
