@@ -236,6 +236,11 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
         model.ir_version = max(4, onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     # graph value_info from shape inference is stale after rewriting: drop it
     del model.graph.value_info[:]
+    # the outputs are declared as the original declared them (the passes saw the inferred shapes)
+    stated = {o.name: o.type for o in original.graph.output if o.type.tensor_type.HasField("shape")}
+    for o in model.graph.output:
+        if o.name in stated and o.type.HasField("tensor_type") and o.type.tensor_type.elem_type == stated[o.name].tensor_type.elem_type:
+            o.type.tensor_type.shape.CopyFrom(stated[o.name].tensor_type.shape)
     _order_like(model.graph.initializer, original.graph.initializer)
     return model
 

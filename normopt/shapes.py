@@ -1149,8 +1149,12 @@ def _walk(root, g, st, opset, domains, changed, seen_nodes, seen_tensors, declar
 
 
 def _write(t, info, keep_shape):
-    if keep_shape and t.shape is not None:
-        return  # the model's contract: an output's stated shape (its dim names too) stays
+    if keep_shape and t.shape is not None and info.shape is None:
+        return  # nothing inferred: the output's stated shape is all there is
+    # otherwise the passes see what the graph computes: ONNX's checker and ONNX Runtime accept an
+    # output declared [1, 16] that the graph computes as [N, 16] (or [2, count] of a NonZero), so
+    # a declaration is the model's word, not a fact (Shape of it would fold to the declared dims).
+    # The written model declares its outputs as the original did (graph.to_model).
     shape = None if info.shape is None else [to_gs(d) for d in info.shape]
     if info.dtype:
         dt = _NP.get(info.dtype)
@@ -1166,6 +1170,7 @@ def _write(t, info, keep_shape):
 
 
 _NP = {}
+
 
 
 def _infer_node(node, ins, opset, domains, st, subs):

@@ -7,7 +7,10 @@ that exact answer, compared with the original's own error against it:
     pass  iff  err_cand <= K_EXACT * err_orig + FLOOR_ULPS * eps(dtype) * RMS(exact)
 
 with err = max abs difference over the finite elements (non-finite elements must be
-non-finite as in the original). A reassociation (a folded affine, a mean moved into a weight)
+non-finite as in the original). Per channel (last axis) and per row, each block is also judged
+against the original's error in that block, with the looser K_BLOCK (blocks of at least
+MIN_BLOCK elements): the original's worst error in one part of an output does not excuse an
+error in another. A reassociation (a folded affine, a mean moved into a weight)
 is as exact as the original (0.5-3x its error); a planted error is 50-50,000x further. See
 docs/verification.md for the choice of K_EXACT and FLOOR_ULPS. Integer and bool outputs must
 equal the original's exactly.
@@ -265,7 +268,51 @@ def exact_judgement(orig: np.ndarray, cand: np.ndarray, exact: np.ndarray, sensi
     err_c = float(np.max(dc)) if np.isfinite(dc).all() else float("inf")
     rms = float(np.sqrt(np.mean(np.square(eb))))
     bound = K_EXACT * max(err_o, sensitivity or 0.0) + FLOOR_ULPS * _eps(orig.dtype) * rms
-    return err_c <= bound, err_o, err_c, bound, ""
+    if err_c > bound:
+        return False, err_o, err_c, bound, ""
+    where = _blockwise(o, c, e, both, sensitivity, _eps(orig.dtype), rms)
+    if where:
+        return False, err_o, err_c, bound, where
+    return True, err_o, err_c, bound, ""
+
+
+MIN_BLOCK = 16  # a block judged on its own holds at least this many elements (fewer: one lucky-exact draw decides)
+# a block may be this many times further from exact than the original is there: looser than
+# K_EXACT, since an exact rewrite may concentrate rounding in a block (crms rebuilds the last
+# channel as minus the sum of the d-1 others: ~sqrt(d) ulps there, 17x the original at d=256),
+# yet far below what a masked planted error gives (1e4-1e6x the original's error in its block)
+K_BLOCK = 100.0
+
+
+def _blockwise(o, c, e, both, sensitivity, eps, rms):
+    """The same judgement per channel (the last axis; max over the other axes) and per row
+    (max over the last axis): an error is judged against the original's error where it is,
+    not against the original's worst error in another part of the same output (an
+    ill-conditioned half of a Concat would hide a wrong column in the other half). The floor
+    is taken of the block's own RMS where it exceeds the output's (an outlier channel). A
+    message naming the first block outside its bound, or ''."""
+    if o.ndim < 1 or o.size < 2 * MIN_BLOCK:
+        return ""
+    do = np.where(both, np.abs(o - e), 0.0)
+    dc = np.where(both, np.abs(c - e), 0.0)
+    e2 = np.where(both, np.square(e), 0.0)
+    cnt = both.astype(np.float64)
+    last = o.ndim - 1
+    other = tuple(range(last))
+    for label, axes, size in (("channel", other, o.size // max(o.shape[-1], 1)), ("row", (last,), o.shape[-1])):
+        if size < MIN_BLOCK or not axes:
+            continue
+        n = cnt.sum(axis=axes)
+        bo, bc = do.max(axis=axes), dc.max(axis=axes)
+        brms = np.sqrt(e2.sum(axis=axes) / np.maximum(n, 1))
+        bound = K_BLOCK * np.maximum(bo, sensitivity or 0.0) + FLOOR_ULPS * eps * np.maximum(brms, rms)
+        bad = (n > 0) & ~(bc <= bound)
+        if bad.any():
+            i = np.unravel_index(int(np.argmax(np.where(bad, bc / np.maximum(bound, 1e-300), -1.0))), bad.shape)
+            at = int(i[0]) if len(i) == 1 else tuple(int(v) for v in i)
+            return (f"{label} {at}: {float(bc[i]):.3g} from exact where the original is {float(bo[i]):.3g} "
+                    f"(bound {float(bound[i]):.3g}); the output's worst original error elsewhere does not cover it")
+    return ""
 
 
 def feed_sets(proto, seeds: int, input_opts, stress: bool = True) -> list:

@@ -3,7 +3,8 @@
 ``to_float64(model)`` rewrites a copy of the model so that every floating-point value is
 float64: float initializers and Constant values (fp32, fp16, bf16), Cast/CastLike targets,
 ops with a dtype attribute, the types of graph inputs, outputs and value_info, subgraphs
-included. Tensors that an op requires in float32 (Resize/Upsample scales) stay float32.
+included. A Cast to a narrower float (fp16, bf16, fp8) keeps its rounding: it is followed by a
+Cast to float64, since the model computes the rounded value there. Tensors that an op requires in float32 (Resize/Upsample scales) stay float32.
 
 ``ExactRunner`` evaluates it: with ONNX Runtime (CPU, optimizations off) where every op has a
 double kernel, else op by op with onnx.reference (numpy, float64). Where neither can run the
@@ -22,6 +23,10 @@ from onnx import TensorProto, numpy_helper
 from .. import weights as W
 
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+# Casts that round: a value cast to one of these is what the model computes there, so the float64
+# reference keeps the rounding (Cast to the narrow type, then to float64) instead of dropping it
+NARROW = {TensorProto.FLOAT16, TensorProto.BFLOAT16} | {getattr(TensorProto, n) for n in (
+    "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ") if hasattr(TensorProto, n)}
 KEEP_FLOAT32 = {("Resize", 2), ("Upsample", 1)}  # inputs an op wants in float32 whatever its data's type
 DTYPE_ATTRS = {"EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype", "RandomNormalLike": "dtype",
                "RandomUniformLike": "dtype", "Bernoulli": "dtype", "Multinomial": None}
@@ -141,7 +146,7 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
                 if a.HasField("g"):
                     stack.append(a.g)
                 stack.extend(a.graphs)
-                if a.name == "to" and n.op_type == "Cast" and a.i in FLOATS:
+                if a.name == "to" and n.op_type == "Cast" and a.i in FLOATS and a.i not in NARROW:
                     a.i = TensorProto.DOUBLE
                 if DTYPE_ATTRS.get(n.op_type) == a.name and a.i in FLOATS:
                     a.i = TensorProto.DOUBLE
@@ -155,6 +160,15 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
                         a.CopyFrom(onnx.helper.make_attribute("value", numpy_helper.from_array(np.float64(a.f))))
                     elif a.name == "value_floats":
                         a.CopyFrom(onnx.helper.make_attribute("value", numpy_helper.from_array(np.asarray(a.floats, np.float64))))
+    stack = [out.graph]
+    while stack:  # then, graph by graph (its nodes may be replaced), the rounding of narrowing casts
+        g = stack.pop()
+        _keep_rounding(g)
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("g"):
+                    stack.append(a.g)
+                stack.extend(a.graphs)
     for fn in out.functions:
         for n in fn.node:
             for a in n.attribute:
@@ -163,6 +177,34 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
                 if a.HasField("t"):
                     _to_double(a.t)
     return out
+
+
+def _keep_rounding(g) -> None:
+    """Each Cast to a narrow float type (fp16, bf16, fp8) stays, followed by a Cast to float64:
+    an fp32 model's fp32 -> fp16 -> fp32 round trip rounds, and a candidate that drops it
+    computes another function (issue 17's cast rule), so the reference must not drop it either.
+    Arithmetic between such casts is still exact."""
+    def narrowing(n):
+        return n.op_type == "Cast" and n.output and n.output[0] and any(a.name == "to" and a.i in NARROW for a in n.attribute)
+
+    if not any(narrowing(n) for n in g.node):
+        return
+    names = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    nodes = []
+    for n in g.node:
+        n = onnx.NodeProto.FromString(n.SerializeToString()) if narrowing(n) else n
+        nodes.append(n)
+        if narrowing(n):
+            out = n.output[0]
+            narrow = f"{out}__narrow"
+            while narrow in names:
+                narrow += "_"
+            names.add(narrow)
+            n.output[0] = narrow
+            nodes.append(onnx.helper.make_node("Cast", [narrow], [out], to=TensorProto.DOUBLE))
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def double_feeds(feeds: dict) -> dict:

@@ -17,8 +17,9 @@ Dimensions (a dynamic dim is a name, a stored -1 or 0, or no value at all):
 Values:
   * floats: seeded standard normal (never exactly 0); bool flags (one element, such as
     Optimum's use_cache_branch): seed k takes the k-th of flag_combinations (every combination
-    of up to MAX_EXHAUSTIVE flags, else a covering design with every pair of values), so every
-    If branch they select runs, nested ones included; seed 0 has every flag True;
+    of up to MAX_EXHAUSTIVE flags, else a covering design with every pair of values plus a row
+    for each If branch whose flag conditions it misses), so every If branch they select runs,
+    nested ones included; seed 0 has every flag True;
     other bools: coin flips;
   * integers: ``--int-range NAME=LO:HI``; else by Hugging Face convention:
     attention_mask all ones (seed 1: the first positions padded with 0), position_ids and
@@ -75,6 +76,7 @@ class InputPlan:
     dims: dict  # dim name -> value
     values: dict  # input name -> (kind, argument, description); kind: normal flag coin range ones positions zeros
     defaulted: list  # "name=value (why)" for every dim normopt chose
+    flag_paths: list = field(default_factory=list)  # {flag: value} that each If branch needs to run (branch_flag_paths)
 
     def line(self) -> str:
         parts = list(self.defaulted)
@@ -356,13 +358,69 @@ def _plan(model, opts):
         flags = " ".join(f"--int-range {n}=LO:HI" for n in missing)
         what = ", ".join(f"'{n}'" for n in missing)
         raise NormoptError(f"integer input(s) {what} index no Gather table, so their range is unknown; give {flags}")
-    return InputPlan(shapes, dims, values, defaulted)
+    flags = {n for n, (kind, _, _) in values.items() if kind == "flag"}
+    return InputPlan(shapes, dims, values, defaulted, branch_flag_paths(model, flags) if flags else [])
+
+
+def branch_flag_paths(model: onnx.ModelProto, flags: set) -> list:
+    """[{flag: value}] that each If branch needs to run: the conditions of every If on the way
+    to it (the branch's own included) that are a flag, possibly through Not (which flips it),
+    Identity or Cast. Nested Ifs conjoin their conditions, so a branch three Ifs deep needs
+    three flags at once, which a design covering pairs of flags need not reach. Branches whose
+    conditions contradict each other never run and need nothing. Walked with an explicit stack
+    (no recursion depth tied to nesting)."""
+    out, seen = [], set()
+    stack = [(model.graph, {}, {})]  # (graph, producers visible in it, conditions to reach it)
+    while stack:
+        g, outer, need = stack.pop()
+        prod = dict(outer)
+        for n in g.node:
+            for o in n.output:
+                if o:
+                    prod[o] = n
+        for n in g.node:
+            subs = {a.name: a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH}
+            subs.update({f"{a.name}{i}": sg for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for i, sg in enumerate(a.graphs)})
+            if not subs:
+                continue
+            lit = _flag_literal(n.input[0], prod, flags) if n.op_type == "If" and n.input else None
+            for key, sub in subs.items():
+                sub_need = dict(need)
+                if lit is not None:
+                    flag, value = lit
+                    value = value if key == "then_branch" else not value
+                    if sub_need.get(flag, value) != value:
+                        continue  # contradictory: this branch never runs
+                    sub_need[flag] = value
+                    frozen = tuple(sorted(sub_need.items()))
+                    if frozen not in seen:
+                        seen.add(frozen)
+                        out.append(dict(sub_need))
+                stack.append((sub, prod, sub_need))
+    return out
+
+
+def _flag_literal(name, prod, flags):
+    """(flag, value that makes `name` True), or None when `name` is not a flag through
+    Not / Identity / Cast."""
+    value = True
+    for _ in range(64):
+        if name in flags:
+            return name, value
+        n = prod.get(name)
+        if n is None or n.op_type not in ("Not", "Identity", "Cast") or not n.input:
+            return None
+        if n.op_type == "Not":
+            value = not value
+        name = n.input[0]
+    return None
 
 
 def flag_combinations(plan: InputPlan) -> list:
     """[{flag: bool}], one per seeded draw (cycled): every combination of the one-element bool
     inputs when there are at most MAX_EXHAUSTIVE, else a greedy covering design in which every
-    pair of flags takes all four value pairs. The first combination has every flag True, the
+    pair of flags takes all four value pairs and every If branch's own flag conditions
+    (plan.flag_paths: nested Ifs need three or more flags at once) hold in some row. The first combination has every flag True, the
     second every flag False."""
     flags = [n for n, (kind, _, _) in plan.values.items() if kind == "flag"]
     k = len(flags)
@@ -378,6 +436,15 @@ def flag_combinations(plan: InputPlan) -> list:
 
     for row in rows:
         need -= covered(row)
+    idx = {f: i for i, f in enumerate(flags)}
+    for path in plan.flag_paths:  # every If branch's own conditions, however many flags they join
+        want = [(idx[f], v) for f, v in path.items() if f in idx]
+        if len(want) > 2 and not any(all(r[i] == v for i, v in want) for r in rows):
+            row = [True] * k
+            for i, v in want:
+                row[i] = bool(v)
+            rows.append(row)
+            need -= covered(row)
     rng = np.random.default_rng(0)
     while need:
         best, gain = None, -1
