@@ -215,6 +215,7 @@ class GraphView:
                         self.types[o] = t
         self._small = {}
         self._partial = {}  # Shape outputs with some dynamic dims: [int or None]
+        self._track_shapes()
         self.form = {}
         self.family = defaultdict(list)
         self._evaluate_constants()
@@ -297,6 +298,46 @@ class GraphView:
         out.update(attr_dict(node))
         return out
 
+    # ------------------------------------------------------------------ symbolic shapes
+    def _track_shapes(self):
+        """The prover's own symbolic shapes and shape values (symshape): dims ONNX's inference
+        left unknown are filled in; an integer value computed from shapes that is static for
+        every input size becomes a constant, a partly symbolic one a partial shape vector."""
+        from .symshape import Tracker, to_dim
+
+        self.tracker = Tracker(self.graph, self.opsets, parent=getattr(self.parent, "tracker", None))
+        self.tracker.run(self.nodes)
+        produced = set(self.producer)
+        for name, s in self.tracker.shape.items():
+            if s is None or name not in produced:
+                continue
+            t = self.types.get(name)
+            old = t[1] if t is not None else None
+            new = [to_dim(d) for d in s]
+            if old is not None and len(old) != len(new):
+                continue  # disagreement: keep ONNX's (a proof may be lost, never made)
+            if old is not None:
+                new = [o if isinstance(o, int) else (n if n is not None else o) for o, n in zip(old, new)]
+            if t is None or not t[0]:
+                continue
+            self.types[name] = (t[0], tuple(new))
+        for name, v in self.tracker.value.items():
+            if name not in produced or name in self.inits:
+                continue
+            s = self.tracker.shape.get(name)
+            if s is None or any(not isinstance(d, int) for d in s):
+                continue
+            t = self.types.get(name)
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                dt = np.int32 if t is not None and t[0] == onnx.TensorProto.INT32 else np.int64
+                if t is None or t[0] in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+                    self._small[name] = np.array(v, dt).reshape(s)
+            elif all(isinstance(x, bool) for x in v):
+                if t is None or t[0] == onnx.TensorProto.BOOL:
+                    self._small[name] = np.array(v, np.bool_).reshape(s)
+            elif len(s) <= 1 and not any(isinstance(x, bool) for x in v):
+                self._partial[name] = [to_dim(x) if x is not None else None for x in v]
+
     # ------------------------------------------------------------------ constants
     def _evaluate_constants(self):
         """Constant nodes, and small nodes whose inputs are all constants (Shape of a static
@@ -316,6 +357,8 @@ class GraphView:
                 continue
             if node.domain not in ("", "ai.onnx") or graph_attrs(node) or node.op_type in _NO_EVAL:
                 continue
+            if node.output and all(not o or o in self._small or o in self._partial for o in node.output):
+                continue  # the shape tracker knows it
             if node.op_type in ("Shape", "Size") and node.input:
                 s = self.shape(node.input[0])
                 if s is not None:
