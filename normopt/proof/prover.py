@@ -85,7 +85,8 @@ class Prover:
     def run(self):
         o_types, p_types = infer_types(self.orig_model), infer_types(self.opt_model)
         self.O = GraphView(self.orig_model.graph, _opsets(self.orig_model), types=o_types, forms=True)
-        self.P = GraphView(self.opt_model.graph, _opsets(self.opt_model), types=p_types)
+        self.P = GraphView(self.opt_model.graph, _opsets(self.opt_model), types=p_types,
+                           input_shapes={n: self.O.tracker.shape.get(n) for n in self.O.inputs if n not in self.O.inits})
         self._interface(self.O, self.P)
         rels = {}
         for name in self.P.inputs:
@@ -357,6 +358,8 @@ class Prover:
                     ok = self._const_input_ok(O, P, i, oi)
                 else:
                     ok = any(w == oi for w, _ in self._rels_on(O, r, keep=same))
+                if not ok and k == 1 and self._same_target_shape(O, P, node, cand):
+                    ok = True
                 if not ok:
                     break
             if not ok:
@@ -434,6 +437,8 @@ class Prover:
                 if r is None:
                     if oi:
                         return None
+                elif k == 1 and self._same_target_shape(O, P, node, cand):
+                    continue
                 elif r == "const":
                     if not self._const_input_ok(O, P, i, oi):
                         return None
@@ -470,6 +475,18 @@ class Prover:
                     return None
                 outs.append([Rel(cand.output[k], axis_out, rr.centered, rr.a, rr.t, rr.err, rr.kind, how=op)])
         return outs
+
+    def _same_target_shape(self, O, P, node, cand) -> bool:
+        """A Reshape's or Expand's shape operand matters only through the output shape it
+        gives: two of them (the data input related by the caller) agree when both output shapes
+        are known and equal as polynomials of the graph inputs' dims, for every size."""
+        if node.op_type not in ("Reshape", "Expand") or cand.op_type != node.op_type:
+            return False
+        a = P.tracker.S(node.output[0])
+        b = O.tracker.S(cand.output[0])
+        if a is None or b is None or len(a) != len(b) or any(d is None for d in a) or any(d is None for d in b):
+            return False
+        return all(x == y and isinstance(x, bool) == isinstance(y, bool) for x, y in zip(a, b))
 
     def _const_related(self, O, P, pname, oname, rr: Rel, rank):
         """Constant pname of the optimized graph relates to the original's constant oname as rr does."""

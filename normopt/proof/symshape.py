@@ -266,7 +266,7 @@ class Tracker:
                 continue  # what is not understood stays unknown
             for o in node.output:
                 v = self.value.get(o)
-                if v is not None and (all(x is None for x in v) or len(v) > MAX_VALS):
+                if v is not None and ((v and all(x is None for x in v)) or len(v) > MAX_VALS):
                     del self.value[o]
 
     def _set(self, name, shape, value=None):
@@ -546,6 +546,29 @@ class Tracker:
                 sizes = [s[axis] // n] * n
             for o, d in zip(outs, sizes):
                 self._set(o, s[:axis] + [int(d)] + s[axis + 1:])
+            return
+        if op == "Einsum":
+            eq = self._attr(node, "equation")
+            eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+            if "..." in eq or "->" not in eq:
+                return
+            lhs, rhs = eq.split("->")
+            dims = {}
+            for term, i in zip(lhs.split(","), ins):
+                s = S(i)
+                if s is None or len(s) != len(term):
+                    return
+                for ch, d in zip(term, s):
+                    if ch not in dims or (not isinstance(dims[ch], int) and isinstance(d, int) and d != 1):
+                        dims[ch] = d
+                    elif dims[ch] == 1 and d is not None:
+                        dims[ch] = d
+            self._set(outs[0], [dims.get(ch) for ch in rhs])
+            return
+        if op in ("GlobalAveragePool", "GlobalMaxPool"):
+            s = S(x)
+            if s is not None and len(s) >= 2:
+                self._set(outs[0], s[:2] + [1] * (len(s) - 2))
             return
         if op == "Tile":
             s, reps = S(x), V(ins[1])
