@@ -153,3 +153,54 @@ def test_tracker_facts_hold_for_every_size():
     assert div(mul(b, 8), 4) == mul(b, 2)
     assert div(mul(b, 6), 4) is None  # not exact for every b
     assert div(b, s) is None
+
+
+# ------------------------------------------------------------------------------ fuzzer stragglers
+
+
+def test_a_folded_nan_constant_proves_and_a_partial_one_does_not():
+    """ReduceMean of an empty tensor is NaN everywhere; folded to a constant, it is still the
+    original's value (NaN compares as NaN), and x + NaN is NaN whatever x. One element that is
+    not NaN is refused."""
+    d = 8
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), "w")
+    empty = numpy_helper.from_array(np.zeros((0, d), np.float32), "empty")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("ReduceMean", ["empty"], ["nan"], axes=[0], keepdims=0, name="rm"),
+             helper.make_node("Add", ["h", "nan"], ["y"], name="add")]
+    m = make_model(nodes, [vi("x", [2, d])], [vi("y", [2, d])], [w, empty], opset=17)
+    opt = copy.deepcopy(m)
+    del opt.graph.node[1]
+    del opt.graph.initializer[1]
+    opt.graph.initializer.append(numpy_helper.from_array(np.full(d, np.nan, np.float32), "nan"))
+    with np.errstate(all="ignore"):
+        assert prove(m, opt).proved
+        bad = copy.deepcopy(opt)
+        arr = np.full(d, np.nan, np.float32)
+        arr[3] = 0.0
+        bad.graph.initializer[-1].CopyFrom(numpy_helper.from_array(arr, "nan"))
+        assert not prove(m, bad).proved
+
+
+def test_an_existing_centering_is_also_a_centered_relation():
+    """The optimizer may read the original's own x - ReduceMean(x) node by name (the node is
+    identical) while a norm needs x centered: both relations are kept."""
+    # the same x - ReduceMean(x) nodes in both graphs, read by an LN (original) / RMS (optimized)
+    d = 16
+    rng = np.random.default_rng(1)
+    g = numpy_helper.from_array((1 + 0.1 * rng.standard_normal(d)).astype(np.float32), "g")
+    ax = numpy_helper.from_array(np.array([-1], np.int64), "ax")
+    cw = numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), "cw")
+    base = [helper.make_node("ReduceMean", ["x", "ax"], ["mu"], keepdims=1, name="rm"),
+            helper.make_node("Sub", ["x", "mu"], ["xc"], name="sub"),
+            helper.make_node("MatMul", ["xc", "cw"], ["y1"], name="mm")]
+    o = make_model(base + [helper.make_node("LayerNormalization", ["x", "g"], ["y2"], axis=-1, epsilon=1e-5, name="ln")],
+                   [vi("x", [2, d])], [vi("y1", [2, d]), vi("y2", [2, d])], [g, ax, cw], opset=18)
+    p = make_model(base + [helper.make_node("SimplifiedLayerNormalization", ["xc", "g"], ["y2"], axis=-1, epsilon=1e-5,
+                                            name="ln")],
+                   [vi("x", [2, d])], [vi("y1", [2, d]), vi("y2", [2, d])], [g, ax, cw], opset=18)
+    assert prove(o, p).proved
+    wrong = copy.deepcopy(p)
+    wrong.graph.node[-1].input[0] = "x"  # RMS of the uncentered value
+    assert not prove(o, wrong).proved

@@ -265,6 +265,14 @@ class Prover:
         got = self._identical(O, P, node, in_rels)
         if got is not None:
             self.stats.identical += 1
+            if node.op_type == "Sub" and RULES.get("Sub") is not None:
+                # x - mean(x) identical to the original's is also x centered: keep both relations
+                try:
+                    more = RULES["Sub"](self, O, P, node, in_rels)
+                except (_Skip, NotProved):
+                    more = None
+                if more and isinstance(more[0], Rel):
+                    got = [got[0] + [r for r in more if r not in got[0]]] + got[1:]
             return got
         # 2. a rule for the op
         rule = RULES.get(node.op_type)
@@ -308,6 +316,19 @@ class Prover:
         raise NotProved(_where(node), what or f"no original node computes this {node.op_type} of {', '.join(shown)}")
 
     # ---------------------------------------------------------------- identical
+    def _nan_absorbs(self, P, node, in_rels) -> bool:
+        """x + c, x - c, x * c, x / c with c a constant that is NaN everywhere is NaN everywhere,
+        whatever x: a relation that keeps x's shape is enough (the original's constant is
+        compared as NaN too)."""
+        if node.op_type not in ("Add", "Sub", "Mul", "Div") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            return False
+        for i, r in zip(node.input, in_rels):
+            if r == "const":
+                c = P.const(i) if P.const_size(i) <= SMALL_CONST else None
+                if c is not None and np.asarray(c).dtype.kind == "f" and np.asarray(c).size and np.all(np.isnan(c)):
+                    return True
+        return False
+
     def _candidates(self, O, node, slot_values):
         """Original nodes with node's op that read, at some slot, one of the given values; the
         node of the same name first (a hint)."""
@@ -324,7 +345,8 @@ class Prover:
 
     def _identical(self, O, P, node, in_rels):
         eq_slots = []
-        same = (lambda x: x.kind == "rel") if node.op_type in SHAPE_ONLY else (lambda x: x.eq)
+        same = (lambda x: x.kind == "rel") if node.op_type in SHAPE_ONLY or self._nan_absorbs(P, node, in_rels) \
+            else (lambda x: x.eq)
         for k, (i, r) in enumerate(zip(node.input, in_rels)):
             if r is None or r == "const":
                 continue
@@ -652,10 +674,11 @@ def _close(a, b) -> bool:
         return True
     eps = float(np.finfo(a.dtype).eps) if a.dtype.kind == "f" else 1e-7
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    same_inf = np.isinf(a64) & (a64 == b64)
+    same_inf = (np.isinf(a64) & (a64 == b64)) | (np.isnan(a64) & np.isnan(b64))
     diff = np.where(same_inf, 0.0, np.abs(a64 - b64))
     tiny = float(np.finfo(a.dtype).smallest_subnormal) if a.dtype.kind == "f" else 0.0
-    return bool(np.all(diff <= 4 * eps * np.abs(b64) + 2 * tiny + 1e-300) and not np.any(np.isnan(a64) != np.isnan(b64)))
+    scale = np.where(same_inf, 0.0, np.abs(b64))
+    return bool(np.all(diff <= 4 * eps * scale + 2 * tiny + 1e-300) and not np.any(np.isnan(a64) != np.isnan(b64)))
 
 
 def _weights_close(actual, expected, eps, scale=None, tiny=0.0) -> bool:
