@@ -204,3 +204,24 @@ def test_an_existing_centering_is_also_a_centered_relation():
     wrong = copy.deepcopy(p)
     wrong.graph.node[-1].input[0] = "x"  # RMS of the uncentered value
     assert not prove(o, wrong).proved
+
+
+def test_fp16_centered_weight_elements_off_by_16_ulps_are_refused():
+    """fp16 weight facts are judged at the rounding of one or two float64 -> fp16 casts: a
+    centered writer weight element 16 ulps off is refused, for each element tried (the bound
+    used to be 3 eps of three terms, which let such changes through)."""
+    from conftest import preln_stream_model
+
+    m = preln_stream_model(dtype=np.float16)
+    out, _ = optimize_model(m)
+    assert prove(m, out).proved
+    name = next(t.name for t in out.graph.initializer if t.name.endswith("w2_centered"))
+    a = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == name))
+    for k in range(0, a.size, max(1, a.size // 24)):
+        b = a.copy().reshape(-1)
+        v = b[k]
+        for _ in range(16):
+            v = np.nextafter(v, np.float16(np.inf) if v >= 0 else np.float16(-np.inf))
+        b[k] = v
+        res = prove(m, _with_init(out, name, b.reshape(a.shape).astype(np.float64)))
+        assert not res.proved, (k, res.summary)
