@@ -225,3 +225,28 @@ def test_fp16_centered_weight_elements_off_by_16_ulps_are_refused():
         b[k] = v
         res = prove(m, _with_init(out, name, b.reshape(a.shape).astype(np.float64)))
         assert not res.proved, (k, res.summary)
+
+
+def test_tracker_derives_only_what_holds_for_every_size():
+    """Range(0, s - 4) has s - 4 elements only when s >= 4: unknown. A Slice [0:e] of a static dim
+    16 is min(16, e), and broadcasting it against e gives e."""
+    from normopt.proof.symshape import Sym, Tracker, add, to_dim
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "one"], ["n"], axis=0),
+             helper.make_node("Sub", ["n", "four"], ["n4"]), helper.make_node("Add", ["n", "four"], ["n8"]),
+             helper.make_node("Range", ["zero", "n4", "one"], ["r_unknown"]),
+             helper.make_node("Range", ["zero", "n8", "one"], ["r_known"]),
+             helper.make_node("Unsqueeze", ["n", "zero1"], ["e"]),
+             helper.make_node("Slice", ["table", "zero1", "e", "zero1"], ["sl"]),
+             helper.make_node("Add", ["x", "sl"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+             (("one", 1), ("four", 4), ("zero", 0), ("zero1", [0]))]
+    inits.append(numpy_helper.from_array(np.zeros((16, 8), np.float32), "table"))
+    m = make_model(nodes, [vi("x", [2, "seq", 8])], [vi("y", [2, "seq", 8])], inits, opset=17)
+    t = Tracker(m.graph, {"": 17})
+    t.run(m.graph.node)
+    seq = Sym.var("seq")
+    assert t.S("r_unknown") == [None]
+    assert t.S("r_known") == [add(seq, 4)]
+    assert to_dim(t.S("sl")[0]) == "min(16,seq)"
+    assert t.S("y") == [2, seq, 8]

@@ -25,7 +25,7 @@ SMALL_CONST = 1 << 20  # elements: larger constants are compared block by block
 from .relations import Rel, center, eps_of, simplify, tiny_of, vec
 
 MAX_RELS = 6
-W_TOL = 1.0  # weight facts: |actual - expected| <= W_TOL * eps * (|expected| + |pre-centering term|)
+W_TOL = 1.0  # weight facts: |actual - expected| <= W_TOL * eps * (|expected| + |pre-centering term|): one or two roundings
 LAYOUT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Gather", "Concat", "Split", "Expand",
           "Cast", "ReduceMean", "Tile"}
 SHAPE_ONLY = {"Shape", "Size"}  # a relation of kind "rel" keeps the shape, so these read it as equal

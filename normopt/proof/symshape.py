@@ -449,7 +449,8 @@ class Tracker:
                 vals = list(range(a[0], b[0], c[0]))
                 self._set(outs[0], [len(vals)], vals if len(vals) <= MAX_VALS else None)
             elif a and c and c[0] == 1 and V(ins[1]) is not None:
-                self._set(outs[0], [add(V(ins[1])[0], a[0], -1) if sign(add(V(ins[1])[0], a[0], -1)) != -1 else None])
+                n = add(V(ins[1])[0], a[0], -1)  # max(0, limit - start): known when it is >= 0 for every size
+                self._set(outs[0], [n if nonneg(n) else None])
             return
         if op == "ConstantOfShape":
             v = V(x)
