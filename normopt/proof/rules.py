@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graphs import reduce_axes, row_blocks
+from .graphs import reduce_axes, row_blocks, same_bytes
 from .graphs import reduce_axes as _reduce_axes
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
 from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
@@ -619,9 +619,16 @@ def rule_linear(prover, O, P, node, in_rels):
                 e_in = None
                 if q.err is not None and np.any(np.asarray(q.err) != 0):
                     e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
+                # the optimized weight IS the original's (same bytes, same reading): tau Wp is
+                # tau Wo exactly, so the weight's rounding bound adds nothing to the shift's
+                same_w = alpha is None and c_use is None and cand.op_type == op and \
+                    (op != "Gemm" or bool(pattrs.get("transB", 0)) == bool(oattrs.get("transB", 0))) and \
+                    same_bytes(P, node.input[1], O, cand.input[1])
                 for centered in (False, True):
                     ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c_use, centered, eps, tau, e_in,
                                                          tiny_of(P.elem(node.input[1])))
+                    if same_w and not centered:
+                        atw = np.zeros_like(atw) if atw is not None else atw
                     prover.stats.weights_checked += 1
                     if not ok:
                         tried.append((z, bad))
