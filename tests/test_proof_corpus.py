@@ -250,3 +250,14 @@ def test_tracker_derives_only_what_holds_for_every_size():
     assert t.S("r_known") == [add(seq, 4)]
     assert to_dim(t.S("sl")[0]) == "min(16,seq)"
     assert t.S("y") == [2, seq, 8]
+
+
+def test_an_overridable_shape_initializer_is_not_folded():
+    """A shape vector that is an initializer AND a graph input is only a default: a Reshape
+    reading a value computed from it is not the constant its default would give."""
+    m = _reshape_model(batch=2)
+    m.graph.input.append(vi("tail", [2], onnx.TensorProto.INT64))
+    opt = _folded(m, [2, 3, 2, 4])  # keeps the input list: x and tail
+    opt.graph.initializer.append(numpy_helper.from_array(np.array([2, 4], np.int64), "tail"))
+    res = prove(m, opt)
+    assert not res.proved, res.summary

@@ -227,9 +227,11 @@ class Tracker:
                 continue
             self.shape[vi.name] = [d.dim_value if d.HasField("dim_value") else Sym.var(d.dim_param or f"?{vi.name}:{k}")
                                    for k, d in enumerate(tt.shape.dim)]
+        fed = {vi.name for vi in graph.input}
         for t in graph.initializer:
             self.shape[t.name] = [int(d) for d in t.dims]
-            self._const(t.name, t)
+            if t.name not in fed:  # an initializer that is also a graph input is a default: a caller may feed another
+                self._const(t.name, t)
 
     def _const(self, name, t):
         n = int(np.prod(t.dims)) if len(t.dims) else 1
