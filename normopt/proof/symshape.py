@@ -260,7 +260,7 @@ class Tracker:
 
     def run(self, nodes):
         for node in nodes:
-            if node.domain not in ("", "ai.onnx") and node.op_type not in UNARY:
+            if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and node.op_type in UNARY):
                 continue
             try:
                 self._node(node)
