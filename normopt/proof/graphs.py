@@ -176,7 +176,7 @@ class Form:
 
 class GraphView:
     def __init__(self, graph: onnx.GraphProto, opsets: dict, parent: "GraphView | None" = None, types: dict | None = None,
-                 forms: bool = False):
+                 forms: bool = False, input_shapes: dict | None = None):
         self.graph = graph
         self.parent = parent
         self.opsets = opsets
@@ -202,7 +202,15 @@ class GraphView:
                 for g in subs:
                     for name in _outer_refs(g):
                         self.consumers[name].append((node, -1))
+        self.sub_types = getattr(types, "sub", None) or (parent.sub_types if parent is not None else {})
         self.types = dict(types or {})
+        if parent is not None:
+            own = self.sub_types.get(graph_key(graph), {})
+            for n in graph.node:  # a name the body defines has the body's type, or none known
+                for o in n.output:
+                    if o:
+                        self.types[o] = own.get(o)
+            self.types.update(own)
         for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
             self.types.setdefault(vi.name, _type_of(vi))
         for t in graph.initializer:
@@ -215,6 +223,7 @@ class GraphView:
                         self.types[o] = t
         self._small = {}
         self._partial = {}  # Shape outputs with some dynamic dims: [int or None]
+        self._track_shapes(input_shapes)
         self.form = {}
         self.family = defaultdict(list)
         self._evaluate_constants()
@@ -305,6 +314,49 @@ class GraphView:
         out.update(attr_dict(node))
         return out
 
+    # ------------------------------------------------------------------ symbolic shapes
+    def _track_shapes(self, input_shapes=None):
+        """The prover's own symbolic shapes and shape values (symshape): dims ONNX's inference
+        left unknown are filled in; an integer value computed from shapes that is static for
+        every input size becomes a constant, a partly symbolic one a partial shape vector."""
+        from .symshape import Tracker, to_dim
+
+        self.tracker = Tracker(self.graph, self.opsets, parent=getattr(self.parent, "tracker", None))
+        for name, shp in (input_shapes or {}).items():  # the original's declared input dims name the sizes
+            if name in self.inputs and name not in self.inits:
+                self.tracker.shape[name] = list(shp) if shp is not None else None
+        self.tracker.run(self.nodes)
+        produced = set(self.producer)
+        for name, s in self.tracker.shape.items():
+            if s is None or name not in produced:
+                continue
+            t = self.types.get(name)
+            old = t[1] if t is not None else None
+            new = [to_dim(d) for d in s]
+            if old is not None and len(old) != len(new):
+                continue  # disagreement: keep ONNX's (a proof may be lost, never made)
+            if old is not None:
+                new = [o if isinstance(o, int) else (n if n is not None else o) for o, n in zip(old, new)]
+            if t is None or not t[0]:
+                continue
+            self.types[name] = (t[0], tuple(new))
+        for name, v in self.tracker.value.items():
+            if name not in produced or name in self.inits:
+                continue
+            s = self.tracker.shape.get(name)
+            if s is None or any(not isinstance(d, int) for d in s):
+                continue
+            t = self.types.get(name)
+            if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                dt = np.int32 if t is not None and t[0] == onnx.TensorProto.INT32 else np.int64
+                if t is None or t[0] in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+                    self._small[name] = np.array(v, dt).reshape(s)
+            elif all(isinstance(x, bool) for x in v):
+                if t is None or t[0] == onnx.TensorProto.BOOL:
+                    self._small[name] = np.array(v, np.bool_).reshape(s)
+            elif len(s) <= 1 and not any(isinstance(x, bool) for x in v):
+                self._partial[name] = [to_dim(x) if x is not None else None for x in v]
+
     # ------------------------------------------------------------------ constants
     def _evaluate_constants(self):
         """Constant nodes, and small nodes whose inputs are all constants (Shape of a static
@@ -324,6 +376,8 @@ class GraphView:
                 continue
             if node.domain not in ("", "ai.onnx") or graph_attrs(node) or node.op_type in _NO_EVAL:
                 continue
+            if node.output and all(not o or o in self._small or o in self._partial for o in node.output):
+                continue  # the shape tracker knows it
             if node.op_type in ("Shape", "Size") and node.input:
                 s = self.shape(node.input[0])
                 if s is not None:
@@ -1172,19 +1226,42 @@ def infer_types(model: onnx.ModelProto) -> dict:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         inferred = model
-    out = {}
+    out = TypeTable()
 
-    def visit(g):
+    def visit(g, top):
+        own = {}
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             t = _type_of(vi)
             if t is not None:
                 out.setdefault(vi.name, t)
+                own.setdefault(vi.name, t)
         for t in g.initializer:
             out[t.name] = (t.data_type, tuple(int(d) for d in t.dims))
+            own[t.name] = out[t.name]
+        if not top:
+            # sibling bodies (an If's branches) may reuse names: each body keeps its own types
+            key = graph_key(g)
+            if key in out.sub:
+                prev = out.sub[key]
+                own = {k: v for k, v in own.items() if prev.get(k, v) == v}
+                own.update({k: None for k in prev if k not in own})
+            out.sub[key] = own
         for n in g.node:
             for subs in graph_attrs(n).values():
                 for sg in subs:
-                    visit(sg)
+                    visit(sg, False)
 
-    visit(inferred.graph)
+    visit(inferred.graph, True)
     return out
+
+
+class TypeTable(dict):
+    """name -> type of the main graph; .sub: graph_key(body) -> the body's own name -> type."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.sub = {}
+
+
+def graph_key(g):
+    return (g.name, tuple(o for n in g.node for o in n.output), tuple(i.name for i in g.input))

@@ -25,7 +25,7 @@ SMALL_CONST = 1 << 20  # elements: larger constants are compared block by block
 from .relations import Rel, center, eps_of, simplify, tiny_of, vec
 
 MAX_RELS = 6
-W_TOL = 3.0  # weight facts: |actual - expected| <= W_TOL * eps * (|expected| + |pre-centering term|)
+W_TOL = 1.0  # weight facts: |actual - expected| <= W_TOL * eps * (|expected| + |pre-centering term|): one or two roundings
 LAYOUT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Gather", "Concat", "Split", "Expand",
           "Cast", "ReduceMean", "Tile"}
 SHAPE_ONLY = {"Shape", "Size"}  # a relation of kind "rel" keeps the shape, so these read it as equal
@@ -85,7 +85,8 @@ class Prover:
     def run(self):
         o_types, p_types = infer_types(self.orig_model), infer_types(self.opt_model)
         self.O = GraphView(self.orig_model.graph, _opsets(self.orig_model), types=o_types, forms=True)
-        self.P = GraphView(self.opt_model.graph, _opsets(self.opt_model), types=p_types)
+        self.P = GraphView(self.opt_model.graph, _opsets(self.opt_model), types=p_types,
+                           input_shapes={n: self.O.tracker.shape.get(n) for n in self.O.inputs if n not in self.O.inits})
         self._interface(self.O, self.P)
         rels = {}
         for name in self.P.inputs:
@@ -268,6 +269,14 @@ class Prover:
         got = self._identical(O, P, node, in_rels)
         if got is not None:
             self.stats.identical += 1
+            if node.op_type == "Sub" and RULES.get("Sub") is not None:
+                # x - mean(x) identical to the original's is also x centered: keep both relations
+                try:
+                    more = RULES["Sub"](self, O, P, node, in_rels)
+                except (_Skip, NotProved):
+                    more = None
+                if more and isinstance(more[0], Rel):
+                    got = [got[0] + [r for r in more if r not in got[0]]] + got[1:]
             return got
         # 2. a rule for the op
         rule = RULES.get(node.op_type)
@@ -311,6 +320,19 @@ class Prover:
         raise NotProved(_where(node), what or f"no original node computes this {node.op_type} of {', '.join(shown)}")
 
     # ---------------------------------------------------------------- identical
+    def _nan_absorbs(self, P, node, in_rels) -> bool:
+        """x + c, x - c, x * c, x / c with c a constant that is NaN everywhere is NaN everywhere,
+        whatever x: a relation that keeps x's shape is enough (the original's constant is
+        compared as NaN too)."""
+        if node.op_type not in ("Add", "Sub", "Mul", "Div") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            return False
+        for i, r in zip(node.input, in_rels):
+            if r == "const":
+                c = P.const(i) if P.const_size(i) <= SMALL_CONST else None
+                if c is not None and np.asarray(c).dtype.kind == "f" and np.asarray(c).size and np.all(np.isnan(c)):
+                    return True
+        return False
+
     def _candidates(self, O, node, slot_values):
         """Original nodes with node's op that read, at some slot, one of the given values; the
         node of the same name first (a hint)."""
@@ -327,7 +349,8 @@ class Prover:
 
     def _identical(self, O, P, node, in_rels):
         eq_slots = []
-        same = (lambda x: x.kind == "rel") if node.op_type in SHAPE_ONLY else (lambda x: x.eq)
+        same = (lambda x: x.kind == "rel") if node.op_type in SHAPE_ONLY or self._nan_absorbs(P, node, in_rels) \
+            else (lambda x: x.eq)
         for k, (i, r) in enumerate(zip(node.input, in_rels)):
             if r is None or r == "const":
                 continue
@@ -361,6 +384,8 @@ class Prover:
                     ok = self._const_input_ok(O, P, i, oi)
                 else:
                     ok = any(w == oi for w, _ in self._rels_on(O, r, keep=same))
+                if not ok and k == 1 and self._same_target_shape(O, P, node, cand):
+                    ok = True
                 if not ok:
                     break
             if not ok:
@@ -438,6 +463,8 @@ class Prover:
                 if r is None:
                     if oi:
                         return None
+                elif k == 1 and self._same_target_shape(O, P, node, cand):
+                    continue
                 elif r == "const":
                     if not self._const_input_ok(O, P, i, oi):
                         return None
@@ -474,6 +501,18 @@ class Prover:
                     return None
                 outs.append([Rel(cand.output[k], axis_out, rr.centered, rr.a, rr.t, rr.err, rr.kind, how=op)])
         return outs
+
+    def _same_target_shape(self, O, P, node, cand) -> bool:
+        """A Reshape's or Expand's shape operand matters only through the output shape it
+        gives: two of them (the data input related by the caller) agree when both output shapes
+        are known and equal as polynomials of the graph inputs' dims, for every size."""
+        if node.op_type not in ("Reshape", "Expand") or cand.op_type != node.op_type:
+            return False
+        a = P.tracker.S(node.output[0])
+        b = O.tracker.S(cand.output[0])
+        if a is None or b is None or len(a) != len(b) or any(d is None for d in a) or any(d is None for d in b):
+            return False
+        return all(x == y and isinstance(x, bool) == isinstance(y, bool) for x, y in zip(a, b))
 
     def _const_related(self, O, P, pname, oname, rr: Rel, rank):
         """Constant pname of the optimized graph relates to the original's constant oname as rr does."""
@@ -645,10 +684,11 @@ def _close(a, b) -> bool:
         return True
     eps = float(np.finfo(a.dtype).eps) if a.dtype.kind == "f" else 1e-7
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    same_inf = np.isinf(a64) & (a64 == b64)
+    same_inf = (np.isinf(a64) & (a64 == b64)) | (np.isnan(a64) & np.isnan(b64))
     diff = np.where(same_inf, 0.0, np.abs(a64 - b64))
     tiny = float(np.finfo(a.dtype).smallest_subnormal) if a.dtype.kind == "f" else 0.0
-    return bool(np.all(diff <= 4 * eps * np.abs(b64) + 2 * tiny + 1e-300) and not np.any(np.isnan(a64) != np.isnan(b64)))
+    scale = np.where(same_inf, 0.0, np.abs(b64))
+    return bool(np.all(diff <= 4 * eps * scale + 2 * tiny + 1e-300) and not np.any(np.isnan(a64) != np.isnan(b64)))
 
 
 def _weights_close(actual, expected, eps, scale=None, tiny=0.0) -> bool:

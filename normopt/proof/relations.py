@@ -132,8 +132,9 @@ def per_channel(arr: np.ndarray, axis: int, rank: int, tol=0.0):
         # variation along the other axes is allowed only within the rounding bound `tol`
         mean = full.mean(axis=other, keepdims=True)
         tol = np.broadcast_to(np.asarray(tol, np.float64), np.broadcast_shapes(np.shape(tol), full.shape))
-        # each element within its own bound of a mean that is itself within the largest bound
-        if not np.all(np.abs(full - mean) <= tol + tol.max(axis=other, keepdims=True) + 1e-300):
+        # each element within its own bound of the mean, which is within the mean of the bounds
+        # (|mean(d)| <= mean(|d|) <= mean(tol)): the largest bound does not widen every element's
+        if not np.all(np.abs(full - mean) <= tol + tol.mean(axis=other, keepdims=True) + 1e-300):
             return None
         return mean.reshape(-1)
     return first.reshape(-1)

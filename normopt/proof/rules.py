@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graphs import reduce_axes, row_blocks
+from .graphs import reduce_axes, row_blocks, same_bytes
+from .graphs import reduce_axes as _reduce_axes
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
 from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
 
@@ -195,6 +196,20 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
     return out
 
 
+def _mean_axis_of(O, m, w):
+    """The axis when the original's value m is ReduceMean(w) over that one axis, keepdims."""
+    p = O.producer.get(m)
+    if p is None or p[0].op_type != "ReduceMean" or p[0].domain not in ("", "ai.onnx") or p[0].input[0] != w:
+        return None
+    axes = _reduce_axes(O, p[0])
+    if axes is None or len(axes) != 1 or not O.attrs(p[0]).get("keepdims", 1):
+        return None
+    r, s = O.rank(w), O.shape(w)
+    if r is None or s is None or not isinstance(s[axes[0]], int):
+        return None
+    return axes[0]
+
+
 def rule_add(prover, O, P, node, in_rels, sign=1.0):
     op = node.op_type
     if len(node.input) != 2:
@@ -232,6 +247,10 @@ def rule_add(prover, O, P, node, in_rels, sign=1.0):
             for ww, q2 in r1:
                 if q.eq and q2.kind == "mean" and q2.u == w:
                     out.append(Rel(w, q2.axis, True, how="explicit centering"))
+                    prover.stats.centered_values += 1
+                if q.eq and q2.eq and _mean_axis_of(O, ww, w) is not None:
+                    # the mean equals the original's own ReduceMean(w) over one axis (keepdims)
+                    out.append(Rel(w, _mean_axis_of(O, ww, w), True, how="explicit centering"))
                     prover.stats.centered_values += 1
                 if q.pure_center and q2.kind == "zero" and q2.u == w and q2.axis == q.axis:
                     # P(u) - 0 = P(u), and the original's own u - mean(u) is exactly that
@@ -600,9 +619,16 @@ def rule_linear(prover, O, P, node, in_rels):
                 e_in = None
                 if q.err is not None and np.any(np.asarray(q.err) != 0):
                     e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
+                # the optimized weight IS the original's (same bytes, same reading): tau Wp is
+                # tau Wo exactly, so the weight's rounding bound adds nothing to the shift's
+                same_w = alpha is None and c_use is None and cand.op_type == op and \
+                    (op != "Gemm" or bool(pattrs.get("transB", 0)) == bool(oattrs.get("transB", 0))) and \
+                    same_bytes(P, node.input[1], O, cand.input[1])
                 for centered in (False, True):
                     ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c_use, centered, eps, tau, e_in,
                                                          tiny_of(P.elem(node.input[1])))
+                    if same_w and not centered:
+                        atw = np.zeros_like(atw) if atw is not None else atw
                     prover.stats.weights_checked += 1
                     if not ok:
                         tried.append((z, bad))
