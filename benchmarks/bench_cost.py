@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from _common import write_table
+from _common import model_bytes, run_measured, write_table
 
 FLOOR = r"""
 import os, sys, onnx
@@ -139,21 +139,6 @@ CASES = {  # name: extra optimize arguments
 }
 
 
-def _size(path):
-    return os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
-
-
-def run_rss(cmd):
-    """(exit code, wall s, peak RSS bytes, stdout, stderr) of one process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    return os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss * 1024, err
-
-
 def _remove(path):
     for p in (path, path + ".data"):
         if os.path.exists(p):
@@ -198,7 +183,7 @@ def main():
         for round_ in range(args.runs + 1):  # round 0 warms the page cache and is not counted
             for k, cmd in cmds.items():
                 _remove(dst if k != "floor" else floor_dst)
-                code, wall, rss, err = run_rss(cmd)
+                code, wall, rss, _, err = run_measured(cmd)
                 if code != 0:
                     failed = f"{k}: exit {code}: {err.strip().splitlines()[-1] if err.strip() else ''}"
                     break
@@ -212,7 +197,7 @@ def main():
             _remove(p)
         if failed:
             print(f"{name}: {failed}", file=sys.stderr)
-            lines.append(f"| {name} | {_size(src) / 2**20:.1f} MB | failed: {failed} | | | | | | |")
+            lines.append(f"| {name} | {model_bytes(src) / 2**20:.1f} MB | failed: {failed} | | | | | | |")
             continue
         med = {k: statistics.median(w for w, _ in v) for k, v in res.items()}
         rng = {k: (min(w for w, _ in v), max(w for w, _ in v)) for k, v in res.items()}
@@ -224,7 +209,7 @@ def main():
         def cell(k):
             return f"{med[k]:.2f} ({rng[k][0]:.2f}-{rng[k][1]:.2f})"
 
-        lines.append(f"| {name} | {_size(src) / 2**20:.1f} MB | {cell('floor')} | {cell('noverify')} | {cell('verify')} | "
+        lines.append(f"| {name} | {model_bytes(src) / 2**20:.1f} MB | {cell('floor')} | {cell('noverify')} | {cell('verify')} | "
                      f"{med['noverify'] / med['floor']:.2f}x | {med['verify'] / med['noverify']:.2f}x | "
                      f"{rss['floor'] / 2**20:.0f} / {rss['noverify'] / 2**20:.0f} / {rss['verify'] / 2**20:.0f} MB | {slowest} |")
         print(lines[-1], file=sys.stderr)

@@ -18,9 +18,8 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
-from _common import write_table
+from _common import model_bytes, run_measured, write_table
 
 CASES = [
     # name, llm shape (None: the small default spec), dtype, single file, targets (wall s, peak RSS GB)
@@ -29,22 +28,6 @@ CASES = [
     ("opt-1.3b", "opt-1.3b", "float32", False, (180, 1.5)),
     ("opt-6.7b", "opt-6.7b", "float16", False, (None, 4.0)),
 ]
-
-
-def _size(path):
-    total = os.path.getsize(path)
-    if os.path.exists(path + ".data"):
-        total += os.path.getsize(path + ".data")
-    return total
-
-
-def run_measured(cmd):
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    out, err = proc.stdout.read(), proc.stderr.read()
-    return os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss * 1024, out, err
 
 
 def main():
@@ -75,7 +58,7 @@ def main():
                 lines.append(f"| {name} | | optimize failed (exit {r.returncode}) | | | |")
                 print(r.stderr, file=sys.stderr)
                 continue
-        weights = _size(src)
+        weights = model_bytes(src)
         cmd = [sys.executable, "-m", "normopt.cli", "verify", src, dst, "--prove"]
         runs, verdict = [], ""
         for _ in range(args.runs):

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from _common import write_table
+from _common import model_bytes, run_measured, write_table
 
 CASES = [
     # name, llm shape, dtype, single file, verify, targets (wall s, peak RSS / bytes)
@@ -30,23 +29,6 @@ CASES = [
     ("opt-1.3b", "opt-1.3b", "float32", False, True, (180, 2.5)),
     ("opt-6.7b", "opt-6.7b", "float16", False, False, (None, None)),
 ]
-
-
-def _size(path):
-    total = os.path.getsize(path)
-    if os.path.exists(path + ".data"):
-        total += os.path.getsize(path + ".data")
-    return total
-
-
-def run_measured(cmd):
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    out, err = proc.stdout.read(), proc.stderr.read()
-    code = os.waitstatus_to_exitcode(status)
-    return code, wall, usage.ru_maxrss * 1024, out, err
 
 
 def main():
@@ -72,7 +54,7 @@ def main():
             t0 = time.perf_counter()
             info = write_decoder(src, DecoderSpec(**SHAPES[shape], dtype=dtype), single_file=single)
             print(f"{name}: wrote {info['weight_bytes'] / 2**30:.2f} GB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        weights = _size(src)
+        weights = model_bytes(src)
         cmd = [sys.executable, "-m", "normopt.cli", "optimize", src, "-o", dst, "--no-tune", "--report", report, "-q"]
         if not verify:
             cmd.append("--no-verify")
