@@ -85,7 +85,14 @@ def _keep_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> None:
 def all_graphs(graph: gs.Graph):
     """The graph and every subgraph (If branches, Loop/Scan bodies), outermost first."""
     yield graph
-    yield from graph.subgraphs(recursive=True)
+    Graph = gs.Graph
+    for node in graph.nodes:  # graphsurgeon's own walk, entered only at nodes that hold a graph
+        attrs = node.attrs
+        if attrs:
+            for v in attrs.values():
+                if isinstance(v, Graph):
+                    yield from node.subgraphs(recursive=True)
+                    break
 
 
 def wrap_refs(graph: gs.Graph) -> None:
@@ -271,6 +278,111 @@ def snapshot(graph: gs.Graph) -> onnx.ModelProto:
     model = gs.export_onnx(graph, do_type_check=False)
     _export_defaults(graph, model)
     return model
+
+
+class Mark:
+    """The model's state as it is now, in place (see mark): every graph's fields and node list,
+    every node's fields and input/output lists, and every value's fields. Taking it copies a few
+    small lists per node (no export, no protobuf); weights are shared, never copied (a pass never
+    edits a tensor's values in place)."""
+
+    __slots__ = ("root", "graphs", "nodes", "tensors")
+
+
+_IO = ("inputs", "outputs")
+
+
+def _fields(obj) -> dict:
+    return {k: v for k, v in obj.__dict__.items() if k not in _IO}
+
+
+def mark(root: gs.Graph) -> Mark:
+    """The state of the model rooted at `root`, to go back to with rewind (a pass's rollback)."""
+    m = Mark()
+    m.root = root
+    m.graphs, m.nodes, m.tensors = [], [], {}
+    tensors = m.tensors
+    for g in all_graphs(root):
+        d = dict(g.__dict__)
+        d["nodes"], d["inputs"], d["outputs"] = list(g.nodes), list(g.inputs), list(g.outputs)
+        m.graphs.append((g, d))
+        for t in itertools.chain(g.inputs, g.outputs):
+            if id(t) not in tensors:
+                tensors[id(t)] = (t, t.__class__, _fields(t))
+        for node in g.nodes:
+            ins, outs = list(node.inputs), list(node.outputs)
+            f = _fields(node)
+            f["attrs"] = dict(node.attrs)
+            m.nodes.append((node, f, ins, outs))
+            for t in itertools.chain(ins, outs):
+                if id(t) not in tensors:
+                    tensors[id(t)] = (t, t.__class__, _fields(t))
+    return m
+
+
+def rewind(m: Mark) -> gs.Graph:
+    """Put the model back as mark(root) found it, on the same objects, as a fresh import of that
+    state would give it: each value's readers and producers in node order (a subgraph's nodes
+    before the node that owns it), and no shape state (the next refresh infers every value)."""
+    for t, cls, f in m.tensors.values():
+        list.clear(t.inputs)
+        list.clear(t.outputs)
+        if t.__class__ is not cls:
+            t.__class__ = cls
+        io = {k: t.__dict__[k] for k in _IO}
+        t.__dict__.clear()
+        t.__dict__.update(f)
+        t.__dict__.update(io)
+    for g, d in m.graphs:
+        g.__dict__.clear()
+        g.__dict__.update(d)
+        g.__dict__.pop("normopt_shapes", None)
+    saved = {id(node): (node, f, ins, outs) for node, f, ins, outs in m.nodes}
+    Graph = gs.Graph
+    end = object()
+    stack = [iter(m.root.nodes)]
+    while stack:  # graphsurgeon's import order: a node's subgraphs, then the node
+        item = next(stack[-1], end)
+        if item is end:
+            stack.pop()
+            continue
+        if isinstance(item, _Wire):
+            _wire(item.node, item.ins, item.outs)
+            continue
+        entry = saved.pop(id(item), None)
+        if entry is None:
+            continue
+        node, f, ins, outs = entry
+        io = {k: node.__dict__[k] for k in _IO}
+        node.__dict__.clear()
+        node.__dict__.update(f)
+        node.__dict__.update(io)
+        list.clear(node.inputs)
+        list.extend(node.inputs, ins)
+        list.clear(node.outputs)
+        list.extend(node.outputs, outs)
+        subs = [v for v in node.attrs.values() if isinstance(v, Graph)]
+        if subs:
+            stack.append(iter([*(n for sub in subs for n in sub.nodes), _Wire(node, ins, outs)]))
+        else:
+            _wire(node, ins, outs)
+    return m.root
+
+
+class _Wire:
+    """A node to wire after its subgraphs' nodes (see rewind)."""
+
+    __slots__ = ("node", "ins", "outs")
+
+    def __init__(self, node, ins, outs):
+        self.node, self.ins, self.outs = node, ins, outs
+
+
+def _wire(node, ins, outs) -> None:
+    for t in ins:
+        list.append(t.outputs, node)
+    for t in outs:
+        list.append(t.inputs, node)
 
 
 def restore(model: onnx.ModelProto, like: gs.Graph | None = None) -> gs.Graph:

@@ -168,11 +168,10 @@ class Pipeline:
         progress(message) hears each pass start and end.
 
         A pass that raises never ends the run: the graph and the pass state go back to what
-        they were before the pass (a snapshot of the skeleton: structure only, weights by
-        reference), the report records ``internal error in <pass>: <message>``, and the next
-        pass runs. An analysis only reads the graph, so the snapshot is taken just before the
-        pass's first apply: a pass with nothing to apply costs no export of the graph (linear
-        in nodes, but seconds at 100k nodes, once per pass)."""
+        they were before the pass (graph.mark/rewind: the graph objects' fields and lists, weights
+        shared), the report records ``internal error in <pass>: <message>``, and the next pass
+        runs. An analysis only reads the graph, so the mark is taken just before the pass's
+        first apply: a pass with nothing to apply costs nothing."""
         for i, p in enumerate(self.passes, 1):
             if progress:
                 progress(f"pass {self._place(i, p)} {p.name}: running ...")
@@ -263,12 +262,12 @@ class _Rollback:
 
     def take(self):
         if self.snapshot is None:
-            self.snapshot = G.snapshot(self.root)
+            self.snapshot = G.mark(self.root)
 
     def restore(self):
-        """The graph as it was before the pass: the snapshot, or the graph itself when the pass
-        failed before rewriting anything."""
-        return self.root if self.snapshot is None else G.restore(self.snapshot, like=self.root)
+        """The graph as it was before the pass (graph.rewind puts the marked state back on the
+        same objects), or the graph itself when the pass failed before rewriting anything."""
+        return self.root if self.snapshot is None else G.rewind(self.snapshot)
 
 
 def subgraphs_to_run(root):

@@ -83,3 +83,126 @@ def test_100k_nodes_optimize(kind):
     m = transformer_like(100_000) if kind == "transformer" else elementwise_chain(100_000)
     _, report = _optimize(m)
     assert all(p.error is None for p in report.passes)
+
+
+# --- rollback (pipeline._Rollback: graph.mark / graph.rewind) ---------------------------------
+
+
+def _half_then_raise(pass_obj):
+    """The pass applies half its matches, then raises (a pass bug mid-rewrite)."""
+    real = pass_obj.apply
+
+    def apply(graph, matches, ctx):
+        real(graph, list(matches)[: max(1, len(matches) // 2)], ctx)
+        raise RuntimeError("injected failure after a partial rewrite")
+
+    pass_obj.apply = apply
+    return pass_obj
+
+
+def _run_with_failure(model, failing, rollback_cls=None):
+    from normopt import pipeline as PL
+    from normopt.passes import all_passes as ap
+
+    passes = [(_half_then_raise(p) if p.name == failing else p) for p in ap() if p.name != "crms"]
+    old = PL._Rollback
+    if rollback_cls is not None:
+        PL._Rollback = rollback_cls
+    try:
+        out, report = PL.Pipeline(passes).run(model, Context(tune=False))
+    finally:
+        PL._Rollback = old
+    return out, report
+
+
+class _ExportRollback:
+    """The reference: a snapshot exported to a skeleton and imported back on failure."""
+
+    def __init__(self, root):
+        self.root, self.snapshot = root, None
+
+    def take(self):
+        if self.snapshot is None:
+            self.snapshot = G.snapshot(self.root)
+
+    def restore(self):
+        return self.root if self.snapshot is None else G.restore(self.snapshot, like=self.root)
+
+
+@pytest.mark.parametrize("failing", ["explicit_defaults", "ln_to_rms"])
+def test_rollback_in_place_gives_the_same_output_as_a_reimported_snapshot(failing):
+    """A pass that fails half-way is rolled back in place (no export): every later pass sees the
+    graph as a fresh import of the marked state would give it, so the output bytes are the same
+    as with an exported-and-imported snapshot."""
+    m = transformer_like(400)
+    out, report = _run_with_failure(m, failing)
+    ref, ref_report = _run_with_failure(m, failing, _ExportRollback)
+    assert any(failing in e for e in report.errors), report.errors
+    assert report.errors == ref_report.errors
+    assert [(p.name, p.applied) for p in report.passes] == [(p.name, p.applied) for p in ref_report.passes]
+    assert out.SerializeToString() == ref.SerializeToString()
+
+
+def test_rollback_takes_no_export():
+    """Taking the rollback mark exports nothing (an export is seconds at 100k nodes)."""
+    import onnx_graphsurgeon as gs
+    from normopt import pipeline as PL
+
+    calls = []
+    real = gs.export_onnx
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    graph = G.to_graph(transformer_like(300))
+    passes = [p for p in all_passes() if p.name != "crms"]
+    gs.export_onnx = counting
+    try:
+        report = PL.Report()
+        PL.Pipeline(passes).run_graph(graph, Context(tune=False), report)
+    finally:
+        gs.export_onnx = real
+    assert any(p.applied for p in report.passes)
+    assert not calls
+
+
+def _corpus(name):
+    import os
+
+    import onnx
+
+    return onnx.load(os.path.join(os.path.dirname(__file__), "corpus", name))
+
+
+@pytest.mark.parametrize("which", ["transformer", "if-branches"])
+def test_rewind_restores_fields_lists_and_reader_order(which):
+    """mark/rewind on the same objects: nodes, their attributes and inputs, values' dtypes and
+    shapes, and each value's readers in node order, as a fresh import gives them."""
+    model = transformer_like(200) if which == "transformer" else _corpus("optimum_opt_decoder_model_merged.onnx")
+    g = G.to_graph(model)
+    before = G.export(g).SerializeToString()
+    m = G.mark(g)
+    # a rewrite: detach a node, rewire a reader, rename a value, change a shape and an attribute
+    import onnx_graphsurgeon as gs
+
+    graphs = list(G.all_graphs(g))
+    assert (len(graphs) > 1) == (which == "if-branches")
+    host = max(graphs, key=lambda x: len(x.nodes))  # a branch for the merged decoder
+    two = next(n for n in host.nodes if len(n.inputs) >= 2 and n.outputs)
+    two.inputs[1] = host.nodes[0].outputs[0]
+    two.outputs[0].name = "renamed"
+    two.outputs[0].shape = [7]
+    with_attr = next(n for n in host.nodes if any(not isinstance(v, gs.Graph) for v in n.attrs.values()))
+    with_attr.attrs[next(k for k, v in with_attr.attrs.items() if not isinstance(v, gs.Graph))] = 0.5
+    host.nodes[0].inputs.clear()
+    del host.nodes[0]
+    host.outputs = host.outputs[:1]
+    del host.nodes[3]
+    g.outputs = []
+    G.rewind(m)
+    assert G.export(g).SerializeToString() == before
+    fresh = G.restore(G.snapshot(g))
+    readers = {t.name: [n.name for n in t.outputs] for t in fresh.tensors().values()}
+    assert {t.name: [n.name for n in t.outputs] for t in g.tensors().values()} == readers
+    assert "normopt_shapes" not in g.__dict__  # the next refresh infers every value afresh
