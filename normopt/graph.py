@@ -216,7 +216,7 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export, restoring what graphsurgeon drops: IR version, producer, doc strings, metadata,
     and every opset import of the original (plus any domain the passes added)."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    toposort(graph.cleanup(remove_unused_graph_inputs=False))
     model = export(graph)
     model.ir_version = original.ir_version
     model.producer_name = original.producer_name
@@ -456,13 +456,79 @@ def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
             g.initializer.extend(kept)
 
 
+def toposort(graph: gs.Graph) -> gs.Graph:
+    """graphsurgeon's Graph.toposort, in the same order, without its per-node recursion and
+    helper objects: each node's level is one more than its highest local producer's, and the
+    nodes are stably sorted by level in the order their levels were settled (a depth-first
+    walk over producers from each node in list order). Graphs with subgraphs or functions,
+    duplicate node entries, producers outside the graph, or cycles go to graphsurgeon itself
+    (which sorts or reports them)."""
+    nodes = graph.nodes
+    if graph.functions:
+        return graph.toposort()
+    Graph = gs.Graph
+    for node in nodes:
+        if node.attrs:
+            for v in node.attrs.values():
+                if isinstance(v, Graph):
+                    return graph.toposort()
+    members = {id(n) for n in nodes}
+    if len(members) != len(nodes):
+        return graph.toposort()
+    Constant = gs.Constant
+    local = {t.name for n in nodes for t in n.outputs if t.name != ""}
+    local.update(t.name for t in graph.inputs)
+    local.update(t.name for n in nodes for t in n.inputs if isinstance(t, Constant) and t.name != "")
+    local.update(t.name for t in graph.outputs if isinstance(t, Constant) and t.name != "")
+
+    def producers(node):
+        found = {}
+        for t in node.inputs:
+            if t.name in local:
+                for p in t.inputs:
+                    found[id(p)] = p
+        return list(found.values())
+
+    level = {}  # id(node) -> level, in the order levels were settled
+    order = []
+    for start in nodes:
+        if id(start) in level:
+            continue
+        active = {id(start)}
+        stack = [[start, iter(producers(start)), -1]]
+        while stack:
+            top = stack[-1]
+            for p in top[1]:
+                lv = level.get(id(p))
+                if lv is not None:
+                    if lv > top[2]:
+                        top[2] = lv
+                    continue
+                if id(p) in active or id(p) not in members:
+                    return graph.toposort()  # a cycle, or a producer not in the graph
+                active.add(id(p))
+                stack.append([p, iter(producers(p)), -1])
+                break
+            else:
+                stack.pop()
+                active.discard(id(top[0]))
+                lv = top[2] + 1
+                level[id(top[0])] = lv
+                order.append(top[0])
+                if stack and lv > stack[-1][2]:
+                    stack[-1][2] = lv
+    order.sort(key=lambda n: level[id(n)])
+    graph.nodes = order
+    return graph
+
+
 def refresh(graph: gs.Graph, incremental: bool = True) -> gs.Graph:
     """After a pass: clean up, sort, and bring every value's shape up to date. The graph
     objects stay the same (no re-import). Incremental (see shapes.py): only the nodes the pass
     changed or added, and what is downstream of a value whose shape changed, are inferred again;
     incremental=False infers the whole graph afresh (the two give the same shapes)."""
     for g in all_graphs(graph):
-        g.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort(g.cleanup(remove_unused_graph_inputs=False))
     S.infer(graph, incremental=incremental)
     return graph
 
