@@ -216,7 +216,7 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export, restoring what graphsurgeon drops: IR version, producer, doc strings, metadata,
     and every opset import of the original (plus any domain the passes added)."""
-    toposort(graph.cleanup(remove_unused_graph_inputs=False))
+    toposort(cleanup(graph))
     model = export(graph)
     model.ir_version = original.ir_version
     model.producer_name = original.producer_name
@@ -293,7 +293,7 @@ _IO = ("inputs", "outputs")
 
 
 def _fields(obj) -> dict:
-    return {k: v for k, v in obj.__dict__.items() if k not in _IO}
+    return dict(obj.__dict__)  # its input/output lists are kept by rewind, not taken from here
 
 
 def mark(root: gs.Graph) -> Mark:
@@ -456,6 +456,78 @@ def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
             g.initializer.extend(kept)
 
 
+def _plain(graph: gs.Graph) -> bool:
+    """No functions, no subgraphs, no node listed twice: where cleanup/toposort below are exact."""
+    if graph.functions:
+        return False
+    Graph = gs.Graph
+    for node in graph.nodes:
+        if node.attrs:
+            for v in node.attrs.values():
+                if isinstance(v, Graph):
+                    return False
+    return len({id(n) for n in graph.nodes}) == len(graph.nodes)
+
+
+def _local_names(graph: gs.Graph) -> set:
+    """graphsurgeon's local tensors (by name): nodes' non-empty outputs, graph inputs, constants."""
+    Constant = gs.Constant
+    nodes = graph.nodes
+    local = {t.name for n in nodes for t in n.outputs if t.name != ""}
+    local.update(t.name for t in graph.inputs)
+    local.update(t.name for n in nodes for t in n.inputs if t.name != "" and isinstance(t, Constant))
+    local.update(t.name for t in graph.outputs if t.name != "" and isinstance(t, Constant))
+    return local
+
+
+def cleanup(graph: gs.Graph) -> gs.Graph:
+    """graphsurgeon's Graph.cleanup(remove_unused_graph_inputs=False), with the same result, in
+    one walk back from the outputs over the graph's own lists (no tensor map, no node ids).
+    Graphs that are not plain (see _plain), or with a producer outside the graph, go to
+    graphsurgeon itself."""
+    if not _plain(graph):
+        return graph.cleanup(remove_unused_graph_inputs=False)
+    members = {id(n) for n in graph.nodes}
+    for t in graph.outputs:  # a producer outside the graph: graphsurgeon reports it
+        for p in t.inputs:
+            if id(p) not in members:
+                return graph.cleanup(remove_unused_graph_inputs=False)
+    for inp in graph.inputs:
+        inp.inputs.clear()
+    local = _local_names(graph)
+    seen = set()
+
+    def keep(t):
+        if t.name == "":
+            return True
+        if t.name not in local or t.name in seen:
+            return False
+        seen.add(t.name)
+        return True
+
+    used = set()
+    todo = [t for t in graph.outputs if keep(t)]
+    i = 0
+    while i < len(todo):
+        t = todo[i]
+        i += 1
+        for node in t.inputs:
+            if id(node) not in members:  # graphsurgeon reports it
+                return graph.cleanup(remove_unused_graph_inputs=False)
+            used.add(id(node))
+            todo.extend(x for x in list(node.inputs) if keep(x))
+    graph.inputs = list(graph.inputs)
+    nodes = []
+    for node in graph.nodes:
+        if id(node) in used:
+            nodes.append(node)
+        else:
+            node.inputs.clear()
+            node.outputs.clear()
+    graph.nodes = nodes
+    return graph
+
+
 def toposort(graph: gs.Graph) -> gs.Graph:
     """graphsurgeon's Graph.toposort, in the same order, without its per-node recursion and
     helper objects: each node's level is one more than its highest local producer's, and the
@@ -463,23 +535,11 @@ def toposort(graph: gs.Graph) -> gs.Graph:
     walk over producers from each node in list order). Graphs with subgraphs or functions,
     duplicate node entries, producers outside the graph, or cycles go to graphsurgeon itself
     (which sorts or reports them)."""
+    if not _plain(graph):
+        return graph.toposort()
     nodes = graph.nodes
-    if graph.functions:
-        return graph.toposort()
-    Graph = gs.Graph
-    for node in nodes:
-        if node.attrs:
-            for v in node.attrs.values():
-                if isinstance(v, Graph):
-                    return graph.toposort()
     members = {id(n) for n in nodes}
-    if len(members) != len(nodes):
-        return graph.toposort()
-    Constant = gs.Constant
-    local = {t.name for n in nodes for t in n.outputs if t.name != ""}
-    local.update(t.name for t in graph.inputs)
-    local.update(t.name for n in nodes for t in n.inputs if isinstance(t, Constant) and t.name != "")
-    local.update(t.name for t in graph.outputs if isinstance(t, Constant) and t.name != "")
+    local = _local_names(graph)
 
     def producers(node):
         found = {}
@@ -528,7 +588,7 @@ def refresh(graph: gs.Graph, incremental: bool = True) -> gs.Graph:
     changed or added, and what is downstream of a value whose shape changed, are inferred again;
     incremental=False infers the whole graph afresh (the two give the same shapes)."""
     for g in all_graphs(graph):
-        toposort(g.cleanup(remove_unused_graph_inputs=False))
+        toposort(cleanup(g))
     S.infer(graph, incremental=incremental)
     return graph
 

@@ -246,3 +246,36 @@ def test_toposort_has_no_recursion_tied_to_depth():
     finally:
         sys.setrecursionlimit(old)
     assert _names(g) == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cleanup_gives_graphsurgeons_result(seed):
+    """Dead nodes (unread chains, a node feeding a graph input, a dead reader of a live value)
+    are dropped as graphsurgeon drops them: same nodes, same readers lists, same inputs."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    def damaged():
+        g = G.to_graph(transformer_like(300, seed=seed))
+        rng = np.random.default_rng(seed)
+        for i in rng.choice(len(g.nodes), 12, replace=False):  # detach some values from their readers
+            n = g.nodes[int(i)]
+            if n.outputs and n.outputs[0].outputs:
+                reader = n.outputs[0].outputs[0]
+                reader.inputs[reader.inputs.index(n.outputs[0])] = g.inputs[0]
+        dead = gs.Node("Relu", "dead_reader", inputs=[g.nodes[5].outputs[0]], outputs=[gs.Variable("dead_out")])
+        g.nodes.insert(7, dead)
+        feeds = gs.Node("Identity", "feeds_input", inputs=[g.nodes[2].outputs[0]], outputs=[g.inputs[0]])
+        g.nodes.append(feeds)
+        return g
+
+    a, b = damaged(), damaged()
+    n_before = len(a.nodes)
+    a.cleanup(remove_unused_graph_inputs=False)
+    G.cleanup(b)
+    assert _names(a) == _names(b)
+    assert len(a.nodes) < n_before - 1  # the inserted dead reader and more went
+    ra = {t.name: ([n.name for n in t.inputs], [n.name for n in t.outputs]) for t in a.tensors().values()}
+    rb = {t.name: ([n.name for n in t.inputs], [n.name for n in t.outputs]) for t in b.tensors().values()}
+    assert ra == rb
+    assert [t.name for t in a.inputs] == [t.name for t in b.inputs]
