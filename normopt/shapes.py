@@ -1122,7 +1122,7 @@ def _walk(root, g, st, opset, domains, changed, seen_nodes, seen_tensors, declar
             changed.add(id(t))
     for node in g.nodes:
         seen_nodes[id(node)] = node
-        subs = list(_subgraphs(node))
+        subs = list(_subgraphs(node)) if node.attrs else []
         for sub in subs:
             sub_changed_before = len(changed)
             _walk(root, sub, st, opset, domains, changed, seen_nodes, seen_tensors, declared, fresh)

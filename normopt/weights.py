@@ -565,7 +565,8 @@ def iter_tensors(model_or_graph):
 def _graph_tensors(graph):
     yield from graph.initializer
     for node in graph.node:
-        yield from _node_tensors(node)
+        if node.attribute:  # (most nodes have none: no generator for them)
+            yield from _node_tensors(node)
 
 
 def _node_tensors(node):
