@@ -217,7 +217,8 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export, restoring what graphsurgeon drops: IR version, producer, doc strings, metadata,
     and every opset import of the original (plus any domain the passes added)."""
     toposort(cleanup(graph))
-    model = export(graph)
+    with _io_value_info_only(graph):
+        model = export(graph)
     model.ir_version = original.ir_version
     model.producer_name = original.producer_name
     model.producer_version = original.producer_version
@@ -245,6 +246,33 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.value_info[:]
     _order_like(model.graph.initializer, original.graph.initializer)
     return model
+
+
+@contextlib.contextmanager
+def _io_value_info_only(root: gs.Graph):
+    """graphsurgeon's export writes a ValueInfoProto for every typed value; to_model drops the
+    main graph's and export every subgraph's (stale after rewriting). Here only the graphs'
+    inputs and outputs get real ones: the others are empty placeholders, dropped as before (at
+    100k nodes, seconds of building protos only to delete them)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    if root.functions:  # (their subgraphs are not in all_graphs: everything real)
+        yield
+        return
+    real = OnnxExporter.__dict__["export_value_info_proto"]
+    io = {id(t) for g in all_graphs(root) for t in itertools.chain(g.inputs, g.outputs)}
+    placeholder = onnx.ValueInfoProto()
+
+    def export_value_info_proto(tensor, do_type_check=True):
+        if id(tensor) in io:
+            return real.__func__(tensor, do_type_check)
+        return placeholder
+
+    OnnxExporter.export_value_info_proto = staticmethod(export_value_info_proto)
+    try:
+        yield
+    finally:
+        OnnxExporter.export_value_info_proto = real
 
 
 def _order_like(inits, original) -> None:

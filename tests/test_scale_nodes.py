@@ -279,3 +279,30 @@ def test_cleanup_gives_graphsurgeons_result(seed):
     rb = {t.name: ([n.name for n in t.inputs], [n.name for n in t.outputs]) for t in b.tensors().values()}
     assert ra == rb
     assert [t.name for t in a.inputs] == [t.name for t in b.inputs]
+
+
+@pytest.mark.parametrize("which", ["transformer", "if-branches"])
+def test_to_model_same_bytes_without_interior_value_info(which):
+    """to_model builds no ValueInfoProto for interior values (it drops them): same bytes as an
+    export that builds them all, and graphsurgeon's exporter is itself again afterwards."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    model = transformer_like(300) if which == "transformer" else _corpus("optimum_opt_decoder_model_merged.onnx")
+    real = OnnxExporter.__dict__["export_value_info_proto"]
+    calls = []
+
+    def counting(tensor, do_type_check=True):
+        calls.append(tensor.name)
+        return real.__func__(tensor, do_type_check)
+
+    ref = G.to_model(G.to_graph(model), model)
+    OnnxExporter.export_value_info_proto = staticmethod(counting)
+    try:
+        g = G.to_graph(model)
+        ios = {t.name for x in G.all_graphs(g) for t in list(x.inputs) + list(x.outputs)}
+        out = G.to_model(g, model)
+    finally:
+        OnnxExporter.export_value_info_proto = real
+    assert out.SerializeToString() == ref.SerializeToString()
+    assert calls and set(calls) <= ios  # graph inputs and outputs only
+    assert OnnxExporter.__dict__["export_value_info_proto"] is real
