@@ -85,7 +85,14 @@ def _keep_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> None:
 def all_graphs(graph: gs.Graph):
     """The graph and every subgraph (If branches, Loop/Scan bodies), outermost first."""
     yield graph
-    yield from graph.subgraphs(recursive=True)
+    Graph = gs.Graph
+    for node in graph.nodes:  # graphsurgeon's own walk, entered only at nodes that hold a graph
+        attrs = node.attrs
+        if attrs:
+            for v in attrs.values():
+                if isinstance(v, Graph):
+                    yield from node.subgraphs(recursive=True)
+                    break
 
 
 def wrap_refs(graph: gs.Graph) -> None:
@@ -209,8 +216,9 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export, restoring what graphsurgeon drops: IR version, producer, doc strings, metadata,
     and every opset import of the original (plus any domain the passes added)."""
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = export(graph)
+    toposort(cleanup(graph))
+    with _io_value_info_only(graph):
+        model = export(graph)
     model.ir_version = original.ir_version
     model.producer_name = original.producer_name
     model.producer_version = original.producer_version
@@ -245,6 +253,33 @@ def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+@contextlib.contextmanager
+def _io_value_info_only(root: gs.Graph):
+    """graphsurgeon's export writes a ValueInfoProto for every typed value; to_model drops the
+    main graph's and export every subgraph's (stale after rewriting). Here only the graphs'
+    inputs and outputs get real ones: the others are empty placeholders, dropped as before (at
+    100k nodes, seconds of building protos only to delete them)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    if root.functions:  # (their subgraphs are not in all_graphs: everything real)
+        yield
+        return
+    real = OnnxExporter.__dict__["export_value_info_proto"]
+    io = {id(t) for g in all_graphs(root) for t in itertools.chain(g.inputs, g.outputs)}
+    placeholder = onnx.ValueInfoProto()
+
+    def export_value_info_proto(tensor, do_type_check=True):
+        if id(tensor) in io:
+            return real.__func__(tensor, do_type_check)
+        return placeholder
+
+    OnnxExporter.export_value_info_proto = staticmethod(export_value_info_proto)
+    try:
+        yield
+    finally:
+        OnnxExporter.export_value_info_proto = real
+
+
 def _order_like(inits, original) -> None:
     """Initializers in the input's order, the ones a pass created after them (so optimizing an
     optimized model gives the same bytes)."""
@@ -276,6 +311,111 @@ def snapshot(graph: gs.Graph) -> onnx.ModelProto:
     model = gs.export_onnx(graph, do_type_check=False)
     _export_defaults(graph, model)
     return model
+
+
+class Mark:
+    """The model's state as it is now, in place (see mark): every graph's fields and node list,
+    every node's fields and input/output lists, and every value's fields. Taking it copies a few
+    small lists per node (no export, no protobuf); weights are shared, never copied (a pass never
+    edits a tensor's values in place)."""
+
+    __slots__ = ("root", "graphs", "nodes", "tensors")
+
+
+_IO = ("inputs", "outputs")
+
+
+def _fields(obj) -> dict:
+    return dict(obj.__dict__)  # its input/output lists are kept by rewind, not taken from here
+
+
+def mark(root: gs.Graph) -> Mark:
+    """The state of the model rooted at `root`, to go back to with rewind (a pass's rollback)."""
+    m = Mark()
+    m.root = root
+    m.graphs, m.nodes, m.tensors = [], [], {}
+    tensors = m.tensors
+    for g in all_graphs(root):
+        d = dict(g.__dict__)
+        d["nodes"], d["inputs"], d["outputs"] = list(g.nodes), list(g.inputs), list(g.outputs)
+        m.graphs.append((g, d))
+        for t in itertools.chain(g.inputs, g.outputs):
+            if id(t) not in tensors:
+                tensors[id(t)] = (t, t.__class__, _fields(t))
+        for node in g.nodes:
+            ins, outs = list(node.inputs), list(node.outputs)
+            f = _fields(node)
+            f["attrs"] = dict(node.attrs)
+            m.nodes.append((node, f, ins, outs))
+            for t in itertools.chain(ins, outs):
+                if id(t) not in tensors:
+                    tensors[id(t)] = (t, t.__class__, _fields(t))
+    return m
+
+
+def rewind(m: Mark) -> gs.Graph:
+    """Put the model back as mark(root) found it, on the same objects, as a fresh import of that
+    state would give it: each value's readers and producers in node order (a subgraph's nodes
+    before the node that owns it), and no shape state (the next refresh infers every value)."""
+    for t, cls, f in m.tensors.values():
+        list.clear(t.inputs)
+        list.clear(t.outputs)
+        if t.__class__ is not cls:
+            t.__class__ = cls
+        io = {k: t.__dict__[k] for k in _IO}
+        t.__dict__.clear()
+        t.__dict__.update(f)
+        t.__dict__.update(io)
+    for g, d in m.graphs:
+        g.__dict__.clear()
+        g.__dict__.update(d)
+        g.__dict__.pop("normopt_shapes", None)
+    saved = {id(node): (node, f, ins, outs) for node, f, ins, outs in m.nodes}
+    Graph = gs.Graph
+    end = object()
+    stack = [iter(m.root.nodes)]
+    while stack:  # graphsurgeon's import order: a node's subgraphs, then the node
+        item = next(stack[-1], end)
+        if item is end:
+            stack.pop()
+            continue
+        if isinstance(item, _Wire):
+            _wire(item.node, item.ins, item.outs)
+            continue
+        entry = saved.pop(id(item), None)
+        if entry is None:
+            continue
+        node, f, ins, outs = entry
+        io = {k: node.__dict__[k] for k in _IO}
+        node.__dict__.clear()
+        node.__dict__.update(f)
+        node.__dict__.update(io)
+        list.clear(node.inputs)
+        list.extend(node.inputs, ins)
+        list.clear(node.outputs)
+        list.extend(node.outputs, outs)
+        subs = [v for v in node.attrs.values() if isinstance(v, Graph)]
+        if subs:
+            stack.append(iter([*(n for sub in subs for n in sub.nodes), _Wire(node, ins, outs)]))
+        else:
+            _wire(node, ins, outs)
+    return m.root
+
+
+class _Wire:
+    """A node to wire after its subgraphs' nodes (see rewind)."""
+
+    __slots__ = ("node", "ins", "outs")
+
+    def __init__(self, node, ins, outs):
+        self.node, self.ins, self.outs = node, ins, outs
+
+
+def _wire(node, ins, outs) -> None:
+    for t in ins:
+        list.append(t.outputs, node)
+    for t in outs:
+        list.append(t.inputs, node)
 
 
 def restore(model: onnx.ModelProto, like: gs.Graph | None = None) -> gs.Graph:
@@ -349,13 +489,139 @@ def _hoist_subgraph_initializers(model: onnx.ModelProto) -> None:
             g.initializer.extend(kept)
 
 
+def _plain(graph: gs.Graph) -> bool:
+    """No functions, no subgraphs, no node listed twice: where cleanup/toposort below are exact."""
+    if graph.functions:
+        return False
+    Graph = gs.Graph
+    for node in graph.nodes:
+        if node.attrs:
+            for v in node.attrs.values():
+                if isinstance(v, Graph):
+                    return False
+    return len({id(n) for n in graph.nodes}) == len(graph.nodes)
+
+
+def _local_names(graph: gs.Graph) -> set:
+    """graphsurgeon's local tensors (by name): nodes' non-empty outputs, graph inputs, constants."""
+    Constant = gs.Constant
+    nodes = graph.nodes
+    local = {t.name for n in nodes for t in n.outputs if t.name != ""}
+    local.update(t.name for t in graph.inputs)
+    local.update(t.name for n in nodes for t in n.inputs if t.name != "" and isinstance(t, Constant))
+    local.update(t.name for t in graph.outputs if t.name != "" and isinstance(t, Constant))
+    return local
+
+
+def cleanup(graph: gs.Graph) -> gs.Graph:
+    """graphsurgeon's Graph.cleanup(remove_unused_graph_inputs=False), with the same result, in
+    one walk back from the outputs over the graph's own lists (no tensor map, no node ids).
+    Graphs that are not plain (see _plain), or with a producer outside the graph, go to
+    graphsurgeon itself."""
+    if not _plain(graph):
+        return graph.cleanup(remove_unused_graph_inputs=False)
+    members = {id(n) for n in graph.nodes}
+    for t in graph.outputs:  # a producer outside the graph: graphsurgeon reports it
+        for p in t.inputs:
+            if id(p) not in members:
+                return graph.cleanup(remove_unused_graph_inputs=False)
+    for inp in graph.inputs:
+        inp.inputs.clear()
+    local = _local_names(graph)
+    seen = set()
+
+    def keep(t):
+        if t.name == "":
+            return True
+        if t.name not in local or t.name in seen:
+            return False
+        seen.add(t.name)
+        return True
+
+    used = set()
+    todo = [t for t in graph.outputs if keep(t)]
+    i = 0
+    while i < len(todo):
+        t = todo[i]
+        i += 1
+        for node in t.inputs:
+            if id(node) not in members:  # graphsurgeon reports it
+                return graph.cleanup(remove_unused_graph_inputs=False)
+            used.add(id(node))
+            todo.extend(x for x in list(node.inputs) if keep(x))
+    graph.inputs = list(graph.inputs)
+    nodes = []
+    for node in graph.nodes:
+        if id(node) in used:
+            nodes.append(node)
+        else:
+            node.inputs.clear()
+            node.outputs.clear()
+    graph.nodes = nodes
+    return graph
+
+
+def toposort(graph: gs.Graph) -> gs.Graph:
+    """graphsurgeon's Graph.toposort, in the same order, without its per-node recursion and
+    helper objects: each node's level is one more than its highest local producer's, and the
+    nodes are stably sorted by level in the order their levels were settled (a depth-first
+    walk over producers from each node in list order). Graphs with subgraphs or functions,
+    duplicate node entries, producers outside the graph, or cycles go to graphsurgeon itself
+    (which sorts or reports them)."""
+    if not _plain(graph):
+        return graph.toposort()
+    nodes = graph.nodes
+    members = {id(n) for n in nodes}
+    local = _local_names(graph)
+
+    def producers(node):
+        found = {}
+        for t in node.inputs:
+            if t.name in local:
+                for p in t.inputs:
+                    found[id(p)] = p
+        return list(found.values())
+
+    level = {}  # id(node) -> level, in the order levels were settled
+    order = []
+    for start in nodes:
+        if id(start) in level:
+            continue
+        active = {id(start)}
+        stack = [[start, iter(producers(start)), -1]]
+        while stack:
+            top = stack[-1]
+            for p in top[1]:
+                lv = level.get(id(p))
+                if lv is not None:
+                    if lv > top[2]:
+                        top[2] = lv
+                    continue
+                if id(p) in active or id(p) not in members:
+                    return graph.toposort()  # a cycle, or a producer not in the graph
+                active.add(id(p))
+                stack.append([p, iter(producers(p)), -1])
+                break
+            else:
+                stack.pop()
+                active.discard(id(top[0]))
+                lv = top[2] + 1
+                level[id(top[0])] = lv
+                order.append(top[0])
+                if stack and lv > stack[-1][2]:
+                    stack[-1][2] = lv
+    order.sort(key=lambda n: level[id(n)])
+    graph.nodes = order
+    return graph
+
+
 def refresh(graph: gs.Graph, incremental: bool = True) -> gs.Graph:
     """After a pass: clean up, sort, and bring every value's shape up to date. The graph
     objects stay the same (no re-import). Incremental (see shapes.py): only the nodes the pass
     changed or added, and what is downstream of a value whose shape changed, are inferred again;
     incremental=False infers the whole graph afresh (the two give the same shapes)."""
     for g in all_graphs(graph):
-        g.cleanup(remove_unused_graph_inputs=False).toposort()
+        toposort(cleanup(g))
     S.infer(graph, incremental=incremental)
     return graph
 

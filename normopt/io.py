@@ -130,7 +130,7 @@ def text_problem(model: onnx.ModelProto) -> str | None:
         if any(bad(t.name) for t in g.initializer) or any(bad(s.values.name) for s in g.sparse_initializer):
             return "an initializer's name is not UTF-8 text"
     for n in nodes:
-        if bad(n.name, n.op_type, n.domain, n.doc_string, *n.input, *n.output):
+        if bytes in set(map(type, (n.name, n.op_type, n.domain, n.doc_string, *n.input, *n.output))):
             return f"node {n.name!r}: a name, op type or domain is not UTF-8 text"
         for a in n.attribute:
             if bad(a.name, a.ref_attr_name, a.doc_string) or (a.HasField("t") and bad(a.t.name)):
@@ -163,6 +163,8 @@ def all_tensors(model: onnx.ModelProto):
     nodes = [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]
     sparse = [s for g in graphs for s in g.sparse_initializer]
     for n in nodes:
+        if not n.attribute:
+            continue
         for attr in n.attribute:
             if attr.HasField("sparse_tensor"):
                 sparse.append(attr.sparse_tensor)

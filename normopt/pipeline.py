@@ -8,7 +8,9 @@ matched, applied and declined, the node counts by op type before and after, and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import time
 
 import numpy as np
@@ -168,11 +170,10 @@ class Pipeline:
         progress(message) hears each pass start and end.
 
         A pass that raises never ends the run: the graph and the pass state go back to what
-        they were before the pass (a snapshot of the skeleton: structure only, weights by
-        reference), the report records ``internal error in <pass>: <message>``, and the next
-        pass runs. An analysis only reads the graph, so the snapshot is taken just before the
-        pass's first apply: a pass with nothing to apply costs no export of the graph (linear
-        in nodes, but seconds at 100k nodes, once per pass)."""
+        they were before the pass (graph.mark/rewind: the graph objects' fields and lists, weights
+        shared), the report records ``internal error in <pass>: <message>``, and the next pass
+        runs. An analysis only reads the graph, so the mark is taken just before the pass's
+        first apply: a pass with nothing to apply costs nothing."""
         for i, p in enumerate(self.passes, 1):
             if progress:
                 progress(f"pass {self._place(i, p)} {p.name}: running ...")
@@ -240,7 +241,15 @@ class Pipeline:
     def run(self, model: onnx.ModelProto, ctx: Context | None = None, progress=None) -> tuple[onnx.ModelProto, Report]:
         ctx = ctx or Context()
         report = Report()
-        graph = G.to_graph(model)
+        with _collector_paused():  # import: a million objects that all stay alive (scanning them is waste)
+            graph = G.to_graph(model)
+        gc.freeze()  # the imported graph lives for the whole run: collections skip it (see _collector_paused)
+        try:
+            return self._run_imported(graph, model, ctx, report, progress)
+        finally:
+            gc.unfreeze()
+
+    def _run_imported(self, graph, model, ctx, report, progress):
         defaults = sorted(getattr(graph, "normopt_defaults", {}))
         if defaults:
             shown = ", ".join(defaults[:5]) + (f", ... ({len(defaults)} in all)" if len(defaults) > 5 else "")
@@ -248,11 +257,29 @@ class Pipeline:
                                 "feed them; they stay inputs and every pass treats them as run-time values (re-export "
                                 "without keep_initializers_as_inputs to let them be optimized)")
         graph = self.run_graph(graph, ctx, report, progress=progress)
-        out = G.to_model(graph, model)
+        with _collector_paused():
+            out = G.to_model(graph, model)
         report.notes.extend(ctx.notes)
         report.changed_values = sorted(ctx.state.get(CHANGED, ()))
         report.beta_folded = ctx.state.get("beta_folded", 0)
         return out, report
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for a step that builds objects which all stay alive
+    (graph import, export): its full collections rescan every live object each time the heap
+    grows by a quarter, seconds of a 100k-node run. Outputs never depend on it; memory is
+    unchanged (nothing built here is garbage). Between the passes the collector runs, with the
+    imported graph frozen (gc.freeze): graph objects a pass drops wait for the end of the run;
+    weights are never among them (the model holds its own; large new ones are spilled)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class _Rollback:
@@ -263,12 +290,12 @@ class _Rollback:
 
     def take(self):
         if self.snapshot is None:
-            self.snapshot = G.snapshot(self.root)
+            self.snapshot = G.mark(self.root)
 
     def restore(self):
-        """The graph as it was before the pass: the snapshot, or the graph itself when the pass
-        failed before rewriting anything."""
-        return self.root if self.snapshot is None else G.restore(self.snapshot, like=self.root)
+        """The graph as it was before the pass (graph.rewind puts the marked state back on the
+        same objects), or the graph itself when the pass failed before rewriting anything."""
+        return self.root if self.snapshot is None else G.rewind(self.snapshot)
 
 
 def subgraphs_to_run(root):

@@ -261,6 +261,24 @@ class _Ctx:
 def _bcast(shapes, cx, out_i=0):
     if any(s is None for s in shapes):
         return None
+    if shapes:  # fast path, same result: every other shape is the longest one's, or 1s, aligned right
+        top = max(shapes, key=len)
+        n = len(top)
+        for s in shapes:
+            if s is top:
+                continue
+            k = n - len(s)
+            if k < 0:
+                break
+            for a, d in enumerate(s):
+                t = top[k + a]
+                if not (d is t or (isinstance(d, int) and (d == 1 or (isinstance(t, int) and d == t)))):
+                    break
+            else:
+                continue
+            break
+        else:
+            return list(top)
     r = max((len(s) for s in shapes), default=0)
     padded = [[1] * (r - len(s)) + list(s) for s in shapes]
     out = []
@@ -1104,7 +1122,7 @@ def _walk(root, g, st, opset, domains, changed, seen_nodes, seen_tensors, declar
             changed.add(id(t))
     for node in g.nodes:
         seen_nodes[id(node)] = node
-        subs = list(_subgraphs(node))
+        subs = list(_subgraphs(node)) if node.attrs else []
         for sub in subs:
             sub_changed_before = len(changed)
             _walk(root, sub, st, opset, domains, changed, seen_nodes, seen_tensors, declared, fresh)

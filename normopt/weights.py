@@ -354,12 +354,20 @@ def _fields(buf, pos, end):
     """Yield (field, wire type, value start, value end, field start) over a message."""
     while pos < end:
         start = pos
-        key, pos = _varint(buf, pos, end)
+        key = buf[pos]  # one-byte numbers (most keys and lengths) read inline, as _varint would
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
         if field == 0:
             raise WireError(f"byte {start}: field number 0 (not a protobuf message)")
         if wire == 2:
-            n, pos = _varint(buf, pos, end)
+            n = buf[pos] if pos < end else 0x80
+            if n < 0x80:
+                pos += 1
+            else:
+                n, pos = _varint(buf, pos, end)
             pos2 = pos + n
         else:
             pos2 = _skip(buf, pos, end, wire, start)
@@ -383,6 +391,7 @@ class _Walker:
     ATTR = {5: "tensor", 6: "graph", 10: "tensor", 11: "graph"}
     MODEL = {7: "graph"}
     FUNCTION = {7: "node"}  # FunctionProto.node
+    TABLES = {"model": {**MODEL, 25: "function"}, "graph": GRAPH, "node": NODE, "attr": ATTR, "function": FUNCTION}
 
     def __init__(self, buf, path, threshold):
         self.buf, self.path, self.threshold = buf, path, threshold
@@ -391,23 +400,26 @@ class _Walker:
     def message(self, kind, pos, end) -> bytes:
         if kind == "tensor":
             return self.tensor(pos, end)
-        table = {"model": {**self.MODEL, 25: "function"}, "graph": self.GRAPH, "node": self.NODE, "attr": self.ATTR,
-                 "function": self.FUNCTION}[kind]
-        out, changed = [], False
-        for field, wire, a, b, start in _fields(self.buf, pos, end):
-            sub = table.get(field) if wire == 2 else None
+        table = self.TABLES[kind]
+        buf = self.buf
+        out, copied = None, pos  # out: the pieces so far, once a submessage changed; copied: bytes up to here are in out
+        for field, wire, a, b, start in _fields(buf, pos, end):
+            if wire != 2:
+                continue
+            sub = table.get(field)
             if sub is None:
-                out.append(self.buf[start:b])
                 continue
             new = self.message(sub, a, b)
-            if new is None:
-                out.append(self.buf[start:b])
-            else:
-                changed = True
+            if new is not None:
+                if out is None:
+                    out = []
+                out.append(bytes(buf[copied:start]))
                 out.append(_ld(field, new))
-        if not changed:
+                copied = b
+        if out is None:
             return None
-        return b"".join(bytes(x) for x in out)
+        out.append(bytes(buf[copied:end]))
+        return b"".join(out)
 
     def tensor(self, pos, end):
         raw = None
@@ -553,7 +565,8 @@ def iter_tensors(model_or_graph):
 def _graph_tensors(graph):
     yield from graph.initializer
     for node in graph.node:
-        yield from _node_tensors(node)
+        if node.attribute:  # (most nodes have none: no generator for them)
+            yield from _node_tensors(node)
 
 
 def _node_tensors(node):

@@ -83,3 +83,226 @@ def test_100k_nodes_optimize(kind):
     m = transformer_like(100_000) if kind == "transformer" else elementwise_chain(100_000)
     _, report = _optimize(m)
     assert all(p.error is None for p in report.passes)
+
+
+# --- rollback (pipeline._Rollback: graph.mark / graph.rewind) ---------------------------------
+
+
+def _half_then_raise(pass_obj):
+    """The pass applies half its matches, then raises (a pass bug mid-rewrite)."""
+    real = pass_obj.apply
+
+    def apply(graph, matches, ctx):
+        real(graph, list(matches)[: max(1, len(matches) // 2)], ctx)
+        raise RuntimeError("injected failure after a partial rewrite")
+
+    pass_obj.apply = apply
+    return pass_obj
+
+
+def _run_with_failure(model, failing, rollback_cls=None):
+    from normopt import pipeline as PL
+    from normopt.passes import all_passes as ap
+
+    passes = [(_half_then_raise(p) if p.name == failing else p) for p in ap() if p.name != "crms"]
+    old = PL._Rollback
+    if rollback_cls is not None:
+        PL._Rollback = rollback_cls
+    try:
+        out, report = PL.Pipeline(passes).run(model, Context(tune=False))
+    finally:
+        PL._Rollback = old
+    return out, report
+
+
+class _ExportRollback:
+    """The reference: a snapshot exported to a skeleton and imported back on failure."""
+
+    def __init__(self, root):
+        self.root, self.snapshot = root, None
+
+    def take(self):
+        if self.snapshot is None:
+            self.snapshot = G.snapshot(self.root)
+
+    def restore(self):
+        return self.root if self.snapshot is None else G.restore(self.snapshot, like=self.root)
+
+
+@pytest.mark.parametrize("failing", ["explicit_defaults", "ln_to_rms"])
+def test_rollback_in_place_gives_the_same_output_as_a_reimported_snapshot(failing):
+    """A pass that fails half-way is rolled back in place (no export): every later pass sees the
+    graph as a fresh import of the marked state would give it, so the output bytes are the same
+    as with an exported-and-imported snapshot."""
+    m = transformer_like(400)
+    out, report = _run_with_failure(m, failing)
+    ref, ref_report = _run_with_failure(m, failing, _ExportRollback)
+    assert any(failing in e for e in report.errors), report.errors
+    assert report.errors == ref_report.errors
+    assert [(p.name, p.applied) for p in report.passes] == [(p.name, p.applied) for p in ref_report.passes]
+    assert out.SerializeToString() == ref.SerializeToString()
+
+
+def test_rollback_takes_no_export():
+    """Taking the rollback mark exports nothing (an export is seconds at 100k nodes)."""
+    import onnx_graphsurgeon as gs
+    from normopt import pipeline as PL
+
+    calls = []
+    real = gs.export_onnx
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    graph = G.to_graph(transformer_like(300))
+    passes = [p for p in all_passes() if p.name != "crms"]
+    gs.export_onnx = counting
+    try:
+        report = PL.Report()
+        PL.Pipeline(passes).run_graph(graph, Context(tune=False), report)
+    finally:
+        gs.export_onnx = real
+    assert any(p.applied for p in report.passes)
+    assert not calls
+
+
+def _corpus(name):
+    import os
+
+    import onnx
+
+    return onnx.load(os.path.join(os.path.dirname(__file__), "corpus", name))
+
+
+@pytest.mark.parametrize("which", ["transformer", "if-branches"])
+def test_rewind_restores_fields_lists_and_reader_order(which):
+    """mark/rewind on the same objects: nodes, their attributes and inputs, values' dtypes and
+    shapes, and each value's readers in node order, as a fresh import gives them."""
+    model = transformer_like(200) if which == "transformer" else _corpus("optimum_opt_decoder_model_merged.onnx")
+    g = G.to_graph(model)
+    before = G.export(g).SerializeToString()
+    m = G.mark(g)
+    # a rewrite: detach a node, rewire a reader, rename a value, change a shape and an attribute
+    import onnx_graphsurgeon as gs
+
+    graphs = list(G.all_graphs(g))
+    assert (len(graphs) > 1) == (which == "if-branches")
+    host = max(graphs, key=lambda x: len(x.nodes))  # a branch for the merged decoder
+    two = next(n for n in host.nodes if len(n.inputs) >= 2 and n.outputs)
+    two.inputs[1] = host.nodes[0].outputs[0]
+    two.outputs[0].name = "renamed"
+    two.outputs[0].shape = [7]
+    with_attr = next(n for n in host.nodes if any(not isinstance(v, gs.Graph) for v in n.attrs.values()))
+    with_attr.attrs[next(k for k, v in with_attr.attrs.items() if not isinstance(v, gs.Graph))] = 0.5
+    host.nodes[0].inputs.clear()
+    del host.nodes[0]
+    host.outputs = host.outputs[:1]
+    del host.nodes[3]
+    g.outputs = []
+    G.rewind(m)
+    assert G.export(g).SerializeToString() == before
+    fresh = G.restore(G.snapshot(g))
+    readers = {t.name: [n.name for n in t.outputs] for t in fresh.tensors().values()}
+    assert {t.name: [n.name for n in t.outputs] for t in g.tensors().values()} == readers
+    assert "normopt_shapes" not in g.__dict__  # the next refresh infers every value afresh
+
+
+# --- toposort (graph.toposort: graphsurgeon's order, without recursion) -----------------------
+
+
+def _names(g):
+    return [n.name or f"#{i}" for i, n in enumerate(g.nodes)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_toposort_gives_graphsurgeons_order(seed):
+    """On shuffled node lists (residual diamonds, producers shared by many readers), the
+    order is graphsurgeon's own, tie-breaks included."""
+    import numpy as np
+
+    model = transformer_like(300, seed=seed)
+    rng = np.random.default_rng(seed)
+    a = G.to_graph(model)
+    for i, n in enumerate(a.nodes):
+        n.name = n.name or f"n{i}"
+    perm = rng.permutation(len(a.nodes))
+    a.nodes = [a.nodes[i] for i in perm]
+    b = G.restore(G.snapshot(a))  # the same shuffled graph, other objects
+    a.toposort()
+    G.toposort(b)
+    assert _names(a) == _names(b)
+
+
+def test_toposort_has_no_recursion_tied_to_depth():
+    """A 3000-node chain listed backwards sorts under a recursion limit of 400."""
+    g = G.to_graph(elementwise_chain(3000))
+    want = _names(g)
+    g.nodes = g.nodes[::-1]
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(LOW_LIMIT)
+    try:
+        G.toposort(g)
+    finally:
+        sys.setrecursionlimit(old)
+    assert _names(g) == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cleanup_gives_graphsurgeons_result(seed):
+    """Dead nodes (unread chains, a node feeding a graph input, a dead reader of a live value)
+    are dropped as graphsurgeon drops them: same nodes, same readers lists, same inputs."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    def damaged():
+        g = G.to_graph(transformer_like(300, seed=seed))
+        rng = np.random.default_rng(seed)
+        for i in rng.choice(len(g.nodes), 12, replace=False):  # detach some values from their readers
+            n = g.nodes[int(i)]
+            if n.outputs and n.outputs[0].outputs:
+                reader = n.outputs[0].outputs[0]
+                reader.inputs[reader.inputs.index(n.outputs[0])] = g.inputs[0]
+        dead = gs.Node("Relu", "dead_reader", inputs=[g.nodes[5].outputs[0]], outputs=[gs.Variable("dead_out")])
+        g.nodes.insert(7, dead)
+        feeds = gs.Node("Identity", "feeds_input", inputs=[g.nodes[2].outputs[0]], outputs=[g.inputs[0]])
+        g.nodes.append(feeds)
+        return g
+
+    a, b = damaged(), damaged()
+    n_before = len(a.nodes)
+    a.cleanup(remove_unused_graph_inputs=False)
+    G.cleanup(b)
+    assert _names(a) == _names(b)
+    assert len(a.nodes) < n_before - 1  # the inserted dead reader and more went
+    ra = {t.name: ([n.name for n in t.inputs], [n.name for n in t.outputs]) for t in a.tensors().values()}
+    rb = {t.name: ([n.name for n in t.inputs], [n.name for n in t.outputs]) for t in b.tensors().values()}
+    assert ra == rb
+    assert [t.name for t in a.inputs] == [t.name for t in b.inputs]
+
+
+@pytest.mark.parametrize("which", ["transformer", "if-branches"])
+def test_to_model_same_bytes_without_interior_value_info(which):
+    """to_model builds no ValueInfoProto for interior values (it drops them): same bytes as an
+    export that builds them all, and graphsurgeon's exporter is itself again afterwards."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    model = transformer_like(300) if which == "transformer" else _corpus("optimum_opt_decoder_model_merged.onnx")
+    real = OnnxExporter.__dict__["export_value_info_proto"]
+    calls = []
+
+    def counting(tensor, do_type_check=True):
+        calls.append(tensor.name)
+        return real.__func__(tensor, do_type_check)
+
+    ref = G.to_model(G.to_graph(model), model)
+    OnnxExporter.export_value_info_proto = staticmethod(counting)
+    try:
+        g = G.to_graph(model)
+        ios = {t.name for x in G.all_graphs(g) for t in list(x.inputs) + list(x.outputs)}
+        out = G.to_model(g, model)
+    finally:
+        OnnxExporter.export_value_info_proto = real
+    assert out.SerializeToString() == ref.SerializeToString()
+    assert calls and set(calls) <= ios  # graph inputs and outputs only
+    assert OnnxExporter.__dict__["export_value_info_proto"] is real
