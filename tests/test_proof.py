@@ -118,7 +118,8 @@ def mutants(orig, opt):
         for name, a in [x for x in pool if x[1].ndim >= 2][:2]:
             b = a.astype(np.float64)
             b[..., 0] *= 1.02
-            yield "channel x1.02", _with_init(opt, name, b)
+            if not np.array_equal(b.astype(a.dtype), a):  # a zero channel stays itself: no mutant
+                yield "channel x1.02", _with_init(opt, name, b)
             b = a.astype(np.float64)
             b.reshape(-1)[b.size // 3] *= 1.0005
             if b.reshape(-1)[b.size // 3] != a.reshape(-1)[a.size // 3]:
