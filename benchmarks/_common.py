@@ -22,6 +22,13 @@ def model_bytes(path: str) -> int:
     return os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
 
 
+def remove_model(path: str) -> None:
+    """Remove a model file and its `<path>.data` external-data file, where they exist."""
+    for p in (path, path + ".data"):
+        if os.path.exists(p):
+            os.remove(p)
+
+
 def run_measured(cmd):
     """(exit code, wall s, peak RSS bytes, stdout, stderr) of one process (peak RSS from
     os.wait4). Its output goes to temporary files: a pipe read only after the exit would block a

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from _common import model_bytes, run_measured, write_table
+from _common import model_bytes, remove_model, run_measured, write_table
 
 FLOOR = r"""
 import os, sys, onnx
@@ -139,12 +139,6 @@ CASES = {  # name: extra optimize arguments
 }
 
 
-def _remove(path):
-    for p in (path, path + ".data"):
-        if os.path.exists(p):
-            os.remove(p)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/normopt-cost")
@@ -182,7 +176,7 @@ def main():
         failed = None
         for round_ in range(args.runs + 1):  # round 0 warms the page cache and is not counted
             for k, cmd in cmds.items():
-                _remove(dst if k != "floor" else floor_dst)
+                remove_model(dst if k != "floor" else floor_dst)
                 code, wall, rss, _, err = run_measured(cmd)
                 if code != 0:
                     failed = f"{k}: exit {code}: {err.strip().splitlines()[-1] if err.strip() else ''}"
@@ -194,7 +188,7 @@ def main():
             if failed:
                 break
         for p in (dst, floor_dst):
-            _remove(p)
+            remove_model(p)
         if failed:
             print(f"{name}: {failed}", file=sys.stderr)
             lines.append(f"| {name} | {model_bytes(src) / 2**20:.1f} MB | failed: {failed} | | | | | | |")
@@ -214,7 +208,7 @@ def main():
                      f"{rss['floor'] / 2**20:.0f} / {rss['noverify'] / 2**20:.0f} / {rss['verify'] / 2**20:.0f} MB | {slowest} |")
         print(lines[-1], file=sys.stderr)
         if not args.keep:
-            _remove(src)
+            remove_model(src)
     import platform
 
     import onnxruntime as ort

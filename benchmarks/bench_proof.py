@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from _common import model_bytes, run_measured, write_table
+from _common import model_bytes, remove_model, run_measured, write_table
 
 CASES = [
     # name, llm shape (None: the small default spec), dtype, single file, targets (wall s, peak RSS GB)
@@ -79,9 +79,8 @@ def main():
         lines.append(f"| {name} ({dtype}) | {weights / 2**30:.2f} GB | {verdict} | {spread} | {rss / 2**30:.2f} GB | {'; '.join(target)} |")
         print(lines[-1], file=sys.stderr)
         if not args.keep:
-            for p in (src, src + ".data", dst, dst + ".data"):
-                if os.path.exists(p):
-                    os.remove(p)
+            remove_model(src)
+            remove_model(dst)
     import platform
 
     head = (f"machine: {platform.machine()}, {os.cpu_count()} cores; `normopt verify ORIG OPT --prove` (no model is run); "

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from _common import model_bytes, run_measured, write_table
+from _common import model_bytes, remove_model, run_measured, write_table
 
 CASES = [
     # name, llm shape, dtype, single file, verify, targets (wall s, peak RSS / bytes)
@@ -88,13 +88,9 @@ def main():
         lines.append(f"| {name} ({dtype}) | {weights / 2**30:.2f} GB | {'one protobuf' if single else 'external data'} | {verified} | "
                      f"{spread} | {rss / 2**30:.2f} GB | {rss / weights:.2f} | {ln['applied']} / {total} | {passes} | {'; '.join(target)} |")
         print(lines[-1], file=sys.stderr)
-        for p in (dst, dst + ".data"):
-            if os.path.exists(p):
-                os.remove(p)
+        remove_model(dst)
         if not args.keep:
-            for p in (src, src + ".data"):
-                if os.path.exists(p):
-                    os.remove(p)
+            remove_model(src)
     import platform
 
     import onnxruntime as ort

@@ -60,12 +60,19 @@ def _read_until(proc, needle: str, timeout: float) -> str:
     return seen
 
 
-def test_progress_reaches_a_pipe_while_optimize_runs(tmp_path):
-    src, out, release = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "release"
+def _held_optimize(tmp_path, out, release):
+    """`normopt optimize` of a small Pre-LN model in a child whose fuse_skip pass waits until the
+    file `release` exists; stdout and stderr are pipes."""
+    src = tmp_path / "m.onnx"
     onnx.save(preln_stream_model(d=32), src)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "NORMOPT_TEST_RELEASE": str(release)}
-    proc = subprocess.Popen([sys.executable, "-c", HELD_CLI, "optimize", str(src), "-o", str(out), "--no-tune"],
+    return subprocess.Popen([sys.executable, "-c", HELD_CLI, "optimize", str(src), "-o", str(out), "--no-tune"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def test_progress_reaches_a_pipe_while_optimize_runs(tmp_path):
+    out, release = tmp_path / "o.onnx", tmp_path / "release"
+    proc = _held_optimize(tmp_path, out, release)
     try:
         seen = _read_until(proc, "cancel_layout: applied", timeout=90)
         still_running = proc.poll() is None
@@ -87,11 +94,8 @@ def test_progress_reaches_a_pipe_while_optimize_runs(tmp_path):
 
 
 def test_interrupted_run_has_logged_how_far_it_got(tmp_path):
-    src, out, release = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "never"
-    onnx.save(preln_stream_model(d=32), src)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "NORMOPT_TEST_RELEASE": str(release)}
-    proc = subprocess.Popen([sys.executable, "-c", HELD_CLI, "optimize", str(src), "-o", str(out), "--no-tune"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, release = tmp_path / "o.onnx", tmp_path / "never"
+    proc = _held_optimize(tmp_path, out, release)
     try:
         seen = _read_until(proc, "cancel_layout: applied", timeout=90)
     finally:
