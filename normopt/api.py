@@ -283,16 +283,53 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
             result = None
             proof = None
             if verify:
+                # the proof reads the two files on its own (no session, one weight block at a
+                # time), so it runs in a thread beside the dynamic check: numpy and ONNX Runtime
+                # release the GIL, and on a GPT-2-small-shaped decoder the two overlap for most
+                # of their time
                 say("proving the output against the input (translation validation) ...")
-                proof = _prove_staged(in_path, staged.path, report)
-                say(f"verifying against the input with ONNX Runtime ({provider}) ...")
-                result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
-                                        verify_level, provider, plan)
+                prover = _ProofThread(in_path, staged.path)
+                say(f"verifying against the input with ONNX Runtime ({provider}), beside the proof ...")
+                try:
+                    result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
+                                            verify_level, provider, plan)
+                except BaseException:  # the dynamic check's verdict stands; the proof's line joins the report
+                    prover.result(report, quiet=True)
+                    _write_report(report_path, report, plan)
+                    raise
+                proof = prover.result(report)
             written = staged.commit()
     finally:
         store.close()
     _write_report(report_path, report, plan)
     return OptimizeResult(written, report, result, proof=proof)
+
+
+class _ProofThread:
+    """_prove_staged in a thread: ``result(report)`` joins it and gives its ProofResult (or
+    raises what it raised: bad input stays bad input)."""
+
+    def __init__(self, in_path, staged_path):
+        import threading
+
+        self._out, self._err = None, None
+        self._report = Report()
+
+        def work():
+            try:
+                self._out = _prove_staged(in_path, staged_path, self._report)
+            except BaseException as exc:  # handed to the caller by result()
+                self._err = exc
+
+        self._t = threading.Thread(target=work, name="normopt-prove", daemon=True)
+        self._t.start()
+
+    def result(self, report, quiet=False):
+        self._t.join()
+        report.notes.extend(self._report.notes)
+        if self._err is not None and not quiet:
+            raise self._err
+        return self._out
 
 
 def _prove_staged(in_path, staged_path, report):

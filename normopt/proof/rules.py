@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graphs import reduce_axes, row_blocks, same_bytes
+from .graphs import BLOCK_BYTES, reduce_axes, row_blocks, same_bytes
 from .graphs import reduce_axes as _reduce_axes
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
 from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
@@ -369,14 +369,22 @@ class _Mat:
         else:
             raise _Skip(f"{op} is not linear")
 
-    def blocks(self):
+    def blocks(self, rows=None):
+        """(first row, float64 rows) blocks; with ``rows``, only the first that many rows, read as
+        one small block (a screen: see _check_matrix)."""
         if self.whole is not None:
-            step = max(1, (2 << 20) // max(1, self.N))
-            for s in range(0, self.K, step):
+            step = max(1, (BLOCK_BYTES // 4) // max(1, self.N)) if rows is None else rows
+            for s in range(0, self.K if rows is None else min(self.K, rows), step):
                 yield s, self.whole[s:s + step]
             return
-        for s, b in row_blocks(self.view, self.name):
+        if rows is None:
+            for s, b in row_blocks(self.view, self.name):
+                yield s, np.asarray(b, np.float64)
+            return
+        for s, b in row_blocks(self.view, self.name, block_bytes=1):
             yield s, np.asarray(b, np.float64)
+            if s + len(b) >= rows:
+                return
 
 
 class _Table:
@@ -393,8 +401,8 @@ class _Table:
 class _Rows:
     """Rows of a _Mat on demand, whatever block sizes the caller asks for."""
 
-    def __init__(self, mat):
-        self.it, self.buf, self.at = mat.blocks(), None, 0
+    def __init__(self, mat, rows=None):
+        self.it, self.buf, self.at = (mat.blocks(rows) if rows is not None else mat.blocks()), None, 0
 
     def take(self, n):
         parts = []
@@ -443,16 +451,28 @@ def _in_axis(op, rank):
     return 1 if op == "Conv" else rank - 1
 
 
-def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=0.0):
+SCREEN_ROWS = 8  # rows of a weight compared before a full pass (_check_matrix's screen)
+
+
+def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=0.0, screen=None):
     """Is diag(alpha) Wp equal to Wo diag(cz) (centered along the outputs if asked) within the
     rounding of eps? One pass over both weights in float64 row blocks, which also gives
-    tau Wp, |tau| |Wp| and err_in |Wp|. Returns (ok, first bad (row, col), tauW, abs_tauW, errW)."""
+    tau Wp, |tau| |Wp| and err_in |Wp|. Returns (ok, first bad (row, col), tauW, abs_tauW, errW).
+
+    With ``screen=r``, only the first r rows are compared (each row holds every output column,
+    so a centering is checked exactly there): a hypothesis that fails there is refused without
+    reading the weights; one that passes is only a candidate for the full pass (ok is never a
+    proof then, and the sums are not returned)."""
     if (Mo.K, Mo.N) != (Mp.K, Mp.N):
         return False, None, None, None, None
     N = Mp.N
     tw, atw, ew = np.zeros(N), np.zeros(N), np.zeros(N)
-    rows = _Rows(Mo)
-    for s, p in Mp.blocks():
+    rows = _Rows(Mo, screen)
+    for s, p in Mp.blocks(screen):
+        if screen is not None:
+            p = p[:max(0, screen - s)]
+            if not len(p):
+                break
         n = len(p)
         o = rows.take(n)
         if tau is not None:
@@ -468,9 +488,31 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
         bound = W_TOL * eps * (np.abs(e) + np.abs(p) + (np.abs(o) if centered else 0.0)) + 2 * tiny
         bad = np.abs(p - e) > bound + 1e-300
         if bad.any():
-            i, j = np.argwhere(bad)[0]
+            i, j = divmod(int(np.argmax(bad)), bad.shape[1])  # the first bad element
             return False, (s + int(i), int(j)), None, None, None
+    if screen is not None:
+        return True, None, None, None, None
     return True, None, tw, atw, ew
+
+
+def _solved_screen(Mp, Mo, alpha, eps, tiny) -> bool:
+    """False where the first rows already show that no column scale c makes diag(alpha) Wp equal
+    to Wo diag(c) (a sibling reader of the same stream, another weight): c fitted on those rows
+    by least squares leaves a residual beyond sqrt(rows) x the full check's column bound, which
+    the full check's c could not do better on. True means only "do the full pass"."""
+    r = 2 * SCREEN_ROWS
+    ps = [p for _, p in Mp.blocks(r)]
+    if not ps:
+        return True
+    p = np.concatenate(ps)[:r]
+    o = _Rows(Mo, r).take(len(p))
+    if alpha is not None:
+        p = p * alpha[:len(p), None]
+    den = (o * o).sum(axis=0)
+    c = np.divide((p * o).sum(axis=0), den, out=np.zeros_like(den), where=den > 0)
+    bound = 2 * W_TOL * eps * (np.abs(p) + np.abs(o * c)).max(axis=0) + 2 * tiny
+    resid = np.abs(p - o * c).max(axis=0)
+    return not bool(np.any((resid > np.sqrt(len(p)) * 2 * bound + 1e-300) & (den > 0)))
 
 
 def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q):
@@ -478,6 +520,8 @@ def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale
     for a c solved column by column (a per-channel scale the original applies later, past a
     layout op, for example). The output relates to m by a = c, t = tau Wp + bp - c bo."""
     N = Mp.N
+    if not _solved_screen(Mp, Mo, alpha, eps, tiny_of(Mp.view.elem(Mp.name))):
+        return False
     num, den = np.zeros(N), np.zeros(N)
     rows = _Rows(Mo)
     for s, p in Mp.blocks():
@@ -613,6 +657,7 @@ def rule_linear(prover, O, P, node, in_rels):
                 pads = pattrs.get("pads") or ()
                 if any(pads) or pattrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
                     continue  # a shift does not pass through zero padding
+            checked = {}  # (scale, centered) -> _check_matrix's answer, for this weight pair
             for z, cz, sz in _writer_targets(prover, O, m, out_axis, N, rm):
                 c_all = (np.ones(N) if cz is None else cz) * Wo_scale
                 c_use = None if np.all(c_all == 1.0) else c_all
@@ -622,11 +667,23 @@ def rule_linear(prover, O, P, node, in_rels):
                 # the optimized weight IS the original's (same bytes, same reading): tau Wp is
                 # tau Wo exactly, so the weight's rounding bound adds nothing to the shift's
                 same_w = alpha is None and c_use is None and cand.op_type == op and \
-                    (op != "Gemm" or bool(pattrs.get("transB", 0)) == bool(oattrs.get("transB", 0))) and \
-                    same_bytes(P, node.input[1], O, cand.input[1])
+                    (op != "Gemm" or bool(pattrs.get("transB", 0)) == bool(oattrs.get("transB", 0)))
+                if same_w:  # one read of the pair, whatever the number of targets
+                    if "same" not in checked:
+                        checked["same"] = same_bytes(P, node.input[1], O, cand.input[1])
+                    same_w = checked["same"]
                 for centered in (False, True):
-                    ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c_use, centered, eps, tau, e_in,
-                                                         tiny_of(P.elem(node.input[1])))
+                    # the check depends on the target only through c_use: targets with the same
+                    # scale share one pass over the weights
+                    key = (None if c_use is None else c_use.tobytes(), centered)
+                    if key not in checked:
+                        ok, bad, *_ = _check_matrix(Mp, Mo, alpha, c_use, centered, eps, screen=SCREEN_ROWS,
+                                                    tiny=tiny_of(P.elem(node.input[1])))
+                        if ok:  # the screen passed: the full pass decides
+                            ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c_use, centered, eps, tau, e_in,
+                                                                 tiny_of(P.elem(node.input[1])))
+                        checked[key] = (ok, bad, *((tw, atw, ew) if ok else (None, None, None)))
+                    ok, bad, tw, atw, ew = checked[key]
                     if same_w and not centered:
                         atw = np.zeros_like(atw) if atw is not None else atw
                     prover.stats.weights_checked += 1

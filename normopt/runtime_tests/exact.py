@@ -119,10 +119,20 @@ def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` computing in float64 (weights read in from their files)."""
+FEED_BYTES = 1 << 16  # main-graph initializers of this size or more are fed, not embedded (see to_float64)
+
+
+def to_float64(model: onnx.ModelProto, weights: dict | None = None) -> onnx.ModelProto:
+    """A copy of `model` computing in float64 (weights read in from their files).
+
+    With a ``weights`` dict, each main-graph initializer of FEED_BYTES or more becomes a graph
+    input instead, and its float64 values go into ``weights`` (name -> array), to be fed at
+    every run: ONNX Runtime reads a fed array in place, where an embedded one would exist three
+    times (the proto, its serialized bytes, and the session's copy)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    if weights is not None:
+        _feed_weights(out.graph, weights)
     stack = [out.graph]
     while stack:  # every graph, subgraphs included, without recursion
         g = stack.pop()
@@ -179,6 +189,25 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _feed_weights(g, weights: dict) -> None:
+    """Moves g's large float initializers, as float64, into ``weights``; each becomes a float64
+    graph input of its shape (integer tensors stay: quantized kernels may want them constant). Tensors an op wants in float32 stay (KEEP_FLOAT32)."""
+    keep = _keep32(g)
+    inputs = {i.name for i in g.input}
+    kept = []
+    for t in g.initializer:
+        if t.name in keep or t.data_type not in FLOATS or W.tensor_nbytes(t) < FEED_BYTES:
+            kept.append(t)
+            continue
+        arr = np.ascontiguousarray(_array(t), np.float64)
+        weights[t.name] = arr
+        if t.name not in inputs:  # an initializer that is also an input (IR < 4) keeps its input entry
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, TensorProto.DOUBLE, list(arr.shape)))
+    if len(kept) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(kept)
+
+
 def _keep_rounding(g) -> None:
     """Each Cast to a narrow float type (fp16, bf16, fp8) stays, followed by a Cast to float64:
     an fp32 model's fp32 -> fp16 -> fp32 round trip rounds, and a candidate that drops it
@@ -220,9 +249,10 @@ class ExactRunner:
         self.seconds = 0.0
         self._first = None  # (feeds, outputs) of the trial run, reused by run()
         self._sess = self._ref = None  # the float64 session (ONNX Runtime), else the evaluator
+        self._weights = {}  # the fed float64 weights (to_float64)
         t0 = time.perf_counter()
         try:
-            self.model = to_float64(model)
+            self.model = to_float64(model, self._weights)
         except Exception as exc:
             self.why = f"the model cannot be converted to float64 ({type(exc).__name__}: {str(exc)[:160]})"
             return
@@ -232,7 +262,7 @@ class ExactRunner:
         try:
             self._sess = make_session(self.model, "cpu", "disable")
             if first_feeds is not None:
-                self._first = (first_feeds, [np.asarray(v) for v in self._sess.run(self.outputs, double_feeds(first_feeds))])
+                self._first = (first_feeds, [np.asarray(v) for v in self._sess.run(self.outputs, self._feeds(first_feeds))])
             self.engine, self.available = "ONNX Runtime (float64 kernels)", True
         except Exception as exc:
             self._sess = None
@@ -241,13 +271,14 @@ class ExactRunner:
             try:
                 self._ref = reference_evaluator(self.model)
                 if first_feeds is not None:
-                    self._first = (first_feeds, [np.asarray(v) for v in self._ref.run(self.outputs, double_feeds(first_feeds))])
+                    self._first = (first_feeds, [np.asarray(v) for v in self._ref.run(self.outputs, self._feeds(first_feeds))])
                 self.engine, self.available = "onnx.reference (float64, op by op)", True
             except Exception as exc:
                 self._ref = None
                 errors.append(f"onnx.reference: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}")
                 self.why = "; ".join(errors)
                 self.model = None
+                self._weights = {}
         self.seconds += time.perf_counter() - t0
 
     def disagreement(self, native_model: onnx.ModelProto, feeds: dict, ort_vals: list, k: float, floor_ulps: float):
@@ -282,12 +313,17 @@ class ExactRunner:
                         f"(max diff {sem:.3g}, against {prec:.3g} from precision), so its float64 answer is not ORT's function")
         return None
 
+    def _feeds(self, feeds: dict) -> dict:
+        f = dict(self._weights)
+        f.update(double_feeds(feeds))  # a fed input that has an initializer (IR < 4) keeps the fed value
+        return f
+
     def run(self, feeds: dict) -> list:
         if self._first is not None and self._first[0] is feeds:
             return self._first[1]
         t0 = time.perf_counter()
         try:
-            f = double_feeds(feeds)
+            f = self._feeds(feeds)
             if self._sess is not None:
                 return [np.asarray(v) for v in self._sess.run(self.outputs, f)]
             return [np.asarray(v) for v in self._ref.run(self.outputs, f)]
@@ -299,3 +335,4 @@ class ExactRunner:
         self._sess = None
         self._ref = None
         self.model = None
+        self._weights = {}
