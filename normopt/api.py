@@ -298,6 +298,9 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                     _write_report(report_path, report, plan)
                     raise
                 proof = prover.result(report)
+                if result is not None and proof is not None and "seconds" in proof.details:
+                    result.timings["proof (alongside)"] = proof.details["seconds"]
+                    report.verification = result.to_dict()
             written = staged.commit()
     finally:
         store.close()
@@ -337,12 +340,16 @@ def _prove_staged(in_path, staged_path, report):
     into the report's notes. The dynamic check below remains the gate for writing."""
     from .proof import ProofResult, prove
 
+    import time
+
+    t0 = time.perf_counter()
     try:
         res = prove(in_path, staged_path)
     except NormoptError:
         raise
     except Exception as exc:  # the prover's own bug never hides or replaces the dynamic check
         res = ProofResult(False, f"not proved: internal error in the prover: {type(exc).__name__}: {exc}")
+    res.details["seconds"] = time.perf_counter() - t0
     report.notes.append(res.summary)
     return res
 
