@@ -233,17 +233,28 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                       verify_level, provider, tune, opset, progress, threads, say, loaded, plan, ort_check):
     model, upgrade = prepare_opset(loaded.model, opset)
     inputs_line, plan_notes, tune_dims = None, [], {}
+    proof_only = None  # why the dynamic check cannot run (memory), where the proof alone decides
     if verify or (tune and not passes):
         # one input plan for the run, made before any work and handed to tuning and verification
         # (an integer input without a range, inputs too large, a model failing on it: bad input)
         from .runtime_tests.inputs import plan_inputs
 
         if verify:
-            check_memory(loaded, input_opts)
-        input_opts, plan_notes = plan_for_run(model, input_opts, run_model=tune and not passes, verify=verify,
+            try:
+                check_memory(loaded, input_opts)
+            except NormoptError as exc:
+                # the dynamic check (and tuning, which runs the same sessions) cannot fit: the
+                # proof, which streams the weights and runs no session, is then the gate alone
+                proof_only = str(exc).split("; --no-verify")[0].split("; give smaller")[0]
+        input_opts, plan_notes = plan_for_run(model, input_opts, run_model=tune and not passes and proof_only is None,
+                                              verify=verify and proof_only is None,
                                               path=in_path if upgrade is None else None)
+        if proof_only is not None and tune and not passes:
+            plan_notes.append("not tuned: tuning runs the same ONNX Runtime sessions as the dynamic check, which do not fit")
+        if proof_only is not None:
+            tune = False
         if not (input_opts and input_opts.inputs_npz):
-            inputs_line = plan_inputs(model, input_opts).line() if verify else None
+            inputs_line = plan_inputs(model, input_opts).line() if verify and proof_only is None else None
             if inputs_line:
                 say(inputs_line)
             tune_dims = dict(plan_inputs(model, input_opts).dims)
@@ -282,7 +293,15 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
             del out_model
             result = None
             proof = None
-            if verify:
+            if verify and proof_only is not None:
+                say(f"proving the output against the input (translation validation; {proof_only}: the proof alone decides) ...")
+                proof = _prove_staged(in_path, staged.path, report)
+                report.notes.append(f"dynamic check not run: {proof_only}; the output is gated by the proof alone")
+                if not proof.proved:
+                    _write_report(report_path, report, plan)
+                    raise VerificationFailed(f"the output is {proof.summary}, and the dynamic check does not fit in memory "
+                                             f"({proof_only}); nothing was written (--no-verify writes it unchecked)")
+            elif verify:
                 # the proof reads the two files on its own (no session, one weight block at a
                 # time), so it runs in a thread beside the dynamic check: numpy and ONNX Runtime
                 # release the GIL, and on a GPT-2-small-shaped decoder the two overlap for most

@@ -221,6 +221,8 @@ def optimize(model, output, passes, report_path, target, no_verify, crms, provid
                 click.echo("verification: uninformative on every input set: " + ", ".join(v.uninformative))
             if v.timings:
                 click.echo("verification time: " + ", ".join(f"{k} {t:.2f} s" for k, t in v.timings.items()))
+        elif res.proof is not None and res.proof.proved:
+            click.echo("verified: proved equivalent (translation validation); the dynamic check did not fit in memory")
         else:
             click.echo("not verified (--no-verify)")
         click.echo(f"wrote {res.output}")

@@ -15,7 +15,7 @@ from normopt import graph as G
 from normopt import io as nio
 from normopt import weights as W
 from normopt.api import optimize, optimize_model
-from normopt.errors import NormoptError
+from normopt.errors import NormoptError, VerificationFailed
 from normopt.models.llm import DecoderSpec, write_decoder
 from normopt.runtime_tests.equivalence import compare
 
@@ -134,9 +134,33 @@ def test_memory_check_names_the_need_and_no_verify(tmp_path, monkeypatch):
     onnx.save(preln_stream_model(), p)
     monkeypatch.setattr(api, "available_bytes", lambda: 1024)
     with pytest.raises(NormoptError, match="verification needs about .* GB of memory.*--no-verify"):
-        optimize(str(p), str(tmp_path / "o.onnx"))
-    assert not os.path.exists(tmp_path / "o.onnx")
+        api.verify(str(p), str(p))
     assert optimize(str(p), str(tmp_path / "o.onnx"), verify=False).output
+
+
+def test_a_dynamic_check_that_does_not_fit_leaves_the_proof_as_the_gate(tmp_path, monkeypatch):
+    """Where no ONNX Runtime session fits, optimize proves its output (no session, weights
+    streamed) and writes it only if proved; tuning, which runs the same sessions, is off."""
+    import normopt.api as api
+    import normopt.proof as proof
+
+    p = tmp_path / "m.onnx"
+    onnx.save(preln_stream_model(), p)
+    monkeypatch.setattr(api, "available_bytes", lambda: 1024)
+    res = optimize(str(p), str(tmp_path / "o.onnx"), tune=True)
+    assert res.verification is None and res.proof is not None and res.proof.proved
+    assert any("gated by the proof alone" in n and "GB of memory" in n for n in res.report.notes), res.report.notes
+    assert any(n.startswith("not tuned") for n in res.report.notes)
+    assert compare(str(p), str(tmp_path / "o.onnx")).equivalent  # (memory is patched only for optimize's check)
+
+    def refused(a, b):
+        return proof.ProofResult(False, "not proved: x: planted")
+
+    monkeypatch.setattr(proof, "prove", refused)
+    out = tmp_path / "o2.onnx"
+    with pytest.raises(VerificationFailed, match="not proved: x: planted.*nothing was written"):
+        optimize(str(p), str(out))
+    assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if f.startswith("o2")]
 
 
 def test_progress_messages(tmp_path):
