@@ -8,6 +8,13 @@ t = 0) and *centered* (P centering, a = 1, t = 0). ``kind="mean"`` is v' = mean_
 (keepdims). ``err`` bounds the absolute rounding error of t (from the weights' dtype), so
 ``t ~ 0`` is judged against what rounding can explain and nothing more.
 
+``kind="comp"`` is the compressed relation of a CRMSNorm stream: v' is the first d-1 channels
+along the axis of F = P(a * u) + t, where F is zero-mean along the axis (so its last channel is
+-sum of the others); a and t are d-long. Only the rules that know the invariant (the proof's
+compressed module, the commuting layout ops) read it; every other rule skips it. Kind "cstat"
+is a per-token statistic of such an F (stat: ("sq",), ("sumsq",), ("sum",), ("last",),
+("sum2",), ("ssq",), ("ms",), ("mse", eps, tol), ("rms", eps, tol), ("irms", eps, tol)).
+
 Every relation the prover records is a true statement about the two graphs (given the weight
 facts it checked); several may hold for one value.
 """
@@ -51,7 +58,7 @@ class Rel:
     a: np.ndarray | None = None
     t: np.ndarray | None = None
     err: np.ndarray | float = 0.0
-    kind: str = "rel"  # "rel" | "mean" | "zero" (the mean of a centered u: 0) | "stat" (a per-token statistic of u)
+    kind: str = "rel"  # "rel" | "mean" | "zero" (the mean of a centered u: 0) | "stat" (a per-token statistic of u) | "comp" | "cstat"
     how: str = field(default="", compare=False)
     stat: tuple = ()  # kind "stat": ("sq",) (P(u))^2, ("ms",) mean of it, ("mse", eps), ("rms", eps), ("irms", eps)
 
@@ -75,6 +82,10 @@ class Rel:
             return f"mean of centered '{self.u}' (zero)"
         if self.kind == "stat":
             return f"statistic {self.stat[0]} of centered '{self.u}' along axis {self.axis}"
+        if self.kind == "comp":
+            return f"the first d-1 channels (axis {self.axis}) of a zero-mean form of '{self.u}'"
+        if self.kind == "cstat":
+            return f"statistic {self.stat[0]} of a compressed form of '{self.u}' along axis {self.axis}"
         if self.eq:
             return f"equal to '{self.u}'"
         parts = []
@@ -88,7 +99,7 @@ class Rel:
 
 
 def simplify(r: Rel, eps: float) -> Rel:
-    if r.kind != "rel":
+    if r.kind not in ("rel", "comp"):
         return r
     a, t = r.a, r.t
     if a is not None:
@@ -103,7 +114,7 @@ def simplify(r: Rel, eps: float) -> Rel:
             t = None
     centered = r.centered
     axis = r.axis
-    if not centered and a is None and t is None:
+    if not centered and a is None and t is None and r.kind == "rel":
         axis = None
     return Rel(r.u, axis, centered, a, t, r.err if t is not None else 0.0, r.kind, r.how, r.stat)
 

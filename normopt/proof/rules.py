@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graphs import reduce_axes, row_blocks, same_bytes
+from .graphs import last_row, reduce_axes, row_blocks, same_bytes
 from .graphs import reduce_axes as _reduce_axes
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
 from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
@@ -369,6 +369,13 @@ class _Mat:
         else:
             raise _Skip(f"{op} is not linear")
 
+    def last(self):
+        """The last row (input channel K-1) in float64, read alone."""
+        if self.whole is not None:
+            return self.whole[-1]
+        r = last_row(self.view, self.name)
+        return None if r is None else np.asarray(r, np.float64).reshape(-1)
+
     def blocks(self):
         if self.whole is not None:
             step = max(1, (2 << 20) // max(1, self.N))
@@ -443,11 +450,12 @@ def _in_axis(op, rank):
     return 1 if op == "Conv" else rank - 1
 
 
-def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=0.0):
+def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=0.0, comp=False):
     """Is diag(alpha) Wp equal to Wo diag(cz) (centered along the outputs if asked) within the
     rounding of eps? One pass over both weights in float64 row blocks, which also gives
-    tau Wp, |tau| |Wp| and err_in |Wp|. Returns (ok, first bad (row, col), tauW, abs_tauW, errW)."""
-    if (Mo.K, Mo.N) != (Mp.K, Mp.N):
+    tau Wp, |tau| |Wp| and err_in |Wp|. Returns (ok, first bad (row, col), tauW, abs_tauW, errW).
+    comp: Wp holds the first N-1 of Wo's N output columns (after the centering)."""
+    if (Mo.K, Mo.N) != (Mp.K, Mp.N + (1 if comp else 0)) or (comp and not centered):
         return False, None, None, None, None
     N = Mp.N
     tw, atw, ew = np.zeros(N), np.zeros(N), np.zeros(N)
@@ -465,6 +473,8 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
         if cz is not None:
             o = o * cz[None, :]
         e = o - o.mean(axis=1, keepdims=True) if centered else o
+        if comp:
+            e, o = e[:, :N], o[:, :N]
         bound = W_TOL * eps * (np.abs(e) + np.abs(p) + (np.abs(o) if centered else 0.0)) + 2 * tiny
         bad = np.abs(p - e) > bound + 1e-300
         if bad.any():
@@ -567,6 +577,11 @@ def rule_linear(prover, O, P, node, in_rels):
     eps = eps_of(P.elem(node.input[1]))
     out, tried = [], []
     for w, q in prover._rels_on(O, in_rels[0]):
+        if q.kind == "comp":
+            from .compressed import comp_reader
+
+            comp_reader(prover, O, P, node, w, q, Mp, bp, Wp_scale, eps, out, tried)
+            continue
         if q.kind != "rel" or q.centered or q.full_t:
             continue
         rw = O.rank(w)
@@ -592,10 +607,11 @@ def rule_linear(prover, O, P, node, in_rels):
                 Mo = _Mat(O, cand.input[1], cand.op_type, oattrs)
             except _Skip:
                 continue
-            if (Mo.K, Mo.N) != (K, N) or Mo.rep != rep:
+            comp = (Mo.K, Mo.N, Mo.rep) == (K, N + 1, rep)  # a CRMS writer keeps N-1 output channels
+            if ((Mo.K, Mo.N) != (K, N) or Mo.rep != rep) and not comp:
                 continue
             Wo_scale = float(oattrs.get("alpha", 1.0)) if cand.op_type == "Gemm" else 1.0
-            bo = _bias(O, cand, cand.op_type, oattrs, N)
+            bo = _bias(O, cand, cand.op_type, oattrs, Mo.N)
             if bo is None:
                 continue
             m = cand.output[0]
@@ -613,6 +629,12 @@ def rule_linear(prover, O, P, node, in_rels):
                 pads = pattrs.get("pads") or ()
                 if any(pads) or pattrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
                     continue  # a shift does not pass through zero padding
+            if comp:
+                from .compressed import comp_writer
+
+                comp_writer(prover, O, P, node, cand, q, Mp, Mo, alpha, tau, bp, bo, Wp_scale, Wo_scale, eps, m, rm,
+                            out_axis, rep, out, tried)
+                continue
             for z, cz, sz in _writer_targets(prover, O, m, out_axis, N, rm):
                 c_all = (np.ones(N) if cz is None else cz) * Wo_scale
                 c_use = None if np.all(c_all == 1.0) else c_all
@@ -708,6 +730,9 @@ def rule_gather(prover, O, P, node, in_rels):
                     continue
                 out.append(Rel(y, ry - 1, True, how="centered table"))
                 prover.stats.centered_writers += 1
+    from .compressed import comp_gather
+
+    comp_gather(prover, O, P, node, in_rels, out)
     return _finish(prover, out, f"table '{node.input[0]}' is neither the original's nor its rows centered")
 
 
@@ -1057,5 +1082,14 @@ RULES = {
     "SkipLayerNormalization": rule_skip,
     "ReduceMean": rule_reduce_mean,
 }
+
+
+def _rule_slice(prover, O, P, node, in_rels):
+    from .compressed import rule_slice
+
+    return rule_slice(prover, O, P, node, in_rels)
+
+
+RULES["Slice"] = _rule_slice
 
 del reduce_axes, NotProved
