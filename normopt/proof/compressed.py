@@ -304,10 +304,9 @@ def rule_comp(prover, O, P, node, in_rels):
             return got
         raise _Skip(f"{op} of compressed values that no original {op} explains")
     if op == "Mul" and len(ins) == 2 and ins[0] == ins[1]:
-        for q in _comps(in_rels[0]):
-            return [_cstat(q, "sq")]
-        for q in _comps(in_rels[0], "cstat", ("sum",)):
-            return [_cstat(q, "sum2")]
+        got = [_cstat(q, "sq") for q in _comps(in_rels[0])] + [_cstat(q, "sum2") for q in _comps(in_rels[0], "cstat", ("sum",))]
+        if got:
+            return _order(got)
     if op == "ReduceSum":
         axes, keep = _reduce_axes_p(P, node)
         out = []
@@ -316,26 +315,23 @@ def rule_comp(prover, O, P, node, in_rels):
             if axes and len(axes) == 1 and keep and r and int(axes[0]) % r == q.axis:
                 out.append(_cstat(q, "sum" if q.kind == "comp" else "sumsq"))
         if out:
-            return out
-    if op == "Neg":
-        for q in _comps(in_rels[0], "cstat", ("sum",)):
-            return [_cstat(q, "last")]
+            return _order(out)
+    if op == "Neg" and _comps(in_rels[0], "cstat", ("sum",)):
+        return _order([_cstat(q, "last") for q in _comps(in_rels[0], "cstat", ("sum",))])
     if op in ("Mul", "Div") and len(ins) == 2 and "const" in in_rels:
         ci = 0 if in_rels[0] == "const" else 1
         c = _scalar(P, ins[ci])
         if c is not None and not (op == "Div" and ci == 0):
             inv = (1.0 / c if c else None) if op == "Div" else c
             rel, _ = _stol(P, ins[ci])
-            for q in _comps(in_rels[1 - ci], "cstat", ("ssq",)):
-                d = _width(O, q)
-                if d and inv is not None and abs(inv - 1.0 / d) <= 2 * rel / d:
-                    return [_cstat(q, "ms")]
-    if op == "Sqrt":
-        for q in _comps(in_rels[0], "cstat", ("mse",)):
-            return [_cstat(q, "rms", *q.stat[1:])]
-    if op == "Reciprocal":
-        for q in _comps(in_rels[0], "cstat", ("rms",)):
-            return [_cstat(q, "irms", *q.stat[1:])]
+            got = [_cstat(q, "ms") for q in _comps(in_rels[1 - ci], "cstat", ("ssq",))
+                   if _width(O, q) and inv is not None and abs(inv - 1.0 / _width(O, q)) <= 2 * rel / _width(O, q)]
+            if got:
+                return _order(got)
+    if op == "Sqrt" and _comps(in_rels[0], "cstat", ("mse",)):
+        return _order([_cstat(q, "rms", *q.stat[1:]) for q in _comps(in_rels[0], "cstat", ("mse",))])
+    if op == "Reciprocal" and _comps(in_rels[0], "cstat", ("rms",)):
+        return _order([_cstat(q, "irms", *q.stat[1:]) for q in _comps(in_rels[0], "cstat", ("rms",))])
     if op in ("Div", "Mul") and len(ins) == 2 and "const" not in in_rels:
         got = _crms(prover, O, P, node, in_rels)
         if got:
@@ -353,16 +349,16 @@ def _stat_add(prover, O, P, node, in_rels):
         ci = 0 if in_rels[0] == "const" else 1
         e = _scalar(P, ins[ci])
         if e is not None:
-            for q in _comps(in_rels[1 - ci], "cstat", ("ms",)):
-                return [_cstat(q, "mse", e, _stol(P, ins[ci]))]
+            return _order([_cstat(q, "mse", e, _stol(P, ins[ci])) for q in _comps(in_rels[1 - ci], "cstat", ("ms",))]) or None
         return None
     if node.op_type != "Add" or "const" in in_rels or None in in_rels:
         return None
+    got = []
     for q1 in _comps(in_rels[0], "cstat", ("sumsq", "sum2")):
         for q2 in _comps(in_rels[1], "cstat", ("sumsq", "sum2")):
             if {q1.stat[0], q2.stat[0]} == {"sumsq", "sum2"} and fkey(q1) == fkey(q2):
-                return [_cstat(q1, "ssq")]  # sum of the d-1 squares plus the last one's: F's sum of squares
-    return None
+                got.append(_cstat(q1, "ssq"))  # sum of the d-1 squares plus the last one's: F's sum of squares
+    return _order(got) or None
 
 
 def _comp_add(prover, O, P, node, in_rels):
@@ -388,10 +384,10 @@ def _comp_add(prover, O, P, node, in_rels):
             if cf.shape[q.axis] not in (1, d - 1):
                 continue
             sw = O.shape(w)
-            if sw is not None and any(isinstance(x, int) and dd not in (1, x) for k, (dd, x) in enumerate(zip(cf.shape, sw))
+            targets = []
+            if sw is not None and all(dd == 1 or (isinstance(x, int) and dd == x) for k, (dd, x) in enumerate(zip(cf.shape, sw))
                                       if k != q.axis):
-                continue  # the constant would broadcast the value to a larger shape
-            targets = [(w, None)]
+                targets.append((w, None))  # a shift with no counterpart: it must not broadcast the value
             for cand, slot in O.consumers.get(w, ()):
                 if cand.op_type not in ("Add", "Sub") or len(cand.input) != 2 or (cand.op_type == "Sub" and slot != 0):
                     continue
@@ -406,9 +402,8 @@ def _comp_add(prover, O, P, node, in_rels):
                     c0f = _full(c0, r)
                     if c0f is None or c0f.shape[q.axis] not in (1, d):
                         continue
-                    sy = O.shape(y)
-                    if sy is None or sw is None or list(sy) != list(sw):
-                        continue  # the original's constant broadcasts: not this relation
+                    if any(x != y0 for k, (x, y0) in enumerate(zip(cf.shape, c0f.shape)) if k != q.axis):
+                        continue  # the constants broadcast alike in both graphs, or this is not the relation
                     shape = list(c0f.shape)
                     shape[q.axis] = d
                     pc = np.broadcast_to(c0f, shape)
@@ -430,7 +425,7 @@ def _comp_add(prover, O, P, node, in_rels):
                 out.append(simplify(Rel(y, q.axis, True, q.a, t, err, kind="comp", how="compressed shift"), eps_of(O.elem(y))))
         if out:
             prover.stats.shifts_absorbed += 1
-        return out
+        return _order(out)
     for q1 in _comps(in_rels[0]):
         w1 = q1.u
         for cand, slot in O.consumers.get(w1, ()):
@@ -452,7 +447,12 @@ def _comp_add(prover, O, P, node, in_rels):
                 # _combine dropped a and t if they vanished: the sum is again a zero-mean F
                 out.append(Rel(r.u, r.axis, r.centered, r.a, None if r.t is None else vec(r.t, d), r.err, kind="comp",
                                how="compressed sum"))
-    return out
+    return _order(out)
+
+
+def _order(rs):
+    """Plain forms first (no scale, no shift), at most six."""
+    return sorted(rs, key=lambda q: (q.a is not None) + (q.t is not None))[:6]
 
 
 def ins_name(node, k):

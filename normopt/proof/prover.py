@@ -516,14 +516,14 @@ class Prover:
             return False
         a = P.tracker.S(node.output[0])
         b = O.tracker.S(cand.output[0])
-        if a is None or b is None or len(a) != len(b) or any(d is None for d in a) or any(d is None for d in b):
-            return False
         comp_at = None
         if rr is not None and rr.kind == "comp":
             rin, rout = O.rank(cand.input[0]), O.rank(cand.output[0])
             comp_at = self._map_axis(O, cand, rr.axis, rin, rout) if rin is not None and rout is not None else None
             if comp_at is None:
                 return False
+        if a is None or b is None or len(a) != len(b) or any(d is None for d in a) or any(d is None for d in b):
+            return comp_at is not None and self._comp_shape_operand(O, P, node, cand, comp_at, rr)
         for k, (x, y) in enumerate(zip(a, b)):
             if k == comp_at:
                 if not (isinstance(x, int) and isinstance(y, int) and not isinstance(x, bool) and x == y - 1):
@@ -531,6 +531,31 @@ class Prover:
             elif not (x == y and isinstance(x, bool) == isinstance(y, bool)):
                 return False
         return True
+
+    def _comp_shape_operand(self, O, P, node, cand, comp_at, rr) -> bool:
+        """Shape operands (constants) of a Reshape / Expand on a compressed value: the same
+        vector but d-1 for the original's d at the channel's position (right-aligned for
+        Expand); -1 and 0 elsewhere then mean the same in both graphs."""
+        if len(node.input) < 2 or len(cand.input) < 2:
+            return False
+        sp, so = P.const(node.input[1]), O.const(cand.input[1])
+        if sp is None or so is None:
+            return False
+        sp, so = [int(x) for x in np.asarray(sp).reshape(-1)], [int(x) for x in np.asarray(so).reshape(-1)]
+        rout = O.rank(cand.output[0])
+        shp = O.shape(cand.input[0])
+        d = shp[rr.axis] if shp is not None else None
+        if len(sp) != len(so) or rout is None or not isinstance(d, int) or d < 2:
+            return False
+        k = comp_at if node.op_type == "Reshape" else comp_at - (rout - len(so))
+        if not 0 <= k < len(so):
+            return False
+        if node.op_type == "Reshape" and rr.axis != k and rr.axis < len(so) and 0 in (so[rr.axis], sp[rr.axis]) \
+                and not O.attrs(cand).get("allowzero", 0):
+            return False  # a 0 there would copy the channel dim (d in one graph, d-1 in the other)
+        if node.op_type == "Expand" and so[k] == 1 and sp[k] == 1:
+            return sp == so
+        return so[k] == d and sp[k] == d - 1 and all(x == y for i, (x, y) in enumerate(zip(sp, so)) if i != k)
 
     def _const_related(self, O, P, pname, oname, rr: Rel, rank):
         """Constant pname of the optimized graph relates to the original's constant oname as rr does."""
