@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from .prover import W_TOL, _bcast, _Skip, _where
-from .relations import Rel, eps_of, per_channel, simplify, tiny_of, vec
+from .relations import Rel, eps_of, per_channel_err, simplify, tiny_of, vec
 from .rules import _bias, _combine, _full, _linear_ok, _Mat, _Rows, _check_matrix, _writer_targets, norm_rels
 
 COMP_KINDS = ("comp", "cstat")
@@ -122,11 +122,11 @@ def comp_writer(prover, O, P, node, cand, q, Mp, Mo, alpha, tau, bp, bo, Wp_scal
         err = eps * np.abs(bp)
         if tau is not None:
             shift = shift + tw * Wp_scale
-            err = err + eps * atw * abs(Wp_scale)
+            err = err + atw * abs(Wp_scale)
         if e_in is not None:
             err = err + ew * abs(Wp_scale)
         orig = (np.ones(N) if cz is None else cz) * bo + sz
-        err = err + eps * np.abs(orig[:N - 1])
+        err = err + eps * np.abs(orig[:N - 1]) * (np.asarray(bp) != 0)  # a zero stored bias rounds nothing
         orig = orig - orig.mean()
         t, e = _extend(shift - orig[:N - 1], err, N)
         out.append(simplify(Rel(z, out_axis, True, None, t, e, kind="comp", how=f"compressed {node.op_type} writer"), eps))
@@ -181,13 +181,12 @@ def comp_reader(prover, O, P, node, w, q, Mp, bp, Wp_scale, eps, out, tried):
             c_all = (np.ones(N) if cz is None else cz) * Wo_scale
             Md = last * c_all / a[d - 1]
             rows = _Rows(Mp)
-            tw, atw, ew = np.zeros(N), np.zeros(N), np.zeros(N)
+            tw, ew = np.zeros(N), np.zeros(N)
             ok = True
             for s, o in Mo.blocks():
                 n = len(o)
                 M = o * (1.0 / a[s:s + n])[:, None] * c_all[None, :]
-                tw += t[s:s + n] @ M
-                atw += np.abs(t[s:s + n]) @ np.abs(M)
+                tw += t[s:s + n] @ M  # the original's weights: the stored weight's rounding is the weight fact's
                 ew += et[s:s + n] @ np.abs(M)
                 k = min(n, d - 1 - s)
                 if k <= 0:
@@ -201,13 +200,12 @@ def comp_reader(prover, O, P, node, w, q, Mp, bp, Wp_scale, eps, out, tried):
                     tried.append((z, (s + int(i), int(j))))
                     ok = False
                     break
-                atw += np.abs(t[s:s + k]) @ bound  # the weights' rounding, times the constant part of F
             prover.stats.weights_checked += 1
             if not ok:
                 continue
             orig = (np.ones(N) if cz is None else cz) * bo + sz
             shift = np.asarray(bp, np.float64) + tw - orig
-            err = eps * (np.abs(bp) + np.abs(orig)) + eps * atw + ew
+            err = eps * (np.abs(bp) + np.abs(orig)) + ew
             out.append(simplify(Rel(z, out_axis, False, None, shift, err, how=f"{op} reading a compressed stream"), eps))
             prover.stats.affine_folds += 1
             break
@@ -370,7 +368,7 @@ def _comp_add(prover, O, P, node, in_rels):
         if op == "Sub" and ci == 0:
             return None
         c = np.asarray(P.const(ins_name(node, ci)))
-        eps_c = 2 * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))
+        eps_c = W_TOL * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))  # the cast of c' and one intermediate
         tiny_c = 2 * float(np.finfo(c.dtype).smallest_subnormal) if c.dtype.kind == "f" else 0.0
         c = c.astype(np.float64)
         for q in _comps(in_rels[1 - ci]):
@@ -413,12 +411,10 @@ def _comp_add(prover, O, P, node, in_rels):
                     pc = np.take(pc, range(d - 1), axis=q.axis)
                 delta = sign * cf - pc
                 bound = eps_c * (np.abs(cf) + np.abs(pc)) + tiny_c
-                delta, bound = np.broadcast_arrays(delta, bound)
-                dvec = per_channel(delta, q.axis, r, bound)
-                if dvec is None:
+                got = per_channel_err(delta, q.axis, r, bound)
+                if got is None:
                     continue
-                other = tuple(i for i in range(r) if i != q.axis)
-                berr = bound.max(axis=other).reshape(-1) if other else bound.reshape(-1)
+                dvec, berr = got
                 dv, de = _extend(vec(dvec, d - 1), vec(berr, d - 1), d)
                 t = dv if q.t is None else vec(q.t, d) + dv
                 err = de + (np.asarray(q.err, np.float64) if np.ndim(q.err) else float(q.err))

@@ -140,15 +140,40 @@ def per_channel(arr: np.ndarray, axis: int, rank: int, tol=0.0):
     other = tuple(i for i in range(rank) if i != axis)
     first = full[tuple(slice(0, 1) if i in other else slice(None) for i in range(rank))]
     if not np.array_equal(np.broadcast_to(first, full.shape), full):
-        # variation along the other axes is allowed only within the rounding bound `tol`
-        mean = full.mean(axis=other, keepdims=True)
+        # variation along the other axes is allowed only within the rounding bound `tol`, element
+        # by element: one value per channel must lie within every element's own bound (the
+        # intersection of [x - tol, x + tol] over the other axes is not empty), so a small
+        # element is never excused by its larger neighbours' bounds
         tol = np.broadcast_to(np.asarray(tol, np.float64), np.broadcast_shapes(np.shape(tol), full.shape))
-        # each element within its own bound of the mean, which is within the mean of the bounds
-        # (|mean(d)| <= mean(|d|) <= mean(tol)): the largest bound does not widen every element's
-        if not np.all(np.abs(full - mean) <= tol + tol.mean(axis=other, keepdims=True) + 1e-300):
+        full = np.broadcast_to(full, tol.shape)
+        lo = (full - tol).max(axis=other, keepdims=True)
+        hi = (full + tol).min(axis=other, keepdims=True)
+        if not np.all(lo <= hi + 1e-300):
             return None
-        return mean.reshape(-1)
+        return ((lo + hi) / 2).reshape(-1)
     return first.reshape(-1)
+
+
+def per_channel_err(arr: np.ndarray, axis: int, rank: int, tol):
+    """(t, half-width) per channel along `axis` when one value per channel lies within every
+    element's own bound: the intersection of [x - tol, x + tol] over the other axes, its midpoint
+    and half-width (the true shift is within that of t); None when the intersection is empty."""
+    arr = np.asarray(arr, np.float64)
+    if arr.ndim > rank:
+        return None
+    full = arr.reshape((1,) * (rank - arr.ndim) + arr.shape)
+    tol = np.asarray(tol, np.float64)
+    tol = tol.reshape((1,) * (rank - tol.ndim) + tol.shape) if tol.ndim <= rank else None
+    if tol is None:
+        return None
+    shape = np.broadcast_shapes(full.shape, tol.shape)
+    full, tol = np.broadcast_to(full, shape), np.broadcast_to(tol, shape)
+    other = tuple(i for i in range(rank) if i != axis)
+    lo = (full - tol).max(axis=other) if other else full - tol
+    hi = (full + tol).min(axis=other) if other else full + tol
+    if not np.all(lo <= hi + 1e-300):
+        return None
+    return ((lo + hi) / 2).reshape(-1), np.maximum((hi - lo) / 2, 0.0).reshape(-1)
 
 
 def center(arr: np.ndarray, axis: int) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 from .graphs import last_row, reduce_axes, row_blocks, same_bytes
 from .graphs import reduce_axes as _reduce_axes
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
-from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
+from .relations import Rel, center, eps_of, per_channel, per_channel_err, simplify, tiny_of, vec
 
 
 def _rank_key(r: Rel):
@@ -128,15 +128,14 @@ def _shift_rel(O, y, q: Rel, delta, err_full):
         axis = varying[0]
     qe = np.asarray(q.err, np.float64)
     bound = (_bcast(qe, axis, ry) if qe.ndim == 1 else qe) + err_full
-    tv = per_channel(delta, axis, ry, bound)
-    if tv is None:
+    got = per_channel_err(delta, axis, ry, bound)
+    if got is None:
         return None
-    err_extra = _channel_err(err_full, Rel(y, axis), ry)
+    tv, err = got  # the shift lies within every element's own bound: err is that interval's half-width
     d = sy[axis] if sy is not None else None
     if not isinstance(d, int):
         return None
     a = q.a
-    err = np.asarray(q.err, np.float64) + err_extra
     return simplify(Rel(y, axis, q.centered, None if a is None else vec(a, d), vec(tv, d), vec(err, d) if np.ndim(err) else err,
                         how="shift"), eps_of(O.elem(y)))
 
@@ -158,7 +157,7 @@ def _p_of(arr, q: Rel, rank):
 def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
     """Relations of v' + sign_c * c for v' with relations rs and the optimized constant c."""
     c = np.asarray(c)
-    eps_c = 2 * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))
+    eps_c = W_TOL * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))  # the cast of c' and one intermediate
     tiny_c = 2 * float(np.finfo(c.dtype).smallest_subnormal) if c.dtype.kind == "f" else 0.0
     c = c.astype(np.float64)
     out = []
@@ -189,8 +188,9 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
             if r is not None:
                 out.append(r)
         # B: the constant has no counterpart (a bias moved here, a beta re-added)
+        # c' = cast(s + cast(-t)) folds the shift t in: the cast of c' and of that intermediate
         delta = t0 + sign_c * _full(c, ry)
-        r = _shift_rel(O, w, q, delta, eps_c * np.abs(_full(c, ry)) + tiny_c)
+        r = _shift_rel(O, w, q, delta, eps_c * (np.abs(_full(c, ry)) + np.abs(t0)) + tiny_c)
         if r is not None:
             out.append(r)
     return out
@@ -453,7 +453,8 @@ def _in_axis(op, rank):
 def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=0.0, comp=False):
     """Is diag(alpha) Wp equal to Wo diag(cz) (centered along the outputs if asked) within the
     rounding of eps? One pass over both weights in float64 row blocks, which also gives
-    tau Wp, |tau| |Wp| and err_in |Wp|. Returns (ok, first bad (row, col), tauW, abs_tauW, errW).
+    tau We (We the weight the original implies), |tau (Wp - We)| and err_in |Wp|.
+    Returns (ok, first bad (row, col), tauWe, |tau (Wp - We)|, errW).
     comp: Wp holds the first N-1 of Wo's N output columns (after the centering)."""
     if (Mo.K, Mo.N) != (Mp.K, Mp.N + (1 if comp else 0)) or (comp and not centered):
         return False, None, None, None, None
@@ -463,11 +464,9 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
     for s, p in Mp.blocks():
         n = len(p)
         o = rows.take(n)
-        if tau is not None:
-            tw += tau[s:s + n] @ p
-            atw += np.abs(tau[s:s + n]) @ np.abs(p)
         if err_in is not None:
             ew += err_in[s:s + n] @ np.abs(p)
+        p_stored = p
         if alpha is not None:
             p = p * alpha[s:s + n, None]
         if cz is not None:
@@ -475,12 +474,25 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
         e = o - o.mean(axis=1, keepdims=True) if centered else o
         if comp:
             e, o = e[:, :N], o[:, :N]
+        if tau is not None:
+            # tau times the weight the original implies (e / alpha), not the stored one: the
+            # stored weight's rounding, times the whole input (tau included), is the weight
+            # fact's own tolerance, not a bias error (rows with alpha = 0 use the stored weight)
+            if alpha is None:
+                p_exp = e
+            else:
+                al = alpha[s:s + n, None]
+                p_exp = np.where(al != 0, e / np.where(al != 0, al, 1.0), p_stored)
+            tw += tau[s:s + n] @ p_exp
+            # what the same shift through the stored (rounded) weight differs by: an optimizer
+            # may fold a bias through either; the actual signed sum, not a bound of it
+            atw += tau[s:s + n] @ (p_stored - p_exp)
         bound = W_TOL * eps * (np.abs(e) + np.abs(p) + (np.abs(o) if centered else 0.0)) + 2 * tiny
         bad = np.abs(p - e) > bound + 1e-300
         if bad.any():
             i, j = np.argwhere(bad)[0]
             return False, (s + int(i), int(j)), None, None, None
-    return True, None, tw, atw, ew
+    return True, None, tw, np.abs(atw), ew
 
 
 def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q):
@@ -512,7 +524,7 @@ def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale
     err = eps * (np.abs(bp) + np.abs(c * bo))
     if tau is not None:
         shift = shift + tw * Wp_scale
-        err = err + eps * atw * abs(Wp_scale)
+        err = err + atw * abs(Wp_scale)
     if e_in is not None:
         err = err + ew * abs(Wp_scale)
     out.append(simplify(Rel(m, out_axis, False, c, shift, err, how="scaled weights"), eps))
@@ -660,7 +672,7 @@ def rule_linear(prover, O, P, node, in_rels):
                     err = eps * np.abs(bp)
                     if tau is not None:
                         shift = shift + tw * Wp_scale
-                        err = err + eps * atw * abs(Wp_scale)
+                        err = err + atw * abs(Wp_scale)
                     if e_in is not None:
                         err = err + ew * abs(Wp_scale)
                     if np.ndim(sz) > 1:  # the original adds a full constant tensor before its per-channel chain
@@ -675,7 +687,9 @@ def rule_linear(prover, O, P, node, in_rels):
                         err = err + bound
                     else:
                         orig_shift = (np.ones(N) if cz is None else cz) * bo + sz
-                        err = err + eps * np.abs(orig_shift)  # the stored bias rounds the folded value
+                        # the stored bias rounds the folded value (one intermediate); a zero stored
+                        # bias folded nothing and rounds nothing
+                        err = err + eps * np.abs(orig_shift) * (np.asarray(bp) != 0)
                         if centered:
                             orig_shift = orig_shift - orig_shift.mean()
                         t_rel = shift - orig_shift
@@ -799,7 +813,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
                 a = np.where(same, 1.0, gp / np.where(g0 == 0, 1.0, g0))
                 t = bp - a * b0
                 eps = eps_of(O.elem(w))
-                out.append(simplify(Rel(n, last, False, a, t, 2 * eps * (np.abs(bp) + np.abs(a * b0)), how="norm"), eps))
+                out.append(_exact_t(simplify(Rel(n, last, False, a, t, 2 * eps * (np.abs(bp) + np.abs(a * b0)), how="norm"), eps)))
                 continue
             oa = O.attrs(cand)
             if cand.op_type == "LayerNormalization":
@@ -848,8 +862,17 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             eps = eps_of(O.elem(w))
             err = 2 * eps * (np.abs(a * b0) + np.abs(bp))
             y = cand.output[0]
-            out.append(simplify(Rel(y, last, False, a, t, err, how="norm"), eps))
+            out.append(_exact_t(simplify(Rel(y, last, False, a, t, err, how="norm"), eps)))
     return out
+
+
+def _exact_t(r: Rel) -> Rel:
+    """A norm's relation keeps t = beta' - a beta only when it does not vanish within the rounding
+    of the stored betas; what is kept is then exact (computed in float64 from the stored values,
+    the identity LN = RMS o P is exact), so it carries no rounding bound on to its readers."""
+    if r.t is not None:
+        r.err = 4 * np.finfo(np.float64).eps * np.abs(r.t)
+    return r
 
 
 def rule_norm(prover, O, P, node, in_rels):
