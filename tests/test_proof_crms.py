@@ -159,3 +159,18 @@ def test_a_wrong_last_channel_in_the_decompression_is_refused():
     neg.op_type = "Identity"
     res = prove(m, bad)
     assert not res.proved
+
+
+@pytest.mark.usefixtures("torch_available")
+@pytest.mark.parametrize("kind", ["whisper-encoder", "clip-vision"])
+def test_crms_hf_outputs_prove(tmp_path, kind):
+    """Whisper's conv front end (an explicit centering, compressed, then GELU's x 0.5 on the
+    compressed stream) and CLIP's expanded cls token."""
+    from normopt.models.hf import export_hf
+
+    src = tmp_path / "m.onnx"
+    export_hf(kind, str(src))
+    m = onnx.load(src)
+    out = _crms(m)
+    res = prove(m, out)
+    assert res.proved, res.summary

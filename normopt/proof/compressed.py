@@ -326,6 +326,10 @@ def rule_comp(prover, O, P, node, in_rels):
                    if _width(O, q) and inv is not None and abs(inv - 1.0 / _width(O, q)) <= 2 * rel / _width(O, q)]
             if got:
                 return _order(got)
+    if op in ("Mul", "Div") and len(ins) == 2 and "const" in in_rels:
+        got = _comp_scale(prover, O, P, node, in_rels)
+        if got:
+            return got
     if op == "Sqrt" and _comps(in_rels[0], "cstat", ("mse",)):
         return _order([_cstat(q, "rms", *q.stat[1:]) for q in _comps(in_rels[0], "cstat", ("mse",))])
     if op == "Reciprocal" and _comps(in_rels[0], "cstat", ("rms",)):
@@ -446,6 +450,47 @@ def _comp_add(prover, O, P, node, in_rels):
     return _order(out)
 
 
+def _comp_scale(prover, O, P, node, in_rels):
+    """C(F) * c for a scalar c: C(c F), c F zero-mean again; for the original y = u * c0 (c0 a
+    scalar or a per-channel vector along the axis) c F = P((c a / c0) y) + c t."""
+    op, ins = node.op_type, list(node.input)
+    ci = 0 if in_rels[0] == "const" else 1
+    if op == "Div" and ci == 0:
+        return None
+    c = _scalar(P, ins[ci])
+    if c is None or c == 0:
+        return None
+    c = 1.0 / c if op == "Div" else c
+    out = []
+    for q in _comps(in_rels[1 - ci]):
+        r, d = O.rank(q.u), _width(O, q)
+        if r is None or d is None or q.full_t:
+            continue
+        for cand, slot in O.consumers.get(q.u, ()):
+            if cand.op_type not in ("Mul", "Div") or len(cand.input) != 2 or (cand.op_type == "Div" and slot != 0):
+                continue
+            oc = cand.input[1 - slot]
+            if not O.is_const(oc) or O.rank(cand.output[0]) != r:
+                continue
+            c0 = np.asarray(O.const(oc), np.float64)
+            c0f = _full(c0, r)
+            if c0f is None or any(x != 1 for k, x in enumerate(c0f.shape) if k != q.axis) or c0f.shape[q.axis] not in (1, d):
+                continue
+            c0v = vec(c0f.reshape(-1), d)
+            if cand.op_type == "Div":
+                if np.any(c0v == 0):
+                    continue
+                c0v = 1.0 / c0v
+            if np.any(c0v == 0):
+                continue
+            a = (np.ones(d) if q.a is None else vec(q.a, d)) * c / c0v
+            t = None if q.t is None else vec(q.t, d) * c
+            err = np.asarray(q.err, np.float64) * abs(c)
+            out.append(simplify(Rel(cand.output[0], q.axis, q.centered, a, t, err, kind="comp", how="compressed scale"),
+                                eps_of(O.elem(cand.output[0]))))
+    return _order(out)
+
+
 def _order(rs):
     """Plain forms first (no scale, no shift), at most six."""
     return sorted(rs, key=lambda q: (q.a is not None) + (q.t is not None))[:6]
@@ -501,3 +546,50 @@ def _decompress(prover, O, P, node, in_rels):
             if fkey(s) == fkey(q):
                 out.append(simplify(Rel(q.u, q.axis, q.centered, q.a, q.t, q.err, how="decompressed"), eps_of(O.elem(q.u))))
     return out or None
+
+
+# ============================================================================ Expand of a centered constant
+
+
+def rule_expand_const(prover, O, P, node, in_rels):
+    """Expand(c', shape) where the original has Expand(c, shape) with the same (equal) shape
+    value: a cls token, say, centered along its last axis (c' = center(c)) or also compressed
+    to its first d-1 channels (c' = C(center(c))). The output is centered (compressed) along
+    its last axis; the channel must not be broadcast (c's last dim is the output's)."""
+    from .prover import _weights_close
+    from .relations import center
+
+    if len(node.input) != 2 or in_rels[0] != "const" or in_rels[1] in (None, "const"):
+        raise _Skip("not an Expand of a constant by a computed shape")
+    c = P.const(node.input[0])
+    if c is None or np.ndim(c) < 1 or np.asarray(c).dtype.kind != "f":
+        raise _Skip("not an Expand of a float constant")
+    c = np.asarray(c)
+    out = []
+    for w, q in prover._rels_on(O, in_rels[1], keep=lambda r: r.eq):
+        for cand, slot in O.consumers.get(w, ()):
+            if cand.op_type != "Expand" or slot != 1 or not O.is_const(cand.input[0]):
+                continue
+            c0 = O.const(cand.input[0])
+            y = cand.output[0]
+            ry, sy = O.rank(y), O.shape(y)
+            if c0 is None or np.ndim(c0) != c.ndim or ry is None or sy is None:
+                continue
+            c0 = np.asarray(c0, np.float64)
+            d = c0.shape[-1]
+            if d < 2 or sy[-1] != d or c.shape[:-1] != c0.shape[:-1]:
+                continue
+            exp = center(c0, c0.ndim - 1)
+            comp = c.shape[-1] == d - 1
+            if not comp and c.shape[-1] != d:
+                continue
+            scale = np.abs(c0)
+            if comp:
+                exp, scale = exp[..., :-1], scale[..., :-1]
+            prover.stats.weights_checked += 1
+            if _weights_close(np.asarray(c, np.float64), exp, eps_of(P.elem(node.input[0])), scale, tiny_of(P.elem(node.input[0]))):
+                out.append(Rel(y, ry - 1, True, kind="comp" if comp else "rel", how="centered constant expanded"))
+                prover.stats.centered_writers += 1
+    if not out:
+        raise _Skip("the constant is not the original's expanded constant, centered")
+    return out

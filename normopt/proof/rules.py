@@ -1113,6 +1113,13 @@ def _rule_slice(prover, O, P, node, in_rels):
     return rule_slice(prover, O, P, node, in_rels)
 
 
+def _rule_expand(prover, O, P, node, in_rels):
+    from .compressed import rule_expand_const
+
+    return rule_expand_const(prover, O, P, node, in_rels)
+
+
 RULES["Slice"] = _rule_slice
+RULES["Expand"] = _rule_expand
 
 del reduce_axes, NotProved
