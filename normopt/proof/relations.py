@@ -15,6 +15,10 @@ compressed module, the commuting layout ops) read it; every other rule skips it.
 is a per-token statistic of such an F (stat: ("sq",), ("sumsq",), ("sum",), ("last",),
 ("sum2",), ("ssq",), ("ms",), ("mse", eps, tol), ("rms", eps, tol), ("irms", eps, tol)).
 
+``kind="sub"`` is v' = a * (u - r) + t for an original run-time value r (stat holds its name):
+a norm whose original adds a run-time beta r. Only an Add of a value equal to r (with a = 1)
+turns it back into a plain relation on u.
+
 Every relation the prover records is a true statement about the two graphs (given the weight
 facts it checked); several may hold for one value.
 """
@@ -99,7 +103,7 @@ class Rel:
 
 
 def simplify(r: Rel, eps: float) -> Rel:
-    if r.kind not in ("rel", "comp"):
+    if r.kind not in ("rel", "comp", "sub"):
         return r
     a, t = r.a, r.t
     if a is not None:

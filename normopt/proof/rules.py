@@ -225,7 +225,7 @@ def rule_add(prover, O, P, node, in_rels, sign=1.0):
         if got:
             prover.stats.shifts_absorbed += 1
         return _finish(prover, got, f"the constant '{node.input[ci]}' is not a per-channel shift the original explains")
-    out = []
+    out = _runtime_beta_add(prover, O, P, node, in_rels)
     r0 = prover._rels_on(O, k0)
     r1 = prover._rels_on(O, k1)
     for w1, q1 in r0:
@@ -278,6 +278,20 @@ def rule_mul(prover, O, P, node, in_rels):
         c = 1.0 / c
     rs = in_rels[1 - ci]
     out = []
+    for q in rs:
+        # a * (y - r) + t times a per-channel constant (the scale of a decomposed norm)
+        ry = O.rank(q.u) if q.kind == "sub" else None
+        if ry is None or c.ndim > ry:
+            continue
+        cv = per_channel(_full(c, ry), q.axis, ry)
+        d = O.shape(q.u)[q.axis] if O.shape(q.u) is not None else None
+        if cv is None or not isinstance(d, int) or (np.ndim(cv) and cv.size not in (1, d)):
+            continue
+        cv = vec(cv, d)
+        a = cv if q.a is None else vec(q.a, d) * cv
+        t = None if q.t is None else vec(q.t, d) * cv
+        out.append(simplify(Rel(q.u, q.axis, False, a, t, np.asarray(q.err, np.float64) * np.abs(cv), kind="sub", how="scale",
+                                stat=q.stat), eps_of(O.elem(q.u))))
     for w, q in prover._rels_on(O, rs):
         if q.kind != "rel" or q.full_t:
             continue
@@ -829,12 +843,23 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             d = O.shape(w)[last]
             if not isinstance(d, int):
                 continue
+            # a run-time beta r of the original: y = g0 N + r, so out = (gp/g0)(y - r) + bp, a
+            # relation of kind "sub" (stat holds r) that only an Add of r itself turns back
+            rt_beta = cand.op_type == "LayerNormalization" and len(cand.input) > 2 and bool(cand.input[2]) and b0 is None
+            if rt_beta and not _broadcasts_into(O, cand.input[2], cand.output[0]):
+                continue
             if isinstance(gamma_p, RuntimeGamma):
                 # the same run-time scale on both sides: out = y - gamma * b0 needs b0 = 0 unless a beta is re-added
                 if len(cand.input) < 2 or cand.input[1] not in gamma_p.names:
                     continue
-                if len(cand.input) > 2 and cand.input[2] and b0 is None:
-                    continue  # a run-time beta
+                if rt_beta:
+                    d = O.shape(w)[last]
+                    bpv = None if beta_p is None else (vec(beta_p, d) if isinstance(d, int) and beta_p.size in (1, d) else False)
+                    if bpv is False:
+                        continue
+                    out.append(Rel(cand.output[0], last, False, None, bpv, 0.0, kind="sub", how="norm, run-time beta",
+                                   stat=(cand.input[2],)))
+                    continue
                 b0v = np.zeros(d) if b0 is None else (vec(b0, d) if b0.size in (1, d) else None)
                 bpv = np.zeros(d) if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else None)
                 if b0v is None or bpv is None:
@@ -848,6 +873,15 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             g0 = vec(g0, d) if g0.size in (1, d) else None
             gp = vec(gamma_p, d) if gamma_p is not None and gamma_p.size in (1, d) else None
             if g0 is None or gp is None:
+                continue
+            if rt_beta:
+                bpv = None if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else False)
+                if bpv is False or np.any(g0 == 0):
+                    continue
+                eps = eps_of(O.elem(w))
+                a = np.where(g0 == gp, 1.0, gp / g0)
+                r = simplify(Rel(cand.output[0], last, False, a, bpv, 0.0), eps)
+                out.append(Rel(r.u, last, False, r.a, r.t, 0.0, kind="sub", how="norm, run-time beta", stat=(cand.input[2],)))
                 continue
             b0 = np.zeros(d) if b0 is None else (vec(b0, d) if b0.size in (1, d) else None)
             bp = np.zeros(d) if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else None)
@@ -863,6 +897,31 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             err = 2 * eps * (np.abs(a * b0) + np.abs(bp))
             y = cand.output[0]
             out.append(_exact_t(simplify(Rel(y, last, False, a, t, err, how="norm"), eps)))
+    return out
+
+
+def _broadcasts_into(O, r, y) -> bool:
+    """The original value r broadcasts into y's shape without widening it (every dim of r,
+    right-aligned, is 1 or y's)."""
+    sr, sy = O.shape(r), O.shape(y)
+    if sr is None or sy is None or len(sr) > len(sy):
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(list(sr)), reversed(list(sy))))
+
+
+def _runtime_beta_add(prover, O, P, node, in_rels):
+    """mid + r' where mid = (y - r) + t (a norm whose original adds a run-time beta r) and r'
+    equals r: y + t, a plain per-channel relation."""
+    if node.op_type != "Add" or len(node.input) != 2 or any(r in (None, "const") for r in in_rels):
+        return []
+    out = []
+    for k in (0, 1):
+        for q in in_rels[k]:
+            if q.kind != "sub" or q.a is not None:
+                continue
+            r = q.stat[0]
+            if any(w == r and qq.eq for w, qq in prover._rels_on(O, in_rels[1 - k])):
+                out.append(simplify(Rel(q.u, q.axis, False, None, q.t, q.err, how="run-time beta re-added"), eps_of(O.elem(q.u))))
     return out
 
 
