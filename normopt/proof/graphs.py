@@ -119,6 +119,20 @@ def row_blocks(view, name, block_bytes=BLOCK_BYTES):
         yield s, np.frombuffer(buf, dtype=dt).reshape((n,) + shape[1:])
 
 
+def last_row(view, name):
+    """The last row (along axis 0) of a constant, reading only that row from a file."""
+    t = _tensor_of(view, name)
+    ref = W.external_ref(t) if t is not None else None
+    dt = W.np_dtype(t.data_type) if t is not None else None
+    shape = tuple(int(d) for d in t.dims) if t is not None else ()
+    if ref is None or dt is None or dt.kind == "O" or not shape:
+        arr = view.const(name)
+        return None if arr is None or np.ndim(arr) == 0 else np.asarray(arr)[-1]
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    buf = W.read_bytes(ref[0], ref[1] + (shape[0] - 1) * row * dt.itemsize, row * dt.itemsize)
+    return np.frombuffer(buf, dtype=dt).reshape(shape[1:])
+
+
 def same_bytes(view_a, name_a, view_b, name_b) -> bool:
     """Two stored constants with the same type, shape and bytes (read block by block)."""
     ta, tb = _tensor_of(view_a, name_a), _tensor_of(view_b, name_b)

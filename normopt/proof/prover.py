@@ -163,7 +163,7 @@ class Prover:
         """r (on u) restated on w, a member of u's family; None if it cannot be."""
         if r.u == w:
             return r
-        if r.kind != "rel" or r.full_t:
+        if r.kind not in ("rel", "comp") or r.full_t or (r.kind == "comp" and r.axis is None):
             return None
         ku, kw = O.layout_key(r.u), O.layout_key(w)
         if ku is None or ku != kw:
@@ -200,12 +200,14 @@ class Prover:
         eps = eps_of(O.elem(w))
         err = np.asarray(r.err, np.float64)  # the original's forms are exact: restating adds no rounding
         if axis is None:
+            if r.kind != "rel":
+                return None
             if not np.isclose(float(na), 1.0, rtol=4 * eps, atol=0):
                 return None
             if float(nt) != 0.0 and not r.centered:
                 return None
             return Rel(w, None, False, how=r.how) if not r.centered else None
-        out = Rel(w, axis, r.centered, vec(na, d), vec(nt, d), vec(err, d) if np.ndim(err) else err, how=r.how)
+        out = Rel(w, axis, r.centered, vec(na, d), vec(nt, d), vec(err, d) if np.ndim(err) else err, kind=r.kind, how=r.how)
         return simplify(out, eps)
 
     def _eq_to(self, O, r: Rel, w: str) -> bool:
@@ -282,6 +284,8 @@ class Prover:
         rule = RULES.get(node.op_type)
         reasons = []
         rules = [rule] if rule is not None else []
+        if any(isinstance(r, list) and any(q.kind in ("comp", "cstat") for q in r) for r in in_rels):
+            rules.insert(0, rule_comp)  # a compressed (CRMSNorm) stream: its own rules first
         if node.op_type in STAT_OPS and any(isinstance(r, list) and any(q.kind == "stat" or q.pure_center or q.eq for q in r)
                                             for r in in_rels):
             rules.append(rule_stat)
@@ -428,7 +432,7 @@ class Prover:
         # the first non-constant data input names the candidates
         k0 = next(k for k in data_slots if in_rels[k] not in (None, "const"))
         for w, rr in self._rels_on(O, in_rels[k0]):
-            if rr.kind != "rel":
+            if rr.kind not in ("rel", "comp"):  # a compressed value commutes with ops over other axes too
                 continue
             for cand, slot in O.consumers.get(w, ()):
                 if cand.op_type != op or slot != k0:
@@ -463,7 +467,7 @@ class Prover:
                 if r is None:
                     if oi:
                         return None
-                elif k == 1 and self._same_target_shape(O, P, node, cand):
+                elif k == 1 and self._same_target_shape(O, P, node, cand, rr):
                     continue
                 elif r == "const":
                     if not self._const_input_ok(O, P, i, oi):
@@ -502,23 +506,70 @@ class Prover:
                 outs.append([Rel(cand.output[k], axis_out, rr.centered, rr.a, rr.t, rr.err, rr.kind, how=op)])
         return outs
 
-    def _same_target_shape(self, O, P, node, cand) -> bool:
+    def _same_target_shape(self, O, P, node, cand, rr=None) -> bool:
         """A Reshape's or Expand's shape operand matters only through the output shape it
         gives: two of them (the data input related by the caller) agree when both output shapes
-        are known and equal as polynomials of the graph inputs' dims, for every size."""
+        are known and equal as polynomials of the graph inputs' dims, for every size. For a
+        compressed relation the optimized shape has d-1 where the original's has d, at the
+        channel axis (mapped through the op) and only there."""
         if node.op_type not in ("Reshape", "Expand") or cand.op_type != node.op_type:
             return False
         a = P.tracker.S(node.output[0])
         b = O.tracker.S(cand.output[0])
+        comp_at = None
+        if rr is not None and rr.kind == "comp":
+            rin, rout = O.rank(cand.input[0]), O.rank(cand.output[0])
+            comp_at = self._map_axis(O, cand, rr.axis, rin, rout) if rin is not None and rout is not None else None
+            if comp_at is None:
+                return False
         if a is None or b is None or len(a) != len(b) or any(d is None for d in a) or any(d is None for d in b):
+            return comp_at is not None and self._comp_shape_operand(O, P, node, cand, comp_at, rr)
+        for k, (x, y) in enumerate(zip(a, b)):
+            if k == comp_at:
+                if not (isinstance(x, int) and isinstance(y, int) and not isinstance(x, bool) and x == y - 1):
+                    return False
+            elif not (x == y and isinstance(x, bool) == isinstance(y, bool)):
+                return False
+        return True
+
+    def _comp_shape_operand(self, O, P, node, cand, comp_at, rr) -> bool:
+        """Shape operands (constants) of a Reshape / Expand on a compressed value: the same
+        vector but d-1 for the original's d at the channel's position (right-aligned for
+        Expand); -1 and 0 elsewhere then mean the same in both graphs."""
+        if len(node.input) < 2 or len(cand.input) < 2:
             return False
-        return all(x == y and isinstance(x, bool) == isinstance(y, bool) for x, y in zip(a, b))
+        sp, so = P.const(node.input[1]), O.const(cand.input[1])
+        if sp is None or so is None:
+            return False
+        sp, so = [int(x) for x in np.asarray(sp).reshape(-1)], [int(x) for x in np.asarray(so).reshape(-1)]
+        rout = O.rank(cand.output[0])
+        shp = O.shape(cand.input[0])
+        d = shp[rr.axis] if shp is not None else None
+        if len(sp) != len(so) or rout is None or not isinstance(d, int) or d < 2:
+            return False
+        k = comp_at if node.op_type == "Reshape" else comp_at - (rout - len(so))
+        if not 0 <= k < len(so):
+            return False
+        if node.op_type == "Reshape" and rr.axis != k and rr.axis < len(so) and 0 in (so[rr.axis], sp[rr.axis]) \
+                and not O.attrs(cand).get("allowzero", 0):
+            return False  # a 0 there would copy the channel dim (d in one graph, d-1 in the other)
+        if node.op_type == "Expand" and so[k] == 1 and sp[k] == 1:
+            return sp == so
+        return so[k] == d and sp[k] == d - 1 and all(x == y for i, (x, y) in enumerate(zip(sp, so)) if i != k)
 
     def _const_related(self, O, P, pname, oname, rr: Rel, rank):
         """Constant pname of the optimized graph relates to the original's constant oname as rr does."""
         c, c0 = P.const(pname), O.const(oname)
-        if c is None or c0 is None or c.shape != c0.shape:
+        comp = rr.kind == "comp"
+        if c is None or c0 is None or (c.shape != c0.shape and not comp):
             return False
+        if comp:  # C(P(a c0) + t): zero-mean only when centered (t is then zero-mean too)
+            if not rr.centered or np.ndim(c0) != rank or np.ndim(c) != rank:
+                return False
+            want = list(np.shape(c0))
+            want[rr.axis] -= 1
+            if list(np.shape(c)) != want:
+                return False
         c0 = np.asarray(c0, np.float64)
         exp = c0
         if rr.a is not None:
@@ -527,8 +578,12 @@ class Prover:
             exp = center(exp, rr.axis)
         if rr.t is not None:
             exp = exp + _bcast(rr.t, rr.axis, rank)
+        scale = np.abs(c0)
+        if comp:
+            keep = list(range(c0.shape[rr.axis] - 1))
+            exp, scale = np.take(exp, keep, axis=rr.axis), np.take(scale, keep, axis=rr.axis)
         self.stats.weights_checked += 1
-        return _weights_close(np.asarray(c, np.float64), exp, eps_of(P.elem(pname)), np.abs(c0), tiny_of(P.elem(pname)))
+        return _weights_close(np.asarray(c, np.float64), exp, eps_of(P.elem(pname)), scale, tiny_of(P.elem(pname)))
 
     def _map_axis(self, O, node, axis, rin, rout):
         op = node.op_type
@@ -743,3 +798,4 @@ def _show(rs) -> str:
 
 
 from .rules import RULES, STAT_OPS, rule_stat  # noqa: E402  (the rules use the helpers above)
+from .compressed import rule_comp  # noqa: E402

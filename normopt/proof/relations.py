@@ -8,6 +8,17 @@ t = 0) and *centered* (P centering, a = 1, t = 0). ``kind="mean"`` is v' = mean_
 (keepdims). ``err`` bounds the absolute rounding error of t (from the weights' dtype), so
 ``t ~ 0`` is judged against what rounding can explain and nothing more.
 
+``kind="comp"`` is the compressed relation of a CRMSNorm stream: v' is the first d-1 channels
+along the axis of F = P(a * u) + t, where F is zero-mean along the axis (so its last channel is
+-sum of the others); a and t are d-long. Only the rules that know the invariant (the proof's
+compressed module, the commuting layout ops) read it; every other rule skips it. Kind "cstat"
+is a per-token statistic of such an F (stat: ("sq",), ("sumsq",), ("sum",), ("last",),
+("sum2",), ("ssq",), ("ms",), ("mse", eps, tol), ("rms", eps, tol), ("irms", eps, tol)).
+
+``kind="sub"`` is v' = a * (u - r) + t for an original run-time value r (stat holds its name):
+a norm whose original adds a run-time beta r. Only an Add of a value equal to r (with a = 1)
+turns it back into a plain relation on u.
+
 Every relation the prover records is a true statement about the two graphs (given the weight
 facts it checked); several may hold for one value.
 """
@@ -51,7 +62,7 @@ class Rel:
     a: np.ndarray | None = None
     t: np.ndarray | None = None
     err: np.ndarray | float = 0.0
-    kind: str = "rel"  # "rel" | "mean" | "zero" (the mean of a centered u: 0) | "stat" (a per-token statistic of u)
+    kind: str = "rel"  # "rel" | "mean" | "zero" (the mean of a centered u: 0) | "stat" (a per-token statistic of u) | "comp" | "cstat"
     how: str = field(default="", compare=False)
     stat: tuple = ()  # kind "stat": ("sq",) (P(u))^2, ("ms",) mean of it, ("mse", eps), ("rms", eps), ("irms", eps)
 
@@ -75,6 +86,10 @@ class Rel:
             return f"mean of centered '{self.u}' (zero)"
         if self.kind == "stat":
             return f"statistic {self.stat[0]} of centered '{self.u}' along axis {self.axis}"
+        if self.kind == "comp":
+            return f"the first d-1 channels (axis {self.axis}) of a zero-mean form of '{self.u}'"
+        if self.kind == "cstat":
+            return f"statistic {self.stat[0]} of a compressed form of '{self.u}' along axis {self.axis}"
         if self.eq:
             return f"equal to '{self.u}'"
         parts = []
@@ -88,7 +103,7 @@ class Rel:
 
 
 def simplify(r: Rel, eps: float) -> Rel:
-    if r.kind != "rel":
+    if r.kind not in ("rel", "comp", "sub"):
         return r
     a, t = r.a, r.t
     if a is not None:
@@ -103,7 +118,7 @@ def simplify(r: Rel, eps: float) -> Rel:
             t = None
     centered = r.centered
     axis = r.axis
-    if not centered and a is None and t is None:
+    if not centered and a is None and t is None and r.kind == "rel":
         axis = None
     return Rel(r.u, axis, centered, a, t, r.err if t is not None else 0.0, r.kind, r.how, r.stat)
 
@@ -129,15 +144,40 @@ def per_channel(arr: np.ndarray, axis: int, rank: int, tol=0.0):
     other = tuple(i for i in range(rank) if i != axis)
     first = full[tuple(slice(0, 1) if i in other else slice(None) for i in range(rank))]
     if not np.array_equal(np.broadcast_to(first, full.shape), full):
-        # variation along the other axes is allowed only within the rounding bound `tol`
-        mean = full.mean(axis=other, keepdims=True)
+        # variation along the other axes is allowed only within the rounding bound `tol`, element
+        # by element: one value per channel must lie within every element's own bound (the
+        # intersection of [x - tol, x + tol] over the other axes is not empty), so a small
+        # element is never excused by its larger neighbours' bounds
         tol = np.broadcast_to(np.asarray(tol, np.float64), np.broadcast_shapes(np.shape(tol), full.shape))
-        # each element within its own bound of the mean, which is within the mean of the bounds
-        # (|mean(d)| <= mean(|d|) <= mean(tol)): the largest bound does not widen every element's
-        if not np.all(np.abs(full - mean) <= tol + tol.mean(axis=other, keepdims=True) + 1e-300):
+        full = np.broadcast_to(full, tol.shape)
+        lo = (full - tol).max(axis=other, keepdims=True)
+        hi = (full + tol).min(axis=other, keepdims=True)
+        if not np.all(lo <= hi + 1e-300):
             return None
-        return mean.reshape(-1)
+        return ((lo + hi) / 2).reshape(-1)
     return first.reshape(-1)
+
+
+def per_channel_err(arr: np.ndarray, axis: int, rank: int, tol):
+    """(t, half-width) per channel along `axis` when one value per channel lies within every
+    element's own bound: the intersection of [x - tol, x + tol] over the other axes, its midpoint
+    and half-width (the true shift is within that of t); None when the intersection is empty."""
+    arr = np.asarray(arr, np.float64)
+    if arr.ndim > rank:
+        return None
+    full = arr.reshape((1,) * (rank - arr.ndim) + arr.shape)
+    tol = np.asarray(tol, np.float64)
+    tol = tol.reshape((1,) * (rank - tol.ndim) + tol.shape) if tol.ndim <= rank else None
+    if tol is None:
+        return None
+    shape = np.broadcast_shapes(full.shape, tol.shape)
+    full, tol = np.broadcast_to(full, shape), np.broadcast_to(tol, shape)
+    other = tuple(i for i in range(rank) if i != axis)
+    lo = (full - tol).max(axis=other) if other else full - tol
+    hi = (full + tol).min(axis=other) if other else full + tol
+    if not np.all(lo <= hi + 1e-300):
+        return None
+    return ((lo + hi) / 2).reshape(-1), np.maximum((hi - lo) / 2, 0.0).reshape(-1)
 
 
 def center(arr: np.ndarray, axis: int) -> np.ndarray:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graphs import BLOCK_BYTES, reduce_axes, row_blocks, same_bytes
+from .graphs import BLOCK_BYTES, last_row, reduce_axes, row_blocks, same_bytes
 from .graphs import reduce_axes as _reduce_axes
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
-from .relations import Rel, center, eps_of, per_channel, simplify, tiny_of, vec
+from .relations import Rel, center, eps_of, per_channel, per_channel_err, simplify, tiny_of, vec
 
 
 def _rank_key(r: Rel):
@@ -128,15 +128,14 @@ def _shift_rel(O, y, q: Rel, delta, err_full):
         axis = varying[0]
     qe = np.asarray(q.err, np.float64)
     bound = (_bcast(qe, axis, ry) if qe.ndim == 1 else qe) + err_full
-    tv = per_channel(delta, axis, ry, bound)
-    if tv is None:
+    got = per_channel_err(delta, axis, ry, bound)
+    if got is None:
         return None
-    err_extra = _channel_err(err_full, Rel(y, axis), ry)
+    tv, err = got  # the shift lies within every element's own bound: err is that interval's half-width
     d = sy[axis] if sy is not None else None
     if not isinstance(d, int):
         return None
     a = q.a
-    err = np.asarray(q.err, np.float64) + err_extra
     return simplify(Rel(y, axis, q.centered, None if a is None else vec(a, d), vec(tv, d), vec(err, d) if np.ndim(err) else err,
                         how="shift"), eps_of(O.elem(y)))
 
@@ -158,7 +157,7 @@ def _p_of(arr, q: Rel, rank):
 def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
     """Relations of v' + sign_c * c for v' with relations rs and the optimized constant c."""
     c = np.asarray(c)
-    eps_c = 2 * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))
+    eps_c = W_TOL * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))  # the cast of c' and one intermediate
     tiny_c = 2 * float(np.finfo(c.dtype).smallest_subnormal) if c.dtype.kind == "f" else 0.0
     c = c.astype(np.float64)
     out = []
@@ -189,8 +188,9 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
             if r is not None:
                 out.append(r)
         # B: the constant has no counterpart (a bias moved here, a beta re-added)
+        # c' = cast(s + cast(-t)) folds the shift t in: the cast of c' and of that intermediate
         delta = t0 + sign_c * _full(c, ry)
-        r = _shift_rel(O, w, q, delta, eps_c * np.abs(_full(c, ry)) + tiny_c)
+        r = _shift_rel(O, w, q, delta, eps_c * (np.abs(_full(c, ry)) + np.abs(t0)) + tiny_c)
         if r is not None:
             out.append(r)
     return out
@@ -225,7 +225,7 @@ def rule_add(prover, O, P, node, in_rels, sign=1.0):
         if got:
             prover.stats.shifts_absorbed += 1
         return _finish(prover, got, f"the constant '{node.input[ci]}' is not a per-channel shift the original explains")
-    out = []
+    out = _runtime_beta_add(prover, O, P, node, in_rels)
     r0 = prover._rels_on(O, k0)
     r1 = prover._rels_on(O, k1)
     for w1, q1 in r0:
@@ -278,6 +278,20 @@ def rule_mul(prover, O, P, node, in_rels):
         c = 1.0 / c
     rs = in_rels[1 - ci]
     out = []
+    for q in rs:
+        # a * (y - r) + t times a per-channel constant (the scale of a decomposed norm)
+        ry = O.rank(q.u) if q.kind == "sub" else None
+        if ry is None or c.ndim > ry:
+            continue
+        cv = per_channel(_full(c, ry), q.axis, ry)
+        d = O.shape(q.u)[q.axis] if O.shape(q.u) is not None else None
+        if cv is None or not isinstance(d, int) or (np.ndim(cv) and cv.size not in (1, d)):
+            continue
+        cv = vec(cv, d)
+        a = cv if q.a is None else vec(q.a, d) * cv
+        t = None if q.t is None else vec(q.t, d) * cv
+        out.append(simplify(Rel(q.u, q.axis, False, a, t, np.asarray(q.err, np.float64) * np.abs(cv), kind="sub", how="scale",
+                                stat=q.stat), eps_of(O.elem(q.u))))
     for w, q in prover._rels_on(O, rs):
         if q.kind != "rel" or q.full_t:
             continue
@@ -369,6 +383,13 @@ class _Mat:
         else:
             raise _Skip(f"{op} is not linear")
 
+    def last(self):
+        """The last row (input channel K-1) in float64, read alone."""
+        if self.whole is not None:
+            return self.whole[-1]
+        r = last_row(self.view, self.name)
+        return None if r is None else np.asarray(r, np.float64).reshape(-1)
+
     def blocks(self, rows=None):
         """(first row, float64 rows) blocks; with ``rows``, only the first that many rows, read as
         one small block (a screen: see _check_matrix)."""
@@ -454,16 +475,18 @@ def _in_axis(op, rank):
 SCREEN_ROWS = 8  # rows of a weight compared before a full pass (_check_matrix's screen)
 
 
-def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=0.0, screen=None):
+def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=0.0, comp=False, screen=None):
     """Is diag(alpha) Wp equal to Wo diag(cz) (centered along the outputs if asked) within the
     rounding of eps? One pass over both weights in float64 row blocks, which also gives
-    tau Wp, |tau| |Wp| and err_in |Wp|. Returns (ok, first bad (row, col), tauW, abs_tauW, errW).
+    tau We (We the weight the original implies), |tau (Wp - We)| and err_in |Wp|.
+    Returns (ok, first bad (row, col), tauWe, |tau (Wp - We)|, errW).
+    comp: Wp holds the first N-1 of Wo's N output columns (after the centering).
 
     With ``screen=r``, only the first r rows are compared (each row holds every output column,
     so a centering is checked exactly there): a hypothesis that fails there is refused without
     reading the weights; one that passes is only a candidate for the full pass (ok is never a
     proof then, and the sums are not returned)."""
-    if (Mo.K, Mo.N) != (Mp.K, Mp.N):
+    if (Mo.K, Mo.N) != (Mp.K, Mp.N + (1 if comp else 0)) or (comp and not centered):
         return False, None, None, None, None
     N = Mp.N
     tw, atw, ew = np.zeros(N), np.zeros(N), np.zeros(N)
@@ -475,16 +498,29 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
                 break
         n = len(p)
         o = rows.take(n)
-        if tau is not None:
-            tw += tau[s:s + n] @ p
-            atw += np.abs(tau[s:s + n]) @ np.abs(p)
         if err_in is not None:
             ew += err_in[s:s + n] @ np.abs(p)
+        p_stored = p
         if alpha is not None:
             p = p * alpha[s:s + n, None]
         if cz is not None:
             o = o * cz[None, :]
         e = o - o.mean(axis=1, keepdims=True) if centered else o
+        if comp:
+            e, o = e[:, :N], o[:, :N]
+        if tau is not None:
+            # tau times the weight the original implies (e / alpha), not the stored one: the
+            # stored weight's rounding, times the whole input (tau included), is the weight
+            # fact's own tolerance, not a bias error (rows with alpha = 0 use the stored weight)
+            if alpha is None:
+                p_exp = e
+            else:
+                al = alpha[s:s + n, None]
+                p_exp = np.where(al != 0, e / np.where(al != 0, al, 1.0), p_stored)
+            tw += tau[s:s + n] @ p_exp
+            # what the same shift through the stored (rounded) weight differs by: an optimizer
+            # may fold a bias through either; the actual signed sum, not a bound of it
+            atw += tau[s:s + n] @ (p_stored - p_exp)
         bound = W_TOL * eps * (np.abs(e) + np.abs(p) + (np.abs(o) if centered else 0.0)) + 2 * tiny
         bad = np.abs(p - e) > bound + 1e-300
         if bad.any():
@@ -492,7 +528,7 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
             return False, (s + int(i), int(j)), None, None, None
     if screen is not None:
         return True, None, None, None, None
-    return True, None, tw, atw, ew
+    return True, None, tw, np.abs(atw), ew
 
 
 def _solved_screen(Mp, Mo, alpha, eps, tiny) -> bool:
@@ -546,7 +582,7 @@ def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale
     err = eps * (np.abs(bp) + np.abs(c * bo))
     if tau is not None:
         shift = shift + tw * Wp_scale
-        err = err + eps * atw * abs(Wp_scale)
+        err = err + atw * abs(Wp_scale)
     if e_in is not None:
         err = err + ew * abs(Wp_scale)
     out.append(simplify(Rel(m, out_axis, False, c, shift, err, how="scaled weights"), eps))
@@ -611,6 +647,11 @@ def rule_linear(prover, O, P, node, in_rels):
     eps = eps_of(P.elem(node.input[1]))
     out, tried = [], []
     for w, q in prover._rels_on(O, in_rels[0]):
+        if q.kind == "comp":
+            from .compressed import comp_reader
+
+            comp_reader(prover, O, P, node, w, q, Mp, bp, Wp_scale, eps, out, tried)
+            continue
         if q.kind != "rel" or q.centered or q.full_t:
             continue
         rw = O.rank(w)
@@ -636,10 +677,11 @@ def rule_linear(prover, O, P, node, in_rels):
                 Mo = _Mat(O, cand.input[1], cand.op_type, oattrs)
             except _Skip:
                 continue
-            if (Mo.K, Mo.N) != (K, N) or Mo.rep != rep:
+            comp = (Mo.K, Mo.N, Mo.rep) == (K, N + 1, rep)  # a CRMS writer keeps N-1 output channels
+            if ((Mo.K, Mo.N) != (K, N) or Mo.rep != rep) and not comp:
                 continue
             Wo_scale = float(oattrs.get("alpha", 1.0)) if cand.op_type == "Gemm" else 1.0
-            bo = _bias(O, cand, cand.op_type, oattrs, N)
+            bo = _bias(O, cand, cand.op_type, oattrs, Mo.N)
             if bo is None:
                 continue
             m = cand.output[0]
@@ -657,6 +699,12 @@ def rule_linear(prover, O, P, node, in_rels):
                 pads = pattrs.get("pads") or ()
                 if any(pads) or pattrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
                     continue  # a shift does not pass through zero padding
+            if comp:
+                from .compressed import comp_writer
+
+                comp_writer(prover, O, P, node, cand, q, Mp, Mo, alpha, tau, bp, bo, Wp_scale, Wo_scale, eps, m, rm,
+                            out_axis, rep, out, tried)
+                continue
             checked = {}  # (scale, centered) -> _check_matrix's answer, for this weight pair
             for z, cz, sz in _writer_targets(prover, O, m, out_axis, N, rm):
                 c_all = (np.ones(N) if cz is None else cz) * Wo_scale
@@ -695,7 +743,7 @@ def rule_linear(prover, O, P, node, in_rels):
                     err = eps * np.abs(bp)
                     if tau is not None:
                         shift = shift + tw * Wp_scale
-                        err = err + eps * atw * abs(Wp_scale)
+                        err = err + atw * abs(Wp_scale)
                     if e_in is not None:
                         err = err + ew * abs(Wp_scale)
                     if np.ndim(sz) > 1:  # the original adds a full constant tensor before its per-channel chain
@@ -710,7 +758,9 @@ def rule_linear(prover, O, P, node, in_rels):
                         err = err + bound
                     else:
                         orig_shift = (np.ones(N) if cz is None else cz) * bo + sz
-                        err = err + eps * np.abs(orig_shift)  # the stored bias rounds the folded value
+                        # the stored bias rounds the folded value (one intermediate); a zero stored
+                        # bias folded nothing and rounds nothing
+                        err = err + eps * np.abs(orig_shift) * (np.asarray(bp) != 0)
                         if centered:
                             orig_shift = orig_shift - orig_shift.mean()
                         t_rel = shift - orig_shift
@@ -765,6 +815,9 @@ def rule_gather(prover, O, P, node, in_rels):
                     continue
                 out.append(Rel(y, ry - 1, True, how="centered table"))
                 prover.stats.centered_writers += 1
+    from .compressed import comp_gather
+
+    comp_gather(prover, O, P, node, in_rels, out)
     return _finish(prover, out, f"table '{node.input[0]}' is neither the original's nor its rows centered")
 
 
@@ -831,7 +884,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
                 a = np.where(same, 1.0, gp / np.where(g0 == 0, 1.0, g0))
                 t = bp - a * b0
                 eps = eps_of(O.elem(w))
-                out.append(simplify(Rel(n, last, False, a, t, 2 * eps * (np.abs(bp) + np.abs(a * b0)), how="norm"), eps))
+                out.append(_exact_t(simplify(Rel(n, last, False, a, t, 2 * eps * (np.abs(bp) + np.abs(a * b0)), how="norm"), eps)))
                 continue
             oa = O.attrs(cand)
             if cand.op_type == "LayerNormalization":
@@ -847,12 +900,23 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             d = O.shape(w)[last]
             if not isinstance(d, int):
                 continue
+            # a run-time beta r of the original: y = g0 N + r, so out = (gp/g0)(y - r) + bp, a
+            # relation of kind "sub" (stat holds r) that only an Add of r itself turns back
+            rt_beta = cand.op_type == "LayerNormalization" and len(cand.input) > 2 and bool(cand.input[2]) and b0 is None
+            if rt_beta and not _broadcasts_into(O, cand.input[2], cand.output[0]):
+                continue
             if isinstance(gamma_p, RuntimeGamma):
                 # the same run-time scale on both sides: out = y - gamma * b0 needs b0 = 0 unless a beta is re-added
                 if len(cand.input) < 2 or cand.input[1] not in gamma_p.names:
                     continue
-                if len(cand.input) > 2 and cand.input[2] and b0 is None:
-                    continue  # a run-time beta
+                if rt_beta:
+                    d = O.shape(w)[last]
+                    bpv = None if beta_p is None else (vec(beta_p, d) if isinstance(d, int) and beta_p.size in (1, d) else False)
+                    if bpv is False:
+                        continue
+                    out.append(Rel(cand.output[0], last, False, None, bpv, 0.0, kind="sub", how="norm, run-time beta",
+                                   stat=(cand.input[2],)))
+                    continue
                 b0v = np.zeros(d) if b0 is None else (vec(b0, d) if b0.size in (1, d) else None)
                 bpv = np.zeros(d) if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else None)
                 if b0v is None or bpv is None:
@@ -867,6 +931,15 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             gp = vec(gamma_p, d) if gamma_p is not None and gamma_p.size in (1, d) else None
             if g0 is None or gp is None:
                 continue
+            if rt_beta:
+                bpv = None if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else False)
+                if bpv is False or np.any(g0 == 0):
+                    continue
+                eps = eps_of(O.elem(w))
+                a = np.where(g0 == gp, 1.0, gp / g0)
+                r = simplify(Rel(cand.output[0], last, False, a, bpv, 0.0), eps)
+                out.append(Rel(r.u, last, False, r.a, r.t, 0.0, kind="sub", how="norm, run-time beta", stat=(cand.input[2],)))
+                continue
             b0 = np.zeros(d) if b0 is None else (vec(b0, d) if b0.size in (1, d) else None)
             bp = np.zeros(d) if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else None)
             if b0 is None or bp is None:
@@ -880,8 +953,42 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             eps = eps_of(O.elem(w))
             err = 2 * eps * (np.abs(a * b0) + np.abs(bp))
             y = cand.output[0]
-            out.append(simplify(Rel(y, last, False, a, t, err, how="norm"), eps))
+            out.append(_exact_t(simplify(Rel(y, last, False, a, t, err, how="norm"), eps)))
     return out
+
+
+def _broadcasts_into(O, r, y) -> bool:
+    """The original value r broadcasts into y's shape without widening it (every dim of r,
+    right-aligned, is 1 or y's)."""
+    sr, sy = O.shape(r), O.shape(y)
+    if sr is None or sy is None or len(sr) > len(sy):
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(list(sr)), reversed(list(sy))))
+
+
+def _runtime_beta_add(prover, O, P, node, in_rels):
+    """mid + r' where mid = (y - r) + t (a norm whose original adds a run-time beta r) and r'
+    equals r: y + t, a plain per-channel relation."""
+    if node.op_type != "Add" or len(node.input) != 2 or any(r in (None, "const") for r in in_rels):
+        return []
+    out = []
+    for k in (0, 1):
+        for q in in_rels[k]:
+            if q.kind != "sub" or q.a is not None:
+                continue
+            r = q.stat[0]
+            if any(w == r and qq.eq for w, qq in prover._rels_on(O, in_rels[1 - k])):
+                out.append(simplify(Rel(q.u, q.axis, False, None, q.t, q.err, how="run-time beta re-added"), eps_of(O.elem(q.u))))
+    return out
+
+
+def _exact_t(r: Rel) -> Rel:
+    """A norm's relation keeps t = beta' - a beta only when it does not vanish within the rounding
+    of the stored betas; what is kept is then exact (computed in float64 from the stored values,
+    the identity LN = RMS o P is exact), so it carries no rounding bound on to its readers."""
+    if r.t is not None:
+        r.err = 4 * np.finfo(np.float64).eps * np.abs(r.t)
+    return r
 
 
 def rule_norm(prover, O, P, node, in_rels):
@@ -1114,5 +1221,21 @@ RULES = {
     "SkipLayerNormalization": rule_skip,
     "ReduceMean": rule_reduce_mean,
 }
+
+
+def _rule_slice(prover, O, P, node, in_rels):
+    from .compressed import rule_slice
+
+    return rule_slice(prover, O, P, node, in_rels)
+
+
+def _rule_expand(prover, O, P, node, in_rels):
+    from .compressed import rule_expand_const
+
+    return rule_expand_const(prover, O, P, node, in_rels)
+
+
+RULES["Slice"] = _rule_slice
+RULES["Expand"] = _rule_expand
 
 del reduce_axes, NotProved

@@ -1,0 +1,66 @@
+"""fp16 biases and shifted constants: a bias that absorbed a moved beta (b' = b + beta W), a
+centered bias and a centered position table are judged at the rounding of their own casts, so
+single elements changed by 2% or by 16 ulps are refused (in fp16 such changes used to prove)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from conftest import preln_stream_model
+from normopt.api import optimize_model
+from normopt.proof import prove
+
+
+def _with(model, name, arr):
+    m = copy.deepcopy(model)
+    for t in m.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(arr).astype(numpy_helper.to_array(t).dtype), name))
+    return m
+
+
+def _ulps(v, n):
+    v = np.float16(v)
+    for _ in range(n):
+        v = np.nextafter(v, np.float16(np.inf) if v >= 0 else np.float16(-np.inf))
+    return v
+
+
+def _shift_tensors(orig, out):
+    o = {t.name: numpy_helper.to_array(t) for t in orig.graph.initializer}
+    for t in out.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.dtype != np.float16 or (t.name in o and np.array_equal(o[t.name], a)):
+            continue
+        if a.ndim == 1 or t.name.startswith("pos"):
+            yield t.name, a
+
+
+OPTIONS = {"default": ({}, []), "crms": ({}, ["crms"]), "onnx": (dict(target="onnx"), []),
+           "skip_fusion": (dict(provider="cuda"), [])}
+
+
+@pytest.mark.parametrize("how", sorted(OPTIONS))
+@pytest.mark.parametrize("change", ["2%", "16 ulps"])
+def test_fp16_bias_elements_changed_are_refused(how, change):
+    kw, opt_in = OPTIONS[how]
+    m = preln_stream_model(d=16, dtype=np.float16)
+    out, _ = optimize_model(m, opt_in=opt_in, **kw)
+    assert prove(m, out).proved
+    names = list(_shift_tensors(m, out))
+    assert any(n.endswith("_beta") for n, _ in names) or how == "crms" or kw.get("target") == "onnx", names
+    tried = 0
+    for name, a in names:
+        for k in range(0, a.size, max(1, a.size // 6)):
+            b = a.copy().reshape(-1)
+            if b[k] == 0:
+                continue
+            b[k] = np.float16(float(b[k]) * 1.02) if change == "2%" else _ulps(b[k], 16)
+            res = prove(m, _with(out, name, b.reshape(a.shape)))
+            assert not res.proved, (name, k, float(a.reshape(-1)[k]), res.summary)
+            tried += 1
+    assert tried >= 6
