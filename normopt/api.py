@@ -501,7 +501,7 @@ def check_input_memory(model, input_opts=None) -> None:
         )
 
 
-def check_memory(loaded, input_opts=None) -> None:
+def check_memory(loaded, input_opts=None, hint=None) -> None:
     """Before verification: one ONNX Runtime session at a time, and the inputs, must fit in memory."""
     need = verification_bytes(loaded.weight_bytes)
     avail = available_bytes()
@@ -509,7 +509,7 @@ def check_memory(loaded, input_opts=None) -> None:
         raise NormoptError(
             f"verification needs about {need / 2**30:.1f} GB of memory (one ONNX Runtime session at a time, "
             f"{loaded.weight_bytes / 2**30:.1f} GB of weights) and {avail / 2**30:.1f} GB is available; "
-            "--no-verify skips the equivalence check and writes the output unverified"
+            + (hint or "--no-verify skips the equivalence check and writes the output unverified")
         )
     check_input_memory(loaded.model, input_opts)
 
@@ -525,7 +525,8 @@ def verify(reference: str, candidate: str, localize_divergence: bool = False, ch
     recognized and passed over."""
     loaded = nio.load_model(reference)
     nio.load_model(candidate)
-    check_memory(loaded, kwargs.get("input_opts"))
+    check_memory(loaded, kwargs.get("input_opts"),
+                 hint="--prove checks the pair without running it (no session; the weights are streamed)")
     result = compare(reference, candidate, **kwargs)
     if localize_divergence and not result.equivalent and not result.problems:
         result.first_divergence = localize(reference, candidate, result.input_options or kwargs.get("input_opts"),
