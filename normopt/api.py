@@ -297,6 +297,10 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                 say(f"proving the output against the input (translation validation; {proof_only}: the proof alone decides) ...")
                 proof = _prove_staged(in_path, staged.path, report)
                 report.notes.append(f"dynamic check not run: {proof_only}; the output is gated by the proof alone")
+                if proof.details.get("internal_error"):  # the prover's bug, not the output's: exit 3
+                    _write_report(report_path, report, plan)
+                    raise InternalError(f"the proof failed ({proof.summary}) and the dynamic check does not fit in memory; "
+                                        "nothing was written")
                 if not proof.proved:
                     _write_report(report_path, report, plan)
                     raise VerificationFailed(f"the output is {proof.summary}, and the dynamic check does not fit in memory "
@@ -312,9 +316,12 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                 try:
                     result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
                                             verify_level, provider, plan)
-                except BaseException:  # the dynamic check's verdict stands; the proof's line joins the report
-                    prover.result(report, quiet=True)
-                    _write_report(report_path, report, plan)
+                except VerificationFailed:
+                    # the dynamic check's verdict stands at once (no wait for the proof); a
+                    # proof that has already ended adds its line to the report
+                    if prover.done():
+                        prover.result(report, quiet=True)
+                        _write_report(report_path, report, plan)
                     raise
                 proof = prover.result(report)
                 if result is not None and proof is not None and "seconds" in proof.details:
@@ -346,6 +353,9 @@ class _ProofThread:
         self._t = threading.Thread(target=work, name="normopt-prove", daemon=True)
         self._t.start()
 
+    def done(self) -> bool:
+        return not self._t.is_alive()
+
     def result(self, report, quiet=False):
         self._t.join()
         report.notes.extend(self._report.notes)
@@ -367,7 +377,8 @@ def _prove_staged(in_path, staged_path, report):
     except NormoptError:
         raise
     except Exception as exc:  # the prover's own bug never hides or replaces the dynamic check
-        res = ProofResult(False, f"not proved: internal error in the prover: {type(exc).__name__}: {exc}")
+        res = ProofResult(False, f"not proved: internal error in the prover: {type(exc).__name__}: {exc}",
+                          details={"internal_error": True})
     res.details["seconds"] = time.perf_counter() - t0
     report.notes.append(res.summary)
     return res
@@ -488,7 +499,7 @@ def input_bytes(model, input_opts=None) -> int:
     return total
 
 
-def check_input_memory(model, input_opts=None) -> None:
+def check_input_memory(model, input_opts=None, hint=None) -> None:
     """The inputs of verification (several sets, and a float64 copy) must fit in memory."""
     ib = input_bytes(model, input_opts)
     need = INPUT_COPIES * ib
@@ -497,7 +508,7 @@ def check_input_memory(model, input_opts=None) -> None:
         raise NormoptError(
             f"verification needs about {need / 2**30:.1f} GB of memory for its inputs (one input set is "
             f"{ib / 2**30:.1f} GB; several sets and a float64 copy are held) and {avail / 2**30:.1f} GB is available; "
-            "give smaller --shape sizes, or --no-verify to skip the equivalence check and write the output unverified"
+            "give smaller --shape sizes, or " + (hint or "--no-verify to skip the equivalence check and write the output unverified")
         )
 
 
@@ -509,9 +520,9 @@ def check_memory(loaded, input_opts=None, hint=None) -> None:
         raise NormoptError(
             f"verification needs about {need / 2**30:.1f} GB of memory (one ONNX Runtime session at a time, "
             f"{loaded.weight_bytes / 2**30:.1f} GB of weights) and {avail / 2**30:.1f} GB is available; "
-            + (hint or "--no-verify skips the equivalence check and writes the output unverified")
+            + (hint or "--no-verify to skip the equivalence check and write the output unverified")
         )
-    check_input_memory(loaded.model, input_opts)
+    check_input_memory(loaded.model, input_opts, hint)
 
 
 def verify(reference: str, candidate: str, localize_divergence: bool = False, changed_values=None, **kwargs) -> EquivalenceResult:
@@ -526,7 +537,7 @@ def verify(reference: str, candidate: str, localize_divergence: bool = False, ch
     loaded = nio.load_model(reference)
     nio.load_model(candidate)
     check_memory(loaded, kwargs.get("input_opts"),
-                 hint="--prove checks the pair without running it (no session; the weights are streamed)")
+                 hint="--prove to check the pair without running it (no session; the weights are streamed)")
     result = compare(reference, candidate, **kwargs)
     if localize_divergence and not result.equivalent and not result.problems:
         result.first_divergence = localize(reference, candidate, result.input_options or kwargs.get("input_opts"),

@@ -133,7 +133,7 @@ def test_memory_check_names_the_need_and_no_verify(tmp_path, monkeypatch):
     p = tmp_path / "m.onnx"
     onnx.save(preln_stream_model(), p)
     monkeypatch.setattr(api, "available_bytes", lambda: 1024)
-    with pytest.raises(NormoptError, match="verification needs about .* GB of memory.*--prove checks the pair without running it"):
+    with pytest.raises(NormoptError, match="verification needs about .* GB of memory.*--prove to check the pair without running it"):
         api.verify(str(p), str(p))
     assert optimize(str(p), str(tmp_path / "o.onnx"), verify=False).output
 
@@ -183,3 +183,19 @@ def test_opset_11_model_is_upgraded_and_written_at_13(tmp_path):
     assert res.report.notes[0].startswith("opset: upgraded from 11 to 13")
     assert nio.default_opset(onnx.load(tmp_path / "o.onnx", load_external_data=False)) == 13
     assert res.verification.equivalent
+
+
+def test_bad_input_found_by_the_dynamic_check_writes_no_report(tmp_path):
+    """The proof runs in a thread beside the dynamic check; bad input the dynamic check finds
+    (an --inputs file whose names are not the model's) is still exit 2 with nothing written,
+    the --report included, and it does not wait for the proof."""
+    from conftest import run_cli
+
+    p = tmp_path / "m.onnx"
+    onnx.save(preln_stream_model(), p)
+    npz = tmp_path / "wrong.npz"
+    np.savez(npz, idz=np.zeros((1, 8), np.int64))
+    r = run_cli("optimize", p, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--inputs", npz, "--no-tune")
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "wrong.npz"]

@@ -243,7 +243,9 @@ def double_feeds(feeds: dict) -> dict:
 class ExactRunner:
     """Runs a model in float64: ONNX Runtime where it has the kernels, else onnx.reference."""
 
-    def __init__(self, model: onnx.ModelProto, outputs: list, first_feeds: dict | None = None):
+    def __init__(self, model: onnx.ModelProto, outputs: list, first_feeds: dict | None = None, reference_fits=None):
+        """reference_fits: None, or a callable giving None or why onnx.reference's evaluation
+        (which holds more memory than ONNX Runtime's) would not fit; asked before it starts."""
         self.available, self.why, self.engine = False, "", ""
         self.outputs = list(outputs)
         self.seconds = 0.0
@@ -267,6 +269,14 @@ class ExactRunner:
         except Exception as exc:
             self._sess = None
             errors.append(str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        if not self.available and reference_fits is not None:
+            too_big = reference_fits()
+            if too_big is not None:
+                self.why = "; ".join(errors + [f"onnx.reference: {too_big}"])
+                self.model = None
+                self._weights = {}
+                self.seconds += time.perf_counter() - t0
+                return
         if not self.available:
             try:
                 self._ref = reference_evaluator(self.model)
