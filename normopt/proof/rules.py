@@ -474,6 +474,10 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
         return False, None, None, None, None
     N = Mp.N
     tw, atw, ew = np.zeros(N), np.zeros(N), np.zeros(N)
+    from .. import weights as W
+
+    dt = W.np_dtype(Mp.view.elem(Mp.name)) if Mp.view.elem(Mp.name) else None
+    dt = dt if dt is not None and dt.kind == "f" else None
     rows = _Rows(Mo)
     for s, p in Mp.blocks():
         n = len(p)
@@ -486,8 +490,15 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
         if cz is not None:
             o = o * cz[None, :]
         e = o - o.mean(axis=1, keepdims=True) if centered else o
+        # or the centering of the rounded intermediate W diag(c) (cast to the weight's dtype, then
+        # centered): that moves the row's mean by the mean of the roundings, computed here exactly
+        e_alt = None
+        if centered and cz is not None and dt is not None:
+            oc = o.astype(dt).astype(np.float64)
+            e_alt = oc - oc.mean(axis=1, keepdims=True)
         if comp:
             e, o = e[:, :N], o[:, :N]
+            e_alt = None if e_alt is None else e_alt[:, :N]
         if tau is not None:
             # tau times the weight the original implies (e / alpha), not the stored one: the
             # stored weight's rounding, times the whole input (tau included), is the weight
@@ -503,6 +514,8 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
             atw += tau[s:s + n] @ (p_stored - p_exp)
         bound = W_TOL * eps * (np.abs(e) + np.abs(p) + (np.abs(o) if centered else 0.0)) + 2 * tiny
         bad = np.abs(p - e) > bound + 1e-300
+        if e_alt is not None and bad.any():
+            bad &= np.abs(p - e_alt) > W_TOL * eps * (np.abs(e_alt) + np.abs(p)) + 2 * tiny + 1e-300
         if bad.any():
             i, j = np.argwhere(bad)[0]
             return False, (s + int(i), int(j)), None, None, None
