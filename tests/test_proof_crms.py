@@ -188,3 +188,19 @@ def test_a_layerscale_writer_centered_after_its_own_rounding_proves():
         out, _ = optimize_model(m, opt_in=opt_in)
         res = prove(m, out)
         assert res.proved, (opt_in, res.summary)
+
+
+def test_a_compressed_stream_read_by_two_norms_proves():
+    """A fuzzed fp16 model (kept under tests/proof_cases): two decomposed LayerNorms read one
+    stream, so its CRMSNorm output relates to both originals' outputs; the Reshape before a
+    Gemm reader must keep both (it kept the first only, and the reader's weight was not that
+    norm's)."""
+    import os
+
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "fuzz_crms_two_norms_one_stream.onnx"))
+    out = _crms(m)
+    res = prove(m, out)
+    assert res.proved, res.summary
+    for kind, mm in crms_mutants(m, out):
+        if "1.0005" not in kind:
+            assert not prove(m, mm).proved, kind
