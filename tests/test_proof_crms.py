@@ -204,3 +204,17 @@ def test_a_compressed_stream_read_by_two_norms_proves():
     for kind, mm in crms_mutants(m, out):
         if "1.0005" not in kind:
             assert not prove(m, mm).proved, kind
+
+
+def test_a_layerscale_writer_with_a_full_bias_proves():
+    """A fuzzed model (tests/proof_cases): MatMul, a bias of shape [tokens, d], then a
+    LayerScale, into the stream. The compressed relation is stated on the MatMul output with
+    the LayerScale as its scale, and the bias (cast after the scale, then centered) as a shift."""
+    import os
+
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "fuzz_crms_layerscale_full_bias.onnx"))
+    out = _crms(m)
+    res = prove(m, out)
+    assert res.proved, res.summary
+    for kind, mm in crms_mutants(m, out):
+        assert not prove(m, mm).proved, kind
