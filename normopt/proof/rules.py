@@ -184,7 +184,12 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
             if pc is None:
                 continue
             delta = t0 + sign_c * _full(c, ry) - pc
-            r = _shift_rel(O, y, q, delta, eps_c * (np.abs(_full(c, ry)) + np.abs(pc)) + tiny_c)
+            rnd = eps_c * (np.abs(_full(c, ry)) + np.abs(pc)) + tiny_c
+            if q.a is None and not q.centered:
+                # an element stored exactly as the original's (the same constant, kept) rounds nothing
+                same = np.broadcast_to(_full(c, ry), np.broadcast_shapes(np.shape(_full(c, ry)), np.shape(pc))) == pc
+                rnd = np.where(same, 0.0, rnd)
+            r = _shift_rel(O, y, q, delta, rnd)
             if r is not None:
                 out.append(r)
         # B: the constant has no counterpart (a bias moved here, a beta re-added)
@@ -812,7 +817,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
         if kind == "rms":
             ok = (q.pure_center and q.axis == last) or (q.eq and O.zero_mean_axis(w) == last)
         else:  # LN: any per-token shift or centering along the last axis, no scale
-            ok = q.a is None and (q.axis in (None, last)) and (q.t is None or np.ptp(q.t) <= 2 * np.max(np.asarray(q.err) + 1e-30))
+            ok = q.a is None and (q.axis in (None, last)) and (q.t is None or _uniform_within(q.t, q.err))
         if not ok:
             continue
         sites = [(cand, slot) for cand, slot in O.consumers.get(w, ())] + [(site, 0) for site in O.ln_sites.get(w, ())]
@@ -911,6 +916,14 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             y = cand.output[0]
             out.append(_exact_t(simplify(Rel(y, last, False, a, t, err, how="norm"), eps)))
     return out
+
+
+def _uniform_within(t, err) -> bool:
+    """One value lies within every channel's own bound of t (LN(u + c 1) = LN(u) for a uniform
+    c only): the intervals [t - err, t + err] intersect."""
+    t = np.asarray(t, np.float64).reshape(-1)
+    e = np.broadcast_to(np.asarray(err, np.float64), t.shape) + 1e-30
+    return bool(np.max(t - e) <= np.min(t + e))
 
 
 def _broadcasts_into(O, r, y) -> bool:
