@@ -174,3 +174,47 @@ def test_crms_hf_outputs_prove(tmp_path, kind):
     out = _crms(m)
     res = prove(m, out)
     assert res.proved, res.summary
+
+
+def test_a_layerscale_writer_centered_after_its_own_rounding_proves():
+    """A fuzzed model (kept under tests/proof_cases): the LayerScale folded into a writer, W diag(c)
+    rounded to fp32, then centered. One weight element's error exceeded the bound of one rounding
+    of the result and one of the intermediate (the row's mean moves by the mean of the
+    intermediate's roundings): that centering is now followed exactly, with and without --crms."""
+    import os
+
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "fuzz_layerscale_writer.onnx"))
+    for opt_in in ([], ["crms"]):
+        out, _ = optimize_model(m, opt_in=opt_in)
+        res = prove(m, out)
+        assert res.proved, (opt_in, res.summary)
+
+
+def test_a_compressed_stream_read_by_two_norms_proves():
+    """A fuzzed fp16 model (kept under tests/proof_cases): two decomposed LayerNorms read one
+    stream, so its CRMSNorm output relates to both originals' outputs; the Reshape before a
+    Gemm reader must keep both (it kept the first only, and the reader's weight was not that
+    norm's)."""
+    import os
+
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "fuzz_crms_two_norms_one_stream.onnx"))
+    out = _crms(m)
+    res = prove(m, out)
+    assert res.proved, res.summary
+    for kind, mm in crms_mutants(m, out):
+        if "1.0005" not in kind:
+            assert not prove(m, mm).proved, kind
+
+
+def test_a_layerscale_writer_with_a_full_bias_proves():
+    """A fuzzed model (tests/proof_cases): MatMul, a bias of shape [tokens, d], then a
+    LayerScale, into the stream. The compressed relation is stated on the MatMul output with
+    the LayerScale as its scale, and the bias (cast after the scale, then centered) as a shift."""
+    import os
+
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "fuzz_crms_layerscale_full_bias.onnx"))
+    out = _crms(m)
+    res = prove(m, out)
+    assert res.proved, res.summary
+    for kind, mm in crms_mutants(m, out):
+        assert not prove(m, mm).proved, kind

@@ -8,9 +8,9 @@ import copy
 
 import numpy as np
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
-from conftest import preln_stream_model
+from conftest import make_model, preln_stream_model, vi
 from normopt.api import optimize_model
 from normopt.proof import prove
 
@@ -64,3 +64,37 @@ def test_fp16_bias_elements_changed_are_refused(how, change):
             assert not res.proved, (name, k, float(a.reshape(-1)[k]), res.summary)
             tried += 1
     assert tried >= 6
+
+
+def _ln_after_bias(b):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.asarray(b, np.float32), "b")
+    g = numpy_helper.from_array(np.ones(8, np.float32), "g")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["hb"]),
+             helper.make_node("LayerNormalization", ["hb", "g"], ["y"], axis=-1, epsilon=1e-5)]
+    return make_model(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])], [w, bias, g])
+
+
+def test_a_layernorm_absorbs_only_a_uniform_shift():
+    """LN(u + c 1) = LN(u): a bias moved by one value for every channel proves; one channel moved
+    by 16 ulps more than the others is refused, although a larger channel's rounding bound would
+    cover it (the shift must be one value within every channel's own bound)."""
+    b = np.array([0.001] * 7 + [10.0])
+    m = _ln_after_bias(b)
+    ok = copy.deepcopy(m)
+    ok.graph.initializer[1].CopyFrom(numpy_helper.from_array((b + 0.5).astype(np.float32), "b"))
+    assert prove(m, ok).proved
+    bad = copy.deepcopy(m)
+    bb = (b + 0.5).astype(np.float32)
+    bb[0] = _ulps32(bb[0], 16)
+    bad.graph.initializer[1].CopyFrom(numpy_helper.from_array(bb, "b"))
+    res = prove(m, bad)
+    assert not res.proved, res.summary
+
+
+def _ulps32(v, n):
+    v = np.float32(v)
+    for _ in range(n):
+        v = np.nextafter(v, np.float32(np.inf))
+    return v

@@ -54,6 +54,13 @@ def _cstat(q: Rel, *st):
     return Rel(q.u, q.axis, q.centered, q.a, q.t, q.err, kind="cstat", how="crms statistic", stat=tuple(st))
 
 
+def _comps_fam(prover, O, rs):
+    """Compressed relations of rs restated on every family member of their values."""
+    if rs in (None, "const"):
+        return []
+    return [q for _, q in prover._rels_on(O, [r for r in rs if r.kind == "comp"]) if q.kind == "comp"]
+
+
 def _comps(rs, kind="comp", stat=None):
     if rs in (None, "const"):
         return []
@@ -110,7 +117,11 @@ def comp_writer(prover, O, P, node, cand, q, Mp, Mo, alpha, tau, bp, bo, Wp_scal
     tiny = tiny_of(P.elem(node.input[1]))
     for z, cz, sz in _writer_targets(prover, O, m, out_axis, N, rm):
         if np.ndim(sz) > 1:
-            continue
+            # z = c (m + T) + s with T a full tensor: state the relation on m itself, with a = c
+            # (F = P(c m) + t); the original's own constant Add after m is then matched as a shift
+            if cz is None:
+                continue
+            z, sz = m, 0.0
         c_all = (np.ones(N) if cz is None else cz) * Wo_scale
         c_use = None if np.all(c_all == 1.0) else c_all
         ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c_use, True, eps, tau, e_in, tiny, comp=True)
@@ -129,7 +140,13 @@ def comp_writer(prover, O, P, node, cand, q, Mp, Mo, alpha, tau, bp, bo, Wp_scal
         err = err + eps * np.abs(orig[:N - 1]) * (np.asarray(bp) != 0)  # a zero stored bias rounds nothing
         orig = orig - orig.mean()
         t, e = _extend(shift - orig[:N - 1], err, N)
-        out.append(simplify(Rel(z, out_axis, True, None, t, e, kind="comp", how=f"compressed {node.op_type} writer"), eps))
+        a_rel = cz if z == m and cz is not None else None  # F = P(c m): the scale stays in the relation
+        if a_rel is not None:
+            # on m: P(c (m)) with m = u W + b, so the shift is b' - C(P(c b)) (b inside m)
+            orig_m = cz * bo
+            orig_m = orig_m - orig_m.mean()
+            t, e = _extend(shift - orig_m[:N - 1], err + eps * np.abs(cz * bo)[:N - 1] * (np.asarray(bp) != 0), N)
+        out.append(simplify(Rel(z, out_axis, True, a_rel, t, e, kind="comp", how=f"compressed {node.op_type} writer"), eps))
         prover.stats.centered_writers += 1
         return
 
@@ -372,10 +389,11 @@ def _comp_add(prover, O, P, node, in_rels):
         if op == "Sub" and ci == 0:
             return None
         c = np.asarray(P.const(ins_name(node, ci)))
+        dt_c = c.dtype if c.dtype.kind == "f" else np.float32
         eps_c = W_TOL * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))  # the cast of c' and one intermediate
         tiny_c = 2 * float(np.finfo(c.dtype).smallest_subnormal) if c.dtype.kind == "f" else 0.0
         c = c.astype(np.float64)
-        for q in _comps(in_rels[1 - ci]):
+        for q in _comps_fam(prover, O, in_rels[1 - ci]):
             if not q.centered or q.full_t:
                 continue
             w = q.u
@@ -409,10 +427,16 @@ def _comp_add(prover, O, P, node, in_rels):
                     shape = list(c0f.shape)
                     shape[q.axis] = d
                     pc = np.broadcast_to(c0f, shape)
+                    pc_alt = None
                     if q.a is not None:
                         pc = pc * _bcast(q.a, q.axis, r)
+                        # or the centering of the rounded intermediate a * c (cast, then centered)
+                        pc_alt = pc.astype(dt_c).astype(np.float64)
+                        pc_alt = np.take(pc_alt - pc_alt.mean(axis=q.axis, keepdims=True), range(d - 1), axis=q.axis)
                     pc = pc - pc.mean(axis=q.axis, keepdims=True)
                     pc = np.take(pc, range(d - 1), axis=q.axis)
+                    if pc_alt is not None:
+                        pc = np.where(np.abs(sign * cf - pc_alt) < np.abs(sign * cf - pc), pc_alt, pc)
                 delta = sign * cf - pc
                 bound = eps_c * (np.abs(cf) + np.abs(pc)) + tiny_c
                 got = per_channel_err(delta, q.axis, r, bound)
@@ -426,13 +450,14 @@ def _comp_add(prover, O, P, node, in_rels):
         if out:
             prover.stats.shifts_absorbed += 1
         return _order(out)
-    for q1 in _comps(in_rels[0]):
+    c1 = _comps_fam(prover, O, in_rels[1])
+    for q1 in _comps_fam(prover, O, in_rels[0]):
         w1 = q1.u
         for cand, slot in O.consumers.get(w1, ()):
             if cand.op_type != op or len(cand.input) != 2 or (op == "Sub" and slot != 0):
                 continue
             w2 = cand.input[1 - slot]
-            for q2 in _comps(in_rels[1]):
+            for q2 in c1:
                 if q2.u != w2:
                     continue
                 if q1.centered != q2.centered:

@@ -431,6 +431,7 @@ class Prover:
                 raise _Skip(f"{op} of a constant")
         # the first non-constant data input names the candidates
         k0 = next(k for k in data_slots if in_rels[k] not in (None, "const"))
+        found = None
         for w, rr in self._rels_on(O, in_rels[k0]):
             if rr.kind not in ("rel", "comp"):  # a compressed value commutes with ops over other axes too
                 continue
@@ -442,8 +443,15 @@ class Prover:
                 if oattrs != pattrs or len(oslots) != len(pslots):
                     continue
                 res = self._layout_with(O, P, node, cand, in_rels, rr, data_slots, pslots)
-                if res is not None:
+                if res is not None and rr.kind != "comp":
                     return res
+                if res is not None:
+                    # a compressed value often relates to several originals (the outputs of every
+                    # norm reading one stream): keep each, a reader picks its own
+                    found = res if found is None else [a + [r for r in b if r.u not in {x.u for x in a}][:MAX_RELS - len(a)]
+                                                       for a, b in zip(found, res)]
+        if found is not None:
+            return found
         raise _Skip(f"no original {op} reads the related value with the same attributes")
 
     def _layout_with(self, O, P, node, cand, in_rels, rr: Rel, data_slots, pslots):
@@ -798,4 +806,10 @@ def _show(rs) -> str:
 
 
 from .rules import RULES, STAT_OPS, rule_stat  # noqa: E402  (the rules use the helpers above)
-from .compressed import rule_comp  # noqa: E402
+
+
+def rule_comp(prover, O, P, node, in_rels):
+    """The compressed-stream (CRMSNorm) rules (imported on first use: they build on the rules)."""
+    from .compressed import rule_comp as rule
+
+    return rule(prover, O, P, node, in_rels)

@@ -184,7 +184,12 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
             if pc is None:
                 continue
             delta = t0 + sign_c * _full(c, ry) - pc
-            r = _shift_rel(O, y, q, delta, eps_c * (np.abs(_full(c, ry)) + np.abs(pc)) + tiny_c)
+            rnd = eps_c * (np.abs(_full(c, ry)) + np.abs(pc)) + tiny_c
+            if q.a is None and not q.centered:
+                # an element stored exactly as the original's (the same constant, kept) rounds nothing
+                same = np.broadcast_to(_full(c, ry), np.broadcast_shapes(np.shape(_full(c, ry)), np.shape(pc))) == pc
+                rnd = np.where(same, 0.0, rnd)
+            r = _shift_rel(O, y, q, delta, rnd)
             if r is not None:
                 out.append(r)
         # B: the constant has no counterpart (a bias moved here, a beta re-added)
@@ -490,6 +495,10 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
         return False, None, None, None, None
     N = Mp.N
     tw, atw, ew = np.zeros(N), np.zeros(N), np.zeros(N)
+    from .. import weights as W
+
+    dt = W.np_dtype(Mp.view.elem(Mp.name)) if Mp.view.elem(Mp.name) else None
+    dt = dt if dt is not None and dt.kind == "f" else None
     rows = _Rows(Mo, screen)
     for s, p in Mp.blocks(screen):
         if screen is not None:
@@ -506,8 +515,15 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
         if cz is not None:
             o = o * cz[None, :]
         e = o - o.mean(axis=1, keepdims=True) if centered else o
+        # or the centering of the rounded intermediate W diag(c) (cast to the weight's dtype, then
+        # centered): that moves the row's mean by the mean of the roundings, computed here exactly
+        e_alt = None
+        if centered and cz is not None and dt is not None:
+            oc = o.astype(dt).astype(np.float64)
+            e_alt = oc - oc.mean(axis=1, keepdims=True)
         if comp:
             e, o = e[:, :N], o[:, :N]
+            e_alt = None if e_alt is None else e_alt[:, :N]
         if tau is not None:
             # tau times the weight the original implies (e / alpha), not the stored one: the
             # stored weight's rounding, times the whole input (tau included), is the weight
@@ -523,6 +539,8 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
             atw += tau[s:s + n] @ (p_stored - p_exp)
         bound = W_TOL * eps * (np.abs(e) + np.abs(p) + (np.abs(o) if centered else 0.0)) + 2 * tiny
         bad = np.abs(p - e) > bound + 1e-300
+        if e_alt is not None and bad.any():
+            bad &= np.abs(p - e_alt) > W_TOL * eps * (np.abs(e_alt) + np.abs(p)) + 2 * tiny + 1e-300
         if bad.any():
             i, j = divmod(int(np.argmax(bad)), bad.shape[1])  # the first bad element
             return False, (s + int(i), int(j)), None, None, None
@@ -856,7 +874,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
         if kind == "rms":
             ok = (q.pure_center and q.axis == last) or (q.eq and O.zero_mean_axis(w) == last)
         else:  # LN: any per-token shift or centering along the last axis, no scale
-            ok = q.a is None and (q.axis in (None, last)) and (q.t is None or np.ptp(q.t) <= 2 * np.max(np.asarray(q.err) + 1e-30))
+            ok = q.a is None and (q.axis in (None, last)) and (q.t is None or _uniform_within(q.t, q.err))
         if not ok:
             continue
         sites = [(cand, slot) for cand, slot in O.consumers.get(w, ())] + [(site, 0) for site in O.ln_sites.get(w, ())]
@@ -955,6 +973,14 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             y = cand.output[0]
             out.append(_exact_t(simplify(Rel(y, last, False, a, t, err, how="norm"), eps)))
     return out
+
+
+def _uniform_within(t, err) -> bool:
+    """One value lies within every channel's own bound of t (LN(u + c 1) = LN(u) for a uniform
+    c only): the intervals [t - err, t + err] intersect."""
+    t = np.asarray(t, np.float64).reshape(-1)
+    e = np.broadcast_to(np.asarray(err, np.float64), t.shape) + 1e-30
+    return bool(np.max(t - e) <= np.min(t + e))
 
 
 def _broadcasts_into(O, r, y) -> bool:
