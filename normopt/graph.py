@@ -727,6 +727,28 @@ def scope(root: gs.Graph, graph: gs.Graph | None = None):
         _SCOPE.reset(token)
 
 
+def tensor_map(graph: gs.Graph) -> dict:
+    """{name: tensor} for every named tensor that graph's inputs, nodes and outputs use (this
+    graph only), the same map as graphsurgeon's Graph.tensors() (where two tensor objects share
+    a name, the last one met wins) without its per-tensor bookkeeping: a plain walk, linear in
+    nodes and cheap at 100k nodes (Graph.tensors() took seconds there)."""
+    out = {}
+    for t in graph.inputs:
+        if t.name:
+            out[t.name] = t
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name:
+                out[t.name] = t
+        for t in node.outputs:
+            if t.name:
+                out[t.name] = t
+    for t in graph.outputs:
+        if t.name:
+            out[t.name] = t
+    return out
+
+
 def producer(tensor):
     if tensor is None or not len(tensor.inputs):
         return None
@@ -861,8 +883,10 @@ class Namer:
         self.used = set()
         sc = _SCOPE.get()
         root = sc.root if sc is not None else graph
+        used = self.used
         for g in all_graphs(root):  # names are unique across subgraphs too (outer scope is visible)
-            self.used |= set(g.tensors().keys()) | {n.name for n in g.nodes if n.name}
+            used.update(tensor_map(g))
+            used.update(n.name for n in g.nodes if n.name)
         self.counter = itertools.count()
 
     def __call__(self, base: str) -> str:
