@@ -325,31 +325,34 @@ class Mark:
 _IO = ("inputs", "outputs")
 
 
-def _fields(obj) -> dict:
-    return dict(obj.__dict__)  # its input/output lists are kept by rewind, not taken from here
-
-
 def mark(root: gs.Graph) -> Mark:
-    """The state of the model rooted at `root`, to go back to with rewind (a pass's rollback)."""
+    """The state of the model rooted at `root`, to go back to with rewind (a pass's rollback).
+    One walk over the nodes; each node and value is copied once (its __dict__ and I/O lists)."""
     m = Mark()
     m.root = root
     m.graphs, m.nodes, m.tensors = [], [], {}
     tensors = m.tensors
+    add_node = m.nodes.append
+
+    def keep(ts):
+        for t in ts:
+            k = id(t)
+            if k not in tensors:
+                tensors[k] = (t, t.__class__, dict(t.__dict__))
+
     for g in all_graphs(root):
         d = dict(g.__dict__)
         d["nodes"], d["inputs"], d["outputs"] = list(g.nodes), list(g.inputs), list(g.outputs)
         m.graphs.append((g, d))
-        for t in itertools.chain(g.inputs, g.outputs):
-            if id(t) not in tensors:
-                tensors[id(t)] = (t, t.__class__, _fields(t))
+        keep(g.inputs)
+        keep(g.outputs)
         for node in g.nodes:
-            ins, outs = list(node.inputs), list(node.outputs)
-            f = _fields(node)
-            f["attrs"] = dict(node.attrs)
-            m.nodes.append((node, f, ins, outs))
-            for t in itertools.chain(ins, outs):
-                if id(t) not in tensors:
-                    tensors[id(t)] = (t, t.__class__, _fields(t))
+            f = dict(node.__dict__)  # its input/output lists are kept by rewind, not taken from here
+            ins, outs = list(f["inputs"]), list(f["outputs"])
+            f["attrs"] = dict(f["attrs"])
+            add_node((node, f, ins, outs))
+            keep(ins)
+            keep(outs)
     return m
 
 
