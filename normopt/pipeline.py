@@ -258,8 +258,11 @@ class Pipeline:
                                 "feed them; they stay inputs and every pass treats them as run-time values (re-export "
                                 "without keep_initializers_as_inputs to let them be optimized)")
         graph = self.run_graph(graph, ctx, report, progress=progress)
-        with _collector_paused():
-            out = G.to_model(graph, model)
+        if not any(p.applied for p in report.passes) and not report.errors:
+            out = model  # no pass rewrote anything: the input as it is (an export would only rebuild it; 10 s at 100k nodes)
+        else:
+            with _collector_paused():
+                out = G.to_model(graph, model)
         report.notes.extend(ctx.notes)
         report.changed_values = sorted(ctx.state.get(CHANGED, ()))
         report.beta_folded = ctx.state.get("beta_folded", 0)
