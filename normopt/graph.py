@@ -99,7 +99,7 @@ def wrap_refs(graph: gs.Graph) -> None:
     """Give every constant whose TensorProto is an absolute external reference RefValues, so
     reading it maps the file region instead of loading (and caching) the whole tensor."""
     for g in all_graphs(graph):
-        for t in g.tensors().values():
+        for t in tensor_map(g).values():
             _wrap(t)
         for node in g.nodes:
             for v in node.attrs.values():
@@ -707,6 +707,7 @@ class Scope:
                         inner.add(id(g))
         mine = {id(graph)} | inner
         self.foreign = {id(n) for g in all_graphs(root) if id(g) not in mine for n in g.nodes}
+        self.plain = not self.owner and not self.foreign  # one graph, no subgraphs: readers are tensor.outputs
 
 
 def _node_subgraphs(node):
@@ -768,10 +769,13 @@ def consumers(tensor):
     if tensor is None:
         return []
     sc = _SCOPE.get()
+    outs = tensor.outputs
     if sc is None:
-        return list(tensor.outputs)
+        return list(outs)
+    if sc.plain and len(outs) < 2:  # the common case, without the bookkeeping below
+        return list(outs)
     out, seen = [], set()
-    for c in tensor.outputs:
+    for c in outs:
         if id(c) in sc.foreign:
             continue
         c = sc.owner.get(id(c), c)
