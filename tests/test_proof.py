@@ -115,7 +115,7 @@ def mutants(orig, opt):
     changed = _changed_floats(orig, opt)
     floats = [(t.name, numpy_helper.to_array(t)) for t in opt.graph.initializer if t.data_type in (1, 10)]
     for pool in (changed, floats):
-        for name, a in [x for x in pool if x[1].ndim >= 2][:2]:
+        for name, a in [x for x in pool if x[1].ndim >= 2 and x[1].size][:2]:  # an empty tensor has no element to mutate
             b = a.astype(np.float64)
             b[..., 0] *= 1.02
             if not np.array_equal(b.astype(a.dtype), a):  # a zero channel stays itself: no mutant

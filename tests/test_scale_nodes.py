@@ -306,3 +306,56 @@ def test_to_model_same_bytes_without_interior_value_info(which):
     assert out.SerializeToString() == ref.SerializeToString()
     assert calls and set(calls) <= ios  # graph inputs and outputs only
     assert OnnxExporter.__dict__["export_value_info_proto"] is real
+
+
+def test_nothing_applied_takes_no_export():
+    """A graph no pass rewrites (a chain of scalar ops) comes back as the input itself: the
+    export would only rebuild it (10 s at 100k nodes), and the file API writes the input's bytes
+    anyway. A graph a pass rewrites is still exported."""
+    import onnx_graphsurgeon as gs
+
+    calls = []
+    real = gs.export_onnx
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    chain = elementwise_chain(300)
+    gs.export_onnx = counting
+    try:
+        out, report = optimize_model(chain)
+        assert not any(p.applied for p in report.passes) and not calls
+        assert out is chain
+        out2, report2 = optimize_model(transformer_like(300))
+        assert any(p.applied for p in report2.passes) and calls
+    finally:
+        gs.export_onnx = real
+
+
+def test_passes_run_with_the_collector_paused():
+    """A pass's new objects and its rollback mark stay alive until it ends: the cyclic collector
+    does not rescan them during the pass (seconds of ln_to_rms at 100k nodes), and it is on
+    again after the run."""
+    import gc
+
+    from normopt import pipeline as PL
+    from normopt.pipeline import Analysis, Pass
+
+    seen = []
+
+    class Probe(Pass):
+        name = "probe"
+
+        def analyze(self, graph, ctx):
+            seen.append(("analyze", gc.isenabled()))
+            return Analysis(matches=[1])
+
+        def apply(self, graph, matches, ctx):
+            seen.append(("apply", gc.isenabled()))
+            return 0
+
+    assert gc.isenabled()
+    PL.Pipeline([Probe()]).run(transformer_like(100), Context(tune=False))
+    assert seen == [("analyze", False), ("apply", False)]
+    assert gc.isenabled()

@@ -114,8 +114,9 @@ def _bn(graph, node):
 def _chain(graph, node, in_chain, walked=None):
     """A maximal chain of Mul/Div/Add/Sub by per-channel constants starting at node. Every
     node the walk takes is added to `walked`: a chain that starts later inside it would stop
-    where this one stops, so it is never walked again (linear in nodes)."""
-    nodes, a, t, axis, x = [], None, None, None, None
+    where this one stops, so it is never walked again (linear in nodes). The walk records each
+    step; the affine (a, t) is computed only for a chain that is one (not scalars only)."""
+    nodes, steps, width, axis, x = [], [], 1, None, None
     cur = node
     while cur is not None and cur.op in ELEMENTWISE and id(cur) not in in_chain:
         ci = [i for i, inp in enumerate(cur.inputs) if G.const_value(inp) is not None]
@@ -135,23 +136,15 @@ def _chain(graph, node, in_chain, walked=None):
         if ax is not None:
             if axis is not None and ax != axis:
                 break
-            if a is not None and len(a) != 1 and len(vec) != len(a):
+            if width != 1 and len(vec) != width:
                 break
-        c = G.f64(vec)
+        if cur.op == "Div" and c_idx == 0:  # c / x is not affine
+            break
         if x is None:
             x = v_in
-            a, t = np.ones(1), np.zeros(1)
-        op = cur.op
-        if op == "Mul":
-            a, t = a * c, t * c
-        elif op == "Div":
-            if c_idx == 0:  # c / x is not affine
-                break
-            a, t = a / c, t / c
-        elif op == "Add":
-            t = t + c
-        else:  # Sub
-            a, t = (a, t - c) if c_idx == 1 else (-a, c - t)
+        steps.append((cur.op, c_idx, vec))
+        if ax is not None and len(vec) != 1:
+            width = len(vec)
         axis = ax if ax is not None else axis
         nodes.append(cur)
         if walked is not None:
@@ -166,6 +159,17 @@ def _chain(graph, node, in_chain, walked=None):
     d = G.static_dim(x, axis)
     if d is None:
         return None
+    a, t = np.ones(1), np.zeros(1)
+    for op, c_idx, vec in steps:
+        c = G.f64(vec)
+        if op == "Mul":
+            a, t = a * c, t * c
+        elif op == "Div":
+            a, t = a / c, t / c
+        elif op == "Add":
+            t = t + c
+        else:  # Sub
+            a, t = (a, t - c) if c_idx == 1 else (-a, c - t)
     a = np.broadcast_to(a, (d,)).copy()
     t = np.broadcast_to(t, (d,)).copy()
     kind = "per-channel affine (" + "/".join(n.op for n in nodes) + ")"

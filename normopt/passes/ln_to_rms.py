@@ -160,6 +160,7 @@ class _Closure:
         self.graph = graph
         self.ln_by_reader = ln_by_reader
         self.s = Stream()
+        self.ln_ids = set()  # ids of self.s.lns
         self.removed = set()  # ids of nodes that the rewrite removes (LayerScale Muls)
         self.work = collections.deque()
         self.pending = []  # demands not yet followed (a stack: no recursion depth tied to graph depth)
@@ -355,7 +356,8 @@ class _Closure:
             return
         ln = self.ln_by_reader.get(id(c))
         if ln is not None and ln.x is t:
-            if ln not in self.s.lns:
+            if id(ln) not in self.ln_ids:  # a set: a list test would be quadratic in the LNs of a stream
+                self.ln_ids.add(id(ln))
                 self.s.lns.append(ln)
             return
         out = c.outputs[0]
@@ -390,7 +392,8 @@ class _Closure:
                 continue
             t, a = self.work.popleft()
             self.changed(t, a)
-        if self.seed not in self.s.lns:
+        if id(self.seed) not in self.ln_ids:
+            self.ln_ids.add(id(self.seed))
             self.s.lns.append(self.seed)
         return self.s
 
@@ -670,7 +673,7 @@ class LayerNormToRMSNorm(Pass):
         namer = G.Namer(graph)
         opset = graph.opset or 17
         n = 0
-        tensors = graph.tensors()
+        tensors = G.tensor_map(graph)
         for s in matches:
             cache = ctx.memo.setdefault("centered", {})  # shared by every graph: a table both If branches read is centered once
             # the stream values are now zero-mean (centered), and so is the mean an existing

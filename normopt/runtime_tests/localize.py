@@ -39,10 +39,47 @@ def _with_outputs(model, names, typed):
     return m
 
 
+TWO_WAY_CHANNELS = 256  # channels the per-token part of the two-way fit is solved on (exactly)
+
+
+def _two_way_fit(rr: np.ndarray, cc: np.ndarray):
+    """Least squares fit of cc[i, j] = a[j] * rr[i, j] + t[j] + s[i] (rows i, channels j): a
+    per-channel affine followed by a per-token shift, the composition normopt's passes make
+    (a LayerScale folded into a writer, then the writer centered). The per-token part s is
+    solved exactly on at most TWO_WAY_CHANNELS evenly spaced channels (normal equations with s
+    eliminated: P centers a row over those channels, and the objective is
+    sum_i |P(c_i - a*r_i - t)|^2); then every channel's a, t are fitted to cc - s. Returns the
+    fitted values (a model outside the family leaves a residual)."""
+    n, d = rr.shape
+    J = np.unique(np.linspace(0, d - 1, min(d, TWO_WAY_CHANNELS)).round().astype(int))
+    k = len(J)
+    rj, cj = rr[:, J], cc[:, J]
+    pc = cj - cj.mean(axis=1, keepdims=True)
+    colsum = rj.sum(axis=0)
+    eye = np.eye(k)
+    m_aa = np.diag((rj * rj).sum(axis=0)) - (rj.T @ rj) / k
+    m_at = colsum[:, None] * (eye - 1.0 / k)
+    m_tt = n * (eye - 1.0 / k)
+    m = np.block([[m_aa, m_at], [m_at.T, m_tt]])
+    rhs = np.concatenate([(rj * pc).sum(axis=0), pc.sum(axis=0)])
+    scale = np.sqrt(np.maximum(np.diag(m), 1e-300))  # equilibrate: r may be 1e3 while t is 1
+    sol = np.linalg.lstsq(m / scale[:, None] / scale[None, :], rhs / scale, rcond=None)[0] / scale
+    a_j, t_j = sol[:k], sol[k:]
+    s = (cj - a_j * rj - t_j).mean(axis=1, keepdims=True)
+    # every channel: c - s = a * r + t, a per-channel least squares line
+    y = cc - s
+    rm, ym = rr.mean(axis=0), y.mean(axis=0)
+    var = ((rr - rm) ** 2).mean(axis=0)
+    a = np.where(var > 0, ((rr - rm) * (y - ym)).mean(axis=0) / np.where(var > 0, var, 1.0), 1.0)
+    return a * rr + (ym - a * rm) + s
+
+
 def _deliberate(r: np.ndarray, c: np.ndarray, atol: float, rtol: float) -> bool:
     """Does c differ from r only the way normopt's rewrites change values on purpose: by a
-    per-token shift (a centered stream), a per-channel shift (a folded beta) or a per-channel
-    scale (a folded LayerScale)?"""
+    per-token shift (a centered stream), a per-channel shift (a folded beta), a per-channel
+    scale (a folded LayerScale), or a composition of these that the passes make (a
+    per-channel affine, then a per-token shift: a LayerScale folded into a writer that is then
+    centered), i.e. c = a*r + t + s with a, t per channel and s per token?"""
     if r.shape != c.shape or r.ndim == 0 or not r.size:
         return False
     r64, c64 = r.astype(np.float64), c.astype(np.float64)
@@ -64,6 +101,15 @@ def _deliberate(r: np.ndarray, c: np.ndarray, atol: float, rtol: float) -> bool:
         t = cm - a * rm
         if flat((cc - (a * rr + t)).reshape(r.shape)):
             return True
+        # the composition a*r + t + s: it has 2d + n - 1 parameters for n*d numbers, so it is
+        # asked only where it leaves freedom over (at least 3 rows and 3 channels)
+        n_rows, width = rr.shape
+        if n_rows >= 3 and width >= 3 and np.all(np.isfinite(rr)) and np.all(np.isfinite(cc)):
+            fit = _two_way_fit(rr, cc)
+            # the candidate's own rounding is of its size (a LayerScale can make c larger than r)
+            tol2 = atol + rtol * np.maximum(np.abs(rr), np.abs(cc))
+            if bool(np.all(np.abs(cc - fit) <= tol2)):
+                return True
     return False
 
 
