@@ -30,6 +30,17 @@ def init(name, arr):
     return numpy_helper.from_array(np.asarray(arr), name)
 
 
+def with_initializer(model, name, arr):
+    """A copy of `model` whose initializer `name` holds `arr` (in the initializer's dtype)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    for t in m.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(arr).astype(numpy_helper.to_array(t).dtype), name))
+    return m
+
+
 def make_model(nodes, inputs, outputs, inits=(), opset=17, extra_opsets=(), ir=9, **kw):
     g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
     ops = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]

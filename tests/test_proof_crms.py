@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import preln_stream_model
+from conftest import preln_stream_model, with_initializer
 from normopt.api import optimize_model
 from normopt.proof import prove
 
@@ -65,14 +65,6 @@ def test_crms_builder_outputs_prove(tmp_path, name):
 # ------------------------------------------------------------------------------ mutants
 
 
-def _with(model, name, arr):
-    m = copy.deepcopy(model)
-    for t in m.graph.initializer:
-        if t.name == name:
-            t.CopyFrom(numpy_helper.from_array(np.asarray(arr).astype(numpy_helper.to_array(t).dtype), name))
-    return m
-
-
 def _orig_name(name, orig):
     base = name
     for suffix in ("_crms", "_centered", "_beta"):
@@ -95,29 +87,29 @@ def crms_mutants(orig, opt):
             c = b.copy()
             c[..., 0] *= 1.02
             if not np.array_equal(c.astype(a.dtype), a):
-                yield f"channel x1.02 of {t.name}", _with(opt, t.name, c)
+                yield f"channel x1.02 of {t.name}", with_initializer(opt, t.name, c)
             if a.dtype == np.float32:
                 c = b.copy()
                 k = b.size // 3
                 c.reshape(-1)[k] *= 1.0005
                 if c.reshape(-1)[k] != 0:
-                    yield f"element x1.0005 of {t.name}", _with(opt, t.name, c)
+                    yield f"element x1.0005 of {t.name}", with_initializer(opt, t.name, c)
         if a.ndim == 1 and a.size > 2 and a[0] != a[1]:
             c = b.copy()
             c[[0, 1]] = c[[1, 0]]
-            yield f"bias element moved in {t.name}", _with(opt, t.name, c)
+            yield f"bias element moved in {t.name}", with_initializer(opt, t.name, c)
         on = _orig_name(t.name, o)
         if on is not None and o[on].ndim == a.ndim:
             diff = [k for k in range(a.ndim) if o[on].shape[k] == a.shape[k] + 1]
             if len(diff) == 1 and all(o[on].shape[k] == a.shape[k] for k in range(a.ndim) if k != diff[0]):
                 k = diff[0]
                 full = np.concatenate([b, -b.sum(axis=k, keepdims=True)], axis=k)  # the d channels of a zero-mean stream
-                yield f"dropped channel in {t.name}", _with(opt, t.name, np.delete(full, 0, axis=k))
+                yield f"dropped channel in {t.name}", with_initializer(opt, t.name, np.delete(full, 0, axis=k))
         if t.name.startswith("crms_eps"):
-            yield f"epsilon changed in {t.name}", _with(opt, t.name, b * 10)
+            yield f"epsilon changed in {t.name}", with_initializer(opt, t.name, b * 10)
         if t.name.startswith("crms_inv_d"):
             d = round(1.0 / float(b))
-            yield f"1/d changed in {t.name}", _with(opt, t.name, np.asarray(1.0 / (d - 1)))
+            yield f"1/d changed in {t.name}", with_initializer(opt, t.name, np.asarray(1.0 / (d - 1)))
 
 
 @pytest.mark.parametrize("variant", ["op", "gemm_writer", "decomposed", "tied_reader", "fp16"])

@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from conftest import make_model, preln_stream_model, vi
+from conftest import make_model, preln_stream_model, vi, with_initializer
 from normopt.api import optimize_model
 from normopt.proof import prove
-
-
-def _with(model, name, arr):
-    m = copy.deepcopy(model)
-    for t in m.graph.initializer:
-        if t.name == name:
-            t.CopyFrom(numpy_helper.from_array(np.asarray(arr).astype(numpy_helper.to_array(t).dtype), name))
-    return m
 
 
 def _ulps(v, n):
@@ -60,7 +52,7 @@ def test_fp16_bias_elements_changed_are_refused(how, change):
             if b[k] == 0:
                 continue
             b[k] = np.float16(float(b[k]) * 1.02) if change == "2%" else _ulps(b[k], 16)
-            res = prove(m, _with(out, name, b.reshape(a.shape)))
+            res = prove(m, with_initializer(out, name, b.reshape(a.shape)))
             assert not res.proved, (name, k, float(a.reshape(-1)[k]), res.summary)
             tried += 1
     assert tried >= 6

@@ -33,7 +33,8 @@ import numpy as np
 
 from .prover import W_TOL, _bcast, _Skip, _where
 from .relations import Rel, eps_of, per_channel_err, simplify, tiny_of, vec
-from .rules import _bias, _combine, _full, _linear_ok, _Mat, _Rows, _check_matrix, _writer_targets, norm_rels
+from .rules import (_bias, _check_matrix, _combine, _full, _linear_ok, _Mat, _Rows, _writer_targets, centered_table,
+                    input_err, norm_rels, writer_shift)
 
 COMP_KINDS = ("comp", "cstat")
 
@@ -111,9 +112,7 @@ def comp_writer(prover, O, P, node, cand, q, Mp, Mo, alpha, tau, bp, bo, Wp_scal
                 out, tried):
     """The optimized weight keeps the first N-1 of the original's N output channels, centered."""
     N, K = Mo.N, Mp.K
-    e_in = None
-    if q.err is not None and np.any(np.asarray(q.err) != 0):
-        e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
+    e_in = input_err(q, K, rep)
     tiny = tiny_of(P.elem(node.input[1]))
     for z, cz, sz in _writer_targets(prover, O, m, out_axis, N, rm):
         if np.ndim(sz) > 1:
@@ -129,13 +128,7 @@ def comp_writer(prover, O, P, node, cand, q, Mp, Mo, alpha, tau, bp, bo, Wp_scal
         if not ok:
             tried.append((z, bad))
             continue
-        shift = np.asarray(bp, np.float64) * 1.0
-        err = eps * np.abs(bp)
-        if tau is not None:
-            shift = shift + tw * Wp_scale
-            err = err + atw * abs(Wp_scale)
-        if e_in is not None:
-            err = err + ew * abs(Wp_scale)
+        shift, err = writer_shift(bp, eps, tau, tw, atw, e_in, ew, Wp_scale)
         orig = (np.ones(N) if cz is None else cz) * bo + sz
         err = err + eps * np.abs(orig[:N - 1]) * (np.asarray(bp) != 0)  # a zero stored bias rounds nothing
         orig = orig - orig.mean()
@@ -235,10 +228,6 @@ def comp_gather(prover, O, P, node, in_rels, out):
     """Gather of a table whose rows keep the first d-1 of the original's rows centered."""
     if in_rels[0] != "const" or in_rels[1] in (None, "const"):
         return
-    from .graphs import row_blocks
-    from .relations import center
-    from .prover import _weights_close
-
     g = P.attrs(node).get("axis", 0)
     tshape = P.shape(node.input[0])
     if tshape is None or len(tshape) < 2 or g % len(tshape) == len(tshape) - 1:
@@ -252,16 +241,7 @@ def comp_gather(prover, O, P, node, in_rels, out):
             if oshape is None or tuple(oshape[:-1]) != tuple(tshape[:-1]) or oshape[-1] != tshape[-1] + 1:
                 continue
             prover.stats.weights_checked += 1
-            from .rules import _Table
-
-            rows = _Rows(_Table(O, cand.input[0]))
-            ok = True
-            for _, blk in row_blocks(P, node.input[0]):
-                t0 = rows.take(len(blk))
-                exp = center(t0, t0.ndim - 1)[..., :-1]
-                if not _weights_close(np.asarray(blk, np.float64), exp, eps_t, np.abs(t0[..., :-1]), tiny):
-                    ok = False
-                    break
+            ok = centered_table(P, node.input[0], O, cand.input[0], eps_t, tiny, compressed=True)
             y = cand.output[0]
             ry = O.rank(y)
             if ok and ry is not None:

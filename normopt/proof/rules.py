@@ -549,6 +549,27 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
     return True, None, tw, np.abs(atw), ew
 
 
+def writer_shift(bp, eps, tau, tw, atw, e_in, ew, Wp_scale):
+    """A linear writer's own output shift, bp + tau We (tau: the input's shift, We the weight the
+    original implies), and its bound: bp's rounding, the stored weight's difference through tau
+    (atw), and the input's error through |W| (ew); _check_matrix gives tw, atw and ew."""
+    shift = np.asarray(bp, np.float64) * 1.0
+    err = eps * np.abs(bp)
+    if tau is not None:
+        shift = shift + tw * Wp_scale
+        err = err + atw * abs(Wp_scale)
+    if e_in is not None:
+        err = err + ew * abs(Wp_scale)
+    return shift, err
+
+
+def input_err(q, K, rep):
+    """The input relation's error bound per input row of a linear op (None: no error)."""
+    if q.err is None or not np.any(np.asarray(q.err) != 0):
+        return None
+    return np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
+
+
 def _solved_screen(Mp, Mo, alpha, eps, tiny) -> bool:
     """False where the first rows already show that no column scale c makes diag(alpha) Wp equal
     to Wo diag(c) (a sibling reader of the same stream, another weight): c fitted on those rows
@@ -589,9 +610,7 @@ def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale
     c = num / den / Wo_scale
     if np.any(c == 0):
         return False
-    e_in = None
-    if q.err is not None and np.any(np.asarray(q.err) != 0):
-        e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
+    e_in = input_err(q, K, rep)
     ok, bad, tw, atw, ew = _check_matrix(Mp, Mo, alpha, c * Wo_scale, False, eps, tau, e_in, tiny_of(Mp.view.elem(Mp.name)))
     prover.stats.weights_checked += 1
     if not ok:
@@ -727,9 +746,7 @@ def rule_linear(prover, O, P, node, in_rels):
             for z, cz, sz in _writer_targets(prover, O, m, out_axis, N, rm):
                 c_all = (np.ones(N) if cz is None else cz) * Wo_scale
                 c_use = None if np.all(c_all == 1.0) else c_all
-                e_in = None
-                if q.err is not None and np.any(np.asarray(q.err) != 0):
-                    e_in = np.repeat(vec(q.err, K // rep), rep) if np.ndim(q.err) else np.full(K, float(q.err))
+                e_in = input_err(q, K, rep)
                 # the optimized weight IS the original's (same bytes, same reading): tau Wp is
                 # tau Wo exactly, so the weight's rounding bound adds nothing to the shift's
                 same_w = alpha is None and c_use is None and cand.op_type == op and \
@@ -757,13 +774,7 @@ def rule_linear(prover, O, P, node, in_rels):
                         tried.append((z, bad))
                         continue
                     # output shift: tau Wp + bp - c bo - s (centered: minus its centering)
-                    shift = np.asarray(bp, np.float64) * 1.0
-                    err = eps * np.abs(bp)
-                    if tau is not None:
-                        shift = shift + tw * Wp_scale
-                        err = err + atw * abs(Wp_scale)
-                    if e_in is not None:
-                        err = err + ew * abs(Wp_scale)
+                    shift, err = writer_shift(bp, eps, tau, tw, atw, e_in, ew, Wp_scale)
                     if np.ndim(sz) > 1:  # the original adds a full constant tensor before its per-channel chain
                         c_b = _bcast(np.ones(N) if cz is None else cz, out_axis, rm)
                         orig_shift = c_b * _bcast(bo, out_axis, rm) + sz
@@ -803,6 +814,20 @@ def rule_linear(prover, O, P, node, in_rels):
 # ============================================================================ Gather of a table
 
 
+def centered_table(P, name_p, O, name_o, eps_t, tiny, compressed=False) -> bool:
+    """Is P's table the original's centered along its last axis (compressed: its first d-1
+    channels), row block by row block, within the table dtype's rounding?"""
+    rows = _Rows(_Table(O, name_o))
+    for _, blk in row_blocks(P, name_p):
+        t0 = rows.take(len(blk))
+        exp = center(t0, t0.ndim - 1)
+        if compressed:
+            exp, t0 = exp[..., :-1], t0[..., :-1]
+        if not _weights_close(np.asarray(blk, np.float64), exp, eps_t, np.abs(t0), tiny):
+            return False
+    return True
+
+
 def rule_gather(prover, O, P, node, in_rels):
     if in_rels[0] != "const" or in_rels[1] in (None, "const"):
         raise _Skip("Gather not of a constant table")
@@ -819,14 +844,7 @@ def rule_gather(prover, O, P, node, in_rels):
             if O.shape(cand.input[0]) != tshape:
                 continue
             prover.stats.weights_checked += 1
-            rows = _Rows(_Table(O, cand.input[0]))
-            ok = True
-            for _, blk in row_blocks(P, node.input[0]):
-                t0 = rows.take(len(blk))
-                if not _weights_close(np.asarray(blk, np.float64), center(t0, t0.ndim - 1), eps_t, np.abs(t0), tiny_of(P.elem(node.input[0]))):
-                    ok = False
-                    break
-            if ok:
+            if centered_table(P, node.input[0], O, cand.input[0], eps_t, tiny_of(P.elem(node.input[0]))):
                 y = cand.output[0]
                 ry = O.rank(y)
                 if ry is None:
