@@ -22,7 +22,7 @@ import onnx
 from .graphs import GraphView, graph_attrs, infer_types, reduce_axes, row_blocks, same_bytes, tensor_value
 
 SMALL_CONST = 1 << 20  # elements: larger constants are compared block by block
-from .relations import Rel, center, eps_of, simplify, tiny_of, vec
+from .relations import Rel, center, eps_of, simplify, tiny_of, tighten, vec
 
 MAX_RELS = 6
 W_TOL = 1.0  # weight facts: |actual - expected| <= W_TOL * eps * (|expected| + |pre-centering term|): one or two roundings
@@ -133,7 +133,7 @@ class Prover:
             outs = self.prove_node(O, P, node, rels)
             for o, rs in zip(node.output, outs):
                 if o:
-                    rels[o] = rs[:MAX_RELS]
+                    rels[o] = tighten(rs)[:MAX_RELS]
         for k, (po, oo) in enumerate(zip(P.outputs, O.outputs)):
             if po != oo:
                 raise NotProved(f"output {k} '{po}'", f"named differently from the original's output '{oo}'")
@@ -221,8 +221,10 @@ class Prover:
             for w in self.fam(O, r.u):
                 rr = self.rebase(O, r, w)
                 if rr is not None and (keep is None or keep(rr)):
-                    out.append((w, rr))
-        return out
+                    out.append(rr)
+        # relations reached along several paths (a relation, and another rebased onto the same
+        # family member) bound the same difference: their intersection, never the loosest
+        return [(r.u, r) for r in tighten(out)]
 
     def _rel_of_const(self, O, P, pname, oname) -> bool:
         a, b = P.const(pname), O.const(oname)

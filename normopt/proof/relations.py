@@ -158,6 +158,47 @@ def per_channel(arr: np.ndarray, axis: int, rank: int, tol=0.0):
     return first.reshape(-1)
 
 
+def tighten(rels: list) -> list:
+    """Relations of one value, with every two that claim the same form (same original value,
+    axis, centering, scale and shift shape) merged into one: each bounds the same difference
+    v' - (a u + t), so the true shift lies in the intersection of their intervals [t - err,
+    t + err], and the merged relation keeps that intersection's midpoint and half-width. A weak
+    duplicate (a shift carried through a longer path, with a larger rounding bound) must not
+    stand beside a tight one, or a later rule could pick the loose bound and accept a change the
+    tight one refuses. Only kind "rel"; order of first appearance kept."""
+    out, keys = [], {}
+    for r in rels:
+        if r.kind != "rel":
+            out.append(r)
+            continue
+        a = None if r.a is None else np.asarray(r.a, np.float64)
+        t = None if r.t is None else np.asarray(r.t, np.float64)
+        key = (r.u, r.axis, r.centered, None if a is None else (a.shape, a.tobytes()), None if t is None else t.shape)
+        k = keys.get(key)
+        if k is None:
+            keys[key] = len(out)
+            out.append(r)
+            continue
+        q = out[k]
+        e1, e2 = np.asarray(q.err, np.float64), np.asarray(r.err, np.float64)
+        if t is None:  # no shift: both bound the same difference around zero
+            if np.shape(np.minimum(e1, e2)) == np.broadcast_shapes(np.shape(e1), np.shape(e2)):
+                out[k] = Rel(q.u, q.axis, q.centered, q.a, None, np.minimum(e1, e2), kind=q.kind, how=q.how, stat=q.stat)
+            continue
+        t1 = np.asarray(q.t, np.float64)
+        try:
+            lo = np.maximum(t1 - e1, t - e2)
+            hi = np.minimum(t1 + e1, t + e2)
+        except ValueError:
+            out.append(r)
+            continue
+        if lo.shape != t1.shape or not np.all(lo <= hi):
+            out.append(r)  # intervals that do not meet (or broadcast elsewhere): keep both as they are
+            continue
+        out[k] = Rel(q.u, q.axis, q.centered, q.a, (lo + hi) / 2, (hi - lo) / 2, kind=q.kind, how=q.how, stat=q.stat)
+    return out
+
+
 def per_channel_err(arr: np.ndarray, axis: int, rank: int, tol):
     """(t, half-width) per channel along `axis` when one value per channel lies within every
     element's own bound: the intersection of [x - tol, x + tol] over the other axes, its midpoint
