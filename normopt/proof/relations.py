@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-A_TOL = 4  # a ~ 1 within this many ulps of the value's dtype (a scale is a ratio of stored values)
+A_TOL = 2  # a ~ 1 within this many ulps of the value's dtype (a scale is a ratio of stored values)
 
 
 def eps_of(elem_type) -> float:
