@@ -318,11 +318,15 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                     result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
                                             verify_level, provider, plan)
                 except VerificationFailed:
-                    # the dynamic check's verdict stands at once (no wait for the proof); a
-                    # proof that has already ended adds its line to the report
-                    if prover.done():
+                    # the dynamic check's verdict stands at once: the proof is stopped (within
+                    # one node or weight block); one that had already ended adds its line
+                    if prover.stop():
                         prover.result(report, quiet=True)
                         _write_report(report_path, report, plan)
+                    raise
+                except BaseException:
+                    # bad input, our bug or Ctrl-C: the proof stops before the staged file goes
+                    prover.stop()
                     raise
                 proof = prover.result(report)
                 if result is not None and proof is not None and "seconds" in proof.details:
@@ -337,25 +341,33 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
 
 class _ProofThread:
     """_prove_staged in a thread: ``result(report)`` joins it and gives its ProofResult (or
-    raises what it raised: bad input stays bad input)."""
+    raises what it raised: bad input stays bad input). ``stop()`` cancels it and waits for the
+    thread to end, so that no proof still reads the staged output or writes temporary files
+    while the run unwinds and the interpreter exits."""
 
     def __init__(self, in_path, staged_path):
         import threading
 
         self._out, self._err = None, None
         self._report = Report()
+        self._cancel = threading.Event()
 
         def work():
             try:
-                self._out = _prove_staged(in_path, staged_path, self._report)
+                self._out = _prove_staged(in_path, staged_path, self._report, cancel=self._cancel)
             except BaseException as exc:  # handed to the caller by result()
                 self._err = exc
 
         self._t = threading.Thread(target=work, name="normopt-prove", daemon=True)
         self._t.start()
 
-    def done(self) -> bool:
-        return not self._t.is_alive()
+    def stop(self) -> bool:
+        """Cancel and join; True when the proof had ended with a verdict of its own."""
+        from .proof.cancel import Cancelled
+
+        self._cancel.set()
+        self._t.join()
+        return self._out is not None and not isinstance(self._err, Cancelled)
 
     def result(self, report, quiet=False):
         self._t.join()
@@ -365,7 +377,7 @@ class _ProofThread:
         return self._out
 
 
-def _prove_staged(in_path, staged_path, report):
+def _prove_staged(in_path, staged_path, report, cancel=None):
     """The translation validator on the staged output (normopt.proof): its one-line verdict goes
     into the report's notes. The dynamic check below remains the gate for writing."""
     from .proof import ProofResult, prove
@@ -374,8 +386,8 @@ def _prove_staged(in_path, staged_path, report):
 
     t0 = time.perf_counter()
     try:
-        res = prove(in_path, staged_path)
-    except NormoptError:
+        res = prove(in_path, staged_path, cancel=cancel)
+    except (NormoptError, KeyboardInterrupt):
         raise
     except Exception as exc:  # the prover's own bug never hides or replaces the dynamic check
         res = ProofResult(False, f"not proved: internal error in the prover: {type(exc).__name__}: {exc}",

@@ -153,7 +153,7 @@ def test_a_dynamic_check_that_does_not_fit_leaves_the_proof_as_the_gate(tmp_path
     assert any(n.startswith("not tuned") for n in res.report.notes)
     assert compare(str(p), str(tmp_path / "o.onnx")).equivalent  # (memory is patched only for optimize's check)
 
-    def refused(a, b):
+    def refused(a, b, cancel=None):
         return proof.ProofResult(False, "not proved: x: planted")
 
     monkeypatch.setattr(proof, "prove", refused)
@@ -188,7 +188,8 @@ def test_opset_11_model_is_upgraded_and_written_at_13(tmp_path):
 def test_bad_input_found_by_the_dynamic_check_writes_no_report(tmp_path):
     """The proof runs in a thread beside the dynamic check; bad input the dynamic check finds
     (an --inputs file whose names are not the model's) is still exit 2 with nothing written,
-    the --report included, and it does not wait for the proof."""
+    the --report included, and the proof is stopped before the process exits (a proof thread
+    still loading the staged file raced the interpreter's cleanup of temporary directories)."""
     from conftest import run_cli
 
     p = tmp_path / "m.onnx"
@@ -198,4 +199,38 @@ def test_bad_input_found_by_the_dynamic_check_writes_no_report(tmp_path):
     r = run_cli("optimize", p, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--inputs", npz, "--no-tune")
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "wrong.npz"]
+
+
+def test_bad_input_stops_the_proof_thread(tmp_path, monkeypatch):
+    """When the dynamic check ends the run, optimize cancels the proof and waits for its thread:
+    none is left running once optimize has raised. A stand-in proof that only stops when
+    cancelled (or after 60 s) makes the race certain."""
+    import threading
+    import time
+
+    import normopt.proof as proof_pkg
+    from normopt.errors import NormoptError
+    from normopt.proof import cancel
+    from normopt.runtime_tests.inputs import InputOptions
+
+    def slow_prove(original, optimized, cancel=None):
+        cancel_mod_install(cancel)
+        t0 = time.time()
+        while time.time() - t0 < 60:
+            cancel_mod_check()
+            time.sleep(0.01)
+        raise AssertionError("the proof was never cancelled")
+
+    cancel_mod_install, cancel_mod_check = cancel.install, cancel.check
+    monkeypatch.setattr(proof_pkg, "prove", slow_prove)
+    p = tmp_path / "m.onnx"
+    onnx.save(preln_stream_model(), p)
+    npz = tmp_path / "wrong.npz"
+    np.savez(npz, idz=np.zeros((1, 8), np.int64))
+    t0 = time.time()
+    with pytest.raises(NormoptError):
+        optimize(str(p), str(tmp_path / "o.onnx"), input_opts=InputOptions(inputs_npz=str(npz)), tune=False)
+    assert time.time() - t0 < 50
+    assert not [t for t in threading.enumerate() if t.name == "normopt-prove" and t.is_alive()]
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "wrong.npz"]

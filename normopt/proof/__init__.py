@@ -42,18 +42,34 @@ def _load(m):
     return nio.load_model(str(m)).model
 
 
-def prove(original, optimized) -> ProofResult:
+def prove(original, optimized, cancel=None) -> ProofResult:
     """Prove that `optimized` computes `original`'s function. Each argument is a path or an
     onnx.ModelProto (an in-memory model or a normopt skeleton). Bad input (a file that does not
-    load) raises normopt.errors.NormoptError; everything else is a ProofResult."""
-    from ..errors import NormoptError
-    from .prover import NotProved, Prover
+    load) raises normopt.errors.NormoptError; everything else is a ProofResult. `cancel`, a
+    threading.Event, stops the proof (raising cancel.Cancelled) within one node or weight block
+    of being set."""
+    from . import cancel as _cancel
+    from .prover import Prover
 
-    orig, opt = _load(original), _load(optimized)
-    p = Prover(orig, opt)
+    _cancel.install(cancel)
+    try:
+        orig = _load(original)
+        _cancel.check()
+        opt = _load(optimized)
+        _cancel.check()
+        return _run(Prover(orig, opt))
+    finally:
+        _cancel.install(None)
+
+
+def _run(p) -> ProofResult:
+    from ..errors import NormoptError
+    from .cancel import Cancelled
+    from .prover import NotProved
+
     try:
         stats = p.run()
-    except (NormoptError, KeyboardInterrupt):
+    except (NormoptError, KeyboardInterrupt, Cancelled):
         raise
     except NotProved as exc:
         s = p.stats

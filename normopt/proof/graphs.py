@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .cancel import check as check_cancelled
 from .. import weights as W
 
 OPAQUE = "same layout, rank unknown"
@@ -101,6 +102,7 @@ def row_blocks(view, name, block_bytes=BLOCK_BYTES):
             return
         step = max(1, block_bytes // max(1, arr[:1].nbytes))
         for s in range(0, arr.shape[0], step):
+            check_cancelled()
             yield s, arr[s:s + step]
         return
     dt = W.np_dtype(t.data_type)
@@ -114,6 +116,7 @@ def row_blocks(view, name, block_bytes=BLOCK_BYTES):
     step = max(1, block_bytes // max(1, row_bytes))
     path, offset = ref[0], ref[1]
     for s in range(0, shape[0], step):
+        check_cancelled()
         n = min(step, shape[0] - s)
         buf = W.read_bytes(path, offset + s * row_bytes, n * row_bytes)
         yield s, np.frombuffer(buf, dtype=dt).reshape((n,) + shape[1:])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .cancel import check as check_cancelled
 from .graphs import GraphView, graph_attrs, infer_types, reduce_axes, row_blocks, same_bytes, tensor_value
 
 SMALL_CONST = 1 << 20  # elements: larger constants are compared block by block
@@ -123,6 +124,7 @@ class Prover:
         for name in P.overridable:
             rels[name] = [Rel(name)]
         for node in P.nodes:
+            check_cancelled()
             self.stats.nodes += 1
             if all(self._is_pconst(P, i) for i in node.input if i) and not graph_attrs(node) and node.op_type != "Constant" \
                     and all(P.is_const(o) for o in node.output if o):
