@@ -781,10 +781,17 @@ def rule_linear(prover, O, P, node, in_rels):
                         if centered:
                             orig_shift = center(orig_shift, out_axis)
                         t_full = _bcast(shift, out_axis, rm) - orig_shift
-                        bound = np.max(err) + 2 * eps * float(np.max(np.abs(orig_shift)))
-                        tv = per_channel(t_full, out_axis, rm, bound)
-                        t_rel = tv if tv is not None else t_full
-                        err = err + bound
+                        # element by element: each element's own shift bound, and the rounding of
+                        # the folded value where this writer's stored bias holds it (a bound taken
+                        # over the whole tensor let a small element change by 2% and prove). A
+                        # full tensor left to a later Add is charged its rounding there.
+                        e_ch = _bcast(err, out_axis, rm) if np.ndim(err) == 1 else np.asarray(err, np.float64)
+                        bound = e_ch + eps * np.abs(orig_shift) * (_bcast(np.asarray(bp, np.float64), out_axis, rm) != 0)
+                        got = per_channel_err(t_full, out_axis, rm, bound)
+                        if got is not None:
+                            t_rel, err = got
+                        else:
+                            t_rel, err = t_full, np.broadcast_to(bound, np.broadcast_shapes(bound.shape, t_full.shape)).copy()
                     else:
                         orig_shift = (np.ones(N) if cz is None else cz) * bo + sz
                         # the stored bias rounds the folded value (one intermediate); a zero stored
