@@ -626,6 +626,39 @@ def scale_axis(values: np.ndarray, vec: np.ndarray, axis: int) -> np.ndarray:
     return blockwise(values, lambda b, rows: b * v)
 
 
+def scale_center(values: np.ndarray, vec: np.ndarray, scale_axis: int, center_axis: int) -> np.ndarray:
+    """center(values * vec along scale_axis, center_axis), in float64 with one rounding at the
+    end: scaling, rounding, then centering would round twice, the first time relative to the
+    uncentered element, which a small centered element does not cover. Block by block along
+    axis 0 (a mean along axis 0 takes one pass first)."""
+    values = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    if values.ndim == 0:
+        return center(values, center_axis)
+    vec = np.asarray(vec, np.float64).reshape(-1)
+    sa, ca = scale_axis % values.ndim, center_axis % values.ndim
+    shape = [1] * values.ndim
+    shape[sa] = -1
+    v = vec.reshape(shape)
+
+    def scaled(b, rows):
+        return b * (v[rows] if sa == 0 else v)
+
+    if ca == 0:
+        total = np.zeros((1,) + values.shape[1:], np.float64)
+        step = _rows_per_block(values.shape)
+        for start in range(0, values.shape[0], step):
+            rows = slice(start, min(start + step, values.shape[0]))
+            total += scaled(np.asarray(values[rows], np.float64), rows).sum(axis=0, keepdims=True)
+        mean = total / max(values.shape[0], 1)
+        return blockwise(values, lambda b, rows: scaled(b, rows) - mean)
+
+    def one(b, rows):
+        x = scaled(b, rows)
+        return x - x.mean(axis=ca, keepdims=True)
+
+    return blockwise(values, one)
+
+
 def is_float(dtype) -> bool:
     """A floating-point element type, bfloat16 and the float8 types (ml_dtypes) included."""
     if dtype is None:

@@ -102,6 +102,16 @@ def _within_fp16_rounding(model, out, level="disable") -> bool:
     return True
 
 
+def _narrowing_cast(model) -> bool:
+    """Does any graph (subgraphs included) Cast a float to a narrower float type?"""
+    from normopt.io import _graphs
+
+    narrow = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN,
+              onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ}
+    return any(n.op_type in ("Cast", "CastLike") and any(a.name == "to" and a.i in narrow for a in n.attribute)
+               for g in _graphs(model.graph) for n in g.node)
+
+
 def check_property(model, save=True):
     try:
         ref_ok_all = compare(model, model, seeds=1, level="all").equivalent
@@ -109,6 +119,12 @@ def check_property(model, save=True):
         return False  # ORT cannot load or run the generated input itself (a kernel missing for fp16, a type it refuses)
     fp16 = model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 or any(
         i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    # a narrowing Cast (fp32 -> fp16 -> fp32 inside an fp32 model) is a rounding step function: a
+    # rewrite exact in real arithmetic moves its input by an fp32 ulp, and an element at a
+    # rounding boundary flips by one fp16 ulp (the long profile found 2 of 768 elements flip after
+    # a LayerScale folded into its MatMul). The judge then refuses the output, which is what
+    # optimize does with it; the property asks that the difference is rounding, as for fp16
+    rounds = fp16 or _narrowing_cast(model)
     try:
         out, report = optimize_model(model)
         if out is not model:  # nothing rewritten gives the input itself back: its validity is the input's
@@ -116,12 +132,12 @@ def check_property(model, save=True):
         # the interface stays: every input, an overridable initializer's too
         assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
         exact = compare(model, out, seeds=2, level="disable")
-        if fp16 and not exact.equivalent:
+        if rounds and not exact.equivalent:
             assert _within_fp16_rounding(model, out), exact.summary_lines()
             return True  # rounding only; normopt's verification declines to write it
         assert exact.equivalent, exact.summary_lines()
         check_proof_and_mutants(model, out, fp16)
-        if not fp16:
+        if not rounds:
             # localization finds no divergence in an equivalent output: every value a pass
             # changed on purpose was recorded (no false alarm for users)
             fd = localize(model, out, level="disable", skip=report.changed_values)
@@ -129,20 +145,22 @@ def check_property(model, save=True):
         # Skip-op emission (the CUDA defaults fuse; the fused ops run on CPU too)
         skip_out, _ = optimize_model(model, provider="cuda")
         skip_exact = compare(model, skip_out, seeds=2, level="disable")
-        if fp16 and not skip_exact.equivalent:
+        if rounds and not skip_exact.equivalent:
             assert _within_fp16_rounding(model, skip_out), skip_exact.summary_lines()
         else:
             assert skip_exact.equivalent, skip_exact.summary_lines()
+            _check_proof(model, skip_out, "cuda")
         # the opt-in Pre-CRMSNorm pass too (exact equivalence)
         crms_out, _ = optimize_model(model, opt_in=["crms"])
         crms_exact = compare(model, crms_out, seeds=2, level="disable")
-        if fp16 and not crms_exact.equivalent:
+        if rounds and not crms_exact.equivalent:
             assert _within_fp16_rounding(model, crms_out), crms_exact.summary_lines()
         else:
             assert crms_exact.equivalent, crms_exact.summary_lines()
+            _check_proof(model, crms_out, "crms")
         if ref_ok_all:
             deployed = compare(model, out, seeds=2, level="all")
-            if fp16 and not deployed.equivalent:
+            if rounds and not deployed.equivalent:
                 assert _within_fp16_rounding(model, out, "all"), deployed.summary_lines()
             else:
                 assert deployed.equivalent, deployed.summary_lines()
@@ -153,14 +171,43 @@ def check_property(model, save=True):
     return True
 
 
+def _log_proof(model, pipeline, res):
+    """NORMOPT_FUZZ_PROOF_LOG=FILE appends each verdict (one line: pipeline, verdict) to FILE: how
+    often, and why, a fuzzed output does not prove."""
+    path = os.environ.get("NORMOPT_FUZZ_PROOF_LOG")
+    if path:
+        name = ""
+        if not res.proved:  # the input is kept beside the log, to replay
+            data = model.SerializeToString()
+            name = os.path.join(os.path.dirname(os.path.abspath(path)), f"unproved_{hashlib.sha256(data).hexdigest()[:12]}.onnx")
+            with open(name, "wb") as f:
+                f.write(data)
+        with open(path, "a") as f:
+            f.write(f"{pipeline}\t{' '.join(res.summary.split())}\t{name}\n")
+
+
+def _check_proof(model, out, pipeline):
+    """The prover on another pipeline's equivalent output (the fused Skip ops, CRMSNorm): it
+    proves."""
+    res = prove(model, out)
+    assert not res.details.get("internal_error"), res.summary
+    _log_proof(model, pipeline, res)
+    assert res.proved, f"{pipeline} output not proved: {res.summary}"
+    return res
+
+
 def check_proof_and_mutants(model, out, fp16):
-    """The prover on a dynamically equivalent output: no internal error; where it proves, every
+    """The prover on a dynamically equivalent output: it proves, with no internal error; every
     planted mutant is refused by the prover, and a weight-channel mutant by the dynamic judge."""
     from test_proof import mutants
 
     res = prove(model, out)
     assert not res.details.get("internal_error"), res.summary
     assert res.summary.startswith("proved: " if res.proved else "not proved: "), res.summary
+    _log_proof(model, "default", res)
+    # every output of optimize proves (issue 19): a dynamically equivalent output that does not is
+    # a gap in the prover (or an optimizer that rounds more than it must), kept as a regression
+    assert res.proved, f"default output not proved: {res.summary}"
     planted = list(mutants(model, out))
     for kind, m in planted:
         if fp16 and kind == "element x1.0005":

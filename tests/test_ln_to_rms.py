@@ -186,3 +186,18 @@ def test_broken_pass_output_would_be_caught():
             i.CopyFrom(numpy_helper.from_array(arr, i.name))
             break
     assert not compare(m, out, seeds=2).equivalent
+
+
+def test_scale_center_rounds_once():
+    """weights.scale_center: center(s * v) in float64 with one final rounding, along either axis
+    (axis 0 takes its mean in a first pass), equal to the float64 computation rounded once."""
+    from normopt import weights as W
+
+    rng = np.random.default_rng(3)
+    v = (rng.standard_normal((300, 7)) * np.array([1e-3, 1, 5, 0.02, 1, 1, 3])).astype(np.float32)
+    for s_axis, c_axis in ((1, 1), (1, 0), (0, 1), (0, 0)):
+        s = rng.uniform(0.01, 2, v.shape[s_axis])
+        x = v.astype(np.float64) * (s[None, :] if s_axis == 1 else s[:, None])
+        exp = (x - x.mean(axis=c_axis, keepdims=True)).astype(np.float32)
+        got = W.scale_center(v, s, s_axis, c_axis)
+        assert got.dtype == np.float32 and np.array_equal(got, exp), (s_axis, c_axis)

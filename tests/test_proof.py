@@ -419,3 +419,22 @@ def test_the_validator_imports_nothing_of_the_optimizer():
             if isinstance(n, ast.Import):
                 for a in n.names:
                     assert not a.name.startswith("normopt") or a.name in allowed, a.name
+
+
+def test_a_layerscale_bias_scaled_then_centered_proves():
+    """A fuzzed model (tests/proof_cases): a LayerScale folded into a writer's bias, and the bias
+    then centered. The optimizer rounded twice (the scaled bias to fp32, then its centering), so
+    one small centered element (-0.0012, scaled value 0.022) was 5 ulps off and did not prove.
+    It now computes center(s * b) from the source in float64 and rounds once: the output proves
+    under the prover's one-rounding bound, and every planted mutant is refused."""
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "fuzz_layerscale_centered_bias.onnx"))
+    out, _ = optimize_model(m)
+    res = prove(m, out)
+    assert res.proved, res.summary
+    for kind, mm in mutants(m, out):
+        assert not prove(m, mm).proved, kind
+    o = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    p = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    exp = o["b_95"].astype(np.float64) * o["ls_98"].astype(np.float64)
+    exp = (exp - exp.mean(axis=-1, keepdims=True)).astype(np.float32)
+    assert np.array_equal(p["b_95_ls_centered"], exp)  # one rounding: the correctly rounded value

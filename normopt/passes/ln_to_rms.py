@@ -584,16 +584,25 @@ def _fold_beta(graph, namer, beta_v, readers):
                 lin.inputs.append(c)
 
 
-def _fold_layerscale(namer, mul, si, lin, bias_edge):
+def _fold_layerscale(namer, mul, si, lin, bias_edge, scaled_from=None):
     """s * (x W + b) = x (W diag(s)) + s * b: scale the linear's output channels, then let the
-    linear write the Mul's output directly (the Mul is removed)."""
+    linear write the Mul's output directly (the Mul is removed). ``scaled_from`` records each
+    scaled constant's source (values, s, axis), so that centering it afterwards computes
+    center(s * v) from the source in float64 and rounds once."""
     sv = G.f64(G.const_value(mul.inputs[si])).reshape(-1)
 
     def scaled(tensor, axis):
         v = G.const_value(tensor)
         if v.ndim == 0 or v.shape[axis] == 1:  # a scalar bias (or C) broadcast over the channels
-            return G.new_const(namer, f"{tensor.name}_ls", G.cast_like(G.f64(v) * sv.reshape((1,) * max(v.ndim - 1, 0) + (-1,)), v))
-        return G.new_const(namer, f"{tensor.name}_ls", W.scale_axis(v, sv, axis))
+            v64 = G.f64(v) * sv.reshape((1,) * max(v.ndim - 1, 0) + (-1,))
+            out = G.new_const(namer, f"{tensor.name}_ls", G.cast_like(v64, v))
+            src = (v64, np.ones(v64.shape[-1]), -1, v.dtype)  # already scaled, in float64
+        else:
+            out = G.new_const(namer, f"{tensor.name}_ls", W.scale_axis(v, sv, axis))
+            src = (v, sv, axis, v.dtype)
+        if scaled_from is not None:
+            scaled_from[id(out)] = src
+        return out
 
     if lin.op == "MatMul":
         w_axis = 1
@@ -682,15 +691,23 @@ class LayerNormToRMSNorm(Pass):
                      for c in G.consumers(tensors[name]) if c.op == "ReduceMean" and _centering_unit(graph, c, tensors[name], a)]
             mark_changed(ctx, *s.values, *means)
 
+            scaled_from = {}  # id(LayerScale-scaled constant) -> (source values, s, axis, dtype)
+
             def centered_const(tensor, axis):
                 key = (id(tensor), axis)
                 if key not in cache:
-                    cache[key] = (tensor, G.new_const(namer, f"{tensor.name}_centered", _center(G.const_value(tensor), axis)))
+                    src = scaled_from.get(id(tensor))
+                    if src is not None:  # scaled then centered: from the source, one rounding
+                        v, sv, s_axis, dt = src
+                        vals = W.scale_center(v, sv, s_axis, axis).astype(dt, copy=False)
+                    else:
+                        vals = _center(G.const_value(tensor), axis)
+                    cache[key] = (tensor, G.new_const(namer, f"{tensor.name}_centered", vals))
                 return cache[key][1]
 
             # 1. LayerScale folds: Mul(linear(x) [+ b], s) -> linear with W*s, b*s
             for mul, si, lin, bias_edge in s.layerscales:
-                _fold_layerscale(namer, mul, si, lin, bias_edge)
+                _fold_layerscale(namer, mul, si, lin, bias_edge, scaled_from)
             # 2. writers: tables, linears, constants
             for node, idx, axis in writer_weights(s):
                 node.inputs[idx] = centered_const(node.inputs[idx], axis)
