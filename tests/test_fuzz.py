@@ -50,21 +50,22 @@ settings.register_profile("long", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-_SAVED = []  # this session's saved failure: hypothesis shrinks, then replays the minimal example last
+_SAVED = {}  # this session's saved failures, by kind: hypothesis shrinks, then replays each minimal example last
 
 
-def _save_regression(model) -> str:
-    """Keep the last failing example only (each shrink step fails too; the final replay is the
-    minimal one)."""
+def _save_regression(model, key="") -> str:
+    """Keep the last failing example of each kind of failure only (each shrink step fails too;
+    the final replay is the minimal one). `key` names the kind: where the check failed, so that
+    two distinct failures found in one run are both kept."""
     data = model.SerializeToString()
     os.makedirs(REGRESSIONS, exist_ok=True)
     path = os.path.join(REGRESSIONS, f"fuzz_{hashlib.sha256(data).hexdigest()[:12]}.onnx")
     with open(path, "wb") as f:
         f.write(data)
-    for old in _SAVED:
-        if old != path and os.path.exists(old):
-            os.remove(old)
-    _SAVED[:] = [path]
+    old = _SAVED.get(key)
+    if old is not None and old != path and old not in {p for k, p in _SAVED.items() if k != key} and os.path.exists(old):
+        os.remove(old)
+    _SAVED[key] = path
     return path
 
 
@@ -164,9 +165,12 @@ def check_property(model, save=True):
                 assert _within_fp16_rounding(model, out, "all"), deployed.summary_lines()
             else:
                 assert deployed.equivalent, deployed.summary_lines()
-    except Exception:
+    except Exception as exc:
         if save:
-            _save_regression(model)
+            import traceback
+
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == __file__]
+            _save_regression(model, f"{frames[-1].lineno if frames else ''}")
         raise
     return True
 

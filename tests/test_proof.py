@@ -438,3 +438,51 @@ def test_a_layerscale_bias_scaled_then_centered_proves():
     exp = o["b_95"].astype(np.float64) * o["ls_98"].astype(np.float64)
     exp = (exp - exp.mean(axis=-1, keepdims=True)).astype(np.float32)
     assert np.array_equal(p["b_95_ls_centered"], exp)  # one rounding: the correctly rounded value
+
+
+def test_a_fused_skip_norm_with_a_run_time_gamma_proves():
+    """A fuzzed model (tests/proof_cases): a LayerNormalization whose gamma is a graph input, fused
+    into SkipLayerNormalization (the CUDA defaults). Its scale is a run-time value equal to the
+    original's, as for a plain norm: the output proves. A gamma negated on the way, or a beta
+    replaced by a run-time value (once read as no beta at all), is refused."""
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "fuzz_skip_runtime_gamma.onnx"))
+    out, _ = optimize_model(m, provider="cuda")
+    skip = [n for n in out.graph.node if n.op_type == "SkipLayerNormalization"]
+    assert skip and not any(t.name == skip[0].input[2] for t in out.graph.initializer)
+    res = prove(m, out)
+    assert res.proved, res.summary
+    neg = copy.deepcopy(out)
+    node = next(n for n in neg.graph.node if n.op_type == "SkipLayerNormalization")
+    g = node.input[2]
+    neg.graph.node.insert(0, helper.make_node("Neg", [g], ["g_neg"]))
+    node.input[2] = "g_neg"
+    assert not prove(m, neg).proved
+    rt_beta = copy.deepcopy(out)
+    node = next(n for n in rt_beta.graph.node if n.op_type == "SkipLayerNormalization")
+    if len(node.input) > 3 and node.input[3]:
+        rt_beta.graph.node.insert(0, helper.make_node("Abs", [g], ["b_rt"]))
+        node.input[3] = "b_rt"
+        assert not prove(m, rt_beta).proved
+
+
+def test_a_fused_skip_norm_with_a_run_time_beta_proves():
+    """A fuzzed model (tests/proof_cases): a LayerNormalization whose beta is a graph input, fused
+    into SkipLayerNormalization with that beta. The norm without it is "y - r" for the original's
+    run-time beta r, and the Skip's beta, equal to r, adds it back: the output proves. A beta
+    replaced by another run-time value, or dropped, is refused."""
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "fuzz_skip_runtime_beta.onnx"))
+    out, _ = optimize_model(m, provider="cuda")
+    res = prove(m, out)
+    assert res.proved, res.summary
+    inits = {t.name for t in out.graph.initializer}
+    skips = [n for n in out.graph.node if n.op_type == "SkipLayerNormalization" and len(n.input) > 3 and n.input[3] not in inits]
+    assert skips
+    for how in ("other", "dropped"):
+        bad = copy.deepcopy(out)
+        node = next(n for n in bad.graph.node if list(n.output) == list(skips[0].output))
+        if how == "other":
+            bad.graph.node.insert(0, helper.make_node("Abs", [node.input[3]], ["b_other"]))
+            node.input[3] = "b_other"
+        else:
+            node.input[3] = ""
+        assert not prove(m, bad).proved, how

@@ -1049,13 +1049,7 @@ def rule_norm(prover, O, P, node, in_rels):
     if any(o and prover._read(P, o) for o in node.output[1:]):
         raise _Skip(f"{op}'s extra outputs are read")
     a = P.attrs(node)
-    gp = _vals(P, node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    if len(node.input) > 1 and node.input[1] and gp is None:
-        # a run-time scale: the original's norm must read the same value (equal), and then a = 1
-        g_rels = in_rels[1] if isinstance(in_rels[1], list) else []
-        gp = RuntimeGamma({w for w, q in prover._rels_on(O, g_rels) if q.eq})
-        if not gp.names:
-            raise _Skip(f"{op} scale is neither a constant nor equal to an original value")
+    gp = _norm_gamma(prover, O, P, node, 1, in_rels) if len(node.input) > 1 and node.input[1] else None
     bp = None
     kind = "ln" if op == "LayerNormalization" else "rms"
     if kind == "ln" and len(node.input) > 2 and node.input[2]:
@@ -1075,6 +1069,20 @@ def rule_norm(prover, O, P, node, in_rels):
         prover.stats.norms_converted += 1
     return _finish(prover, got, f"its input is not a centered value whose original is read by a LayerNormalization "
                                 f"with the same axis and epsilon ({_desc(rs)})")
+
+
+def _norm_gamma(prover, O, P, node, k, in_rels):
+    """A norm's scale (input k): its constant values, or, for a run-time scale, the RuntimeGamma
+    of the original values it is equal to (the original's norm must read one of them, and then
+    the scale ratio is 1)."""
+    gp = _vals(P, node.input[k])
+    if gp is not None:
+        return gp
+    g_rels = in_rels[k] if isinstance(in_rels[k], list) else []
+    gp = RuntimeGamma({w for w, q in prover._rels_on(O, g_rels) if q.eq})
+    if not gp.names:
+        raise _Skip(f"{node.op_type} scale is neither a constant nor equal to an original value")
+    return gp
 
 
 class RuntimeGamma:
@@ -1121,11 +1129,21 @@ def rule_skip(prover, O, P, node, in_rels):
     if not sums:
         raise _Skip(f"{op}: input + skip is not an original sum under one relation")
     a = P.attrs(node)
-    gp = _vals(P, node.input[2])
+    gp = _norm_gamma(prover, O, P, node, 2, in_rels)
     bp = None if simplified or len(node.input) < 4 or not node.input[3] else _vals(P, node.input[3])
-    if gp is None:
-        raise _Skip(f"{op} gamma is not a constant")
+    rt_beta = None
+    if bp is None and not simplified and len(node.input) > 3 and node.input[3]:
+        # a run-time beta: equal to the original norm's own run-time beta r, it adds r back to
+        # the "y - r" relation the norm gives without it
+        b_rels = in_rels[3] if isinstance(in_rels[3], list) else []
+        rt_beta = {w for w, q in prover._rels_on(O, b_rels) if q.eq}
+        if not rt_beta:
+            raise _Skip(f"{op} beta is neither a constant nor equal to an original value")
     ys = norm_rels(prover, O, sums, gp, bp, a.get("epsilon", 1e-12), "rms" if simplified else "ln", _where(node))
+    if rt_beta is not None:
+        eps = eps_of(P.elem(node.output[0])) if node.output[0] else 0.0
+        ys = [simplify(Rel(r.u, r.axis, False, None, r.t, r.err, how="norm, run-time beta"), eps)
+              for r in ys if r.kind == "sub" and r.a is None and not r.centered and r.stat and r.stat[0] in rt_beta]
     if node.output[0] and not ys:
         raise _Skip(f"{op}: the normalized sum is not an original norm's output ({_desc(sums)})")
     prover.stats.norms_converted += 1
