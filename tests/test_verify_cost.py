@@ -121,3 +121,64 @@ def test_float64_erf_is_math_erf_vectorized():
     y = ev.run(None, {"x": x32})[0]
     assert y.dtype == np.float32
     assert np.array_equal(y, np.array([[math.erf(float(v)) for v in r] for r in x32], np.float32))
+
+
+def _conv_gelu(n_out=2):
+    """A patch Conv, a MatMul and an erf GELU: ONNX Runtime has no float64 Conv or Erf."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[2, 2]),
+             helper.make_node("Reshape", ["c", "shp"], ["r"]),
+             helper.make_node("MatMul", ["r", "m2"], ["h"]),
+             helper.make_node("Mul", ["h", "rs2"], ["hs"]),
+             helper.make_node("Erf", ["hs"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]),
+             helper.make_node("Mul", ["e1", "h"], ["y"])]
+    outs = [vi("y", [1, 16, 64]), vi("h", [1, 16, 64])][:n_out]
+    return make_model(nodes, [vi("x", [1, 3, 8, 8])], outs,
+                      [init("w", rng.standard_normal((16, 3, 2, 2)).astype(np.float32)),
+                       init("m2", (rng.standard_normal((16, 64)) / 4).astype(np.float32)),  # 4 KB: embedded
+                       init("shp", np.array([1, 16, 16], np.int64)),
+                       init("rs2", np.float32(0.5 ** 0.5)), init("one", np.float32(1.0))])
+
+
+def test_float64_model_without_some_kernels_runs_in_ort_around_them(counted):
+    """ONNX Runtime evaluates every node it has a float64 kernel for, in sessions built once;
+    onnx.reference only the Conv and the Erf. The values are onnx.reference's own (op by op)."""
+    from normopt.runtime_tests import exact
+
+    m = _conv_gelu()
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    runner = exact.ExactRunner(m, ["y", "h"], {"x": x})
+    assert runner.available and runner._split is not None, runner.why
+    assert "Conv, Erf" in runner.engine
+    built = runner._split.sessions
+    assert built == 2  # the MatMul..Mul run, and the Add, Mul after the Erf
+    for _ in range(2):
+        x2 = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
+        got = runner.run({"x": x2})
+        want = exact.reference_evaluator(exact.to_float64(m)).run(["y", "h"], {"x": x2.astype(np.float64)})
+        for g, w in zip(got, want):
+            assert g.dtype == np.float64
+            np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-13)
+    assert runner._split.sessions == built
+    res = compare(m, m)
+    assert res.equivalent and res.mode == "exact" and "onnx.reference for the 2 node(s)" in res.judge
+
+
+def test_split_evaluator_that_disagrees_with_ort_falls_back(monkeypatch):
+    """The check that onnx.reference computes ONNX Runtime's function holds for the nodes it
+    evaluates beside ONNX Runtime too: an Erf kernel 1e-3 off is found, and not trusted."""
+    from onnx.reference.op_run import OpRun
+
+    from normopt.runtime_tests import exact
+
+    class Erf(OpRun):
+        op_domain = ""
+
+        def _run(self, x):
+            return ((exact.erf64(x) * (1 + 1e-3)).astype(x.dtype),)
+
+    monkeypatch.setattr(exact, "_corrected_ops", lambda: [Erf])
+    res = compare(_conv_gelu(), _conv_gelu())
+    assert res.mode == "fallback", res.judge
+    assert any("disagrees with ONNX Runtime" in n for n in res.notes), res.notes

@@ -254,9 +254,10 @@ def to_float64(model: onnx.ModelProto, weights: dict | None = None) -> onnx.Mode
     return out
 
 
-def _feed_weights(g, weights: dict) -> None:
+def _feed_weights(g, weights: dict, native: bool = False) -> None:
     """Moves g's large float initializers, as float64, into ``weights``; each becomes a float64
-    graph input of its shape (integer tensors stay: quantized kernels may want them constant). Tensors an op wants in float32 stay (KEEP_FLOAT32)."""
+    graph input of its shape (integer tensors stay: quantized kernels may want them constant). Tensors an op wants in float32 stay (KEEP_FLOAT32).
+    native: in their own type instead (the model at its own precision, _Split's check)."""
     keep = _keep32(g)
     inputs = {i.name for i in g.input}
     kept = []
@@ -264,10 +265,11 @@ def _feed_weights(g, weights: dict) -> None:
         if t.name in keep or t.data_type not in FLOATS or W.tensor_nbytes(t) < FEED_BYTES:
             kept.append(t)
             continue
-        arr = np.ascontiguousarray(_array(t), np.float64)
+        arr = np.asarray(_array(t)) if native else np.ascontiguousarray(_array(t), np.float64)
         weights[t.name] = arr
         if t.name not in inputs:  # an initializer that is also an input (IR < 4) keeps its input entry
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, TensorProto.DOUBLE, list(arr.shape)))
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type if native else TensorProto.DOUBLE,
+                                                              list(arr.shape)))
     if len(kept) != len(g.initializer):
         del g.initializer[:]
         g.initializer.extend(kept)
@@ -301,6 +303,184 @@ def _keep_rounding(g) -> None:
     g.node.extend(nodes)
 
 
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime where it has a float64 kernel, onnx.reference for the nodes where it has none
+
+
+def _double_kernels():
+    """{(domain, op): [(first, last) opset range]} of ONNX Runtime's CPU kernels that take
+    float64, or None where this onnxruntime does not list its kernels."""
+    try:
+        from onnxruntime.capi import _pybind_state as C
+
+        defs = C.get_all_opkernel_def()
+    except Exception:
+        return None
+    out = {}
+    for d in defs:
+        if d.provider == "CPUExecutionProvider" and any("tensor(double)" in v for v in d.type_constraints.values()):
+            out.setdefault((d.domain or "", d.op_name), []).append(tuple(d.version_range))
+    return out
+
+
+def _subgraphs(node):
+    for a in node.attribute:
+        if a.HasField("g"):
+            yield a.g
+        yield from a.graphs
+
+
+def _outer_reads(node) -> set:
+    """The names a node's subgraphs read from the enclosing scopes."""
+    used, defined = set(), set()
+    stack = list(_subgraphs(node))
+    while stack:
+        g = stack.pop()
+        defined.update(i.name for i in g.input)
+        defined.update(t.name for t in g.initializer)
+        for n in g.node:
+            used.update(i for i in n.input if i)
+            defined.update(o for o in n.output if o)
+            stack.extend(_subgraphs(n))
+        used.update(o.name for o in g.output)
+    return used - defined
+
+
+class _Split:
+    """A float64 model run step by step: maximal runs of nodes that ONNX Runtime has float64
+    kernels for, each one session (ORT_DISABLE_ALL), and each other node alone by onnx.reference
+    (corrected kernels: Erf, BatchNormalization). The same float64 values as onnx.reference op by
+    op, at ONNX Runtime's speed where it can: a ViT's MatMuls in ORT, its Conv and Erfs in numpy.
+    ``plan(model)`` is None where the model does not split (no such node, control flow around
+    one, an initializer that is also an input): then onnx.reference runs it whole."""
+
+    @staticmethod
+    def plan(model: onnx.ModelProto):
+        kernels = _double_kernels()
+        if kernels is None:
+            return None
+        g = model.graph
+        if {t.name for t in g.initializer} & {i.name for i in g.input}:
+            return None
+        opsets = {(o.domain or ""): o.version for o in model.opset_import}
+
+        def has_kernel(n):
+            dom = "" if n.domain in ("", "ai.onnx") else n.domain
+            if dom == "" and n.op_type == "Constant":  # ONNX Runtime makes it an initializer: no kernel
+                return True
+            try:
+                since = onnx.defs.get_schema(n.op_type, opsets.get(dom, 1), dom).since_version
+            except Exception:
+                return False
+            return any(lo <= since <= hi for lo, hi in kernels.get((dom, n.op_type), ()))
+
+        def ort_runs(n):
+            """True: ONNX Runtime runs it (and its branches); False: onnx.reference runs it
+            alone; None: a branch holds a node without a float64 kernel (no split)."""
+            inner = list(_subgraphs(n))
+            if not has_kernel(n):
+                return None if inner else False
+            while inner:
+                sg = inner.pop()
+                for m in sg.node:
+                    if not has_kernel(m):
+                        return None
+                    inner.extend(_subgraphs(m))
+            return True
+
+        steps = []
+        for n in g.node:
+            ok = ort_runs(n)
+            if ok is None:
+                return None
+            if ok and steps and steps[-1][0] == "ort":
+                steps[-1][1].append(n)
+            else:
+                steps.append(("ort" if ok else "ref", [n]))
+        if not any(kind == "ref" for kind, _ in steps) or all(kind == "ref" for kind, _ in steps):
+            return None
+        return steps
+
+    def __init__(self, model: onnx.ModelProto, steps, outputs):
+        g = model.graph
+        self.outputs = list(outputs)
+        self.inits = {t.name: t for t in g.initializer}
+        self.opsets = list(model.opset_import)
+        self.functions = list(model.functions)
+        self.ir = model.ir_version
+        self.steps = []
+        produced_by = {}
+        for k, (kind, nodes) in enumerate(steps):
+            reads, made = [], set()
+            for n in nodes:
+                for name in list(n.input) + sorted(_outer_reads(n)):
+                    if name and name not in made and name not in reads:
+                        reads.append(name)
+                made.update(o for o in n.output if o)
+            for o in made:
+                produced_by[o] = k
+            self.steps.append([kind, nodes, reads, made, None])
+        last = {}
+        for k, (_, _, reads, _, _) in enumerate(self.steps):
+            for name in reads:
+                last[name] = k
+        want = set(self.outputs)
+        for k, step in enumerate(self.steps):
+            step[3] = [o for n in step[1] for o in n.output if o and (o in want or last.get(o, -1) > k)]
+        self.last = last
+        self.sessions = 0
+
+    def _build(self, step, env):
+        kind, nodes, reads, outs, _ = step
+        inputs = []
+        inits = []
+        for name in reads:
+            if name in self.inits:
+                inits.append(self.inits[name])
+                continue
+            v = env[name]
+            if not isinstance(v, np.ndarray):
+                raise TypeError(f"value '{name}' is not a tensor")
+            inputs.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None))
+        outputs = []
+        for name in outs:
+            vi = onnx.ValueInfoProto()
+            vi.name = name
+            outputs.append(vi)
+        graph = onnx.helper.make_graph(nodes, "step", inputs, outputs, inits)
+        m = onnx.helper.make_model(graph, opset_imports=self.opsets, ir_version=self.ir)
+        m.functions.extend(self.functions)
+        if kind == "ort":
+            from .providers import make_session
+
+            sess = make_session(m, "cpu", "disable", spin=False)
+            names = [i.name for i in inputs]
+            self.sessions += 1
+            return lambda e: sess.run(outs, {n: e[n] for n in names})
+        ev = reference_evaluator(m)
+        names = [i.name for i in inputs]
+        return lambda e: ev.run(outs, {n: e[n] for n in names})
+
+    def run(self, feeds: dict, names: list) -> list:
+        env = dict(feeds)
+        for name, t in self.inits.items():
+            if name in names:
+                env[name] = _array(t)
+        want = set(names)
+        for k, step in enumerate(self.steps):
+            if not step[3]:  # nothing it computes is read
+                continue
+            if step[4] is None:
+                step[4] = self._build(step, env)
+            vals = step[4](env)
+            for name, v in zip(step[3], vals):
+                env[name] = np.asarray(v) if not isinstance(v, (list, np.ndarray)) else v
+            for name in step[2]:
+                if self.last.get(name) == k and name not in want and name in env:
+                    del env[name]
+        return [env[n] for n in names]
+
+
 def double_feeds(feeds: dict) -> dict:
     return {k: (np.asarray(v, np.float64) if W.is_float(np.asarray(v).dtype) else v) for k, v in feeds.items()}
 
@@ -316,6 +496,7 @@ class ExactRunner:
         self.seconds = 0.0
         self._first = None  # (feeds, outputs) of the trial run, reused by run()
         self._sess = self._ref = None  # the float64 session (ONNX Runtime), else the evaluator
+        self._split = None  # else ONNX Runtime and onnx.reference node by node (_Split)
         self._weights = {}  # the fed float64 weights (to_float64)
         t0 = time.perf_counter()
         try:
@@ -334,6 +515,21 @@ class ExactRunner:
         except Exception as exc:
             self._sess = None
             errors.append(str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        if not self.available:
+            steps = _Split.plan(self.model)
+            if steps is not None:
+                try:
+                    self._split = _Split(self.model, steps, self.outputs)
+                    if first_feeds is not None:
+                        self._first = (first_feeds, [np.asarray(v) for v in self._split.run(self._feeds(first_feeds), self.outputs)])
+                    ref_ops = [n.op_type for kind, nodes in steps if kind == "ref" for n in nodes]
+                    self.engine = (f"ONNX Runtime (float64 kernels) with onnx.reference for the {len(ref_ops)} node(s) "
+                                   f"it has none for: {', '.join(sorted(set(ref_ops)))}")
+                    self.available = True
+                except Exception as exc:
+                    self._split = None
+                    self._first = None
+                    errors.append(f"split: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}")
         if not self.available and reference_fits is not None:
             too_big = reference_fits()
             if too_big is not None:
@@ -362,11 +558,22 @@ class ExactRunner:
         precision explains (k x its distance to its own float64 answer + floor_ulps ulp x RMS),
         an op means something else to the evaluator (as BatchNormalization did below opset 14) and its float64
         answer is not the exact value of ORT's function. The reason, or None."""
-        if self._ref is None:
+        if self._ref is None and self._split is None:
             return None
         t0 = time.perf_counter()
         try:
-            native = [np.asarray(v) for v in reference_evaluator(materialized(native_model)).run(self.outputs, feeds)]
+            if self._split is not None:  # the same split at the model's own precision
+                fed = {}
+                nm = onnx.ModelProto()
+                nm.CopyFrom(native_model)
+                _feed_weights(nm.graph, fed, native=True)
+                nm = materialized(nm)
+                steps = _Split.plan(nm)
+                if steps is None:
+                    return "the model does not split at its own precision as it does in float64"
+                native = [np.asarray(v) for v in _Split(nm, steps, self.outputs).run({**fed, **feeds}, self.outputs)]
+            else:
+                native = [np.asarray(v) for v in reference_evaluator(materialized(native_model)).run(self.outputs, feeds)]
         except Exception as exc:
             return f"onnx.reference cannot evaluate the original at its own precision ({type(exc).__name__})"
         finally:
@@ -401,6 +608,8 @@ class ExactRunner:
             f = self._feeds(feeds)
             if self._sess is not None:
                 return [np.asarray(v) for v in self._sess.run(self.outputs, f)]
+            if self._split is not None:
+                return [np.asarray(v) for v in self._split.run(f, self.outputs)]
             return [np.asarray(v) for v in self._ref.run(self.outputs, f)]
         finally:
             self.seconds += time.perf_counter() - t0
@@ -408,6 +617,7 @@ class ExactRunner:
     def close(self):
         self._first = None
         self._sess = None
+        self._split = None
         self._ref = None
         self.model = None
         self._weights = {}
