@@ -182,3 +182,62 @@ def test_split_evaluator_that_disagrees_with_ort_falls_back(monkeypatch):
     res = compare(_conv_gelu(), _conv_gelu())
     assert res.mode == "fallback", res.judge
     assert any("disagrees with ONNX Runtime" in n for n in res.notes), res.notes
+
+
+def _erf_then_branch(erf_inside=False):
+    """Erf, then If(a): y = e + 1 | y = e * 2, the branches reading e and an initializer of the
+    enclosing graph (or the Erf inside the then branch)."""
+    from onnx import TensorProto
+
+    def branch(name, nodes, out):
+        return helper.make_graph(nodes, name, [], [vi(out, [2, 4])])
+
+    if erf_inside:
+        then = branch("t", [helper.make_node("Erf", ["x"], ["te"]), helper.make_node("Add", ["te", "one"], ["y_t"])], "y_t")
+        pre = [helper.make_node("Identity", ["x"], ["e"])]
+    else:
+        then = branch("t", [helper.make_node("Add", ["e", "one"], ["y_t"])], "y_t")
+        pre = [helper.make_node("Erf", ["x"], ["e"])]
+    els = branch("e", [helper.make_node("Mul", ["e", "two"], ["y_e"])], "y_e")
+    nodes = pre + [helper.make_node("If", ["a"], ["y"], then_branch=then, else_branch=els),
+                   helper.make_node("Tanh", ["y"], ["z"])]
+    return make_model(nodes, [vi("x", [2, 4]), vi("a", [], TensorProto.BOOL)], [vi("z", [2, 4]), vi("e", [2, 4])],
+                      [init("one", np.float32(1)), init("two", np.float32(2))])
+
+
+@pytest.mark.parametrize("erf_inside", [False, True])
+def test_split_around_branches_reading_the_enclosing_graph(erf_inside):
+    """A branch that reads values of the enclosing graph runs in its piece's session (they are
+    its inputs); a node without a float64 kernel inside a branch leaves the whole model to
+    onnx.reference. Either way the values are onnx.reference's."""
+    from normopt.runtime_tests import exact
+
+    m = _erf_then_branch(erf_inside)
+    x = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
+    runner = exact.ExactRunner(m, ["z", "e"], {"x": x, "a": np.array(True)})
+    assert runner.available, runner.why
+    assert (runner._split is None) == erf_inside, runner.engine
+    want_ev = exact.reference_evaluator(exact.to_float64(m))
+    for flag in (True, False):
+        f = {"x": x, "a": np.array(flag)}
+        got = runner.run(f)
+        want = want_ev.run(["z", "e"], {"x": x.astype(np.float64), "a": np.array(flag)})
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-14)
+    assert compare(m, m).equivalent
+
+
+@pytest.mark.parametrize("tol", [None, (1e-3, 1e-3)])
+def test_lazy_noise_in_tolerance_mode_too(tol, monkeypatch):
+    """Tolerance mode widens atol by the sensitivity (and drops ill-conditioned sets): the same
+    per-set verdicts with the draws made only where a set fails without them."""
+    kw = {} if tol is None else {"atol": tol[0], "rtol": tol[1]}
+    got = {}
+    for eager in (True, False):
+        monkeypatch.setattr(E, "EAGER_NOISE", eager)
+        rows = []
+        for c2 in (1e4, 3e4, 2.5e5):
+            res = compare(_cancel(1e4), _cancel(c2), **kw)
+            rows.append((res.equivalent, [(m.passed, m.failed_on) for m in res.outputs]))
+        got[eager] = rows
+    assert got[True] == got[False]
