@@ -307,9 +307,19 @@ def _keep_rounding(g) -> None:
 # ONNX Runtime where it has a float64 kernel, onnx.reference for the nodes where it has none
 
 
+_kernels = []
+
+
 def _double_kernels():
     """{(domain, op): [(first, last) opset range]} of ONNX Runtime's CPU kernels that take
     float64, or None where this onnxruntime does not list its kernels."""
+    if _kernels:
+        return _kernels[0]
+    _kernels.append(_list_double_kernels())
+    return _kernels[0]
+
+
+def _list_double_kernels():
     try:
         from onnxruntime.capi import _pybind_state as C
 
@@ -408,18 +418,15 @@ class _Split:
         self.opsets = list(model.opset_import)
         self.functions = list(model.functions)
         self.ir = model.ir_version
-        self.steps = []
-        produced_by = {}
-        for k, (kind, nodes) in enumerate(steps):
+        self.steps = []  # [kind, nodes, names read, names kept for later, its runner once built]
+        for kind, nodes in steps:
             reads, made = [], set()
             for n in nodes:
                 for name in list(n.input) + sorted(_outer_reads(n)):
                     if name and name not in made and name not in reads:
                         reads.append(name)
                 made.update(o for o in n.output if o)
-            for o in made:
-                produced_by[o] = k
-            self.steps.append([kind, nodes, reads, made, None])
+            self.steps.append([kind, nodes, reads, None, None])
         last = {}
         for k, (_, _, reads, _, _) in enumerate(self.steps):
             for name in reads:
