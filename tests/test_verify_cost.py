@@ -302,3 +302,88 @@ def test_lazy_noise_verdicts_on_deep_outputs_and_their_mutants(deep, kind, monke
     assert got[True] == got[False]
     assert got[True][0][0] and not got[True][1][0]  # our output passes, the x1.02 channel fails
     assert any(drawn) and not drawn[0]  # the lazy schedule drew where sets failed without them, not for ours
+
+
+def _conv_cases(rng, transpose):
+    cases = []
+    for nd in (1, 2, 3):
+        for _ in range(14 if nd == 2 else 6):
+            g = int(rng.choice([1, 1, 2, 3]))
+            c, m = g * int(rng.integers(1, 4)), g * int(rng.integers(1, 4))
+            k = [int(rng.integers(1, 4)) for _ in range(nd)]
+            size = [int(rng.integers(3, 8)) for _ in range(nd)]
+            attrs = {"strides": [int(rng.integers(1, 4)) for _ in range(nd)],
+                     "dilations": [int(rng.integers(1, 3)) for _ in range(nd)], "group": g}
+            mode = rng.choice(["pads", "none", "SAME_UPPER", "SAME_LOWER", "VALID"] if not transpose else ["pads", "none"])
+            if mode == "pads":
+                attrs["pads"] = [int(rng.integers(0, 3)) for _ in range(2 * nd)]
+            elif mode != "none":
+                attrs["auto_pad"] = str(mode)
+            if transpose and rng.random() < 0.5:
+                attrs["output_padding"] = [int(rng.integers(0, min(attrs["strides"][i], attrs["dilations"][i])))
+                                           for i in range(nd)]
+            wshape = [c, m // g, *k] if transpose else [m, c // g, *k]
+            cases.append((nd, size, c, m, wshape, attrs, bool(rng.random() < 0.5)))
+    return cases
+
+
+@pytest.mark.parametrize("transpose,im2col", [(False, True), (False, False), (True, True)])
+def test_float64_conv_kernels_are_onnx_references(transpose, im2col, monkeypatch):
+    """The exact reference's Conv and ConvTranspose (ONNX Runtime has neither in float64): ONNX
+    Runtime's function (its fp32 kernels, to fp32 rounding), and onnx.reference's own values to
+    float64 rounding wherever those are ONNX Runtime's function too (onnx 1.23's grouped
+    ConvTranspose adds the bias of the wrong channel), over strides, dilations, groups, pads
+    (explicit, SAME_UPPER/LOWER, VALID), output padding, bias, 1-3 spatial dims."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    from normopt.runtime_tests import exact
+
+    if not im2col:  # one product per kernel offset (large inputs)
+        monkeypatch.setattr(exact, "IM2COL_BYTES", 0)
+    rng = np.random.default_rng(5)
+    op = "ConvTranspose" if transpose else "Conv"
+    fast = seen = 0
+    for nd, size, c, m, wshape, attrs, bias in _conv_cases(rng, transpose):
+        x = rng.standard_normal((2, c, *size))
+        w = rng.standard_normal(wshape)
+        b = rng.standard_normal(m)
+        node = helper.make_node(op, ["x", "w"] + (["b"] if bias else []), ["y"], **attrs)
+        g = helper.make_graph([node], "c", [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None)
+                                            for n in ["x", "w"] + (["b"] if bias else [])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        feeds = {"x": x, "w": w, **({"b": b} if bias else {})}
+        try:
+            want = ReferenceEvaluator(model).run(None, feeds)[0]
+        except Exception:
+            continue  # an attribute combination onnx.reference itself cannot evaluate
+        if not want.size:
+            continue
+        m32 = onnx.ModelProto()
+        m32.CopyFrom(model)
+        for v in list(m32.graph.input) + list(m32.graph.output):
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+        try:
+            o32 = ort.InferenceSession(m32.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+                None, {k: v.astype(np.float32) for k, v in feeds.items()})[0].astype(np.float64)
+        except Exception:
+            continue  # nor ONNX Runtime (dilations with SAME padding)
+        seen += 1
+        scale = max(1.0, float(np.abs(o32).max()))
+        fn = exact._conv_transpose_fast if transpose else exact._conv_fast
+        args = [x, w, b if bias else None, attrs.get("auto_pad"), attrs.get("dilations"), attrs.get("group")]
+        args += [attrs.get("output_padding"), None] if transpose else []
+        args += [attrs.get("pads"), attrs.get("strides")]
+        if fn(*args) is not None:
+            fast += 1
+        ev = exact.reference_evaluator(model)
+        assert type(ev.rt_nodes_[0]).__module__ == "normopt.runtime_tests.exact"
+        got = ev.run(None, feeds)[0]
+        assert got.shape == o32.shape, (attrs, got.shape, o32.shape)
+        assert np.abs(got - o32).max() <= 1e-5 * scale, attrs
+        if want.shape == o32.shape and np.abs(want - o32).max() <= 1e-5 * scale:
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * scale)
+    assert seen >= 15 and fast >= 0.6 * seen, (seen, fast)
