@@ -387,3 +387,52 @@ def test_float64_conv_kernels_are_onnx_references(transpose, im2col, monkeypatch
         if want.shape == o32.shape and np.abs(want - o32).max() <= 1e-5 * scale:
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * scale)
     assert seen >= 15 and fast >= 0.6 * seen, (seen, fast)
+
+
+def test_sessions_take_the_weights_mapped_except_the_candidate_file_load(tmp_path, monkeypatch):
+    """The original's sessions and the ORT_DISABLE_ALL check get the weights memory-mapped (ONNX
+    Runtime parses a small skeleton, not the weights); the candidate's main session loads the
+    written file itself. The values are the file-loaded session's, bit for bit."""
+    import onnx
+    import onnxruntime as ort
+
+    from normopt.runtime_tests import providers as P
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 256)).astype(np.float32)  # 256 KB: by reference in the skeleton
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+                   [vi("x", [4, 256])], [vi("y", [4, 256])], [init("w", w)])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(m, path)
+    seen = []
+    real = ort.InferenceSession
+
+    def record(src, *a, **k):
+        seen.append(src if isinstance(src, str) else len(src))
+        return real(src, *a, **k)
+
+    monkeypatch.setattr(P.ort, "InferenceSession", record)
+    x = {"x": rng.standard_normal((4, 256)).astype(np.float32)}
+    a = P.make_session(path, "cpu", "disable").run(None, x)[0]
+    b = P.make_session(path, "cpu", "disable", mapped=True).run(None, x)[0]
+    assert np.array_equal(a, b)
+    assert seen[0] == path and isinstance(seen[1], int) and seen[1] < 4096
+    seen.clear()
+    assert compare(path, path).equivalent
+    assert isinstance(seen[0], int) and seen[0] < 4096  # the original: mapped
+    assert seen[-1] == path  # the candidate: its file
+    seen.clear()
+    assert compare(path, path, map_candidate=True).equivalent
+    assert isinstance(seen[-1], int)
+    # an output behind a saturating op (its pre-saturation value is fetched too): a copy of the
+    # candidate with that output, its weights mapped rather than written to a temporary file
+    sat = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Sigmoid", ["h"], ["y"])],
+                     [vi("x", [4, 256])], [vi("y", [4, 256])], [init("w", w)])
+    onnx.save(sat, path)
+    from normopt import io as nio
+
+    monkeypatch.setattr(nio, "write_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a temporary copy")))
+    seen.clear()
+    res = compare(path, path)
+    assert res.equivalent and res.outputs[0].probe == "h"
+    assert all(isinstance(v, int) for v in seen)

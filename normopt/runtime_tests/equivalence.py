@@ -505,6 +505,7 @@ def compare(
     thresholds: Thresholds | None = None,
     ref_cache: dict | None = None,
     exact: bool | None = None,
+    map_candidate: bool = False,
 ) -> EquivalenceResult:
     """Run both models on the same generated inputs and compare every output by name.
 
@@ -513,7 +514,9 @@ def compare(
     candidate (`level`, `provider`). `exact`: None judges against float64 unless atol/rtol or
     thresholds are given; False forces the tolerance check. `ref_cache` (a dict) keeps the
     original's and the exact outputs by input set, so a second comparison against the same
-    reference on the same inputs runs neither again."""
+    reference on the same inputs runs neither again. The original's sessions take its weights
+    memory-mapped (providers.make_session(mapped=True)); the candidate's too with map_candidate
+    (a second check of a file another session has loaded)."""
     t_start = time.perf_counter()
     timings = {}
     ref_proto = _load_proto(reference)
@@ -569,7 +572,7 @@ def compare(
         input_opts = ref_cache["_opts"]
     else:
         try:
-            ref_sess = make_session(ref_model(), "cpu", "disable")
+            ref_sess = make_session(ref_model(), "cpu", "disable", mapped=True)
         except SessionError as exc:
             raise NormoptError(f"the reference model does not load in ONNX Runtime: {_fail_line(exc)}") from None
         def settle_run(f):  # the outputs of the plan's seed-0 run are kept: that set needs no second run
@@ -592,7 +595,7 @@ def compare(
     ref_vals, noise, exact_vals = [], {}, []
     if cached is None:
         if ref_sess is None:
-            ref_sess = make_session(ref_model(), "cpu", "disable")
+            ref_sess = make_session(ref_model(), "cpu", "disable", mapped=True)
         for k, (label, feeds) in enumerate(sets):
             if settled and _same_feeds(settled[0][0], feeds):
                 ref_vals.append(settled[0][1])
@@ -674,7 +677,10 @@ def compare(
     t0 = time.perf_counter()
     try:
         cand_model = candidate if not cand_probe_names else _with_outputs(cand_proto, cand_probe_names, ctypes)
-        cand_sess = make_session(cand_model, provider, level)
+        # the candidate's file itself is loaded unless told (map_candidate) or made a copy with
+        # probe outputs: ONNX Runtime must show that the written file loads
+        cand_sess = make_session(cand_model, provider, level,
+                                 mapped=provider == "cpu" and (map_candidate or bool(cand_probe_names)))
     except SessionError as exc:
         result.equivalent = False
         result.problems.append(f"candidate does not load: {exc}")
@@ -731,7 +737,7 @@ def compare(
     need = [k for k, (label, _) in enumerate(sets) if label in STRESS and label not in noise and not dry(k)]
     if need:
         tn = time.perf_counter()
-        sess = make_session(ref_model(), "cpu", "disable")
+        sess = make_session(ref_model(), "cpu", "disable", mapped=True)
         for k in need:
             label, feeds = sets[k]
             noise[label] = _sensitivity(lambda f: sess.run(ref_fetch, f), feeds, ref_vals[k], k)
