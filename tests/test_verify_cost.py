@@ -424,6 +424,12 @@ def test_sessions_take_the_weights_mapped_except_the_candidate_file_load(tmp_pat
     seen.clear()
     assert compare(path, path, map_candidate=True).equivalent
     assert isinstance(seen[-1], int)
+    # weights in an external-data file: ONNX Runtime maps that file itself, faster
+    ext = str(tmp_path / "ext.onnx")
+    onnx.save(m, ext, save_as_external_data=True, location="ext.data", size_threshold=1024)
+    seen.clear()
+    assert np.array_equal(P.make_session(ext, "cpu", "disable", mapped=True).run(None, x)[0], a)
+    assert seen == [ext]
     # an output behind a saturating op (its pre-saturation value is fetched too): a copy of the
     # candidate with that output, its weights mapped rather than written to a temporary file
     sat = make_model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Sigmoid", ["h"], ["y"])],
