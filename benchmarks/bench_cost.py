@@ -155,8 +155,8 @@ def main():
     out_md = args.out or os.path.join(os.path.dirname(__file__), "results", "cost-small.md" if args.small else "cost.md")
     os.makedirs(args.dir, exist_ok=True)
     py = sys.executable
-    lines = [f"| model | size | floor s | --no-verify s | verified s | no-verify / floor | verified / no-verify | peak RSS floor / no-verify / verified | slowest phases (no-verify) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [f"| model | size | floor s | --no-verify s | verified s | no-verify / floor | verified / no-verify | peak RSS floor / no-verify / verified | slowest phases (no-verify) | verification phases s (verified) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
     names = [n for n in CASES if not args.only or n in args.only]
     for name in names:
         src = os.path.join(args.dir, f"{name}{'-small' if args.small else ''}.onnx")
@@ -183,7 +183,7 @@ def main():
                     break
                 if round_:
                     res[k].append((wall, rss))
-                    if k == "noverify":
+                    if k in ("noverify", "verify"):
                         reports.setdefault(k, []).append((wall, json.load(open(report))))
             if failed:
                 break
@@ -191,7 +191,7 @@ def main():
             remove_model(p)
         if failed:
             print(f"{name}: {failed}", file=sys.stderr)
-            lines.append(f"| {name} | {model_bytes(src) / 2**20:.1f} MB | failed: {failed} | | | | | | |")
+            lines.append(f"| {name} | {model_bytes(src) / 2**20:.1f} MB | failed: {failed} | | | | | | | |")
             continue
         med = {k: statistics.median(w for w, _ in v) for k, v in res.items()}
         rng = {k: (min(w for w, _ in v), max(w for w, _ in v)) for k, v in res.items()}
@@ -199,13 +199,17 @@ def main():
         walls = sorted(reports["noverify"], key=lambda x: x[0])
         rep = walls[len(walls) // 2][1]
         slowest = ", ".join(f"{p['name']} {p['seconds']:.2f}" for p in sorted(rep["passes"], key=lambda p: -p["seconds"])[:3])
+        # the verified run of median wall time: its verification phases (report "verification.timings")
+        vwalls = sorted(reports["verify"], key=lambda x: x[0])
+        vt = (vwalls[len(vwalls) // 2][1].get("verification") or {}).get("timings") or {}
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in vt.items() if k != "total") or "-"
 
         def cell(k):
             return f"{med[k]:.2f} ({rng[k][0]:.2f}-{rng[k][1]:.2f})"
 
         lines.append(f"| {name} | {model_bytes(src) / 2**20:.1f} MB | {cell('floor')} | {cell('noverify')} | {cell('verify')} | "
                      f"{med['noverify'] / med['floor']:.2f}x | {med['verify'] / med['noverify']:.2f}x | "
-                     f"{rss['floor'] / 2**20:.0f} / {rss['noverify'] / 2**20:.0f} / {rss['verify'] / 2**20:.0f} MB | {slowest} |")
+                     f"{rss['floor'] / 2**20:.0f} / {rss['noverify'] / 2**20:.0f} / {rss['verify'] / 2**20:.0f} MB | {slowest} | {phases} |")
         print(lines[-1], file=sys.stderr)
         if not args.keep:
             remove_model(src)

@@ -432,7 +432,7 @@ def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol,
     if verify_level != "disable":
         # every output must also load and run with ORT's optimizations off
         exact = compare(in_path, staged_path, level="disable", ref_cache=ref_cache, input_opts=input_opts,
-                        **{**kw, "seeds": 1, "stress": False})
+                        map_candidate=True, **{**kw, "seeds": 1, "stress": False})
         result.timings["ORT_DISABLE_ALL check"] = exact.timings.get("total", 0.0)
         report.verification = result.to_dict()
         if not exact.equivalent:

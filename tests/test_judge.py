@@ -525,7 +525,9 @@ def test_float64_batchnorm_below_opset_14_is_orts(tmp_path):
 
     src = tmp_path / "bn11.onnx"
     onnx.save(_bn_opset11_model(), src)
-    same = compare(str(src), str(src), seeds=1)
+    # on the seeded draw (unit-normal inputs, where onnx.reference's BatchNormalization is 0.16 off):
+    # the table shows the input set with the tightest bound, which may be a stress set of 1e3-size values
+    same = compare(str(src), str(src), seeds=1, stress=False)
     assert same.mode == "exact", same.notes
     worst = max(m.err_orig for m in same.outputs if m.err_orig is not None)
     assert worst < 1e-5, worst
@@ -546,6 +548,9 @@ def test_float64_evaluator_that_disagrees_with_ort_falls_back_named(tmp_path, mo
     from normopt.runtime_tests import exact
 
     monkeypatch.setattr(exact, "_corrected_ops", lambda: [])
+    # onnx.reference evaluating the whole model (ONNX Runtime, where it runs the BatchNormalization
+    # itself beside onnx.reference's Conv, needs no corrected kernel: tests/test_verify_cost.py)
+    monkeypatch.setattr(exact._Split, "plan", staticmethod(lambda model: None))
     src = tmp_path / "bn11.onnx"
     onnx.save(_bn_opset11_model(), src)
     res = compare(str(src), str(src), seeds=1)
