@@ -13,6 +13,8 @@ Corpus (random weights, nothing downloaded; each model is built once into --dir)
     Resize by 2, all levels resized to 1/4 and concatenated, a DB head with two ConvTranspose
     x2), exported by torch at opset 11 with dynamic H and W (normopt upgrades it to 13), run
     with --shape x=1x3x320x320; det-db-sizes: the same with Resize to Shape-computed sizes;
+  * pitch-crepe: a CREPE-shaped pitch CNN (six Conv2d/ReLU/BatchNorm/MaxPool blocks, a Linear to
+    360 bins), run with --shape frames=16x1024;
   * vit-base, bert-base, gpt2-small: Hugging Face ViTModel / BertModel / GPT2Model at full
     size (12 x 768) from configs (normopt.models.hf, TorchScript exporter);
   * llm-gpt2-small (652 MB in one protobuf) and llm-opt-350m (external data): normopt.models.llm
@@ -104,13 +106,57 @@ def _det(path, sizes: bool, width: int):
            dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "maps": {0: "N", 2: "H", 3: "W"}})
 
 
+def _pitch(path, small: bool):
+    """A CREPE-shaped pitch CNN: a 1024-sample audio frame, six Conv2d (k x 1) -> ReLU ->
+    BatchNorm -> MaxPool(2 x 1) -> Dropout blocks (CREPE's "small" capacity: 256, 32, 32, 32,
+    64, 128 filters; widths 512, 64, ...; stride 4 first), Flatten, Linear to 360 pitch bins,
+    Sigmoid; exported with a dynamic number of frames, run with --shape frames=16x1024."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    cap = 1 if small else 8
+    filters = [c * cap for c in (32, 4, 4, 4, 8, 16)]
+    widths = [512, 64, 64, 64, 64, 64]
+    layers, cin = [], 1
+    for i, (f, w) in enumerate(zip(filters, widths)):
+        stride = 4 if i == 0 else 1
+        layers += [nn.Conv2d(cin, f, (w, 1), (stride, 1), padding=((w - 1) // 2, 0)), nn.ReLU(), nn.BatchNorm2d(f),
+                   nn.MaxPool2d((2, 1)), nn.Dropout(0.25)]
+        cin = f
+
+    class Crepe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(*layers)
+            with torch.no_grad():
+                n = self.body(torch.zeros(1, 1, 1024, 1)).numel()
+            self.head = nn.Linear(n, 360)
+
+        def forward(self, frames):
+            x = self.body(frames.reshape(-1, 1, 1024, 1))
+            return torch.sigmoid(self.head(x.flatten(1)))
+
+    m = Crepe().eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2)
+    from normopt.models.export import export
+
+    export(m, {"frames": torch.randn(16, 1024)}, path, opset=13, output_names=["pitch"],
+           dynamic_axes={"frames": {0: "N"}, "pitch": {0: "N"}})
+
+
 def build(name, path, small):
     from normopt.models.hf import export_hf
 
     full = dict(hidden=768, layers=12, heads=12)
     tiny = dict(hidden=64, layers=2, heads=4)
     cfg = tiny if small else full
-    if name in ("det-db", "det-db-sizes"):
+    if name == "pitch-crepe":
+        _pitch(path, small)
+    elif name in ("det-db", "det-db-sizes"):
         _det(path, name.endswith("sizes"), 8 if small else 32)
     elif name == "vit-base":
         export_hf("vit", path, config={**cfg, "image": 32 if small else 224, "patch": 8 if small else 16})
@@ -131,6 +177,7 @@ def build(name, path, small):
 CASES = {  # name: extra optimize arguments
     "det-db": ["--shape", "x=1x3x320x320"],
     "det-db-sizes": ["--shape", "x=1x3x320x320"],
+    "pitch-crepe": ["--shape", "frames=16x1024"],
     "vit-base": [],
     "bert-base": [],
     "gpt2-small": [],

@@ -143,7 +143,7 @@ class Prover:
                 raise NotProved(f"output '{po}'", "a constant that differs from the original's output")
             if P.is_const(po):
                 continue
-            ok = any(self._eq_to(O, r, oo) for r in rels.get(po, []))
+            ok = self._eq_to(O, rels.get(po, []), oo)
             if not ok:
                 got = rels.get(po) or []
                 why = got[0].describe() if got else "no relation"
@@ -212,9 +212,11 @@ class Prover:
         out = Rel(w, axis, r.centered, vec(na, d), vec(nt, d), vec(err, d) if np.ndim(err) else err, kind=r.kind, how=r.how)
         return simplify(out, eps)
 
-    def _eq_to(self, O, r: Rel, w: str) -> bool:
-        rr = self.rebase(O, r, w) if r.u != w else r
-        return rr is not None and rr.eq
+    def _eq_to(self, O, rs, w: str) -> bool:
+        """Is one of the relations rs, restated on w, "equal to w"? All are restated and
+        tightened together first, so an equality that holds only within a looser bound than
+        another relation's tight, nonzero shift does not count."""
+        return any(u == w and rr.eq for u, rr in self._rels_on(O, rs))
 
     def _rels_on(self, O, rs, keep=None):
         """(w, rel on w) for every family member w of every relation's value."""
