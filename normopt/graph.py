@@ -71,12 +71,28 @@ def _keep_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> None:
         made[name] = gs.Variable(name, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.data_type), shape=shape)
         graph.normopt_defaults[name] = t
     old = {id(tensors[n]): v for n, v in made.items() if n in tensors}
+    # a default read only inside a subgraph is not in the main graph's tensors: graphsurgeon
+    # makes it a constant of the subgraph (exported as the subgraph's own initializer, which
+    # would shadow the input a caller feeds). Such a constant is the input, by name, wherever no
+    # subgraph declares an initializer of that name itself
+    shadowed = {t.name for sg in _subgraph_protos(model.graph) for t in sg.initializer}
+    by_name = {n: v for n, v in made.items() if n not in shadowed}
+    Constant = gs.Constant
+
+    def swap(x):
+        if id(x) in old:
+            return old[id(x)]
+        if isinstance(x, Constant) and x.name in by_name:
+            return by_name[x.name]
+        return x
+
     for g in all_graphs(graph):
         for node in g.nodes:
             for i, x in enumerate(node.inputs):
-                if id(x) in old:
-                    node.inputs[i] = old[id(x)]
-        g.outputs = [old.get(id(x), x) for x in g.outputs]
+                y = swap(x)
+                if y is not x:
+                    node.inputs[i] = y
+        g.outputs = [swap(x) for x in g.outputs]
     by_name = {t.name: t for t in graph.inputs}
     by_name.update(made)
     graph.inputs = [by_name[n] for n in declared if n in by_name]

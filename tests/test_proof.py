@@ -486,3 +486,32 @@ def test_a_fused_skip_norm_with_a_run_time_beta_proves():
         else:
             node.input[3] = ""
         assert not prove(m, bad).proved, how
+
+
+def test_an_overridable_initializer_read_only_in_a_branch_stays_an_input():
+    """A fuzzed model (tests/proof_cases): `zeros_40` is an initializer and a graph input (a
+    default the caller may override) read only inside an If branch. The graph layer made it the
+    branch's own initializer, which shadows the input: a caller who fed it got the default. The
+    prover refused the output ("a constant that differs"); it now stays the input and proves, and
+    ONNX Runtime gives the same outputs as the original when the input is fed."""
+    from normopt.runtime_tests.providers import make_session
+
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "fuzz_overridable_in_branch.onnx"))
+    out, _ = optimize_model(m)
+    assert not [t.name for n in out.graph.node for a in n.attribute if a.HasField("g") for t in a.g.initializer]
+    res = prove(m, out)
+    assert res.proved, res.summary
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in m.graph.input:
+        tt = i.type.tensor_type
+        shape = [d.dim_value or 1 for d in tt.shape.dim]
+        dt = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[i.name] = (rng.standard_normal(shape).astype(dt) if dt.kind == "f" else np.zeros(shape, dt))
+    feeds["zeros_40"] = np.full_like(feeds["zeros_40"], 0.75)  # override the default
+    names = [o.name for o in m.graph.output]
+    a = make_session(m, "cpu", "disable").run(names, feeds)
+    b = make_session(out, "cpu", "disable").run(names, feeds)
+    assert any(np.any(x == 0.75) for x in a), "the fed value reaches an output of the original"
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(y.astype(np.float64), x.astype(np.float64), rtol=2e-2, atol=2e-2)

@@ -224,11 +224,12 @@ class Prover:
         for r in rs:
             for w in self.fam(O, r.u):
                 rr = self.rebase(O, r, w)
-                if rr is not None and (keep is None or keep(rr)):
+                if rr is not None:
                     out.append(rr)
         # relations reached along several paths (a relation, and another rebased onto the same
-        # family member) bound the same difference: their intersection, never the loosest
-        return [(r.u, r) for r in tighten(out)]
+        # family member) bound the same difference: their intersection, never the loosest. The
+        # filter comes after: an "equal" kept alone would escape a tight shift that refutes it
+        return [(r.u, r) for r in tighten(out) if keep is None or keep(r)]
 
     def _rel_of_const(self, O, P, pname, oname) -> bool:
         a, b = P.const(pname), O.const(oname)

@@ -196,31 +196,7 @@ def tighten(rels: list) -> list:
             out.append(r)  # intervals that do not meet (or broadcast elsewhere): keep both as they are
             continue
         out[k] = Rel(q.u, q.axis, q.centered, q.a, (lo + hi) / 2, (hi - lo) / 2, kind=q.kind, how=q.how, stat=q.stat)
-    return _drop_loose_zero(out)
-
-
-def _drop_loose_zero(rels: list) -> list:
-    """A relation without a shift stands for "the shift is zero within the bound it was judged
-    by"; simplify drops that bound. When another relation of the same form bounds the shift
-    tightly away from zero (its interval [t - err, t + err] excludes 0 in some channel), the
-    zero was only taken within a looser bound, and it goes: kept, a later rule could read the
-    value as equal where the tight relation shows a shift (the long fuzz profile found a
-    LayerScale bias channel changed by 2% in fp16 that proved that way). Dropping a true
-    relation can only cost a proof."""
-    def form(r):
-        a = None if r.a is None else np.asarray(r.a, np.float64)
-        axis = r.axis if (r.centered or a is not None) else "*"
-        return (r.u, r.centered, axis, None if a is None else (a.shape, a.tobytes()))
-
-    shifted = {}
-    for r in rels:
-        if r.kind == "rel" and r.t is not None:
-            t, e = np.asarray(r.t, np.float64), np.asarray(r.err, np.float64)
-            if np.any(np.abs(t) > e + 1e-12):
-                shifted[form(r)] = True
-    if not shifted:
-        return rels
-    return [r for r in rels if not (r.kind == "rel" and r.t is None and form(r) in shifted)]
+    return out
 
 
 def per_channel_err(arr: np.ndarray, axis: int, rank: int, tol):
