@@ -76,14 +76,14 @@ def _keep_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> None:
     # would shadow the input a caller feeds). Such a constant is the input, by name, wherever no
     # subgraph declares an initializer of that name itself
     shadowed = {t.name for sg in _subgraph_protos(model.graph) for t in sg.initializer}
-    by_name = {n: v for n, v in made.items() if n not in shadowed}
+    unshadowed = {n: v for n, v in made.items() if n not in shadowed}
     Constant = gs.Constant
 
     def swap(x):
         if id(x) in old:
             return old[id(x)]
-        if isinstance(x, Constant) and x.name in by_name:
-            return by_name[x.name]
+        if isinstance(x, Constant) and x.name in unshadowed:
+            return unshadowed[x.name]
         return x
 
     for g in all_graphs(graph):

@@ -1078,11 +1078,15 @@ def _norm_gamma(prover, O, P, node, k, in_rels):
     gp = _vals(P, node.input[k])
     if gp is not None:
         return gp
-    g_rels = in_rels[k] if isinstance(in_rels[k], list) else []
-    gp = RuntimeGamma({w for w, q in prover._rels_on(O, g_rels) if q.eq})
+    gp = RuntimeGamma(_equal_originals(prover, O, in_rels[k]))
     if not gp.names:
         raise _Skip(f"{node.op_type} scale is neither a constant nor equal to an original value")
     return gp
+
+
+def _equal_originals(prover, O, rs) -> set:
+    """The original values a run-time input (relations rs) is equal to."""
+    return {w for w, _ in prover._rels_on(O, rs if isinstance(rs, list) else [], keep=lambda q: q.eq)}
 
 
 class RuntimeGamma:
@@ -1135,8 +1139,7 @@ def rule_skip(prover, O, P, node, in_rels):
     if bp is None and not simplified and len(node.input) > 3 and node.input[3]:
         # a run-time beta: equal to the original norm's own run-time beta r, it adds r back to
         # the "y - r" relation the norm gives without it
-        b_rels = in_rels[3] if isinstance(in_rels[3], list) else []
-        rt_beta = {w for w, q in prover._rels_on(O, b_rels) if q.eq}
+        rt_beta = _equal_originals(prover, O, in_rels[3])
         if not rt_beta:
             raise _Skip(f"{op} beta is neither a constant nor equal to an original value")
     ys = norm_rels(prover, O, sums, gp, bp, a.get("epsilon", 1e-12), "rms" if simplified else "ln", _where(node))
