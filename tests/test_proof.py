@@ -515,3 +515,83 @@ def test_an_overridable_initializer_read_only_in_a_branch_stays_an_input():
     assert any(np.any(x == 0.75) for x in a), "the fed value reaches an output of the original"
     for x, y in zip(a, b):
         np.testing.assert_allclose(y.astype(np.float64), x.astype(np.float64), rtol=2e-2, atol=2e-2)
+
+
+def _repbn(nodes, inits, x, name, ch, rng):
+    """A RepBN (BN(x) + eta x) over axis 1 of x, ch channels: its output's name."""
+    for k, arr in (("g", rng.uniform(0.5, 1.5, ch)), ("b", rng.normal(size=ch)), ("m", rng.normal(size=ch)),
+                   ("v", rng.uniform(0.5, 2.0, ch)), ("eta", np.array([0.3]))):
+        inits.append(numpy_helper.from_array(arr.astype(np.float32), f"{name}_{k}"))
+    nodes += [helper.make_node("BatchNormalization", [x] + [f"{name}_{k}" for k in "gbmv"], [f"{name}_bn"]),
+              helper.make_node("Mul", [x, f"{name}_eta"], [f"{name}_em"]),
+              helper.make_node("Add", [f"{name}_bn", f"{name}_em"], [name])]
+    return name
+
+
+@pytest.mark.parametrize("order", ["bn_first", "mul_first"])
+def test_a_repbn_folded_across_a_cancelled_transpose_pair_after_a_token_affine_proves(order):
+    """A RepBN over tokens (axis 1 of [1, 3, 8]) that stays (a residual reads it), then a RepBN
+    over channels between a Transpose pair, folded forward into the next MatMul, the pair
+    cancelled. The original's per-channel forms hold one affine along one axis: the second
+    RepBN's axis does not compose with the first's, and its output had no form at all, so the
+    folded weight was "not the original's under any checked relation". The value the second
+    RepBN reads is now re-based at its layout anchor (the first RepBN's output), and the fold
+    proves; every planted mutant of the output is refused. With "mul_first" the RepBN's Mul comes
+    before its BatchNormalization in node order (the re-basing does not depend on it)."""
+    rng = np.random.default_rng(3)
+    nodes, inits = [], []
+    t = _repbn(nodes, inits, "x", "tok", 3, rng)  # axis 1 of [1, 3, 8]: the tokens
+    nodes.append(helper.make_node("Transpose", [t], ["t1"], perm=[0, 2, 1]))
+    ch = _repbn(nodes, inits, "t1", "chn", 8, rng)
+    if order == "mul_first":
+        nodes[-3], nodes[-2] = nodes[-2], nodes[-3]
+    nodes += [helper.make_node("Transpose", [ch], ["t2"], perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["t2", "W"], ["mm"]),
+              helper.make_node("Add", ["mm", "bias"], ["h"]),
+              helper.make_node("MatMul", ["h", "W2"], ["mm2"]),
+              helper.make_node("Add", [t, "mm2"], ["y"])]
+    inits += [numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "W"),
+              numpy_helper.from_array(rng.normal(size=(3, 16)).astype(np.float32), "bias"),
+              numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), "W2")]
+    g = helper.make_graph(nodes, "g", [vi("x", [1, 3, 8])], [vi("y", [1, 3, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    out, rep = optimize_model(m)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("BatchNormalization") == 1 and "Transpose" not in ops, ops  # folded, pair cancelled
+    res = prove(m, out)
+    assert res.proved, res.summary
+    kinds = {}
+    for kind, mm in mutants(m, out):
+        assert not prove(m, mm).proved, kind
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert "channel x1.02" in kinds and "element x1.0005" in kinds, kinds
+
+
+def test_a_re_based_value_stays_in_its_former_family():
+    """Conv -> BatchNormalization (channels, folded into the Conv) -> Mul by a per-position
+    constant (the other axis). The Mul's axis does not compose with the BatchNormalization's, so
+    the BatchNormalization's output is re-based (an anchor); it keeps its form on the Conv's
+    output as a second form, so the BatchNormalization fold still proves (with the anchor's own
+    form alone, the Mul's constant was "not a scale the original explains"). Mutants refused."""
+    rng = np.random.default_rng(0)
+
+    def f(a, n):
+        return numpy_helper.from_array(np.asarray(a, np.float32), n)
+
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y0"]),
+             helper.make_node("Mul", ["y0", "pos"], ["y"])]
+    inits = [f(rng.normal(size=(6, 4, 1)), "W"), f(rng.normal(size=6), "B"), f(rng.uniform(.5, 1.5, 6), "g"),
+             f(rng.normal(size=6), "b"), f(rng.normal(size=6), "m"), f(rng.uniform(.5, 2, 6), "v"),
+             f(rng.normal(size=10), "pos")]
+    g = helper.make_graph(nodes, "g", [vi("x", [1, 4, 10])], [vi("y", [1, 6, 10])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    out, _ = optimize_model(m)
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Mul"]
+    res = prove(m, out)
+    assert res.proved, res.summary
+    kinds = set()
+    for kind, mm in mutants(m, out):
+        assert not prove(m, mm).proved, kind
+        kinds.add(kind)
+    assert {"channel x1.02", "element x1.0005"} <= kinds, kinds

@@ -676,8 +676,72 @@ class GraphView:
         sb = self.shape(f.base)
         return (f.base, tuple(None if p is None or (sb is not None and sb[p] == 1) else p for p in perm))
 
-    def _build_forms(self):
+    _LAYOUT_ONLY = ("Identity", "Transpose", "Squeeze", "Unsqueeze", "Reshape", "Dropout", "Cast")
+    _AFFINE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
+
+    def _build_forms(self, rounds: int = 4):
+        """Each value's form on its base. A form holds one per-channel affine along one axis of
+        its base: an affine along another axis does not compose with it (a RepBN over tokens, then
+        one over channels). The value that affine reads is then re-based: its nearest ancestor
+        through layout ops alone (the "anchor") becomes a base of its own, and the forms are
+        built again, so the values after the anchor relate to it and to each other (a Transpose
+        pair around the second affine included). An anchor keeps its form on its former base as
+        a second form (`outer_form`), so it stays a member of that family too. Each round is
+        linear in nodes; a round that finds no new anchor is the last."""
+        self.anchors = set()
+        for _ in range(rounds):
+            new = self._build_forms_once()
+            if not new:
+                break
+            self.anchors |= new
+        else:
+            self._build_forms_once()  # the last anchors found take effect
+
+    def _layout_anchor(self, x):
+        """x's nearest ancestor through layout-only ops that keep x's base and affine."""
+        v, steps = x, 0
+        while steps < 256:
+            prod = self.producer.get(v)
+            if prod is None or prod[0].op_type not in self._LAYOUT_ONLY or not prod[0].input or not prod[0].input[0]:
+                break
+            u = prod[0].input[0]
+            if u in self.anchors:
+                return u
+            fv, fu = self.form.get(v), self.get_form(u)
+            if fv is None or fv.base != fu.base or fv.axis != fu.axis or not (
+                    np.array_equal(fv.a, fu.a) and np.array_equal(fv.t, fu.t)):
+                break
+            v, steps = u, steps + 1
+        return v
+
+    def _conflict_anchor(self, node):
+        """The anchor to re-base at when node is an affine op whose input's form it cannot compose
+        with, but which has a form on that input alone; None otherwise."""
+        if node.op_type not in self._AFFINE_OPS or node.domain not in ("", "ai.onnx"):
+            return None
+        ins = [i for i in node.input[:2] if i]
+        if node.op_type == "BatchNormalization":
+            xs = ins[:1]
+        else:
+            xs = [i for i in ins if not self.is_const(i)]
+        if len(xs) != 1 or xs[0] not in self.form or self.form[xs[0]].base == xs[0]:
+            return None
+        x = xs[0]
+        saved = self.form.pop(x)
+        try:
+            f = self._form_of(node)
+        except Exception:
+            f = None
+        finally:
+            self.form[x] = saved
+        return None if f is None else self._layout_anchor(x)
+
+    def _build_forms_once(self):
         self.keyed = defaultdict(list)
+        self.form = {}
+        self.outer_form = {}
+        self.family = defaultdict(list)
+        new = set()
         for node in self.nodes:
             if not node.output or not node.output[0]:
                 continue
@@ -686,7 +750,19 @@ class GraphView:
                 f = self._form_of(node)
             except Exception:
                 f = None
+            if y in self.anchors:  # a base of its own; its form on the former base is its second
+                if f is not None and f.base != y:
+                    self.outer_form[y] = f
+                    key = self.layout_key(y, f)
+                    if key is not None:
+                        if not self.keyed[key] and self.layout_key(key[0]) == key:
+                            self.keyed[key].append(key[0])
+                        self.keyed[key].append(y)
+                continue
             if f is None:
+                a = self._conflict_anchor(node)
+                if a is not None and a not in self.anchors:
+                    new.add(a)
                 continue
             self.form[y] = f
             key = self.layout_key(y, f)
@@ -696,22 +772,45 @@ class GraphView:
                 self.keyed[key].append(y)
             if f.base != y and self.is_identity_layout(y, f):
                 self.family[f.base].append(y)
+        return new
 
-    def members(self, name):
-        """Values of this graph (and enclosing ones) with name's layout key, name first."""
-        key = self.layout_key(name)
-        out = [name]
+    def forms(self, name):
+        """name's forms: on its base, and for an anchor also on its former base."""
+        out = [self.get_form(name)]
         view = self
-        while view is not None and key is not None:
-            out += [w for w in getattr(view, "keyed", {}).get(key, ()) if w not in out]
-            view = view.parent
+        while view.parent is not None and name not in view.producer and name not in view.inputs:
+            view = view.parent  # the graph that defines name
+        o = getattr(view, "outer_form", {}).get(name)
+        if o is not None:
+            out.append(o)
         return out
 
-    def axis_in(self, name, base_axis):
-        """Position in `name` of the base's axis `base_axis`."""
+    def form_on(self, name, base):
+        """name's form whose base is `base` (name itself: the identity), or None."""
+        if name == base:
+            return Form(name, None, 1.0, 0.0, None)
+        for f in self.forms(name):
+            if f.base == base:
+                return f
+        return None
+
+    def members(self, name):
+        """Values of this graph (and enclosing ones) with one of name's layout keys (an anchor
+        has two), name first."""
+        out = [name]
+        for f in self.forms(name):
+            key = self.layout_key(name, f)
+            view = self
+            while view is not None and key is not None:
+                out += [w for w in getattr(view, "keyed", {}).get(key, ()) if w not in out]
+                view = view.parent
+        return out
+
+    def axis_in(self, name, base_axis, f: Form | None = None):
+        """Position in `name` of the base's axis `base_axis` (under form f, default name's own)."""
         if base_axis is None:
             return None
-        f = self.get_form(name)
+        f = f or self.get_form(name)
         perm = f.perm if f.perm is not None else (self._identity_perm(name) if f.base == name else None)
         if perm is None or perm == OPAQUE or base_axis not in perm:
             return None

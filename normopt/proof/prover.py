@@ -167,16 +167,27 @@ class Prover:
             return r
         if r.kind not in ("rel", "comp") or r.full_t or (r.kind == "comp" and r.axis is None):
             return None
-        ku, kw = O.layout_key(r.u), O.layout_key(w)
-        if ku is None or ku != kw:
-            return None
-        fu, fw = O.get_form(r.u), O.get_form(w)
+        # forms of u and w on one base, with one layout key (an anchor has a second form, on the
+        # base it was re-based from)
+        for fu in O.forms(r.u):
+            ku = O.layout_key(r.u, fu)
+            if ku is None:
+                continue
+            for fw in O.forms(w):
+                if fw.base == fu.base and O.layout_key(w, fw) == ku:
+                    rr = self._rebase_on(O, r, w, fu, fw)
+                    if rr is not None:
+                        return rr
+        return None
+
+    def _rebase_on(self, O, r: Rel, w: str, fu, fw):
+        """r restated on w, given u's and w's forms fu and fw on one base, under one layout key."""
         axes = set()
         if r.axis is not None:
             axes.add(r.axis)
         for name, f in ((r.u, fu), (w, fw)):
             if f.axis is not None and (np.ndim(f.a) or np.ndim(f.t)):
-                ax = O.axis_in(name, f.axis)
+                ax = O.axis_in(name, f.axis, f)
                 if ax is None:
                     return None
                 axes.add(ax)

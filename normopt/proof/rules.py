@@ -635,11 +635,11 @@ def _writer_targets(prover, O, m, out_axis, N, rm):
 
     def family(base, T):
         for z in prover.fam(O, base):
-            fz = O.get_form(z)
+            fz = O.form_on(z, base)
             if z == base:
                 cz, sz = None, 0.0
             else:
-                if fz.base != base or not O.is_identity_layout(z, fz):
+                if fz is None or not O.is_identity_layout(z, fz):
                     continue
                 if fz.axis is not None and fz.axis != out_axis:
                     continue
