@@ -33,7 +33,8 @@ def _adds_of_beta(opt):
 
 
 @pytest.mark.parametrize("computed", [False, True], ids=["input", "computed"])
-@pytest.mark.parametrize("kw", [{}, dict(target="onnx"), dict(provider="cuda")], ids=["ort", "onnx", "cuda"])
+@pytest.mark.parametrize("kw", [{}, dict(target="onnx"), dict(provider="cuda"), dict(opt_in=["crms"])],
+                         ids=["ort", "onnx", "cuda", "crms"])
 def test_runtime_beta_outputs_prove(computed, kw):
     m = rt_beta_model(computed=computed)
     out, _ = optimize_model(m, **kw)
@@ -69,25 +70,36 @@ def _mutants(opt):
             a.input[0], a.input[1] = a.input[1], a.input[0]
         yield "beta subtracted", m
     for t in opt.graph.initializer:
-        if t.name.endswith("_g") and t.name[:2] in ("lf", "l0"):
+        if (t.name.endswith("_g") and t.name[:2] in ("lf", "l0")) or t.name.startswith("crms_gamma"):
             g = numpy_helper.to_array(t).astype(np.float64)
             g[0] *= 1.02
             m = copy.deepcopy(opt)
             next(x for x in m.graph.initializer if x.name == t.name).CopyFrom(numpy_helper.from_array(g.astype(np.float32), t.name))
             yield "gamma channel x1.02", m
+    for n in opt.graph.node:
+        if n.op_type == "Neg":  # a CRMSNorm's last channel: +sum of the others instead of -sum
+            m = copy.deepcopy(opt)
+            next(x for x in m.graph.node if list(x.output) == list(n.output)).op_type = "Identity"
+            yield "last channel sign", m
 
 
+@pytest.mark.parametrize("crms", [False, True], ids=["plain", "crms"])
 @pytest.mark.parametrize("computed", [False, True], ids=["input", "computed"])
-def test_runtime_beta_mutants_are_refused(computed):
+def test_runtime_beta_mutants_are_refused(computed, crms):
+    """With --crms the stream is carried in d-1 channels and the norm's RMS is computed from them;
+    the compressed relation then carries the run-time beta to the Concat that restores the last
+    channel (it was "Div of two computed values" before: not proved)."""
     m = rt_beta_model(computed=computed)
-    out, _ = optimize_model(m)
-    assert prove(m, out).proved
+    out, _ = optimize_model(m, opt_in=["crms"] if crms else None)
+    res = prove(m, out)
+    assert res.proved, res.summary
     kinds = set()
     for kind, mm in _mutants(out):
         res = prove(m, mm)
         assert not res.proved, f"{kind}: {res.summary}"
         kinds.add(kind)
-    assert kinds == {"beta dropped", "another beta", "beta subtracted", "gamma channel x1.02"}
+    want = {"beta dropped", "another beta", "beta subtracted", "gamma channel x1.02"}
+    assert kinds == (want | {"last channel sign"} if crms else want), kinds
 
 
 def test_a_runtime_beta_is_never_taken_for_zero():

@@ -55,6 +55,11 @@ def _cstat(q: Rel, *st):
     return Rel(q.u, q.axis, q.centered, q.a, q.t, q.err, kind="cstat", how="crms statistic", stat=tuple(st))
 
 
+def _csubstat(q: Rel, name, r):
+    return Rel(q.u, q.axis, q.centered, q.a, q.t, q.err, kind="csubstat", how="crms statistic, run-time beta",
+               stat=(name, r))
+
+
 def _comps_fam(prover, O, rs):
     """Compressed relations of rs restated on every family member of their values."""
     if rs in (None, "const"):
@@ -305,14 +310,18 @@ def rule_comp(prover, O, P, node, in_rels):
     if op == "ReduceSum":
         axes, keep = _reduce_axes_p(P, node)
         out = []
-        for q in _comps(in_rels[0]) + _comps(in_rels[0], "cstat", ("sq",)):
+        for q in _comps(in_rels[0]) + _comps(in_rels[0], "cstat", ("sq",)) + _comps(in_rels[0], "csub"):
             r = O.rank(q.u)
             if axes and len(axes) == 1 and keep and r and int(axes[0]) % r == q.axis:
-                out.append(_cstat(q, "sum" if q.kind == "comp" else "sumsq"))
+                if q.kind == "csub":
+                    out.append(_csubstat(q, "sum", q.stat[0]))
+                else:
+                    out.append(_cstat(q, "sum" if q.kind == "comp" else "sumsq"))
         if out:
             return _order(out)
-    if op == "Neg" and _comps(in_rels[0], "cstat", ("sum",)):
-        return _order([_cstat(q, "last") for q in _comps(in_rels[0], "cstat", ("sum",))])
+    if op == "Neg" and (_comps(in_rels[0], "cstat", ("sum",)) or _comps(in_rels[0], "csubstat", ("sum",))):
+        return _order([_cstat(q, "last") for q in _comps(in_rels[0], "cstat", ("sum",))] +
+                      [_csubstat(q, "last", q.stat[1]) for q in _comps(in_rels[0], "csubstat", ("sum",))])
     if op in ("Mul", "Div") and len(ins) == 2 and "const" in in_rels:
         ci = 0 if in_rels[0] == "const" else 1
         c = _scalar(P, ins[ci])
@@ -527,10 +536,15 @@ def _crms(prover, O, P, node, in_rels):
         got = norm_rels(prover, O, [base], np.ones(1), None, e, "rms", _where(node), eps_tol=tol)
         out = []
         for g in got:
-            if g.kind != "rel" or g.centered or g.axis != r - 1:
+            if g.kind not in ("rel", "sub") or g.centered or g.axis != r - 1:
                 continue
-            # F = a y + t is LN(u) without its affine: zero-mean along the axis
-            out.append(Rel(g.u, g.axis, False, g.a, g.t, g.err, kind="comp", how="CRMSNorm"))
+            # F = a y + t (a run-time beta r: a (y - r) + t) is LN(u) without its affine: zero-mean
+            # along the axis
+            if g.kind == "sub":
+                out.append(Rel(g.u, g.axis, False, g.a, g.t, g.err, kind="csub", how="CRMSNorm, run-time beta",
+                               stat=tuple(g.stat)))
+            else:
+                out.append(Rel(g.u, g.axis, False, g.a, g.t, g.err, kind="comp", how="CRMSNorm"))
         if out:
             prover.stats.norms_converted += 1
             return out
@@ -550,6 +564,14 @@ def _decompress(prover, O, P, node, in_rels):
         for s in _comps(in_rels[1], "cstat", ("last",)):
             if fkey(s) == fkey(q):
                 out.append(simplify(Rel(q.u, q.axis, q.centered, q.a, q.t, q.err, how="decompressed"), eps_of(O.elem(q.u))))
+    for q in _comps(in_rels[0], "csub"):  # F = a (u - r) + t: the run-time beta's relation
+        r = O.rank(q.u)
+        if r is None or ax % r != q.axis or q.centered:
+            continue
+        for s in _comps(in_rels[1], "csubstat", ("last",)):
+            if fkey(s) == fkey(q) and s.stat[1] == q.stat[0]:
+                out.append(simplify(Rel(q.u, q.axis, False, q.a, q.t, q.err, kind="sub", how="decompressed, run-time beta",
+                                        stat=(q.stat[0],)), eps_of(O.elem(q.u))))
     return out or None
 
 

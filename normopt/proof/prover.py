@@ -302,7 +302,7 @@ class Prover:
         rule = RULES.get(node.op_type)
         reasons = []
         rules = [rule] if rule is not None else []
-        if any(isinstance(r, list) and any(q.kind in ("comp", "cstat") for q in r) for r in in_rels):
+        if any(isinstance(r, list) and any(q.kind in ("comp", "cstat", "csub", "csubstat") for q in r) for r in in_rels):
             rules.insert(0, rule_comp)  # a compressed (CRMSNorm) stream: its own rules first
         if node.op_type in STAT_OPS and any(isinstance(r, list) and any(q.kind == "stat" or q.pure_center or q.eq for q in r)
                                             for r in in_rels):

@@ -19,6 +19,11 @@ is a per-token statistic of such an F (stat: ("sq",), ("sumsq",), ("sum",), ("la
 a norm whose original adds a run-time beta r. Only an Add of a value equal to r (with a = 1)
 turns it back into a plain relation on u.
 
+``kind="csub"`` is the compressed form of such a norm: v' is the first d-1 channels along the axis
+of F = a * (u - r) + t, F zero-mean along the axis (stat = (r,)). Kind "csubstat" is a per-token
+statistic of it (stat = ("sum", r) or ("last", r)). Only the compressed module's sum, Neg and
+Concat steps read them (the Concat gives back kind "sub"); every other rule skips them.
+
 Every relation the prover records is a true statement about the two graphs (given the weight
 facts it checked); several may hold for one value.
 """
@@ -88,6 +93,10 @@ class Rel:
             return f"statistic {self.stat[0]} of centered '{self.u}' along axis {self.axis}"
         if self.kind == "comp":
             return f"the first d-1 channels (axis {self.axis}) of a zero-mean form of '{self.u}'"
+        if self.kind == "csub":
+            return f"the first d-1 channels (axis {self.axis}) of a zero-mean form of '{self.u}' minus '{self.stat[0]}'"
+        if self.kind == "csubstat":
+            return f"statistic {self.stat[0]} of a compressed form of '{self.u}' minus '{self.stat[1]}' along axis {self.axis}"
         if self.kind == "cstat":
             return f"statistic {self.stat[0]} of a compressed form of '{self.u}' along axis {self.axis}"
         if self.eq:
