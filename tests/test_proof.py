@@ -595,3 +595,63 @@ def test_a_re_based_value_stays_in_its_former_family():
         assert not prove(m, mm).proved, kind
         kinds.add(kind)
     assert {"channel x1.02", "element x1.0005"} <= kinds, kinds
+
+
+@pytest.mark.parametrize("cshape", [[4, 16], [4, 1]], ids=["MxN", "Mx1"])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_gemm_whose_c_is_a_full_tensor_proves_after_a_fold(direction, cshape):
+    """A per-channel affine folded into a Gemm whose C is not one value per output channel
+    ([M, N], or [M, 1]: one per row). The prover took a Gemm's bias as per-channel only ("not a
+    per-channel constant"); the C is now carried as a full shift, element by element. Planted
+    mutants (a weight channel, one weight element, one element of the full C) are refused."""
+    rng = np.random.default_rng(1)
+    M, K, N = 4, 8, 16
+
+    def f(a, n):
+        return numpy_helper.from_array(np.asarray(a, np.float32), n)
+
+    if direction == "forward":
+        nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("Add", ["xs", "t"], ["xa"]),
+                 helper.make_node("Gemm", ["xa", "W", "C"], ["y"], alpha=0.5, beta=2.0)]
+        inits = [f(rng.uniform(.5, 1.5, K), "s"), f(rng.normal(size=K), "t")]
+    else:
+        nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["g"], beta=1.5),
+                 helper.make_node("Mul", ["g", "s"], ["gs"]), helper.make_node("Add", ["gs", "t"], ["y"])]
+        inits = [f(rng.uniform(.5, 1.5, N), "s"), f(rng.normal(size=N), "t")]
+    inits += [f(rng.normal(size=(K, N)), "W"), f(rng.normal(size=cshape), "C")]
+    g = helper.make_graph(nodes, "g", [vi("x", [M, K])], [vi("y", [M, N])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out, _ = optimize_model(m)
+    assert [n.op_type for n in out.graph.node] == ["Gemm"]
+    res = prove(m, out)
+    assert res.proved, res.summary
+    kinds = set()
+    for kind, mm in mutants(m, out):
+        assert not prove(m, mm).proved, kind
+        kinds.add(kind)
+    assert {"channel x1.02", "element x1.0005"} <= kinds, kinds
+    c_name = out.graph.node[0].input[2]
+    c = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == c_name)).astype(np.float64)
+    c.reshape(-1)[-1] *= 1.0005
+    assert not prove(m, _with_init(out, c_name, c)).proved
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2",
+                                "ReduceLogSumExp"])
+def test_the_validator_reads_a_reduction_of_an_empty_constant_as_onnx_runtime_computes_it(op):
+    """A reduction of an empty constant is a constant, with ONNX Runtime's value (onnx.reference
+    gives NaN for a ReduceMean of nothing, ONNX Runtime 0). It was left a run-time value, so an
+    output whose stream adds such a mean (centered by the optimizer) did not prove
+    (tests/regressions/fuzz_7c7b664b04b3)."""
+    import onnxruntime as ort
+
+    from normopt.proof.graphs import GraphView
+
+    node = helper.make_node(op, ["e", "ax"], ["y"], keepdims=0)
+    g = helper.make_graph([node], "g", [], [vi("y", [3])],
+                          [numpy_helper.from_array(np.zeros((0, 3), np.float32), "e"),
+                           numpy_helper.from_array(np.array([0], np.int64), "ax")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    got = GraphView(m.graph, {"": 18}).const("y")
+    assert got is not None and np.array_equal(np.asarray(got), want), (got, want)

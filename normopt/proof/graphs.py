@@ -438,13 +438,22 @@ class GraphView:
                 continue
             if any(self.const_size(i) > EVAL_LIMIT or self.const_size(i) < 0 for i in ins):
                 continue
+            op_eval = node.op_type
             if node.op_type not in _MOVES_DATA and any(self.const_size(i) == 0 for i in ins):
                 # arithmetic over an empty tensor: onnx.reference and ONNX Runtime disagree there
                 # (ReduceMean of nothing is NaN to one, 0 to the other), and a NaN taken for a
-                # constant would absorb whatever reads it; left as a run-time value
-                continue
+                # constant would absorb whatever reads it; left as a run-time value. The
+                # reductions are evaluated as ONNX Runtime computes them (checked against it):
+                # the others agree, and a ReduceMean of nothing is 0 there (NaN to onnx.reference;
+                # the input is empty, so every NaN it gives is one of those)
+                if node.op_type not in _EMPTY_REDUCE or node.domain not in ("", "ai.onnx") or \
+                        self.const_size(node.input[0]) != 0:
+                    continue
+                op_eval = "empty " + node.op_type
             try:
                 vals = _eval_node(node, [self.const(i) if i else None for i in node.input], self.opsets)
+                if op_eval == "empty ReduceMean":
+                    vals = [np.where(np.isnan(v), np.zeros((), np.asarray(v).dtype), v) if v is not None else v for v in vals]
             except Exception:
                 continue
             for o, v in zip(node.output, vals):
@@ -1325,7 +1334,13 @@ def _outer_refs(g: onnx.GraphProto):
     return list(dict.fromkeys(refs))
 
 
-def _eval_node(node, values, opsets):
+# reductions whose value on an empty tensor onnx.reference gives as ONNX Runtime does (ReduceMean:
+# after its NaN is read as ONNX Runtime's 0)
+_EMPTY_REDUCE = ("ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare",
+                 "ReduceLogSum", "ReduceLogSumExp", "ReduceMean")
+
+
+def _eval_node(node, values, opsets, op_type=None):
     from onnx.reference import ReferenceEvaluator
 
     ins = []
@@ -1337,13 +1352,18 @@ def _eval_node(node, values, opsets):
         nm = f"i{k}"
         ins.append(nm)
         feeds[nm] = np.asarray(v)
-    n2 = onnx.helper.make_node(node.op_type, ins, [f"o{k}" if o else "" for k, o in enumerate(node.output)], domain=node.domain)
+    n2 = onnx.helper.make_node(op_type or node.op_type, ins, [f"o{k}" if o else "" for k, o in enumerate(node.output)],
+                               domain=node.domain)
     n2.attribute.extend(node.attribute)
     g = onnx.helper.make_graph([n2], "c", [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
                                            for n, v in feeds.items()],
                                [onnx.helper.make_tensor_value_info(f"o{k}", 0, None) for k, o in enumerate(node.output) if o])
     m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
-    out = ReferenceEvaluator(m).run(None, feeds)
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" and the like
+        out = ReferenceEvaluator(m).run(None, feeds)
     it = iter(out)
     return [next(it) if o else None for o in node.output]
 

@@ -209,9 +209,12 @@ def tighten(rels: list) -> list:
 
 
 def per_channel_err(arr: np.ndarray, axis: int, rank: int, tol):
-    """(t, half-width) per channel along `axis` when one value per channel lies within every
-    element's own bound: the intersection of [x - tol, x + tol] over the other axes, its midpoint
-    and half-width (the true shift is within that of t); None when the intersection is empty."""
+    """(t, bound) per channel along `axis` when one value per channel lies within every element's
+    own bound: t is the midpoint of the intersection of [x - tol, x + tol] over the other axes
+    (None when it is empty). Each element's true shift lies within its own tol of x, so within
+    tol + |x - t| of t: the bound is the largest of those over the other axes (at most twice the
+    largest tol). The intersection's half-width alone would understate it: the true shifts need
+    not be one value per channel."""
     arr = np.asarray(arr, np.float64)
     if arr.ndim > rank:
         return None
@@ -227,7 +230,11 @@ def per_channel_err(arr: np.ndarray, axis: int, rank: int, tol):
     hi = (full + tol).min(axis=other) if other else full + tol
     if not np.all(lo <= hi + 1e-300):
         return None
-    return ((lo + hi) / 2).reshape(-1), np.maximum((hi - lo) / 2, 0.0).reshape(-1)
+    mid = (lo + hi) / 2
+    midb = np.expand_dims(mid, other) if other else mid
+    width = tol + np.abs(full - midb)
+    width = width.max(axis=other) if other else width
+    return mid.reshape(-1), np.asarray(width, np.float64).reshape(-1)
 
 
 def center(arr: np.ndarray, axis: int) -> np.ndarray:

@@ -464,6 +464,36 @@ def _bias(view, node, op, attrs, n):
     return np.zeros(n)
 
 
+def _bias_full(view, node, op, attrs, n):
+    """A Gemm's C (times beta) that is not one value per output channel, as a rank-2 float64
+    array that broadcasts against the [M, n] output ([M, 1] or [M, n]); None otherwise."""
+    if op != "Gemm" or len(node.input) < 3 or not node.input[2]:
+        return None
+    c = view.const(node.input[2])
+    if c is None or np.asarray(c).ndim > 2 or np.asarray(c).size > (1 << 22):
+        return None
+    c = _full(np.asarray(c, np.float64) * float(attrs.get("beta", 1.0)), 2)
+    so = view.shape(node.output[0])
+    if so is None or len(so) != 2 or not all(isinstance(d, int) for d in so):
+        return None
+    try:
+        np.broadcast_shapes(c.shape, tuple(so))
+    except ValueError:
+        return None
+    if c.shape[1] not in (1, n) or np.broadcast_shapes(c.shape, tuple(so)) != tuple(so):
+        return None
+    return c
+
+
+def _biases(view, node, op, attrs, n):
+    """(per-channel bias, full part or None): a Gemm's full C is all in the full part."""
+    b = _bias(view, node, op, attrs, n)
+    if b is not None:
+        return b, None
+    full = _bias_full(view, node, op, attrs, n)
+    return (np.zeros(n), full) if full is not None else (None, None)
+
+
 def _linear_ok(node, attrs, view, x):
     op = node.op_type
     if op == "Gemm" and attrs.get("transA", 0):
@@ -678,12 +708,14 @@ def rule_linear(prover, O, P, node, in_rels):
         Wp_scale = float(pattrs.get("alpha", 1.0))
     else:
         Wp_scale = 1.0
-    bp = _bias(P, node, op, pattrs, N)
+    bp, bp_full = _biases(P, node, op, pattrs, N)
     if bp is None:
-        raise _Skip(f"{op} bias is not a per-channel constant")
+        raise _Skip(f"{op} bias is neither a per-channel constant nor a constant of the output's shape")
     eps = eps_of(P.elem(node.input[1]))
     out, tried = [], []
     for w, q in prover._rels_on(O, in_rels[0]):
+        if q.kind == "comp" and bp_full is not None:
+            continue  # the compressed rules take per-channel biases only
         if q.kind == "comp":
             from .compressed import comp_reader
 
@@ -718,8 +750,8 @@ def rule_linear(prover, O, P, node, in_rels):
             if ((Mo.K, Mo.N) != (K, N) or Mo.rep != rep) and not comp:
                 continue
             Wo_scale = float(oattrs.get("alpha", 1.0)) if cand.op_type == "Gemm" else 1.0
-            bo = _bias(O, cand, cand.op_type, oattrs, Mo.N)
-            if bo is None:
+            bo, bo_full = _biases(O, cand, cand.op_type, oattrs, Mo.N)
+            if bo is None or (bo_full is not None and comp):
                 continue
             m = cand.output[0]
             rm = O.rank(m)
@@ -775,18 +807,29 @@ def rule_linear(prover, O, P, node, in_rels):
                         continue
                     # output shift: tau Wp + bp - c bo - s (centered: minus its centering)
                     shift, err = writer_shift(bp, eps, tau, tw, atw, e_in, ew, Wp_scale)
-                    if np.ndim(sz) > 1:  # the original adds a full constant tensor before its per-channel chain
+                    if np.ndim(sz) > 1 or bp_full is not None or bo_full is not None:
+                        # a full constant tensor: the original adds one before its per-channel
+                        # chain, or a Gemm's C is one (either graph's)
                         c_b = _bcast(np.ones(N) if cz is None else cz, out_axis, rm)
-                        orig_shift = c_b * _bcast(bo, out_axis, rm) + sz
+                        sz_b = _bcast(sz, out_axis, rm) if np.ndim(sz) == 1 else sz
+                        orig_shift = c_b * _bcast(bo, out_axis, rm) + sz_b
+                        if bo_full is not None:
+                            orig_shift = orig_shift + c_b * bo_full
                         if centered:
                             orig_shift = center(orig_shift, out_axis)
                         t_full = _bcast(shift, out_axis, rm) - orig_shift
+                        if bp_full is not None:
+                            t_full = t_full + bp_full
                         # element by element: each element's own shift bound, and the rounding of
                         # the folded value where this writer's stored bias holds it (a bound taken
                         # over the whole tensor let a small element change by 2% and prove). A
                         # full tensor left to a later Add is charged its rounding there.
                         e_ch = _bcast(err, out_axis, rm) if np.ndim(err) == 1 else np.asarray(err, np.float64)
-                        bound = e_ch + eps * np.abs(orig_shift) * (_bcast(np.asarray(bp, np.float64), out_axis, rm) != 0)
+                        stored = _bcast(np.asarray(bp, np.float64), out_axis, rm)
+                        if bp_full is not None:  # the stored full C: its own rounding, and the folded value's
+                            stored = stored + bp_full
+                            e_ch = e_ch + eps * np.abs(bp_full)
+                        bound = e_ch + eps * np.abs(orig_shift) * (stored != 0)
                         got = per_channel_err(t_full, out_axis, rm, bound)
                         if got is not None:
                             t_rel, err = got
@@ -807,7 +850,8 @@ def rule_linear(prover, O, P, node, in_rels):
                     elif alpha is not None or c_use is not None:
                         prover.stats.affine_folds += 1
                     break
-            if not out and not prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q):
+            if not out and bp_full is None and bo_full is None and \
+                    not prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q):
                 pass
     if not out:
         where = ""
@@ -980,8 +1024,8 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
                     continue
                 eps = eps_of(O.elem(w))
                 a = np.where(g0 == gp, 1.0, gp / g0)
-                r = simplify(Rel(cand.output[0], last, False, a, bpv, 0.0), eps)
-                out.append(Rel(r.u, last, False, r.a, r.t, 0.0, kind="sub", how="norm, run-time beta", stat=(cand.input[2],)))
+                rs_ = simplify(Rel(cand.output[0], last, False, a, bpv, 0.0), eps)  # (r stays the rank)
+                out.append(Rel(rs_.u, last, False, rs_.a, rs_.t, 0.0, kind="sub", how="norm, run-time beta", stat=(cand.input[2],)))
                 continue
             b0 = np.zeros(d) if b0 is None else (vec(b0, d) if b0.size in (1, d) else None)
             bp = np.zeros(d) if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else None)
