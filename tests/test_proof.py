@@ -655,3 +655,39 @@ def test_the_validator_reads_a_reduction_of_an_empty_constant_as_onnx_runtime_co
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
     got = GraphView(m.graph, {"": 18}).const("y")
     assert got is not None and np.array_equal(np.asarray(got), want), (got, want)
+
+
+@pytest.mark.parametrize("crms", [False, True], ids=["plain", "crms"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
+def test_a_layerscale_writer_with_a_full_token_bias_proves(dtype, crms):
+    """A LayerScale writer (MatMul + a [tokens, d] bias, times a per-channel scale) into a Pre-LN
+    stream, in fp16 and fp32, with and without --crms: the full bias is centered with the writer
+    and carried element by element. fp32 mutants are refused (fp16 one-element mutants of x1.0005
+    are below half an fp16 ulp, so are not changes at all)."""
+    rng = np.random.default_rng(5)
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+    def f(a, n):
+        return numpy_helper.from_array(np.asarray(a, dtype), n)
+
+    d, T = 8, 3
+    nodes = [helper.make_node("LayerNormalization", ["x", "g0", "b0"], ["n0"], axis=-1),
+             helper.make_node("MatMul", ["n0", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["m2"]), helper.make_node("Add", ["m2", "bf"], ["m3"]),
+             helper.make_node("Mul", ["m3", "ls"], ["m4"]), helper.make_node("Add", ["x", "m4"], ["x1"]),
+             helper.make_node("LayerNormalization", ["x1", "g1", "b1"], ["y"], axis=-1)]
+    inits = [f(rng.uniform(.5, 1.5, d), "g0"), f(rng.normal(size=d), "b0"), f(rng.normal(size=(d, 16)), "W1"),
+             f(rng.normal(size=(16, d)), "W2"), f(rng.normal(size=(T, d)), "bf"), f(rng.uniform(.1, 1, d), "ls"),
+             f(rng.uniform(.5, 1.5, d), "g1"), f(rng.normal(size=d), "b1")]
+    g = helper.make_graph(nodes, "g", [vi("x", [1, T, d], et)], [vi("y", [1, T, d], et)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out, _ = optimize_model(m, opt_in=["crms"] if crms else None)
+    assert "LayerNormalization" not in [n.op_type for n in out.graph.node]
+    res = prove(m, out)
+    assert res.proved, res.summary
+    if dtype == np.float32:
+        kinds = set()
+        for kind, mm in mutants(m, out):
+            assert not prove(m, mm).proved, kind
+            kinds.add(kind)
+        assert {"channel x1.02", "element x1.0005"} <= kinds, kinds
