@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
@@ -91,3 +92,55 @@ def test_report_describes_node_matches_on_one_line():
     m = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 4])], [init("g", np.ones(4, np.float32))])
     _, report = optimize_model(m, passes=["explicit_defaults"])
     assert report.passes[0].matched == ["LayerNormalization 'ln0'"]
+
+
+def _flatten_rows_model(op="Softmax", flat_axis=3, op_axis=-1, shape_from="shape", opset=13, dims=("b", 3, 4, 5)):
+    """Reshape(op(Flatten(x, flat_axis)), Shape(x)): what ONNX's version converter writes for an
+    opset-11 Softmax when it does not know the input's rank."""
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=flat_axis),
+             helper.make_node(op, ["f"], ["s"], axis=op_axis)]
+    inits = []
+    if shape_from == "shape":
+        nodes.append(helper.make_node("Shape", ["x"], ["shp"]))
+    else:
+        inits.append(init("shp", np.array([2, 3, 4, 5], np.int64)))
+    nodes.append(helper.make_node("Reshape", ["s", "shp"], ["y"]))
+    return make_model(nodes, [vi("x", list(dims))], [vi("y", list(dims))], inits, opset=opset)
+
+
+def test_the_converters_flatten_softmax_reshape_becomes_one_softmax():
+    """cancel_layout folds Flatten(x, last) / Softmax (LogSoftmax, Hardmax) over the last axis /
+    Reshape(Shape(x)) into one op over x's last axis (the version converter's opset-13 form of
+    an opset-11 Softmax it could not shape). It is proved by the validator against the original
+    and equivalent under ONNX Runtime running the original, with a dynamic batch."""
+    from normopt.proof import prove
+
+    for op, shape_from, dims in (("Softmax", "shape", ("b", 3, 4, 5)), ("LogSoftmax", "shape", ("b", 3, 4, 5)),
+                                 ("Hardmax", "shape", ("b", 3, 4, 5)), ("Softmax", "const", (2, 3, 4, 5))):
+        m = _flatten_rows_model(op=op, shape_from=shape_from, dims=dims)
+        out, report = optimize_model(m, passes=["cancel_layout"])
+        assert ops(out) == collections.Counter({op: 1}), (op, ops(out))
+        node = out.graph.node[0]
+        assert [a.i for a in node.attribute if a.name == "axis"] == [3]
+        assert compare(m, out).equivalent
+        res = prove(m, out)
+        assert res.proved, res.summary
+        bad = onnx.ModelProto()
+        bad.CopyFrom(out)
+        next(a for a in bad.graph.node[0].attribute if a.name == "axis").i = 2  # over another axis
+        assert not prove(m, bad).proved
+        bad.CopyFrom(out)
+        bad.graph.node[0].op_type = "LogSoftmax" if op != "LogSoftmax" else "Softmax"  # another op
+        assert not prove(m, bad).proved
+
+
+def test_a_flatten_not_at_the_last_axis_is_left_alone():
+    """Flatten at axis 2 (rows of 4*5 values): the op is over two axes of x, not one; the pattern
+    stays, with a reason; so does a Softmax over axis 0 of the 2-D input."""
+    for kw in (dict(flat_axis=2), dict(op_axis=0)):
+        m = _flatten_rows_model(**kw)
+        out, report = optimize_model(m, passes=["cancel_layout"])
+        assert ops(out)["Flatten"] == 1 and ops(out)["Reshape"] == 1
+        p = next(p for p in report.passes if p.name == "cancel_layout")
+        assert p.applied == 0 and p.declined, p.declined
+        assert compare(m, out).equivalent

@@ -76,6 +76,8 @@ def check(path, name, tmp_path):
     out = tmp_path / f"{os.path.basename(path)}.opt.onnx"
     res = optimize(str(path), str(out))  # no flags: the input defaults must do
     assert res.unchanged or res.verification.equivalent
+    # every rewritten output is proved too (the validator, beside the dynamic check)
+    assert res.unchanged or (res.proof is not None and res.proof.proved), getattr(res.proof, "summary", "no proof")
     ln = next(p for p in res.report.passes if p.name == "ln_to_rms")
     assert not res.report.errors, res.report.errors
     expected = EXPECTED.get(ALIASES.get(name, name))

@@ -1354,4 +1354,55 @@ def _rule_expand(prover, O, P, node, in_rels):
 RULES["Slice"] = _rule_slice
 RULES["Expand"] = _rule_expand
 
+
+def rule_rows(prover, O, P, node, in_rels):
+    """op(x') over x's last axis, op a Softmax / LogSoftmax / Hardmax, where the original computes
+    Reshape(op(Flatten(x, last)), Shape(x)) (ONNX's version converter writes that for an opset-11
+    op whose rank it does not know): Flatten at the last axis keeps x's rows, the op acts row by
+    row over its 2-D input's last axis, and the Reshape to x's own shape (Shape(x) whole, or a
+    constant equal to x's static shape) puts them back. x' must be equal to x."""
+    if in_rels[0] in (None, "const") or len(node.input) != 1:
+        raise _Skip(f"{node.op_type} of a constant")
+    out = []
+    for w, q in prover._rels_on(O, in_rels[0]):
+        if not q.eq:
+            continue
+        r = O.rank(w)
+        if r is None or r < 1 or P.rank(node.input[0]) != r:
+            continue
+        ax = P.attrs(node).get("axis", -1 if P.opset() >= 13 else 1)
+        if int(ax) % r != r - 1:
+            continue
+        for flat, slot in O.consumers.get(w, ()):
+            if flat.op_type != "Flatten" or slot != 0 or flat.domain not in ("", "ai.onnx"):
+                continue
+            if int(O.attrs(flat).get("axis", 1)) % r != r - 1:
+                continue
+            for op, _ in O.consumers.get(flat.output[0], ()):
+                if op.op_type != node.op_type or op.domain not in ("", "ai.onnx") or len(op.input) != 1:
+                    continue
+                if int(O.attrs(op).get("axis", -1 if O.opset() >= 13 else 1)) not in (-1, 1):
+                    continue
+                for rs, k in O.consumers.get(op.output[0], ()):
+                    if rs.op_type != "Reshape" or k != 0 or len(rs.input) < 2:
+                        continue
+                    sh = O.producer.get(rs.input[1])
+                    whole = sh is not None and sh[0].op_type == "Shape" and sh[0].input[0] == w and \
+                        int(O.attrs(sh[0]).get("start", 0)) == 0 and O.attrs(sh[0]).get("end") is None
+                    if not whole:
+                        c, s_w = O.const(rs.input[1]), O.shape(w)
+                        if c is None or s_w is None or not all(isinstance(d, int) for d in s_w) or \
+                                [int(v) for v in np.asarray(c).reshape(-1)] != list(s_w):
+                            continue
+                    out.append(Rel(rs.output[0], how=f"{node.op_type} without the converter's Flatten / Reshape"))
+    if not out:
+        raise _Skip(f"no original {node.op_type} computes it (directly, or between a Flatten at the last axis and a "
+                    "Reshape to the input's shape)")
+    return out
+
+
+for _op in ("Softmax", "LogSoftmax", "Hardmax"):
+    RULES[_op] = rule_rows
+del _op
+
 del reduce_axes, NotProved
