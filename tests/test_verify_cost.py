@@ -570,3 +570,24 @@ def test_optimize_loads_the_input_once_for_its_check_and_verification(stream_mod
     assert _verdict(alone)[:3] == _verdict(res.verification)[:3]
     assert [(m.name, m.passed, m.err_orig) for m in alone.outputs] == \
         [(m.name, m.passed, m.err_orig) for m in res.verification.outputs]
+
+
+def test_a_verification_reads_each_skeleton_once(tmp_path, monkeypatch):
+    """The checks of one verification (one ref_cache) read each file's skeleton once, also
+    across a prepared reference and a comparison with another fetch."""
+    import onnx
+
+    from normopt import weights as Wt
+
+    ref, other = str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx")
+    onnx.save(_sat_model(), ref)
+    onnx.save(_sat_model(w_scale=2.0), other)
+    reads = []
+    real = Wt.read_skeleton
+    monkeypatch.setattr(Wt, "read_skeleton", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    cache = E.prepare_reference(ref)
+    first = compare(ref, other, ref_cache=cache)
+    assert not first.equivalent
+    compare(ref, ref, ref_cache=cache)  # the failure path's check of the input against itself
+    compare(ref, other, level="disable", ref_cache=cache, seeds=1, stress=False)
+    assert sorted(reads) == sorted([ref, other]), reads

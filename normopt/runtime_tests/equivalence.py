@@ -31,6 +31,7 @@ failed on (else of its worst set).
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -179,13 +180,21 @@ class EquivalenceResult:
         return lines
 
 
-def _load_proto(model):
-    """The model's structure: an in-memory model as is, a path as a skeleton (weights not read)."""
+def _load_proto(model, cache: dict | None = None):
+    """The model's structure: an in-memory model as is, a path as a skeleton (weights not read).
+    `cache` (a ref_cache): a path's skeleton is read once per verification (0.1 s a read for a
+    650 MB decoder); nothing here changes a proto it is given."""
     if isinstance(model, onnx.ModelProto):
         return model
     from ..weights import read_skeleton
 
-    return read_skeleton(model)
+    key = "_skeleton " + os.path.realpath(model)
+    if cache is not None and key in cache:
+        return cache[key]
+    proto = read_skeleton(model)
+    if cache is not None:
+        cache[key] = proto
+    return proto
 
 
 def _floating(a) -> bool:
@@ -559,7 +568,8 @@ def prepare_reference(reference, seeds: int = 3, input_opts: InputOptions | None
     t0 = time.perf_counter()
     if EAGER_NOISE:  # the old schedule draws the noise with the original's runs: compare() does it all
         return {}
-    ref_proto = _load_proto(reference)
+    skeletons = {}
+    ref_proto = _load_proto(reference, skeletons)
     outs, pres, types = reference_fetch(ref_proto)
     fetch = outs + pres
     try:
@@ -575,7 +585,7 @@ def prepare_reference(reference, seeds: int = 3, input_opts: InputOptions | None
             return vals[:len(outs)]
 
         input_opts, notes = settle_plan(ref_proto, input_opts, settle_run)
-        cache = {"_fetch": tuple(fetch), "_opts": input_opts, "_notes": notes, "_prepared": True}
+        cache = {"_fetch": tuple(fetch), "_opts": input_opts, "_notes": notes, "_prepared": True, **skeletons}
         if W.weight_bytes(ref_proto) <= BIG_BYTES:
             cache["_session"] = session  # kept for the noise draws, as compare() keeps it
         for label, feeds in feed_sets(ref_proto, seeds, input_opts, stress):
@@ -594,6 +604,12 @@ def prepare_reference(reference, seeds: int = 3, input_opts: InputOptions | None
     return cache
 
 
+def _clear(ref_cache: dict) -> None:
+    """Forget the outputs of another fetch (and their session); the skeletons read stay."""
+    for k in [k for k in ref_cache if not k.startswith("_skeleton ")]:
+        del ref_cache[k]
+
+
 def _take_prepared(ref_cache: dict, key: tuple) -> None:
     """A prepare_reference() cache fetched the original's outputs and every pre-saturation value
     a candidate might need: keep the ones this comparison fetches, in its order."""
@@ -601,7 +617,7 @@ def _take_prepared(ref_cache: dict, key: tuple) -> None:
     if not ref_cache.pop("_prepared", False) or have is None or have == key:
         return
     if not set(key) <= set(have):
-        ref_cache.clear()
+        _clear(ref_cache)
         return
     idx = [have.index(n) for n in key]
     for label in [k for k in ref_cache if not k.startswith("_")]:
@@ -638,8 +654,8 @@ def compare(
     (a second check of a file another session has loaded)."""
     t_start = time.perf_counter()
     timings = {}
-    ref_proto = _load_proto(reference)
-    cand_proto = _load_proto(candidate)
+    ref_proto = _load_proto(reference, ref_cache)
+    cand_proto = _load_proto(candidate, ref_cache)
     result = EquivalenceResult(equivalent=True, seeds=seeds, provider=provider, level=level, thresholds=thresholds)
     approx = thresholds is not None and thresholds.active()
     if approx:
@@ -744,8 +760,9 @@ def compare(
             exact_vals = []
     # a small model's session of the original stays for the noise draws (two big ones never live together)
     kept_sess = ref_sess if not big else None
-    ref_sess = None
-    _collect(big)
+    if ref_sess is not None:  # (nothing to free where the outputs came from the cache)
+        ref_sess = None
+        _collect(big)
     timings["original"] = time.perf_counter() - t0
     if beside is not None:
         timings["original (beside the passes)"] = beside
@@ -789,7 +806,7 @@ def compare(
             ref_cache[label] = (ref_vals[k], exact_vals[k], noise.get(label))
     if ref_cache is not None and cached is None:
         if not reuse:
-            ref_cache.clear()
+            _clear(ref_cache)
         ref_cache["_fetch"], ref_cache["_opts"] = key, input_opts
         if kept_sess is not None:
             ref_cache["_session"] = kept_sess
