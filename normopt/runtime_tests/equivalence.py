@@ -472,11 +472,10 @@ SATURATING = {"Sigmoid": "saturated", "Softmax": "saturated", "HardSigmoid": "sa
               "Equal": "discrete", "LessOrEqual": "discrete", "GreaterOrEqual": "discrete"}
 
 
-def saturating_op(proto, output: str):
+def saturating_op(proto, output: str, _maps=None):
     """(op, pre-saturation value name) behind a graph output, through shape-only ops, or None.
-    TopK counts only for its indices output."""
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    consts = {t.name for t in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    TopK counts only for its indices output. _maps: _graph_maps(proto), made once for many outputs."""
+    producer, consts = _maps or _graph_maps(proto)
     name = output
     for _ in range(16):
         n = producer.get(name)
@@ -492,6 +491,13 @@ def saturating_op(proto, output: str):
             return n.op_type, pre
         return None
     return None
+
+
+def _graph_maps(proto):
+    """(producer of each value, names of initializers and graph inputs) of the main graph."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consts = {t.name for t in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    return producer, consts
 
 
 def _saturated(op: str, e: np.ndarray) -> bool:
@@ -523,9 +529,10 @@ def _with_outputs(proto, names: list, types: dict):
 def _probes(ref_proto, cand_proto, outs):
     """{output: (op, kind, ref value, cand value)} for outputs behind a saturating op in both."""
     found = {}
+    rmaps, cmaps = _graph_maps(ref_proto), _graph_maps(cand_proto)
     for name in outs:
-        r = saturating_op(ref_proto, name)
-        c = saturating_op(cand_proto, name)
+        r = saturating_op(ref_proto, name, rmaps)
+        c = saturating_op(cand_proto, name, cmaps)
         if r and c and r[0] == c[0]:
             found[name] = (r[0], SATURATING[r[0]], r[1], c[1])
     if not found:
@@ -547,8 +554,9 @@ def reference_fetch(ref_proto) -> tuple:
     those the candidate has too), with the value types known for them."""
     outs = [o.name for o in ref_proto.graph.output]
     pres = {}
+    maps = _graph_maps(ref_proto)
     for name in outs:
-        r = saturating_op(ref_proto, name)
+        r = saturating_op(ref_proto, name, maps)
         if r and r[1] not in outs:
             pres.setdefault(r[1], None)
     types = _value_types(ref_proto) if pres else {}
