@@ -307,19 +307,19 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
             plan_notes.append("not tuned: tuning runs the same ONNX Runtime sessions as the dynamic check, which do not fit")
         if proof_only is not None:
             tune = False
-    ref_job = None
-    if ort_check.keep:
-        if verify and proof_only is None:
-            ref_job = _ReferenceJob(in_path, ort_check, seeds, input_opts)
-        else:
-            ort_check.release()
         if not (input_opts and input_opts.inputs_npz):
             inputs_line = plan_inputs(model, input_opts).line() if verify and proof_only is None else None
             if inputs_line:
                 say(inputs_line)
             tune_dims = dict(plan_inputs(model, input_opts).dims)
     store = W.WeightStore(os.path.dirname(next(t for t in plan.writes if t.option == "-o").final))
+    ref_job = None
     try:
+        if ort_check.keep:
+            if verify and proof_only is None:
+                ref_job = _ReferenceJob(in_path, ort_check, seeds, input_opts)
+            else:
+                ort_check.release()
         with W.using(store):
             out_model, report = optimize_model(model, passes, target, opt_in, provider, tune, progress=progress,
                                                threads=threads, shapes=(input_opts.shapes if input_opts else None),
