@@ -470,6 +470,10 @@ def _judged_arrays():
             nan = o.copy()
             nan.ravel()[1] = np.nan
             out += [(o, bad, e), (nan, c, e), (nan, nan.copy(), e)]
+    e0 = np.array(1.5)  # a scalar output, and an empty one
+    out += [(np.float32(1.5) + np.zeros((), np.float32), np.float32(1.5001) + np.zeros((), np.float32), e0),
+            (np.zeros((), np.float32), np.zeros((), np.float32), np.zeros(())),
+            (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), np.zeros((0, 3)))]
     return out
 
 
