@@ -231,7 +231,7 @@ def _snr_top1(ref: np.ndarray, cand: np.ndarray):
 # same operations on the whole arrays instead of on boolean-indexed copies, and the differences
 # computed once for the whole output and its blocks. The numbers are the general path's, bit for
 # bit (tests/test_verify_cost.py compares the two); a logits output of 16 x 50257 values was
-# judged in about 120 ms, two thirds of it copies. FAST_JUDGE = False takes the general path.
+# judged in about 140 ms, 72 ms this way (shared cores). FAST_JUDGE = False takes the general path.
 FAST_JUDGE = True
 
 
@@ -653,8 +653,10 @@ def compare(
     """Run both models on the same generated inputs and compare every output by name.
 
     Sessions are built once each and never alive together: the original (ORT_DISABLE_ALL, CPU)
-    runs every input set and is freed, then the float64 evaluation of the original, then the
-    candidate (`level`, `provider`). `exact`: None judges against float64 unless atol/rtol or
+    runs every input set and is freed (a small model's is kept for the noise draws), then the
+    float64 evaluation of the original, then the candidate (`level`, `provider`). A ref_cache
+    from prepare_reference() holds the original's outputs already (optimize runs it beside the
+    passes): then no session of the original is built here. `exact`: None judges against float64 unless atol/rtol or
     thresholds are given; False forces the tolerance check. `ref_cache` (a dict) keeps the
     original's and the exact outputs by input set, so a second comparison against the same
     reference on the same inputs runs neither again. The original's sessions take its weights
