@@ -217,7 +217,11 @@ def optimize(
     nio.plan_model_output(plan, in_path, loaded, out_path, nio.needs_external(loaded))
     plan.write(report_path, "--report")
     plan.check()
-    ort_check = nio.OrtCheck(loaded)  # ONNX Runtime loads the input once, beside the passes; joined before any write
+    # ONNX Runtime loads the input once, beside the passes; joined before any write. Where
+    # verification follows (and no tuning, whose sessions come first), that session is kept for
+    # verification's runs of the original (_ReferenceJob), if memory holds it beside the passes
+    keep = verify and not (tune and not passes) and _room_beside_passes(loaded)
+    ort_check = nio.OrtCheck(loaded, keep=keep)
     try:
         return _optimize_checked(in_path, out_path, passes, target, verify, report_path, seeds, atol, rtol, input_opts,
                                  opt_in, verify_level, provider, tune, opset, progress, threads, say, loaded, plan,
@@ -226,7 +230,57 @@ def optimize(
         ort_check.result()  # an input ONNX Runtime refuses is the bad input behind any failure
         raise
     finally:
+        ort_check.release()
         ort_check.join()  # never exit while the check's native code runs
+
+
+def _room_beside_passes(loaded) -> bool:
+    """Memory for a session of the input held while the passes run, and for verification after."""
+    avail = available_bytes()
+    return avail is None or avail >= 2 * verification_bytes(loaded.weight_bytes)
+
+
+class _ReferenceJob:
+    """Verification's runs of the original (equivalence.prepare_reference: the input plan settled,
+    the outputs on every input set) in a thread beside the passes and the write, on the session
+    io.OrtCheck built of the input file: they depend on the input alone. ``result()`` joins it
+    and gives the ref_cache for compare() ({} where it did not complete: compare() then runs the
+    original itself); ``waited`` is how long the caller waited for it."""
+
+    def __init__(self, in_path, ort_check, seeds, input_opts):
+        import threading
+
+        from .runtime_tests.equivalence import prepare_reference
+
+        self._stop = threading.Event()
+        self._cache = {}
+        self.waited = 0.0
+
+        def work():
+            sess = ort_check.take_session()
+            if ort_check.error or self._stop.is_set():
+                return
+            try:
+                self._cache = prepare_reference(in_path, seeds, input_opts, session=sess, stop=self._stop)
+            except BaseException:  # never fatal: compare() runs the original itself and says what fails
+                self._cache = {}
+
+        self._t = threading.Thread(target=work, name="normopt-reference", daemon=True)
+        self._t.start()
+
+    def result(self) -> dict:
+        import time
+
+        t0 = time.perf_counter()
+        self._t.join()
+        self.waited = time.perf_counter() - t0
+        cache, self._cache = self._cache, {}
+        return cache
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
+        self._cache = {}
 
 
 def _optimize_checked(in_path, out_path, passes, target, verify, report_path, seeds, atol, rtol, input_opts, opt_in,
@@ -259,7 +313,13 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                 say(inputs_line)
             tune_dims = dict(plan_inputs(model, input_opts).dims)
     store = W.WeightStore(os.path.dirname(next(t for t in plan.writes if t.option == "-o").final))
+    ref_job = None
     try:
+        if ort_check.keep:
+            if verify and proof_only is None:
+                ref_job = _ReferenceJob(in_path, ort_check, seeds, input_opts)
+            else:
+                ort_check.release()
         with W.using(store):
             out_model, report = optimize_model(model, passes, target, opt_in, provider, tune, progress=progress,
                                                threads=threads, shapes=(input_opts.shapes if input_opts else None),
@@ -267,6 +327,8 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
             report.notes[:0] = plan_notes
             ort_check.result()
             if not report.changed() and opset is None:
+                if ref_job is not None:
+                    ref_job.stop()
                 # nothing to gain: the input itself, byte for byte (no guard, nothing to verify)
                 report.notes.insert(0, "no changes: no optimizing pass applied; the output is a byte-identical copy of the input")
                 if inputs_line:
@@ -316,7 +378,7 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                 say(f"verifying against the input with ONNX Runtime ({provider}), beside the proof ...")
                 try:
                     result = _verify_staged(in_path, staged.path, report, report_path, seeds, atol, rtol, input_opts,
-                                            verify_level, provider, plan)
+                                            verify_level, provider, plan, ref_job)
                 except VerificationFailed:
                     # the dynamic check's verdict stands at once: the proof is stopped (within
                     # one node or weight block); one that had already ended adds its line
@@ -335,6 +397,8 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
             written = staged.commit()
     finally:
         store.close()
+        if ref_job is not None:
+            ref_job.stop()  # never go on (or exit) while the original's runs go on beside
     _write_report(report_path, report, plan)
     return OptimizeResult(written, report, result, proof=proof)
 
@@ -398,12 +462,16 @@ def _prove_staged(in_path, staged_path, report, cancel=None):
 
 
 def _verify_staged(in_path, staged_path, report, report_path, seeds, atol, rtol, input_opts, verify_level, provider,
-                   plan=None):
+                   plan=None, ref_job=None):
     kw = dict(seeds=seeds, atol=atol, rtol=rtol)
     # every session once: the original, its float64 evaluation and their outputs are kept by input
-    # set in ref_cache, so the checks below reuse them (and the settled input plan)
-    ref_cache = {}
+    # set in ref_cache, so the checks below reuse them (and the settled input plan); the original's
+    # outputs may have been made beside the passes already (_ReferenceJob)
+    ref_cache = ref_job.result() if ref_job is not None else {}
     result = compare(in_path, staged_path, level=verify_level, ref_cache=ref_cache, input_opts=input_opts, **kw)
+    if ref_job is not None and ref_job.waited:  # the original's time on the main path: the wait for it too
+        for k in ("original", "total"):
+            result.timings[k] = round(result.timings.get(k, 0.0) + ref_job.waited, 3)
     input_opts = result.input_options or input_opts
     report.verification = result.to_dict()
     if not result.equivalent:

@@ -347,42 +347,79 @@ def ort_check(loaded: LoadedModel) -> None:
 class OrtCheck:
     """ort_check in a thread, started before the passes run and joined before anything is
     written: session creation is native code that releases the GIL, so it overlaps with the
-    pipeline instead of adding to it. ``result()`` raises NormoptError if ORT refuses the input."""
+    pipeline instead of adding to it. ``result()`` raises NormoptError if ORT refuses the input.
 
-    def __init__(self, loaded: LoadedModel):
+    keep=True (optimize, where verification follows): the session is built with the options
+    verification's session of the original has (providers.session_options: ORT_DISABLE_ALL, the
+    default threads) and kept, for ``take_session()`` to hand on, so that the input's file is
+    loaded once per run, not once for this check and again for verification; ``release()``
+    drops it."""
+
+    def __init__(self, loaded: LoadedModel, keep: bool = False):
         import threading
 
         self.loaded, self.error = loaded, None
+        self.keep, self.session = keep, None
+        self.seconds = 0.0
         self.thread = None
+        self._lock = threading.Lock()
         if loaded.weight_bytes <= ORT_CHECK_BYTES:
             self.thread = threading.Thread(target=self._run, name="normopt-ort-check", daemon=True)
             self.thread.start()
 
     def _run(self):
+        import time
+
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 4
+        from .runtime_tests.providers import session_options
+
+        t0 = time.perf_counter()
+        if self.keep:
+            so = session_options("disable")
+        else:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            so.intra_op_num_threads = 1
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 4
         try:
-            ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             if type(exc).__name__ == "NotImplemented":
                 return
             first = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
             self.error = f"{self.loaded.path}: ONNX Runtime refuses to load it: {first[:300]}"
+            return
+        finally:
+            self.seconds = time.perf_counter() - t0
+        with self._lock:
+            if self.keep:
+                self.session = sess
+        del sess
 
     def join(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
+        t = self.thread  # joined from the main thread and from verification's (take_session)
+        if t is not None:
+            t.join()
             self.thread = None
 
     def result(self) -> None:
         self.join()
         if self.error:
             raise NormoptError(self.error)
+
+    def take_session(self):
+        """The kept session (joined first), or None; the caller owns it from here."""
+        self.join()
+        with self._lock:
+            sess, self.session, self.keep = self.session, None, False
+        return sess
+
+    def release(self) -> None:
+        """Drop the kept session, now or as soon as it is built."""
+        with self._lock:
+            self.keep, self.session = False, None
 
 
 class StagedModel:

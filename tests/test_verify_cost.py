@@ -84,10 +84,15 @@ def test_lazy_noise_gives_the_full_schedule_verdict_per_input_set(c2, counted, m
         assert "offset" not in full[True][1][0][2]  # which the allowance settles
 
 
-def test_noise_drawn_on_a_cached_reference_is_kept(counted):
+@pytest.mark.parametrize("big", [False, True])
+def test_noise_drawn_on_a_cached_reference_is_kept(counted, big, monkeypatch):
     """A second comparison against the same reference (the failure path's checks) reuses the
-    original's outputs, and the noise draws made for the first."""
+    original's outputs, and the noise draws made for the first. The draws run on the original's
+    own session where the model is small; a big model's is freed before the candidate's is
+    built (never two at once), and the draws get one of their own."""
     builds, runs = counted
+    if big:
+        monkeypatch.setattr(E, "BIG_BYTES", -1)
     cache = {}
     first = compare(_cancel(1e4), _cancel(2.5e5), ref_cache=cache)
     assert "noise draws" in first.timings
@@ -95,7 +100,9 @@ def test_noise_drawn_on_a_cached_reference_is_kept(counted):
     second = compare(_cancel(1e4), _cancel(2.5e5), ref_cache=cache)
     assert "noise draws" not in second.timings
     assert [(m.passed, m.failed_on) for m in first.outputs] == [(m.passed, m.failed_on) for m in second.outputs]
-    assert len(builds) == 3 + 1  # original, candidate, noise; then the candidate alone
+    # original, candidate, (big: noise); then the candidate alone
+    assert [b[1:] for b in builds] == [("cpu", "disable"), ("cpu", "all")] + [("cpu", "disable")] * big + [("cpu", "all")]
+    assert runs.count(0) == len(first.inputs) + (0 if big else E.NOISE_DRAWS)  # the draws: on the offset set
     assert len(runs) - n == len(second.inputs)
 
 
@@ -442,3 +449,149 @@ def test_sessions_take_the_weights_mapped_except_the_candidate_file_load(tmp_pat
     res = compare(path, path)
     assert res.equivalent and res.outputs[0].probe == "h"
     assert all(isinstance(v, int) for v in seen)
+
+
+def _judged_arrays():
+    """(orig, cand, exact) triples: finite outputs of several shapes and dtypes (zeros in the
+    original, where the relative difference divides by 0; a candidate equal to it), and some with
+    non-finite values, which the general path takes."""
+    rng = np.random.default_rng(3)
+    out = []
+    for shape in [(40,), (3, 7, 33), (1, 16, 96), (2, 5)]:
+        e = rng.standard_normal(shape) * 3
+        for dt in (np.float32, np.float16):
+            o = (e + 1e-3 * rng.standard_normal(shape)).astype(dt)
+            c = (e + 2e-3 * rng.standard_normal(shape)).astype(dt)
+            o.ravel()[::5] = 0
+            c.ravel()[::10] = 0
+            out += [(o, c, e), (o, o.copy(), e), (o, c, o.astype(np.float64))]
+            bad = c.copy()
+            bad.ravel()[3] = np.inf
+            nan = o.copy()
+            nan.ravel()[1] = np.nan
+            out += [(o, bad, e), (nan, c, e), (nan, nan.copy(), e)]
+    e0 = np.array(1.5)  # a scalar output, and an empty one
+    out += [(np.float32(1.5) + np.zeros((), np.float32), np.float32(1.5001) + np.zeros((), np.float32), e0),
+            (np.zeros((), np.float32), np.zeros((), np.float32), np.zeros(())),
+            (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), np.zeros((0, 3)))]
+    return out
+
+
+def test_the_judgements_shortcut_gives_the_general_paths_numbers_bit_for_bit(monkeypatch):
+    """Where every value is finite the judge works on whole arrays (no masked copies): every
+    number it gives (max abs, max rel, cosine, both errors, the bound, the block message) is the
+    general path's, bit for bit, and so is the verdict."""
+    def both_ways(fn):
+        got = {}
+        for fast in (True, False):
+            monkeypatch.setattr(E, "FAST_JUDGE", fast)
+            got[fast] = [fn(o, c, e) for o, c, e in _judged_arrays()]
+        return got
+
+    got = both_ways(lambda o, c, e: E._metrics(o, c))
+    assert repr(got[True]) == repr(got[False])
+    for sens in (None, 0.5):
+        got = both_ways(lambda o, c, e: E.exact_judgement(o, c, e, sens))
+        assert repr(got[True]) == repr(got[False])
+        assert any(not v[0] for v in got[True]) and any(v[0] for v in got[True])  # both verdicts occur
+        assert any(v[4] for v in got[True])  # and a block message
+
+
+def _sat_model(w_scale=1.0, sat=True):
+    """Two outputs, one behind a Sigmoid (its pre-saturation value is fetched too where the
+    candidate has it), one plain; w_scale != 1 makes a candidate further from exact."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((32, 32)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Sigmoid" if sat else "Relu", ["h"], ["y"]),
+             helper.make_node("Mul", ["h", "s"], ["z"])]
+    return make_model(nodes, [vi("x", [4, 32])], [vi("y", [4, 32]), vi("z", [4, 32])],
+                      [init("w", w), init("s", np.float32(w_scale))])
+
+
+def _verdict(res):
+    return (res.equivalent, res.mode, res.inputs, res.problems,
+            [(m.name, m.passed, m.failed_on, m.compared_on, m.probe, m.err_orig, m.err_cand, m.bound, m.max_abs)
+             for m in res.outputs])
+
+
+@pytest.mark.parametrize("cand", [dict(), dict(w_scale=1.0 + 2 ** -20), dict(sat=False)])
+def test_the_original_prepared_ahead_gives_the_same_comparison(tmp_path, counted, cand):
+    """prepare_reference (optimize runs it beside the passes) makes the original's runs of
+    compare(): a comparison that takes its cache gives the same verdict and numbers as one
+    that runs the original itself, builds no session of the original, and keeps the float64
+    values for the next comparison. It fetches every pre-saturation value a candidate may need;
+    a candidate without the saturating op takes the outputs alone."""
+    import onnx
+
+    ref = str(tmp_path / "ref.onnx")
+    onnx.save(_sat_model(), ref)
+    other = str(tmp_path / "cand.onnx")
+    onnx.save(_sat_model(**cand), other)
+    builds, runs = counted
+    plain = compare(ref, other)
+    n = len(builds)
+    cache = E.prepare_reference(ref, seeds=3)
+    assert cache.get("_prepared") and len(builds) == n + 1  # its one session of the original
+    assert runs.count(n) == len(plain.inputs)  # one run per input set (seed 0's is the plan's)
+    n = len(builds)
+    got = compare(ref, other, ref_cache=cache)
+    assert [b[1:] for b in builds[n:]] == [("cpu", "all")]  # the candidate alone (noise draws: on the prepared session)
+    assert _verdict(got) == _verdict(plain)
+    assert "original (beside the passes)" in got.timings
+    n = len(builds)
+    again = compare(ref, other, level="disable", ref_cache=cache, seeds=1, stress=False)
+    assert "(cached)" in again.judge and "exact float64" not in again.timings  # the float64 values were kept
+    assert [b[1:] for b in builds[n:]] == [("cpu", "disable")]
+
+
+def test_optimize_loads_the_input_once_for_its_check_and_verification(stream_model, tmp_path, monkeypatch):
+    """The input's load check (io.OrtCheck) keeps its session for verification's runs of the
+    original: the input file is loaded by ONNX Runtime once per verified run (it was twice),
+    and the verdict is the one compare() gives on its own."""
+    import onnxruntime as ort
+
+    from normopt import api
+
+    src = stream_model()
+    seen = []
+    real = ort.InferenceSession
+
+    def record(s, *a, **k):
+        seen.append(s if isinstance(s, str) else "<bytes>")
+        return real(s, *a, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", record)
+    out = str(tmp_path / "out.onnx")
+    res = api.optimize(src, out, tune=False)
+    assert res.verification is not None and res.verification.equivalent
+    import os
+
+    assert [os.path.realpath(s) for s in seen if s != "<bytes>"].count(os.path.realpath(src)) == 1, seen
+    assert "original (beside the passes)" in res.verification.timings
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    alone = compare(src, out)
+    assert _verdict(alone)[:3] == _verdict(res.verification)[:3]
+    assert [(m.name, m.passed, m.err_orig) for m in alone.outputs] == \
+        [(m.name, m.passed, m.err_orig) for m in res.verification.outputs]
+
+
+def test_a_verification_reads_each_skeleton_once(tmp_path, monkeypatch):
+    """The checks of one verification (one ref_cache) read each file's skeleton once, also
+    across a prepared reference and a comparison with another fetch."""
+    import onnx
+
+    from normopt import weights as Wt
+
+    ref, other = str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx")
+    onnx.save(_sat_model(), ref)
+    onnx.save(_sat_model(w_scale=2.0), other)
+    reads = []
+    real = Wt.read_skeleton
+    monkeypatch.setattr(Wt, "read_skeleton", lambda p, *a, **k: reads.append(p) or real(p, *a, **k))
+    cache = E.prepare_reference(ref)
+    first = compare(ref, other, ref_cache=cache)
+    assert not first.equivalent
+    compare(ref, ref, ref_cache=cache)  # the failure path's check of the input against itself
+    compare(ref, other, level="disable", ref_cache=cache, seeds=1, stress=False)
+    assert sorted(reads) == sorted([ref, other]), reads

@@ -141,15 +141,9 @@ def _mapped_source(model):
     return out.SerializeToString(), names, values
 
 
-def make_session(model, provider="cpu", level="all", threads: int | None = None, profile_prefix=None,
-                 spin: bool = True, mapped: bool = False):
-    """An InferenceSession from a path (external data resolved beside it) or a ModelProto.
-
-    spin=False turns off intra-op thread spinning: with several sessions run in turn, a
-    session's idle workers otherwise keep spinning and steal the cores of the next one.
-    mapped=True: the weights are memory-mapped from their files and handed over as external
-    initializers (_mapped_source), where the model allows it; ONNX Runtime then does not load
-    the file itself, so a check that the file loads must build one session without it."""
+def session_options(level="all", threads: int | None = None, profile_prefix=None, spin: bool = True):
+    """The SessionOptions of make_session (io.OrtCheck builds the input's session with them too,
+    so that verification can run the original on it)."""
     so = ort.SessionOptions()
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -161,6 +155,19 @@ def make_session(model, provider="cpu", level="all", threads: int | None = None,
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
+    return so
+
+
+def make_session(model, provider="cpu", level="all", threads: int | None = None, profile_prefix=None,
+                 spin: bool = True, mapped: bool = False):
+    """An InferenceSession from a path (external data resolved beside it) or a ModelProto.
+
+    spin=False turns off intra-op thread spinning: with several sessions run in turn, a
+    session's idle workers otherwise keep spinning and steal the cores of the next one.
+    mapped=True: the weights are memory-mapped from their files and handed over as external
+    initializers (_mapped_source), where the model allows it; ONNX Runtime then does not load
+    the file itself, so a check that the file loads must build one session without it."""
+    so = session_options(level, threads, profile_prefix, spin)
     name = "<in-memory model>" if isinstance(model, onnx.ModelProto) else model
     providers = providers_for(provider)
     source = None
