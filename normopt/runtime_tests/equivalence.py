@@ -241,11 +241,12 @@ def _cosine(rf: np.ndarray, cf: np.ndarray) -> float:
     verification's 2.3 s of judging on shared cores), and its worker threads spin on after it.
     (A BLAS dot's last bits depend on its thread count anyway; the cosine decides nothing except
     under --min-cosine.)"""
-    nr = np.sqrt(np.einsum("i,i->", rf, rf))
-    nc = np.sqrt(np.einsum("i,i->", cf, cf))
-    if nr == 0 and nc == 0:
-        return 1.0
-    return float(np.einsum("i,i->", rf, cf) / (nr * nc)) if nr and nc else 0.0
+    with np.errstate(over="ignore", invalid="ignore"):  # huge values: an inf norm gives NaN, as before
+        nr = np.sqrt(np.einsum("i,i->", rf, rf))
+        nc = np.sqrt(np.einsum("i,i->", cf, cf))
+        if nr == 0 and nc == 0:
+            return 1.0
+        return float(np.einsum("i,i->", rf, cf) / (nr * nc)) if nr and nc else 0.0
 
 
 def _metrics(ref: np.ndarray, cand: np.ndarray, r=None, c=None):
