@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from . import fastgs
 from . import shapes as S
 from . import weights as W
 
@@ -40,7 +41,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
-    graph = gs.import_onnx(model)
+    graph = fastgs.import_onnx(model)  # graphsurgeon's import, the same graph, without its per-object overhead
     wrap_refs(graph)
     _keep_overridable_inputs(graph, model)
     return graph
