@@ -717,13 +717,18 @@ class Scope:
         inner = set()
         self.owner = {}  # id(node in a nested subgraph) -> the node of `graph` that owns it
         for node in graph.nodes:
+            if not node.attrs:  # (most nodes: no generator for them)
+                continue
             for sub in _node_subgraphs(node):
                 for g in all_graphs(sub):
                     for n in g.nodes:
                         self.owner[id(n)] = node
                         inner.add(id(g))
         mine = {id(graph)} | inner
-        self.foreign = {id(n) for g in all_graphs(root) if id(g) not in mine for n in g.nodes}
+        if graph is root:  # every other graph is nested in the root, so in `inner`: nothing is foreign
+            self.foreign = set()
+        else:
+            self.foreign = {id(n) for g in all_graphs(root) if id(g) not in mine for n in g.nodes}
         self.plain = not self.owner and not self.foreign  # one graph, no subgraphs: readers are tensor.outputs
 
 
