@@ -13,12 +13,17 @@ this graph's tensors, then the outer graph's; value_info overwriting only a miss
 shape; optional inputs and outputs as fresh unnamed Variables; attributes by type). Models this
 module does not mirror field for field (local functions, sparse initializers) go to graphsurgeon
 itself. tests/test_fastgs.py compares the two imports object by object.
+
+The export likewise: ``export_onnx`` gives graphsurgeon's ModelProto byte for byte, with each
+NodeProto built in place in the graph (graphsurgeon builds it with onnx.helper.make_node and then
+copies it in) and the tensor map walked once.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import onnx
 from onnx_graphsurgeon.importers import onnx_importer as _gsi
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
@@ -210,3 +215,143 @@ def _import_graph(g, outer, opset, domains, producer_name=None, producer_version
     if nested:
         graph._merge_subgraph_functions()
     return graph
+
+
+# ---------------------------------------------------------------------------------------------
+# export: gs.export_onnx, the same ModelProto
+
+
+def export_onnx(graph: Graph, do_type_check: bool = True, **kwargs) -> onnx.ModelProto:
+    """gs.export_onnx(graph, do_type_check, **kwargs), the same model (byte for byte). The
+    value_info of each value still goes through OnnxExporter.export_value_info_proto (so a
+    caller that replaces it, as graph._io_value_info_only does, is heard)."""
+    from onnx_graphsurgeon.exporters import onnx_exporter as gse
+
+    if graph.functions:
+        return gse.export_onnx(graph, do_type_check=do_type_check, **kwargs)
+    onnx_graph = _export_graph(graph, do_type_check)
+    kwargs["functions"] = []
+    if "opset_imports" not in kwargs:
+        kwargs["opset_imports"] = _update_import_domains(graph)
+    model = onnx.helper.make_model(onnx_graph, **kwargs)
+    model.producer_name = graph.producer_name
+    model.producer_version = graph.producer_version
+    if graph.ir_version is not None:
+        model.ir_version = graph.ir_version
+    return model
+
+
+def _holds_graph(graph: Graph) -> bool:
+    for node in graph.nodes:
+        if node.attrs:
+            for v in node.attrs.values():
+                if isinstance(v, Graph):
+                    return True
+    return False
+
+
+def _update_import_domains(graph: Graph):
+    """onnx_exporter.update_import_domains: the graph's opset imports, plus version 1 of any
+    domain a node uses that is not imported. graphsurgeon walks every node for subgraphs (a
+    generator per node); here only a graph with one does."""
+    from onnx_graphsurgeon.exporters import onnx_exporter as gse
+
+    if _holds_graph(graph):
+        return gse.update_import_domains(graph)
+    if graph.import_domains is None:
+        graph.import_domains = [onnx.helper.make_opsetid("", graph.opset)]
+    used = {node.domain for node in graph.nodes}  # (built as graphsurgeon builds it: the same set, the same order)
+    used.discard(None)
+    current = {opsetid.domain for opsetid in graph.import_domains}
+    for domain in used:
+        if domain not in current:
+            graph.import_domains.append(onnx.helper.make_opsetid(domain, 1))
+            current.add(domain)
+    return graph.import_domains
+
+
+def _export_attributes(attrs, into) -> None:
+    """OnnxExporter.export_attributes, appended to `into` (subgraphs exported here too)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter as X
+    from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
+    from onnx_graphsurgeon.ir.tensor import Tensor
+
+    make_attribute = onnx.helper.make_attribute
+    for key, val in attrs.items():
+        if isinstance(val, Tensor):
+            val = X.export_tensor_proto(val)
+        elif isinstance(val, Graph):
+            val = _export_graph(val, do_type_check=False)
+        elif isinstance(val, _AttributeRef):
+            a = onnx.AttributeProto()
+            a.name = key
+            a.type = _gsi.misc.convert_to_onnx_attr_type(val.type)
+            if val.type == Tensor:
+                a.t.CopyFrom(X.export_tensor_proto(Constant("", np.array([0], dtype=np.float32))))
+            a.ref_attr_name = val.name
+            into.append(a)
+            continue
+        elif isinstance(val, type):
+            try:
+                val = dtype_to_onnx(val)
+            except TypeError:
+                pass
+        into.append(make_attribute(key, val))
+
+
+def _export_graph(graph: Graph, do_type_check=True) -> onnx.GraphProto:
+    """OnnxExporter.export_graph: the same GraphProto, its NodeProtos built in place (no
+    make_node, no copy into the graph). graphsurgeon's duplicate-name checks only log."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter as X
+    from onnx_graphsurgeon.ir.tensor import SparseValues
+
+    out = onnx.GraphProto()
+    add = out.node.add
+    for node in graph.nodes:
+        n = add()
+        n.op_type = node.op
+        n.input.extend([t.name for t in node.inputs])
+        n.output.extend([t.name for t in node.outputs])
+        if node.name:
+            n.name = node.name
+        if node.domain is not None:
+            n.domain = node.domain
+        if node.attrs:
+            attrs = []
+            _export_attributes(node.attrs, attrs)
+            n.attribute.extend(attrs)
+    out.name = graph.name
+    out.input.extend([X.export_value_info_proto(t, do_type_check) for t in graph.inputs])
+    out.output.extend([X.export_value_info_proto(t, do_type_check) for t in graph.outputs])
+    tensor_map = _tensor_map(graph)
+    out.initializer.extend([X.export_tensor_proto(t) for t in tensor_map.values()
+                            if isinstance(t, Constant) and not isinstance(t._values, SparseValues)])
+    out.sparse_initializer.extend([X.export_sparse_tensor_proto(t) for t in tensor_map.values()
+                                   if isinstance(t, Constant) and isinstance(t._values, SparseValues)])
+    for t in list(graph.inputs) + list(graph.outputs):
+        tensor_map.pop(t.name, None)
+    out.value_info.extend([X.export_value_info_proto(t, do_type_check) for t in tensor_map.values()
+                           if isinstance(t, Variable) and (t.dtype is not None or t.shape is not None)])
+    if graph.doc_string:
+        out.doc_string = graph.doc_string
+    return out
+
+
+def _tensor_map(graph: Graph) -> dict:
+    """Graph.tensors(): every non-empty tensor by name, the last met of a name winning, in
+    first-met order."""
+    out = {}
+    for t in graph.inputs:
+        if t.name != "":
+            out[t.name] = t
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name != "":
+                out[t.name] = t
+        for t in node.outputs:
+            if t.name != "":
+                out[t.name] = t
+    for t in graph.outputs:
+        if t.name != "":
+            out[t.name] = t
+    return out

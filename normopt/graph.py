@@ -220,10 +220,12 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
     """The graph as a ModelProto: a skeleton where constants are references (RefValues). An
     initializer that graphsurgeon copies into each subgraph reading it goes back to the main
     graph, once."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    _hoist_subgraph_initializers(model)
+    model = fastgs.export_onnx(graph, do_type_check=False)
+    nested = fastgs._holds_graph(graph)  # the export has subgraph protos only where the graph has subgraphs
+    if nested:
+        _hoist_subgraph_initializers(model)
     _export_defaults(graph, model)
-    for g in _subgraph_protos(model.graph):
+    for g in (_subgraph_protos(model.graph) if nested else ()):
         # shapes graphsurgeon writes into branches are stale after a rewrite (and ORT rejects a
         # branch whose value_info disagrees with the outer graph): inference derives them again
         del g.value_info[:]
@@ -325,7 +327,7 @@ def _export_defaults(graph: gs.Graph, model: onnx.ModelProto) -> None:
 
 def snapshot(graph: gs.Graph) -> onnx.ModelProto:
     """The graph's state as a skeleton ModelProto (structure, shapes; weights by reference)."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = fastgs.export_onnx(graph, do_type_check=False)
     _export_defaults(graph, model)
     return model
 

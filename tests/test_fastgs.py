@@ -193,3 +193,54 @@ def test_models_graphsurgeon_is_left_to():
     m.functions.append(f)
     g = fastgs.import_onnx(m)
     assert len(g.functions) == 1 and g.nodes[0].op == "f"
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def _both_exports(graph):
+    from onnx_graphsurgeon.exporters.onnx_exporter import export_onnx as gs_export
+
+    return gs_export(graph, do_type_check=False).SerializeToString(), fastgs.export_onnx(graph, do_type_check=False).SerializeToString()
+
+
+@pytest.mark.parametrize("name", _corpus_models())
+def test_export_same_bytes_real_exports(name):
+    from normopt import graph as G
+
+    model = onnx.load(os.path.join(CORPUS, name), load_external_data=False)
+    g = G.to_graph(model)  # typed values everywhere: value_info for each
+    a, b = _both_exports(g)
+    assert a == b
+
+
+def test_export_same_bytes_after_rewrites():
+    """After the passes (new constants, new nodes with attributes and domains, removed ones)."""
+    from normopt import graph as G
+    from normopt import optimize_model
+
+    for model in (transformer_like(400), preln_stream_model(), elementwise_chain(200)):
+        out, _ = optimize_model(model)
+        g = G.to_graph(out)
+        a, b = _both_exports(g)
+        assert a == b
+
+
+def test_export_same_bytes_odd_graphs():
+    W = numpy_helper.from_array(np.full((4, 4), 2.0, np.float32), "W")
+    nodes = [
+        helper.make_node("If", ["c"], ["y"], then_branch=_branch("then", "Relu", "x"), else_branch=_branch("else", "Neg", "x")),
+        helper.make_node("Clip", ["x", "", "hi"], ["clipped"], name="clip"),
+        helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.arange(3, dtype=np.int64), "kv")),
+        helper.make_node("Constant", [], ["ks"], value_strings=["a", "b"]),
+        helper.make_node("Cast", ["clipped"], ["dc"], to=TensorProto.FLOAT16, domain=""),
+        helper.make_node("LeakyRelu", ["x"], ["lr"], alpha=0.2, name="clip"),  # a duplicate node name
+    ]
+    hi = numpy_helper.from_array(np.array(3.0, np.float32), "hi")
+    m = make_model(nodes, [vi("x", [2, 4]), vi("c", [], TensorProto.BOOL)],
+                   [vi("y", [2, 4]), vi("dc", [2, 4], TensorProto.FLOAT16), vi("lr", None)], [W, hi])
+    m.graph.doc_string = "doc"
+    g = fastgs.import_onnx(m)
+    g.nodes[4].attrs["to"] = np.float16  # a numpy type as an attribute value
+    a, b = _both_exports(g)
+    assert a == b
