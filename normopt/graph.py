@@ -235,7 +235,7 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export, restoring what graphsurgeon drops: IR version, producer, doc strings, metadata,
     and every opset import of the original (plus any domain the passes added)."""
-    toposort(cleanup(graph))
+    _clean_and_sort(graph)
     with _io_value_info_only(graph):
         model = export(graph)
     model.ir_version = original.ir_version
@@ -535,12 +535,12 @@ def _local_names(graph: gs.Graph) -> set:
     return local
 
 
-def cleanup(graph: gs.Graph) -> gs.Graph:
+def cleanup(graph: gs.Graph, plain: bool | None = None) -> gs.Graph:
     """graphsurgeon's Graph.cleanup(remove_unused_graph_inputs=False), with the same result, in
     one walk back from the outputs over the graph's own lists (no tensor map, no node ids).
-    Graphs that are not plain (see _plain), or with a producer outside the graph, go to
-    graphsurgeon itself."""
-    if not _plain(graph):
+    Graphs that are not plain (see _plain; `plain` is its answer when the caller has it), or
+    with a producer outside the graph, go to graphsurgeon itself."""
+    if not (_plain(graph) if plain is None else plain):
         return graph.cleanup(remove_unused_graph_inputs=False)
     members = {id(n) for n in graph.nodes}
     for t in graph.outputs:  # a producer outside the graph: graphsurgeon reports it
@@ -583,18 +583,44 @@ def cleanup(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
-def toposort(graph: gs.Graph) -> gs.Graph:
+def toposort(graph: gs.Graph, plain: bool | None = None) -> gs.Graph:
     """graphsurgeon's Graph.toposort, in the same order, without its per-node recursion and
     helper objects: each node's level is one more than its highest local producer's, and the
     nodes are stably sorted by level in the order their levels were settled (a depth-first
     walk over producers from each node in list order). Graphs with subgraphs or functions,
     duplicate node entries, producers outside the graph, or cycles go to graphsurgeon itself
-    (which sorts or reports them)."""
-    if not _plain(graph):
+    (which sorts or reports them). `plain` is _plain's answer where the caller has it.
+
+    A list already in topological order (the common case: a pass appends its new nodes after
+    the ones they read, and every earlier list was sorted) settles each node as the walk
+    meets it, so the levels come from one forward pass and the settle order is the list
+    itself; any node met before one of its producers sends the graph to the full walk."""
+    if not (_plain(graph) if plain is None else plain):
         return graph.toposort()
     nodes = graph.nodes
-    members = {id(n) for n in nodes}
     local = _local_names(graph)
+    level = {}
+    for node in nodes:
+        lv = -1
+        for t in node.inputs:
+            if t.name in local:
+                for p in t.inputs:
+                    pl = level.get(id(p))
+                    if pl is None:
+                        break  # a producer not settled yet (later in the list, outside the graph, or a cycle)
+                    if pl > lv:
+                        lv = pl
+                else:
+                    continue
+                break
+        else:
+            level[id(node)] = lv + 1
+            continue
+        break
+    else:
+        graph.nodes = sorted(nodes, key=lambda n: level[id(n)])
+        return graph
+    members = {id(n) for n in nodes}
 
     def producers(node):
         found = {}
@@ -643,9 +669,16 @@ def refresh(graph: gs.Graph, incremental: bool = True) -> gs.Graph:
     changed or added, and what is downstream of a value whose shape changed, are inferred again;
     incremental=False infers the whole graph afresh (the two give the same shapes)."""
     for g in all_graphs(graph):
-        toposort(cleanup(g))
+        _clean_and_sort(g)
     S.infer(graph, incremental=incremental)
     return graph
+
+
+def _clean_and_sort(g: gs.Graph) -> gs.Graph:
+    """toposort(cleanup(g)), asking _plain once (cleanup only drops nodes, which keeps a plain
+    graph plain)."""
+    plain = _plain(g)
+    return toposort(cleanup(g, plain), plain)
 
 
 def _dim(d):
