@@ -163,6 +163,8 @@ def _import_graph(g, outer, opset, domains, producer_name=None, producer_version
     list_append = list.append
     list_extend = list.extend
     new_node = Node.__new__
+    new_list = SynchronizedList.__new__
+    SL = SynchronizedList
     nested = False
     for onnx_node in g.node:
         if len(onnx_node.attribute):
@@ -195,11 +197,15 @@ def _import_graph(g, outer, opset, domains, producer_name=None, producer_version
         d["op"] = onnx_node.op_type
         d["name"] = onnx_node.name
         d["attrs"] = attrs
-        sl = d["inputs"] = _sync_list(node, "outputs")
+        sl = d["inputs"] = new_list(SL)  # _sync_list(node, "outputs"), inline
+        sl.parent_obj = node
+        sl.field_name = "outputs"
         list_extend(sl, ins)
         for t in ins:
             list_append(t.__dict__["outputs"], node)
-        sl = d["outputs"] = _sync_list(node, "inputs")
+        sl = d["outputs"] = new_list(SL)
+        sl.parent_obj = node
+        sl.field_name = "inputs"
         list_extend(sl, outs)
         for t in outs:
             list_append(t.__dict__["inputs"], node)
