@@ -562,15 +562,25 @@ def cleanup(graph: gs.Graph, plain: bool | None = None) -> gs.Graph:
 
     used = set()
     todo = [t for t in graph.outputs if keep(t)]
+    push, see = todo.append, seen.add
     i = 0
     while i < len(todo):
         t = todo[i]
         i += 1
         for node in t.inputs:
-            if id(node) not in members:  # graphsurgeon reports it
+            k = id(node)
+            if k in used:  # its inputs are queued already (keep is inline below)
+                continue
+            if k not in members:  # graphsurgeon reports it
                 return graph.cleanup(remove_unused_graph_inputs=False)
-            used.add(id(node))
-            todo.extend(x for x in list(node.inputs) if keep(x))
+            used.add(k)
+            for x in node.inputs:
+                name = x.name
+                if name == "":
+                    push(x)
+                elif name in local and name not in seen:
+                    see(name)
+                    push(x)
     graph.inputs = list(graph.inputs)
     nodes = []
     for node in graph.nodes:
