@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from . import fastgs
 from . import shapes as S
 from . import weights as W
 
@@ -40,7 +41,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
-    graph = gs.import_onnx(model)
+    graph = fastgs.import_onnx(model)  # graphsurgeon's import, the same graph, without its per-object overhead
     wrap_refs(graph)
     _keep_overridable_inputs(graph, model)
     return graph
@@ -219,10 +220,12 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
     """The graph as a ModelProto: a skeleton where constants are references (RefValues). An
     initializer that graphsurgeon copies into each subgraph reading it goes back to the main
     graph, once."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    _hoist_subgraph_initializers(model)
+    model = fastgs.export_onnx(graph, do_type_check=False)
+    nested = fastgs._holds_graph(graph)  # the export has subgraph protos only where the graph has subgraphs
+    if nested:
+        _hoist_subgraph_initializers(model)
     _export_defaults(graph, model)
-    for g in _subgraph_protos(model.graph):
+    for g in (_subgraph_protos(model.graph) if nested else ()):
         # shapes graphsurgeon writes into branches are stale after a rewrite (and ORT rejects a
         # branch whose value_info disagrees with the outer graph): inference derives them again
         del g.value_info[:]
@@ -232,7 +235,7 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
 def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     """Export, restoring what graphsurgeon drops: IR version, producer, doc strings, metadata,
     and every opset import of the original (plus any domain the passes added)."""
-    toposort(cleanup(graph))
+    _clean_and_sort(graph)
     with _io_value_info_only(graph):
         model = export(graph)
     model.ir_version = original.ir_version
@@ -324,7 +327,7 @@ def _export_defaults(graph: gs.Graph, model: onnx.ModelProto) -> None:
 
 def snapshot(graph: gs.Graph) -> onnx.ModelProto:
     """The graph's state as a skeleton ModelProto (structure, shapes; weights by reference)."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = fastgs.export_onnx(graph, do_type_check=False)
     _export_defaults(graph, model)
     return model
 
@@ -532,12 +535,12 @@ def _local_names(graph: gs.Graph) -> set:
     return local
 
 
-def cleanup(graph: gs.Graph) -> gs.Graph:
+def cleanup(graph: gs.Graph, plain: bool | None = None) -> gs.Graph:
     """graphsurgeon's Graph.cleanup(remove_unused_graph_inputs=False), with the same result, in
     one walk back from the outputs over the graph's own lists (no tensor map, no node ids).
-    Graphs that are not plain (see _plain), or with a producer outside the graph, go to
-    graphsurgeon itself."""
-    if not _plain(graph):
+    Graphs that are not plain (see _plain; `plain` is its answer when the caller has it), or
+    with a producer outside the graph, go to graphsurgeon itself."""
+    if not (_plain(graph) if plain is None else plain):
         return graph.cleanup(remove_unused_graph_inputs=False)
     members = {id(n) for n in graph.nodes}
     for t in graph.outputs:  # a producer outside the graph: graphsurgeon reports it
@@ -559,15 +562,25 @@ def cleanup(graph: gs.Graph) -> gs.Graph:
 
     used = set()
     todo = [t for t in graph.outputs if keep(t)]
+    push, see = todo.append, seen.add
     i = 0
     while i < len(todo):
         t = todo[i]
         i += 1
         for node in t.inputs:
-            if id(node) not in members:  # graphsurgeon reports it
+            k = id(node)
+            if k in used:  # its inputs are queued already (keep is inline below)
+                continue
+            if k not in members:  # graphsurgeon reports it
                 return graph.cleanup(remove_unused_graph_inputs=False)
-            used.add(id(node))
-            todo.extend(x for x in list(node.inputs) if keep(x))
+            used.add(k)
+            for x in node.inputs:
+                name = x.name
+                if name == "":
+                    push(x)
+                elif name in local and name not in seen:
+                    see(name)
+                    push(x)
     graph.inputs = list(graph.inputs)
     nodes = []
     for node in graph.nodes:
@@ -580,18 +593,44 @@ def cleanup(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
-def toposort(graph: gs.Graph) -> gs.Graph:
+def toposort(graph: gs.Graph, plain: bool | None = None) -> gs.Graph:
     """graphsurgeon's Graph.toposort, in the same order, without its per-node recursion and
     helper objects: each node's level is one more than its highest local producer's, and the
     nodes are stably sorted by level in the order their levels were settled (a depth-first
     walk over producers from each node in list order). Graphs with subgraphs or functions,
     duplicate node entries, producers outside the graph, or cycles go to graphsurgeon itself
-    (which sorts or reports them)."""
-    if not _plain(graph):
+    (which sorts or reports them). `plain` is _plain's answer where the caller has it.
+
+    A list already in topological order (the common case: a pass appends its new nodes after
+    the ones they read, and every earlier list was sorted) settles each node as the walk
+    meets it, so the levels come from one forward pass and the settle order is the list
+    itself; any node met before one of its producers sends the graph to the full walk."""
+    if not (_plain(graph) if plain is None else plain):
         return graph.toposort()
     nodes = graph.nodes
-    members = {id(n) for n in nodes}
     local = _local_names(graph)
+    level = {}
+    for node in nodes:
+        lv = -1
+        for t in node.inputs:
+            if t.name in local:
+                for p in t.inputs:
+                    pl = level.get(id(p))
+                    if pl is None:
+                        break  # a producer not settled yet (later in the list, outside the graph, or a cycle)
+                    if pl > lv:
+                        lv = pl
+                else:
+                    continue
+                break
+        else:
+            level[id(node)] = lv + 1
+            continue
+        break
+    else:
+        graph.nodes = sorted(nodes, key=lambda n: level[id(n)])
+        return graph
+    members = {id(n) for n in nodes}
 
     def producers(node):
         found = {}
@@ -640,9 +679,16 @@ def refresh(graph: gs.Graph, incremental: bool = True) -> gs.Graph:
     changed or added, and what is downstream of a value whose shape changed, are inferred again;
     incremental=False infers the whole graph afresh (the two give the same shapes)."""
     for g in all_graphs(graph):
-        toposort(cleanup(g))
+        _clean_and_sort(g)
     S.infer(graph, incremental=incremental)
     return graph
+
+
+def _clean_and_sort(g: gs.Graph) -> gs.Graph:
+    """toposort(cleanup(g)), asking _plain once (cleanup only drops nodes, which keeps a plain
+    graph plain)."""
+    plain = _plain(g)
+    return toposort(cleanup(g, plain), plain)
 
 
 def _dim(d):
@@ -716,13 +762,18 @@ class Scope:
         inner = set()
         self.owner = {}  # id(node in a nested subgraph) -> the node of `graph` that owns it
         for node in graph.nodes:
+            if not node.attrs:  # (most nodes: no generator for them)
+                continue
             for sub in _node_subgraphs(node):
                 for g in all_graphs(sub):
                     for n in g.nodes:
                         self.owner[id(n)] = node
                         inner.add(id(g))
         mine = {id(graph)} | inner
-        self.foreign = {id(n) for g in all_graphs(root) if id(g) not in mine for n in g.nodes}
+        if graph is root:  # every other graph is nested in the root, so in `inner`: nothing is foreign
+            self.foreign = set()
+        else:
+            self.foreign = {id(n) for g in all_graphs(root) if id(g) not in mine for n in g.nodes}
         self.plain = not self.owner and not self.foreign  # one graph, no subgraphs: readers are tensor.outputs
 
 

@@ -174,11 +174,12 @@ class Pipeline:
         shared), the report records ``internal error in <pass>: <message>``, and the next pass
         runs. An analysis only reads the graph, so the mark is taken just before the pass's
         first apply: a pass with nothing to apply costs nothing."""
+        counts = None  # the op counts after the last pass (still true when the last pass rewrote nothing)
         for i, p in enumerate(self.passes, 1):
             if progress:
                 progress(f"pass {self._place(i, p)} {p.name}: running ...")
             t0 = time.perf_counter()
-            before = G.op_counts(graph)
+            before = dict(counts) if counts is not None else G.op_counts(graph)
             rollback, state = _Rollback(graph), copy.deepcopy(ctx.state)
             notes_before = len(ctx.notes)
             try:
@@ -193,7 +194,9 @@ class Pipeline:
                 report.errors.append(msg)
                 pr = PassReport(p.name, p.description, [], 0, [], before, before, 0.0, error=msg)
             pr.ops_before = before
-            pr.ops_after = G.op_counts(graph)
+            # a pass that never reached apply (no mark taken) only read the graph: same counts
+            counts = before if rollback.snapshot is None and not pr.error else G.op_counts(graph)
+            pr.ops_after = counts
             pr.seconds = time.perf_counter() - t0
             report.passes.append(pr)
             if progress:
@@ -347,6 +350,8 @@ def subgraphs_to_run(root):
 
     def visit(g):
         for node in g.nodes:
+            if not node.attrs:
+                continue
             subs = [(k, v) for k, v in node.attrs.items() if isinstance(v, gs.Graph)]
             if not subs:
                 continue

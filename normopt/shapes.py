@@ -1049,12 +1049,13 @@ def _constant_node(node):
 
 def _signature(node):
     attrs = []
-    for k, v in node.attrs.items():
-        if isinstance(v, (gs.Tensor, gs.Graph, np.ndarray)) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], gs.Graph)):
-            attrs.append((k, id(v)))
-        else:
-            attrs.append((k, repr(v)))
-    return (node.op, node.domain or "", tuple(id(t) for t in node.inputs), tuple(id(t) for t in node.outputs), tuple(attrs))
+    if node.attrs:
+        for k, v in node.attrs.items():
+            if isinstance(v, (gs.Tensor, gs.Graph, np.ndarray)) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], gs.Graph)):
+                attrs.append((k, id(v)))
+            else:
+                attrs.append((k, repr(v)))
+    return (node.op, node.domain or "", tuple(map(id, node.inputs)), tuple(map(id, node.outputs)), tuple(attrs))
 
 
 def _subgraphs(node):
@@ -1182,12 +1183,19 @@ def _write(t, info, keep_shape):
             except Exception:
                 dt = _NP[info.dtype] = False
         if dt is not False and t.dtype is not dt:
-            t.dtype = dt
+            if type(t) is _Variable:  # a plain field (graphsurgeon's __setattr__ only special-cases inputs/outputs)
+                t.__dict__["dtype"] = dt
+            else:
+                t.dtype = dt
     if t.shape != shape:
-        t.shape = shape
+        if type(t) is _Variable:
+            t.__dict__["shape"] = shape
+        else:
+            t.shape = shape
 
 
 _NP = {}
+_Variable = gs.Variable
 
 
 

@@ -400,8 +400,10 @@ class _Walker:
     def message(self, kind, pos, end) -> bytes:
         if kind == "tensor":
             return self.tensor(pos, end)
-        table = self.TABLES[kind]
         buf = self.buf
+        if kind == "node" and buf.find(b"\x2a", pos, end) < 0:
+            return None  # no byte 0x2a, so no NodeProto.attribute key (field 5, length-delimited): nothing to rewrite
+        table = self.TABLES[kind]
         out, copied = None, pos  # out: the pieces so far, once a submessage changed; copied: bytes up to here are in out
         for field, wire, a, b, start in _fields(buf, pos, end):
             if wire != 2:

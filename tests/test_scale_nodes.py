@@ -145,7 +145,7 @@ def test_rollback_in_place_gives_the_same_output_as_a_reimported_snapshot(failin
 
 def test_rollback_takes_no_export():
     """Taking the rollback mark exports nothing (an export is seconds at 100k nodes)."""
-    import onnx_graphsurgeon as gs
+    from normopt import fastgs as gs  # the export normopt uses (graphsurgeon's, the same bytes)
     from normopt import pipeline as PL
 
     calls = []
@@ -234,6 +234,45 @@ def test_toposort_gives_graphsurgeons_order(seed):
     assert _names(a) == _names(b)
 
 
+def _two_chains(n=50):
+    """Two independent chains from the input, joined at the end, listed chain after chain: a
+    topological order that is not the level order."""
+    from onnx import TensorProto, helper
+
+    nodes = []
+    for c in "ab":
+        prev = "x"
+        for i in range(n):
+            nodes.append(helper.make_node("Relu" if c == "a" else "Neg", [prev], [f"{c}{i}"], name=f"{c}{i}"))
+            prev = f"{c}{i}"
+    nodes.append(helper.make_node("Add", [f"a{n - 1}", f"b{n - 1}"], ["y"], name="join"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("which", ["two-chains", "as-exported", "rewritten"])
+def test_toposort_of_a_sorted_list_gives_graphsurgeons_order(which):
+    """A list already in topological order (the one-pass path) still gets graphsurgeon's order:
+    nodes stably sorted by level, which can differ from the list's own order (two chains
+    listed one after the other); after the passes (new nodes appended), too."""
+    from normopt import optimize_model
+
+    model = _two_chains() if which == "two-chains" else transformer_like(300)
+    if which == "rewritten":
+        model, _ = optimize_model(model)
+    a = G.to_graph(model)
+    for i, n in enumerate(a.nodes):
+        n.name = n.name or f"n{i}"
+    b = G.restore(G.snapshot(a))
+    before = _names(b)
+    a.toposort()
+    G.toposort(b)
+    assert _names(a) == _names(b)
+    if which == "two-chains":
+        assert _names(b) != before and _names(b)[:4] == ["a0", "b0", "a1", "b1"]
+
+
 def test_toposort_has_no_recursion_tied_to_depth():
     """A 3000-node chain listed backwards sorts under a recursion limit of 400."""
     g = G.to_graph(elementwise_chain(3000))
@@ -312,7 +351,7 @@ def test_nothing_applied_takes_no_export():
     """A graph no pass rewrites (a chain of scalar ops) comes back as the input itself: the
     export would only rebuild it (10 s at 100k nodes), and the file API writes the input's bytes
     anyway. A graph a pass rewrites is still exported."""
-    import onnx_graphsurgeon as gs
+    from normopt import fastgs as gs  # the export normopt uses (graphsurgeon's, the same bytes)
 
     calls = []
     real = gs.export_onnx

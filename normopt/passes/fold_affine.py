@@ -111,7 +111,31 @@ def _bn(graph, node):
     return aff
 
 
-def _chain(graph, node, in_chain, walked=None):
+def _const_inputs(node):
+    """[(input index, value)] of the node's constant inputs."""
+    out = []
+    for i, inp in enumerate(node.inputs):
+        v = G.const_value(inp)
+        if v is not None:
+            out.append((i, v))
+    return out
+
+
+def _memo_const_inputs():
+    """_const_inputs, each node's computed once (an analysis asks it of a node several times:
+    the unshaped check, the norm tails, the chain walk)."""
+    memo = {}
+
+    def const_inputs(node):
+        r = memo.get(id(node))
+        if r is None:
+            r = memo[id(node)] = _const_inputs(node)
+        return r
+
+    return const_inputs
+
+
+def _chain(graph, node, in_chain, walked=None, const_inputs=_const_inputs):
     """A maximal chain of Mul/Div/Add/Sub by per-channel constants starting at node. Every
     node the walk takes is added to `walked`: a chain that starts later inside it would stop
     where this one stops, so it is never walked again (linear in nodes). The walk records each
@@ -119,17 +143,17 @@ def _chain(graph, node, in_chain, walked=None):
     nodes, steps, width, axis, x = [], [], 1, None, None
     cur = node
     while cur is not None and cur.op in ELEMENTWISE and id(cur) not in in_chain:
-        ci = [i for i, inp in enumerate(cur.inputs) if G.const_value(inp) is not None]
+        ci = const_inputs(cur)
         if len(ci) != 1 or len(cur.inputs) != 2:
             break
-        c_idx = ci[0]
+        c_idx, c_val = ci[0]
         v_in = cur.inputs[1 - c_idx]
         if x is not None and v_in is not nodes[-1].outputs[0]:
             break
         dt = G.tensor_dtype(v_in)
         if dt is None or not W.is_float(dt):
             break  # integer arithmetic (shape computations) is not a norm
-        pc = _per_channel(G.const_value(cur.inputs[c_idx]), v_in)
+        pc = _per_channel(c_val, v_in)
         if pc is None or G.rank(v_in) != G.rank(cur.outputs[0]):
             break
         ax, vec = pc
@@ -202,22 +226,22 @@ def _has_reduce_ancestor(t, depth=5) -> bool:
     return False
 
 
-def _unshaped_candidate(node):
+def _unshaped_candidate(node, const_inputs=_const_inputs):
     """A BatchNormalization, or an elementwise op of one value and one constant, whose data
     input has no inferred shape: its per-channel structure cannot be checked."""
     if node.op == "BatchNormalization":
         return node.inputs[0] if node.inputs and G.rank(node.inputs[0]) is None else None
     if node.op not in ELEMENTWISE or len(node.inputs) != 2:
         return None
-    ci = [i for i, inp in enumerate(node.inputs) if G.const_value(inp) is not None]
+    ci = const_inputs(node)
     if len(ci) != 1:
         return None
-    v = node.inputs[1 - ci[0]]
+    v = node.inputs[1 - ci[0][0]]
     dt = G.tensor_dtype(v)
     return v if G.rank(v) is None and (dt is None or W.is_float(dt)) else None
 
 
-def _norm_tails(graph) -> set:
+def _norm_tails(graph, const_inputs=_const_inputs) -> set:
     """ids of the nodes that are gamma/beta of a decomposed norm (x * f(reduce(x)) or
     x / f(reduce(x)), then Muls after it): left to the norm, which ORT fuses only with its
     gamma Mul in place. (An Add after a fused norm op, such as the beta ln_to_rms keeps after
@@ -229,7 +253,7 @@ def _norm_tails(graph) -> set:
             p = G.producer(inp)
             if p is None:
                 continue
-            if p.op in ("Div", "Mul") and all(G.const_value(q) is None for q in p.inputs) \
+            if p.op in ("Div", "Mul") and not const_inputs(p) \
                     and any(_has_reduce_ancestor(q) for q in p.inputs):
                 tails.add(id(node))
                 break
@@ -243,9 +267,10 @@ def find_affines(graph, unshaped=None) -> list[Affine]:
     """The affine candidates; `unshaped`, if given, collects (node, value) for each candidate
     left out because its data's shape is unknown (the caller declines it with that reason)."""
     found, claimed = [], set()
+    const_inputs = _memo_const_inputs()  # an analysis only reads the graph: each node's answer holds throughout
     for node in graph.nodes:
         if unshaped is not None and (node.op in ELEMENTWISE or node.op == "BatchNormalization"):
-            v = _unshaped_candidate(node)
+            v = _unshaped_candidate(node, const_inputs)
             if v is not None:
                 unshaped.append((node, v))
                 claimed.add(id(node))
@@ -255,13 +280,13 @@ def find_affines(graph, unshaped=None) -> list[Affine]:
             if aff is not None:
                 found.append(aff)
                 claimed.update(id(n) for n in aff.nodes)
-    tails = _norm_tails(graph)
+    tails = _norm_tails(graph, const_inputs)
     walked = set()
     for node in graph.nodes:
         # nodes come in topological order: a chain that starts earlier has claimed (or walked) its nodes
         if id(node) in claimed or id(node) in walked or node.op not in ELEMENTWISE or _is_linear_bias(node) or id(node) in tails:
             continue
-        aff = _chain(graph, node, claimed, walked)
+        aff = _chain(graph, node, claimed, walked, const_inputs)
         if aff is not None:
             found.append(aff)
             claimed.update(id(n) for n in aff.nodes)

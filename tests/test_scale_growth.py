@@ -1,0 +1,93 @@
+"""Linear work in nodes (issue 17), checked by counting, not timing: every pass's analysis and the
+whole pipeline are run at two sizes, and the number of graph queries (producer, consumers,
+constant lookups, graph-output checks, shape lookups) and of nodes shape inference visits must
+grow about as the graph does. A search that re-walks a chain from each of its nodes, or a
+refresh that re-infers everything after each change, grows with the square and fails here at
+any machine speed."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from normopt import graph as G
+from normopt import optimize_model
+from normopt import shapes as S
+from normopt.passes import all_passes
+from normopt.pipeline import Context
+
+from node_graphs import elementwise_chain, transformer_like
+
+QUERIES = ("producer", "consumers", "const_value", "const_info", "is_graph_output", "is_read", "only_reader", "shape", "rank",
+           "static_dim")
+SMALL, LARGE = 1500, 6000  # 4x the nodes
+SLACK = 1.6  # counts may grow by 4 x SLACK (a quadratic search grows 16x)
+
+
+class _Counter:
+    def __init__(self, monkeypatch):
+        self.n = collections.Counter()
+        for name in QUERIES:
+            real = getattr(G, name)
+
+            def counted(*a, _real=real, _name=name, **k):
+                self.n[_name] += 1
+                return _real(*a, **k)
+
+            monkeypatch.setattr(G, name, counted)
+
+    def take(self):
+        out, self.n = self.n, collections.Counter()
+        return out
+
+
+BUILD = {"transformer": transformer_like, "chain": elementwise_chain}
+
+
+def _per_pass_counts(build, n, counter):
+    graph = G.to_graph(build(n))
+    counter.take()
+    ctx = Context(tune=False)
+    out = {}
+    with G.scope(graph):
+        for p in all_passes():
+            p.analyze(graph, ctx)
+            out[p.name] = sum(counter.take().values())
+    return len(graph.nodes), out
+
+
+@pytest.mark.parametrize("kind", sorted(BUILD))
+def test_every_analysis_asks_linearly_many_queries(kind, monkeypatch):
+    counter = _Counter(monkeypatch)
+    n1, small = _per_pass_counts(BUILD[kind], SMALL, counter)
+    n2, large = _per_pass_counts(BUILD[kind], LARGE, counter)
+    growth = n2 / n1
+    for name in small:
+        assert large[name] <= growth * SLACK * small[name] + 200, (name, small[name], large[name])
+
+
+@pytest.mark.parametrize("kind", sorted(BUILD))
+def test_the_pipeline_grows_linearly(kind, monkeypatch):
+    """Import, every pass, the refreshes and the export: queries and shape-inferred nodes."""
+    counter = _Counter(monkeypatch)
+    inferred = []
+    real_infer = S.infer
+
+    def infer(graph, incremental=True):
+        st = real_infer(graph, incremental)
+        inferred.append(st.nodes_inferred)
+        return st
+
+    monkeypatch.setattr(S, "infer", infer)
+    totals = []
+    for n in (SMALL, LARGE):
+        model = BUILD[kind](n)
+        inferred.clear()
+        counter.take()
+        optimize_model(model)
+        totals.append((len(model.graph.node), sum(counter.take().values()), max(inferred)))
+    (n1, q1, i1), (n2, q2, i2) = totals
+    growth = n2 / n1
+    assert q2 <= growth * SLACK * q1 + 200, totals
+    assert i2 <= growth * SLACK * i1 + 200, totals
