@@ -691,3 +691,31 @@ def test_a_layerscale_writer_with_a_full_token_bias_proves(dtype, crms):
             assert not prove(m, mm).proved, kind
             kinds.add(kind)
         assert {"channel x1.02", "element x1.0005"} <= kinds, kinds
+
+
+def test_two_original_casts_of_one_value_are_both_related():
+    """An fp16 stream read by two fp32 LayerNorms through two Casts of the same value (mixed
+    precision). The optimized second norm reads the second Cast; the validator related that
+    Cast only to the first original Cast (the first candidate found), so the norm related to
+    the first LayerNorm (another gamma) and the output did not prove (the long fuzz profile,
+    tests/regressions/fuzz_6b8d70e9408b). Every original node of the op is a candidate now, the
+    one of the same name first."""
+    rng = np.random.default_rng(2)
+    d = 8
+    f16 = lambda a, n: numpy_helper.from_array(np.asarray(a, np.float16), n)  # noqa: E731
+    f32 = lambda a, n: numpy_helper.from_array(np.asarray(a, np.float32), n)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["x", "m"], ["s"])]
+    inits = [f16(rng.normal(size=(d, d)) * 0.3, "W")]
+    outs = []
+    for k in (1, 2):
+        nodes += [helper.make_node("Cast", ["s"], [f"c{k}"], to=1),
+                  helper.make_node("LayerNormalization", [f"c{k}", f"g{k}", f"b{k}"], [f"n{k}"], axis=-1),
+                  helper.make_node("Cast", [f"n{k}"], [f"y{k}"], to=10)]
+        inits += [f32(rng.uniform(.5, 1.5, d), f"g{k}"), f32(rng.normal(size=d), f"b{k}")]
+        outs.append(vi(f"y{k}", [1, 3, d], onnx.TensorProto.FLOAT16))
+    g = helper.make_graph(nodes, "g", [vi("x", [1, 3, d], onnx.TensorProto.FLOAT16)], outs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    out, _ = optimize_model(m)
+    assert "LayerNormalization" not in [n.op_type for n in out.graph.node]
+    res = prove(m, out)
+    assert res.proved, res.summary

@@ -453,7 +453,11 @@ class Prover:
         for w, rr in self._rels_on(O, in_rels[k0]):
             if rr.kind not in ("rel", "comp"):  # a compressed value commutes with ops over other axes too
                 continue
-            for cand, slot in O.consumers.get(w, ()):
+            # the original node of the same name first (a hint); every original node of the op
+            # reading the related value counts: two original Casts of one value are two values a
+            # reader may relate to (a norm of the second one, say)
+            cands = sorted(O.consumers.get(w, ()), key=lambda cs: cs[0].name != node.name)
+            for cand, slot in cands:
                 if cand.op_type != op or slot != k0:
                     continue
                 oattrs, oslots = canonical_signature(O, cand)
@@ -461,11 +465,7 @@ class Prover:
                 if oattrs != pattrs or len(oslots) != len(pslots):
                     continue
                 res = self._layout_with(O, P, node, cand, in_rels, rr, data_slots, pslots)
-                if res is not None and rr.kind != "comp":
-                    return res
                 if res is not None:
-                    # a compressed value often relates to several originals (the outputs of every
-                    # norm reading one stream): keep each, a reader picks its own
                     found = res if found is None else [a + [r for r in b if r.u not in {x.u for x in a}][:MAX_RELS - len(a)]
                                                        for a, b in zip(found, res)]
         if found is not None:
