@@ -719,3 +719,21 @@ def test_two_original_casts_of_one_value_are_both_related():
     assert "LayerNormalization" not in [n.op_type for n in out.graph.node]
     res = prove(m, out)
     assert res.proved, res.summary
+
+
+def test_a_shape_re_pointed_at_a_value_of_the_same_shape_proves():
+    """Shape(x') where the original takes Shape(u) of another value with the same shape for every
+    input size (a dynamic batch): the same vector. A Shape of a value of another shape (a
+    Transpose of it) is refused."""
+    nodes_o = [helper.make_node("Relu", ["x"], ["u"]), helper.make_node("Shape", ["u"], ["s"]),
+               helper.make_node("Reshape", ["x", "s"], ["y"])]
+    m = make_model(nodes_o, [vi("x", ["b", 4, 4])], [vi("y", ["b", 4, 4])], opset=17)
+    good = make_model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])],
+                      [vi("x", ["b", 4, 4])], [vi("y", ["b", 4, 4])], opset=17)
+    res = prove(m, good)
+    assert res.proved, res.summary
+    for bad_nodes in ([helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]), helper.make_node("Shape", ["t"], ["s"])],
+                      [helper.make_node("Shape", ["x"], ["s"], start=1)]):  # another shape; part of the shape
+        bad = make_model(bad_nodes + [helper.make_node("Reshape", ["x", "s"], ["y"])],
+                         [vi("x", ["b", 4, 4])], [vi("y", ["b", 4, 4])], opset=17)
+        assert not prove(m, bad).proved

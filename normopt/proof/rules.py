@@ -1405,4 +1405,45 @@ for _op in ("Softmax", "LogSoftmax", "Hardmax"):
     RULES[_op] = rule_rows
 del _op
 
+
+def _shape_key(view, name, attrs):
+    """(x's tracked shape, start, end normalized) for Shape(x), or None when a dim is unknown."""
+    s = view.tracker.S(name)
+    if s is None or any(d is None for d in s):
+        return None
+    r = len(s)
+    start, end = int(attrs.get("start", 0)), attrs.get("end")
+    end = r if end is None else int(end)
+    start = max(0, min(r, start + r if start < 0 else start))
+    end = max(0, min(r, end + r if end < 0 else end))
+    return tuple(s), start, end
+
+
+def rule_shape(prover, O, P, node, in_rels):
+    """Shape(x') is the original's Shape(u) when x' and u have the same shape for every input size
+    (both tracked as the same polynomials of the graph inputs' dims): a Shape the optimizer
+    re-pointed at another value of that shape (the input of a norm it folded, say). A Shape
+    reads nothing but the shape, so x's relation does not matter beyond having one."""
+    if in_rels[0] in (None, "const"):
+        raise _Skip("Shape of a constant")
+    key = _shape_key(P, node.input[0], P.attrs(node))
+    if key is None:
+        raise _Skip("the input's shape is not tracked for every size")
+    idx = getattr(O, "_shape_index", None)
+    if idx is None:
+        idx = {}
+        for n in O.nodes:
+            if n.op_type == "Shape" and n.domain in ("", "ai.onnx") and n.input and n.output[0]:
+                k = _shape_key(O, n.input[0], O.attrs(n))
+                if k is not None:
+                    idx.setdefault(k, []).append(n.output[0])
+        O._shape_index = idx
+    outs = idx.get(key)
+    if not outs:
+        raise _Skip("no original Shape of a value of the same shape")
+    return [Rel(o, how="Shape of a value of the same shape") for o in outs[:2]]
+
+
+RULES["Shape"] = rule_shape
+
 del reduce_axes, NotProved
