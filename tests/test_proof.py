@@ -737,3 +737,24 @@ def test_a_shape_re_pointed_at_a_value_of_the_same_shape_proves():
         bad = make_model(bad_nodes + [helper.make_node("Reshape", ["x", "s"], ["y"])],
                          [vi("x", ["b", 4, 4])], [vi("y", ["b", 4, 4])], opset=17)
         assert not prove(m, bad).proved
+
+
+def test_below_ir4_an_initializer_listed_as_an_input_is_a_constant():
+    """Below IR 4 every initializer is listed as an input and is a constant (ONNX Runtime takes no
+    feed for it), so an output that drops those inputs (written at a newer IR) computes the same
+    function and proves; the validator read them as overridable inputs and refused ("the inputs
+    differ"). From IR 4 on, such an input is a default a caller may override: dropping it is
+    refused."""
+    m = preln_stream_model(d=16, n=8, layers=2, ln_form="div", opset=13)
+    have = {i.name for i in m.graph.input}
+    for t in m.graph.initializer:
+        if t.name not in have:
+            m.graph.input.append(vi(t.name, list(t.dims), t.data_type))
+    plain = preln_stream_model(d=16, n=8, layers=2, ln_form="div", opset=13)
+    out, _ = optimize_model(plain)
+    m.ir_version = 3
+    res = prove(m, out)
+    assert res.proved, res.summary
+    m.ir_version = 7
+    res = prove(m, out)
+    assert not res.proved and ("overridable" in res.summary or "inputs differ" in res.summary), res.summary

@@ -200,15 +200,21 @@ _MOVES_DATA = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Shape"
 
 class GraphView:
     def __init__(self, graph: onnx.GraphProto, opsets: dict, parent: "GraphView | None" = None, types: dict | None = None,
-                 forms: bool = False, input_shapes: dict | None = None):
+                 forms: bool = False, input_shapes: dict | None = None, ir_version: int | None = None):
         self.graph = graph
         self.parent = parent
         self.opsets = opsets
         self.nodes = expand_skip_norms(graph.node) if forms else list(graph.node)
+        # below IR 4 every initializer is listed as an input and is a constant (ONNX Runtime takes
+        # no feed for it); from IR 4 on, an initializer listed as an input is a default a caller
+        # may override
+        self.ir_version = ir_version if ir_version is not None else getattr(parent, "ir_version", None)
+        const_inits = self.ir_version is not None and self.ir_version < 4
         input_names = {i.name for i in graph.input}
-        self.overridable = {t.name for t in graph.initializer if t.name in input_names}
-        self.inits = {t.name: t for t in graph.initializer if t.name not in input_names}
-        self.inputs = [i.name for i in graph.input]
+        init_names = {t.name for t in graph.initializer}
+        self.overridable = set() if const_inits else {t.name for t in graph.initializer if t.name in input_names}
+        self.inits = {t.name: t for t in graph.initializer if const_inits or t.name not in input_names}
+        self.inputs = [i.name for i in graph.input if not (const_inits and i.name in init_names)]
         self.outputs = [o.name for o in graph.output]
         self.producer = {}
         self.consumers = defaultdict(list)

@@ -85,8 +85,10 @@ class Prover:
     # ================================================================== entry
     def run(self):
         o_types, p_types = infer_types(self.orig_model), infer_types(self.opt_model)
-        self.O = GraphView(self.orig_model.graph, _opsets(self.orig_model), types=o_types, forms=True)
+        self.O = GraphView(self.orig_model.graph, _opsets(self.orig_model), types=o_types, forms=True,
+                           ir_version=int(self.orig_model.ir_version or 0) or None)
         self.P = GraphView(self.opt_model.graph, _opsets(self.opt_model), types=p_types,
+                           ir_version=int(self.opt_model.ir_version or 0) or None,
                            input_shapes={n: self.O.tracker.shape.get(n) for n in self.O.inputs if n not in self.O.inits})
         self._interface(self.O, self.P)
         rels = {}
