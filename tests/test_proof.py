@@ -758,3 +758,31 @@ def test_below_ir4_an_initializer_listed_as_an_input_is_a_constant():
     m.ir_version = 7
     res = prove(m, out)
     assert not res.proved and ("overridable" in res.summary or "inputs differ" in res.summary), res.summary
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("Conv", dict(kernel_shape=[3, 3])), ("Conv", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
+    ("Conv", dict(kernel_shape=[3, 3], dilations=[2, 2], strides=[2, 1])), ("Conv", dict(kernel_shape=[3, 3], auto_pad="SAME_UPPER", strides=[2, 2])),
+    ("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)), ("MaxPool", dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)),
+    ("AveragePool", dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="VALID")),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}{v[k]}" for k in v))
+def test_the_validators_shape_tracker_shapes_conv_and_pooling_as_onnx_runtime_does(op, attrs):
+    """The prover's own shape tracker gives Conv and pooling outputs (a dynamic batch, static
+    spatial dims) the shape ONNX Runtime computes; without it a torch export with a patch Conv and
+    a dynamic batch had no tracked shapes downstream (a re-pointed Shape did not prove)."""
+    import onnxruntime as ort
+
+    from normopt.proof.graphs import GraphView
+
+    inits = []
+    ins = ["x"]
+    if op == "Conv":
+        inits.append(numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w"))
+        ins.append("w")
+    node = helper.make_node(op, ins, ["y"], **attrs)
+    g = helper.make_graph([node], "g", [vi("x", ["b", 3, 11, 10])], [vi("y", None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    got = GraphView(m.graph, {"": 17}).tracker.S("y")
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.zeros((2, 3, 11, 10), np.float32)})[0].shape
+    assert got is not None and [2] + list(got[1:]) == list(want) and str(got[0]) == "b", (got, want)

@@ -526,6 +526,50 @@ class Tracker:
                 batch = bcast(a[:-2], b[:-2])
                 self._set(outs[0], None if batch is None else batch + [a[-2], b[-1]])
             return
+        if op in ("Conv", "MaxPool", "AveragePool") and len(outs) >= 1:
+            # batch kept as it is; channels from the weight (Conv) or the input (pooling); each
+            # spatial dim from the integer formula, computed only where it is an integer
+            s = S(x)
+            if s is None or len(s) < 3:
+                return
+            sp = s[2:]
+            if op == "Conv":
+                w = S(ins[1]) if len(ins) > 1 else None
+                if w is None or len(w) != len(s) or not isinstance(w[0], int):
+                    return
+                kernel = self._attr(node, "kernel_shape") or list(w[2:])
+                chan = w[0]
+            else:
+                kernel = self._attr(node, "kernel_shape")
+                chan = s[1]
+            n = len(sp)
+            if not kernel or len(kernel) != n or not all(isinstance(d, int) and not isinstance(d, bool) for d in sp):
+                return
+            strides = self._attr(node, "strides") or [1] * n
+            dil = self._attr(node, "dilations") or [1] * n
+            pads = self._attr(node, "pads") or [0] * (2 * n)
+            auto = self._attr(node, "auto_pad", b"NOTSET")
+            auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+            ceil = int(self._attr(node, "ceil_mode", 0) or 0)
+            out = []
+            for i in range(n):
+                k = (kernel[i] - 1) * dil[i] + 1
+                if auto in ("SAME_UPPER", "SAME_LOWER"):
+                    out.append(-(-sp[i] // strides[i]))
+                elif auto == "VALID":
+                    out.append((sp[i] - k) // strides[i] + 1)
+                elif auto == "NOTSET":
+                    span = sp[i] + pads[i] + pads[i + n] - k
+                    d = (-(-span // strides[i]) if ceil else span // strides[i]) + 1
+                    if ceil and (d - 1) * strides[i] >= sp[i] + pads[i]:
+                        d -= 1  # the last window must start inside the input or its left pad
+                    out.append(d)
+                else:
+                    return
+            if any(d <= 0 for d in out):
+                return
+            self._set(outs[0], [s[0], chan] + out)
+            return
         if op == "Gemm":
             a, b = S(ins[0]), S(ins[1])
             if a is None or b is None or len(a) != 2 or len(b) != 2:
