@@ -375,14 +375,8 @@ class OrtCheck:
         from .runtime_tests.providers import session_options
 
         t0 = time.perf_counter()
-        if self.keep:
-            so = session_options("disable")
-        else:
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            so.intra_op_num_threads = 1
-            so.inter_op_num_threads = 1
-            so.log_severity_level = 4
+        # a kept session has verification's options (the default threads); a check alone, one thread
+        so = session_options("disable", threads=None if self.keep else 1)
         try:
             sess = ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as exc:
