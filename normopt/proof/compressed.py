@@ -36,8 +36,6 @@ from .relations import Rel, eps_of, per_channel_err, simplify, tiny_of, vec
 from .rules import (_bias, _check_matrix, _combine, _full, _linear_ok, _Mat, _Rows, _writer_targets, centered_table,
                     input_err, norm_rels, writer_shift)
 
-COMP_KINDS = ("comp", "cstat")
-
 
 def _akey(x):
     if x is None:

@@ -419,10 +419,9 @@ class GraphView:
                         if all(d is not None for d in s):
                             self._small[node.output[0]] = np.array(int(np.prod(s)), np.int64)
                     else:
-                        r = len(s)
-                        start, end = a.get("start", 0), a.get("end", r)
-                        start = max(0, min(r, start + r if start < 0 else start))
-                        end = max(0, min(r, end + r if end < 0 else end))
+                        from .symshape import shape_range
+
+                        start, end = shape_range(a.get("start", 0), a.get("end"), len(s))
                         part = s[start:end]
                         if all(isinstance(d, int) for d in part):
                             self._small[node.output[0]] = np.array(part, np.int64)
@@ -444,7 +443,7 @@ class GraphView:
                 continue
             if any(self.const_size(i) > EVAL_LIMIT or self.const_size(i) < 0 for i in ins):
                 continue
-            op_eval = node.op_type
+            nan_is_zero = False
             if node.op_type not in _MOVES_DATA and any(self.const_size(i) == 0 for i in ins):
                 # arithmetic over an empty tensor: onnx.reference and ONNX Runtime disagree there
                 # (ReduceMean of nothing is NaN to one, 0 to the other), and a NaN taken for a
@@ -455,10 +454,10 @@ class GraphView:
                 if node.op_type not in _EMPTY_REDUCE or node.domain not in ("", "ai.onnx") or \
                         self.const_size(node.input[0]) != 0:
                     continue
-                op_eval = "empty " + node.op_type
+                nan_is_zero = node.op_type == "ReduceMean"
             try:
                 vals = _eval_node(node, [self.const(i) if i else None for i in node.input], self.opsets)
-                if op_eval == "empty ReduceMean":
+                if nan_is_zero:
                     vals = [np.where(np.isnan(v), np.zeros((), np.asarray(v).dtype), v) if v is not None else v for v in vals]
             except Exception:
                 continue
@@ -768,11 +767,7 @@ class GraphView:
             if y in self.anchors:  # a base of its own; its form on the former base is its second
                 if f is not None and f.base != y:
                     self.outer_form[y] = f
-                    key = self.layout_key(y, f)
-                    if key is not None:
-                        if not self.keyed[key] and self.layout_key(key[0]) == key:
-                            self.keyed[key].append(key[0])
-                        self.keyed[key].append(y)
+                    self._key_in(y, f)
                 continue
             if f is None:
                 a = self._conflict_anchor(node)
@@ -780,14 +775,18 @@ class GraphView:
                     new.add(a)
                 continue
             self.form[y] = f
-            key = self.layout_key(y, f)
-            if key is not None:
-                if not self.keyed[key] and self.layout_key(key[0]) == key:
-                    self.keyed[key].append(key[0])
-                self.keyed[key].append(y)
+            self._key_in(y, f)
             if f.base != y and self.is_identity_layout(y, f):
                 self.family[f.base].append(y)
         return new
+
+    def _key_in(self, y, f):
+        """y joins the values of its layout key under form f (the key's base first)."""
+        key = self.layout_key(y, f)
+        if key is not None:
+            if not self.keyed[key] and self.layout_key(key[0]) == key:
+                self.keyed[key].append(key[0])
+            self.keyed[key].append(y)
 
     def forms(self, name):
         """name's forms: on its base, and for an anchor also on its former base."""
@@ -1346,7 +1345,7 @@ _EMPTY_REDUCE = ("ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1"
                  "ReduceLogSum", "ReduceLogSumExp", "ReduceMean")
 
 
-def _eval_node(node, values, opsets, op_type=None):
+def _eval_node(node, values, opsets):
     from onnx.reference import ReferenceEvaluator
 
     ins = []
@@ -1358,8 +1357,7 @@ def _eval_node(node, values, opsets, op_type=None):
         nm = f"i{k}"
         ins.append(nm)
         feeds[nm] = np.asarray(v)
-    n2 = onnx.helper.make_node(op_type or node.op_type, ins, [f"o{k}" if o else "" for k, o in enumerate(node.output)],
-                               domain=node.domain)
+    n2 = onnx.helper.make_node(node.op_type, ins, [f"o{k}" if o else "" for k, o in enumerate(node.output)], domain=node.domain)
     n2.attribute.extend(node.attribute)
     g = onnx.helper.make_graph([n2], "c", [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
                                            for n, v in feeds.items()],

@@ -23,7 +23,7 @@ from .cancel import check as check_cancelled
 from .graphs import GraphView, graph_attrs, infer_types, reduce_axes, row_blocks, same_bytes, tensor_value
 
 SMALL_CONST = 1 << 20  # elements: larger constants are compared block by block
-from .relations import Rel, center, eps_of, simplify, tiny_of, tighten, vec
+from .relations import COMP_KINDS, Rel, center, eps_of, simplify, tiny_of, tighten, vec
 
 MAX_RELS = 6
 W_TOL = 1.0  # weight facts: |actual - expected| <= W_TOL * eps * (|expected| + |pre-centering term|): one or two roundings
@@ -304,7 +304,7 @@ class Prover:
         rule = RULES.get(node.op_type)
         reasons = []
         rules = [rule] if rule is not None else []
-        if any(isinstance(r, list) and any(q.kind in ("comp", "cstat", "csub", "csubstat") for q in r) for r in in_rels):
+        if any(isinstance(r, list) and any(q.kind in COMP_KINDS for q in r) for r in in_rels):
             rules.insert(0, rule_comp)  # a compressed (CRMSNorm) stream: its own rules first
         if node.op_type in STAT_OPS and any(isinstance(r, list) and any(q.kind == "stat" or q.pure_center or q.eq for q in r)
                                             for r in in_rels):

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+COMP_KINDS = ("comp", "cstat", "csub", "csubstat")  # the relations only the compressed-stream rules read
+
 A_TOL = 2  # a ~ 1 within this many ulps of the value's dtype (a scale is a ratio of stored values)
 
 

@@ -27,6 +27,7 @@ from .graphs import BLOCK_BYTES, last_row, reduce_axes, row_blocks, same_bytes
 from .graphs import reduce_axes as _reduce_axes
 from .prover import W_TOL, NotProved, _bcast, _Skip, _weights_close, _where
 from .relations import Rel, center, eps_of, per_channel, per_channel_err, simplify, tiny_of, vec
+from .symshape import shape_range
 
 
 def _rank_key(r: Rel):
@@ -477,12 +478,10 @@ def _bias_full(view, node, op, attrs, n):
     if so is None or len(so) != 2 or not all(isinstance(d, int) for d in so):
         return None
     try:
-        np.broadcast_shapes(c.shape, tuple(so))
+        joint = np.broadcast_shapes(c.shape, tuple(so))
     except ValueError:
         return None
-    if c.shape[1] not in (1, n) or np.broadcast_shapes(c.shape, tuple(so)) != tuple(so):
-        return None
-    return c
+    return c if c.shape[1] in (1, n) and joint == tuple(so) else None
 
 
 def _biases(view, node, op, attrs, n):
@@ -714,9 +713,9 @@ def rule_linear(prover, O, P, node, in_rels):
     eps = eps_of(P.elem(node.input[1]))
     out, tried = [], []
     for w, q in prover._rels_on(O, in_rels[0]):
-        if q.kind == "comp" and bp_full is not None:
-            continue  # the compressed rules take per-channel biases only
         if q.kind == "comp":
+            if bp_full is not None:
+                continue  # the compressed rules take per-channel biases only
             from .compressed import comp_reader
 
             comp_reader(prover, O, P, node, w, q, Mp, bp, Wp_scale, eps, out, tried)
@@ -1024,8 +1023,8 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
                     continue
                 eps = eps_of(O.elem(w))
                 a = np.where(g0 == gp, 1.0, gp / g0)
-                rs_ = simplify(Rel(cand.output[0], last, False, a, bpv, 0.0), eps)  # (r stays the rank)
-                out.append(Rel(rs_.u, last, False, rs_.a, rs_.t, 0.0, kind="sub", how="norm, run-time beta", stat=(cand.input[2],)))
+                rel = simplify(Rel(cand.output[0], last, False, a, bpv, 0.0), eps)
+                out.append(Rel(rel.u, last, False, rel.a, rel.t, 0.0, kind="sub", how="norm, run-time beta", stat=(cand.input[2],)))
                 continue
             b0 = np.zeros(d) if b0 is None else (vec(b0, d) if b0.size in (1, d) else None)
             bp = np.zeros(d) if beta_p is None else (vec(beta_p, d) if beta_p.size in (1, d) else None)
@@ -1411,12 +1410,7 @@ def _shape_key(view, name, attrs):
     s = view.tracker.S(name)
     if s is None or any(d is None for d in s):
         return None
-    r = len(s)
-    start, end = int(attrs.get("start", 0)), attrs.get("end")
-    end = r if end is None else int(end)
-    start = max(0, min(r, start + r if start < 0 else start))
-    end = max(0, min(r, end + r if end < 0 else end))
-    return tuple(s), start, end
+    return (tuple(s),) + shape_range(attrs.get("start", 0), attrs.get("end"), len(s))
 
 
 def rule_shape(prover, O, P, node, in_rels):

@@ -213,6 +213,12 @@ BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Equal", "Less
           "And", "Or", "Xor", "BitShift", "Where", "Sum", "Mean"}
 
 
+def shape_range(start, end, r):
+    """The dims [start, end) a Shape of a rank-r value takes (ONNX's clamping; end None: r)."""
+    start, end = int(start or 0), r if end is None else int(end)
+    return max(0, min(r, start + r if start < 0 else start)), max(0, min(r, end + r if end < 0 else end))
+
+
 class Tracker:
     """shape[name]: list of dims (int, Sym or None) or None; value[name]: flat list of ints /
     bools / Syms (None for unknown elements) of a small integer tensor, row-major."""
@@ -311,10 +317,7 @@ class Tracker:
             s = S(x)
             if s is None:
                 return
-            r = len(s)
-            start, end = int(self._attr(node, "start", 0)), int(self._attr(node, "end", r))
-            start = max(0, min(r, start + r if start < 0 else start))
-            end = max(0, min(r, end + r if end < 0 else end))
+            start, end = shape_range(self._attr(node, "start", 0), self._attr(node, "end"), len(s))
             part = s[start:end]
             self._set(outs[0], [len(part)], part)
             return
