@@ -17,6 +17,7 @@ from .passes import build_pipeline
 from .pipeline import Context, Report
 from .runtime_tests.equivalence import EquivalenceResult, compare
 from .runtime_tests.inputs import InputOptions
+from .runtime_tests.latency import MAX_CI_WIDTH, MIN_EFFECT, decide  # noqa: F401  (the one rule of every timing decision)
 from .runtime_tests.localize import localize
 
 
@@ -84,10 +85,6 @@ def prepare_opset(model: onnx.ModelProto, opset: int | None = None):
     return out, f"opset: upgraded from {current} to {target} with onnx.version_converter ({why}); the output is written at opset {target}"
 
 
-MAX_CI_WIDTH = 0.10  # a tuning decision is taken only when its 95% CI is narrower than this (ratio units)
-MIN_EFFECT = 0.03  # and only on a difference at least this large (a real, large difference): 3%
-
-
 def _ab(a, b, provider, input_opts, runs=20, threads=None):
     """Paired ratio b / a (median, 95% CI) from interleaved runs on the provider. The input plan
     is the run's (input_opts, settled once); a model that fails to run on it is reported as bad
@@ -105,18 +102,6 @@ def _ab(a, b, provider, input_opts, runs=20, threads=None):
     return r.ratio, r.ci_low, r.ci_high
 
 
-def decide(ratio, lo, hi):
-    """'faster' | 'slower' | 'same' | 'noisy' for a variant/default ratio and its 95% CI: decide only
-    when the CI is narrower than MAX_CI_WIDTH and clears 1 by MIN_EFFECT."""
-    if not (hi - lo <= MAX_CI_WIDTH):
-        return "noisy"
-    if hi < 1.0 - MIN_EFFECT:
-        return "faster"
-    if lo > 1.0 + MIN_EFFECT:
-        return "slower"
-    return "same"
-
-
 def _tuned(model, out, report, target, opt_in, provider, input_opts, threads=None):
     """Whole-model decisions, each an interleaved A/B on the provider, then the guard:
     1. beta folded into the readers' biases (default) or kept as an Add;
@@ -132,7 +117,7 @@ def _tuned(model, out, report, target, opt_in, provider, input_opts, threads=Non
         from .runtime_tests.inputs import plan_inputs
 
         base = {"tune_dims": dict(plan_inputs(model, input_opts).dims)}  # micro-benchmarks at the run's plan
-    noisy = f"the machine was too noisy to decide (95% CI wider than {MAX_CI_WIDTH:g})"
+    noisy = f"the machine was too noisy to decide (95% CI wider than {MAX_CI_WIDTH:.0%} of the ratio)"
     if report.beta_folded:
         kept, kept_report = optimize_model(model, None, target, opt_in, provider, True, {**base, "fold_beta": False},
                                            threads=threads, shapes=shapes)

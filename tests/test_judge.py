@@ -483,6 +483,16 @@ def test_micro_benchmarks_report_unresolved_differences_as_none(monkeypatch):
     assert ms[0] == ms[1]  # the same model twice: no measurable difference, whatever the noise
 
 
+def test_micro_benchmarks_resolve_a_large_real_difference():
+    from normopt.runtime_tests import micro
+
+    one = make_model([helper.make_node("Sin", ["x"], ["y"])], [vi("x", [512, 512])], [vi("y", [512, 512])])
+    chain = [helper.make_node("Sin", ["x" if i == 0 else f"r{i}"], [f"r{i + 1}" if i < 7 else "y"]) for i in range(8)]
+    eight = make_model(chain, [vi("x", [512, 512])], [vi("y", [512, 512])])
+    ms = micro.time_models([one, eight], {"x": (512, 512)}, np.float32, runs=60, warmup=2)
+    assert ms[1] > 3 * ms[0]  # eight Sins over 1 MB against one: the rule keeps a real difference (its CI is relative)
+
+
 def test_float64_that_does_not_fit_falls_back_and_says_so(monkeypatch):
     import normopt.api as api
 

@@ -132,6 +132,26 @@ def count_norm_ops(model: onnx.ModelProto) -> dict:
         return dict(counts)
 
 
+MAX_CI_WIDTH = 0.10  # a timing decision is taken only when its 95% CI is narrower than this, relative to the ratio
+MIN_EFFECT = 0.03  # and only on a difference at least this large (a real, large difference): 3%
+
+
+def decide(ratio, lo, hi):
+    """'faster' | 'slower' | 'same' | 'noisy' for a variant/default ratio and its 95% CI: decide only
+    when the CI is narrower than MAX_CI_WIDTH (relative to the ratio, so a model 40x slower with a CI
+    of 38x-42x is resolved) and clears 1 by MIN_EFFECT. The one rule for every
+    timing decision (whole-model tuning, the guard, the op micro-benchmarks), so two sessions of
+    one model, which can differ by a percent or two in where their buffers land, never read as a
+    difference."""
+    if not (ratio > 0 and hi - lo <= MAX_CI_WIDTH * ratio):
+        return "noisy"
+    if hi < 1.0 - MIN_EFFECT:
+        return "faster"
+    if lo > 1.0 + MIN_EFFECT:
+        return "slower"
+    return "same"
+
+
 def bootstrap_ratio(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0):
     """Median of paired ratios b/a and its bootstrap 95% CI over rounds."""
     ratios = np.asarray(b, dtype=np.float64) / np.asarray(a, dtype=np.float64)

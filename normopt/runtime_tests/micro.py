@@ -5,8 +5,9 @@ binding) and each run synchronized, so the copies to and from the host, which at
 take longer than the kernels compared, are not in the timings.
 
 Noise cannot flip a tuned choice: a model whose paired ratio to the first model is not resolved
-(its bootstrap 95% CI is wider than RESOLVED_CI or contains 1) is reported at the first model's
-median, i.e. as no measurable difference, so every caller keeps its deterministic default.
+by latency.decide (its bootstrap 95% CI wider than MAX_CI_WIDTH, or not clear of 1 by
+MIN_EFFECT, the rule of every timing decision) is reported at the first model's median, i.e. as
+no measurable difference, so every caller keeps its deterministic default.
 The shapes are the run's input plan (pipeline.tuning_shape with the plan's dims)."""
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ import statistics
 import numpy as np
 
 from .providers import make_session
-
-RESOLVED_CI = 0.10  # ratio units, as the whole-model tuning decisions (api.MAX_CI_WIDTH)
-
 
 def time_models(models, shapes: dict, dtype, provider="cpu", runs=60, warmup=5, threads=None) -> list[float]:
     """Median ms per model; every model takes the same random inputs `shapes` {name: shape};
@@ -37,11 +35,11 @@ def time_models(models, shapes: dict, dtype, provider="cpu", runs=60, warmup=5, 
         for j in range(n):
             i = (k + j) % n
             times[i].append(runners[i]() * 1000)
-    from .latency import bootstrap_ratio
+    from .latency import bootstrap_ratio, decide
 
     med = [statistics.median(t) for t in times]
     for i in range(1, n):
-        _, lo, hi = bootstrap_ratio(np.asarray(times[0]), np.asarray(times[i]), n_boot=500)
-        if hi - lo > RESOLVED_CI or lo <= 1.0 <= hi:
+        ratio, lo, hi = bootstrap_ratio(np.asarray(times[0]), np.asarray(times[i]), n_boot=500)
+        if decide(ratio, lo, hi) in ("same", "noisy"):
             med[i] = med[0]
     return med
