@@ -66,6 +66,9 @@ def test_models_fold_completely(tmp_path, name, build, ekw, folded, dynamic):
     out = tmp_path / "o.onnx"
     r = optimize(str(src), str(out), input_opts=InputOptions(shapes={"batch": (2,)}) if dynamic else None)
     assert r.verification.equivalent
+    # proved too: a dynamic UN export computes γ/β/var's shapes from Shape, and moves the
+    # channels through (Un)Squeeze of a tensor with a symbolic batch
+    assert r.proof is not None and r.proof.proved, r.proof and r.proof.summary
     rep = fold_report(r.report)
     if folded is None:
         assert sum("BatchNormalization" in m for m in rep.matched) == 1, rep.matched

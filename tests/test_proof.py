@@ -186,6 +186,25 @@ def test_builder_mutants_are_refused(builder_models, name):
     _mutant_check(_inline(orig), out, need)
 
 
+def test_dynamic_batch_unified_norm_proves_and_its_mutants_are_refused(tmp_path):
+    """A dynamic-batch UN export moves its channels through Transpose, Unsqueeze, the affine,
+    Squeeze and Transpose of a tensor whose batch is symbolic: (Un)Squeeze map axes by their
+    axes, not by matching non-unit dims, which a symbolic dim hides."""
+    pytest.importorskip("torch")
+    from normopt.models import builders as B
+    from normopt.models.export import example_inputs, export
+
+    model = B.unified("tiny")
+    inputs = example_inputs(model, batch=2, seq=16)
+    src = str(tmp_path / "un.onnx")
+    export(model, inputs, src, dynamic_axes={k: {0: "batch"} for k in inputs})
+    orig = onnx.load(src)
+    assert any(n.op_type == "Squeeze" for n in orig.graph.node)
+    out, _ = optimize_model(orig, shapes={"batch": (2,)})
+    _mutant_check(orig, onnx.load_from_string(_inline(out).SerializeToString()),
+                  {"channel x1.02", "element x1.0005", "bias element moved"})
+
+
 def _inline(model):
     from normopt.proof.graphs import tensor_value
 

@@ -928,10 +928,41 @@ class GraphView:
             return Form(fx.base, axis, a, t, fx.perm)
         return None
 
+    def _squeeze_axes(self, node, rank_in):
+        """(Un)Squeeze's axes, normalized, from the attribute or the constant input; None when
+        not known (a Squeeze without axes drops the unit dims, which a symbolic dim hides)."""
+        axes = self.attrs(node).get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            v = self.const(node.input[1])
+            axes = None if v is None else [int(a) for a in np.asarray(v).reshape(-1)]
+        if axes is None:
+            return None
+        r = rank_in + len(axes) if node.op_type == "Unsqueeze" else rank_in
+        norm = sorted({a + r if a < 0 else a for a in axes})
+        if len(norm) != len(axes) or any(not 0 <= a < r for a in norm):
+            return None
+        return norm
+
     def _layout_form(self, node, fx):
         if fx.perm is None:
             return None
         op, x, y = node.op_type, node.input[0], node.output[0]
+        if op in ("Unsqueeze", "Squeeze"):
+            # the axes say where unit axes go in or come out, whatever the other dims are
+            # (a symbolic batch included); a squeezed axis is 1 whenever the node runs
+            axes = self._squeeze_axes(node, len(fx.perm))
+            if axes is not None:
+                if op == "Unsqueeze":
+                    it = iter(fx.perm)
+                    perm = tuple(None if i in axes else next(it) for i in range(len(fx.perm) + len(axes)))
+                else:
+                    sx = self.shape(x)
+                    if sx is not None and any(isinstance(sx[a], int) and sx[a] != 1 for a in axes):
+                        return None
+                    if fx.axis is not None and any(fx.perm[a] == fx.axis for a in axes):
+                        return None  # the affine's own axis goes: its channels would have nowhere to be
+                    perm = tuple(p for i, p in enumerate(fx.perm) if i not in axes)
+                return Form(fx.base, fx.axis, fx.a, fx.t, perm)
         sx, sy = self.shape(x), self.shape(y)
         if sx is None or sy is None or any(not isinstance(d, int) for d in tuple(sx) + tuple(sy)):
             return None
