@@ -205,6 +205,83 @@ def test_dynamic_batch_unified_norm_proves_and_its_mutants_are_refused(tmp_path)
                   {"channel x1.02", "element x1.0005", "bias element moved"})
 
 
+def _resized_position_table_model(d=16, side=3, seed=0):
+    """DINOv2's interpolate_pos_encoding, small: a position grid Resized to a size that float ops
+    compute (the tracker follows integers only), added to a Pre-LN stream, and the token count
+    read back from a Shape downstream."""
+    from onnx import TensorProto as TP, helper as h
+    rng = np.random.default_rng(seed)
+    n = side * side + 1
+    inits = [numpy_helper.from_array(rng.standard_normal((1, n - 1, d)).astype(np.float32) * 0.02, "table"),
+             numpy_helper.from_array(rng.standard_normal((1, 1, d)).astype(np.float32) * 0.02, "cls_pos"),
+             numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32) * 0.1, "W"),
+             numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32) * 0.1, "W2"),
+             numpy_helper.from_array(np.array(float(side), np.float32), "fside"), numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array([1, d], np.int64), "lead"), numpy_helper.from_array(np.array([1, side, side, d], np.int64), "grid"),
+             numpy_helper.from_array(np.array([1, -1, d], np.int64), "flat"),
+             numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), "g"), numpy_helper.from_array(rng.standard_normal(d).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([0], np.int64), "i0"), numpy_helper.from_array(np.array([1], np.int64), "i1"), numpy_helper.from_array(np.array([2], np.int64), "i2"),
+             numpy_helper.from_array(np.array([-1], np.int64), "m1"), numpy_helper.from_array(np.array(0, np.int64), "s0"),
+             numpy_helper.from_array(np.array(1, np.int64), "s1")]
+    nodes = [
+        # the grid side computed by float ops (Pow: the tracker follows only integers), as DINOv2's
+        # interpolate_pos_encoding does: sizes = Cast(Pow(side, 1)) -> Resize of the position grid
+        h.make_node("Pow", ["fside", "one"], ["sidef"]), h.make_node("Cast", ["sidef"], ["side64"], to=TP.INT64),
+        h.make_node("Unsqueeze", ["side64", "i0"], ["side1"]),
+        h.make_node("Concat", ["lead", "side1", "side1"], ["sizes"], axis=0),
+        h.make_node("Reshape", ["table", "grid"], ["t4"]), h.make_node("Transpose", ["t4"], ["t4t"], perm=[0, 3, 1, 2]),
+        h.make_node("Resize", ["t4t", "", "", "sizes"], ["rs"], mode="cubic", coordinate_transformation_mode="half_pixel"),
+        h.make_node("Transpose", ["rs"], ["rst"], perm=[0, 2, 3, 1]), h.make_node("Reshape", ["rst", "flat"], ["pos_p"]),
+        h.make_node("Concat", ["cls_pos", "pos_p"], ["pos"], axis=1),
+        h.make_node("MatMul", ["x", "W"], ["emb"]), h.make_node("Add", ["emb", "pos"], ["s"]),
+        h.make_node("LayerNormalization", ["s", "g", "b"], ["y1"], axis=-1, epsilon=1e-5),
+        h.make_node("MatMul", ["y1", "W"], ["f"]), h.make_node("Add", ["s", "f"], ["s2"]),
+        h.make_node("LayerNormalization", ["s2", "g", "b"], ["y"], axis=-1, epsilon=1e-5),
+        # the token count read from the shape: ONNX's inference does not know it past the Resize
+        h.make_node("Shape", ["y"], ["ys"]),
+        h.make_node("Gather", ["ys", "s0"], ["nb"], axis=0), h.make_node("Gather", ["ys", "s1"], ["nt"], axis=0),
+        h.make_node("Unsqueeze", ["nb", "i0"], ["nb1"]), h.make_node("Unsqueeze", ["nt", "i0"], ["nt1"]),
+        h.make_node("Concat", ["nb1", "nt1", "m1"], ["ynew"], axis=0),
+        h.make_node("MatMul", ["y", "W2"], ["z"]), h.make_node("Reshape", ["z", "ynew"], ["out"]),
+    ]
+    g = h.make_graph(nodes, "posres", [h.make_tensor_value_info("x", TP.FLOAT, ["batch", n, d])],
+                     [h.make_tensor_value_info("out", TP.FLOAT, ["batch", "tok", d])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_resized_position_table_centered_at_run_time_proves():
+    """The optimizer centers the computed table at run time (Sub(c, ReduceMean(c)), which ONNX
+    Runtime sums in its own order): the prover compares that constant at the reduction's rounding
+    (GraphView.slack), and the token count past the Resize comes from the evaluated table's shape,
+    so the optimizer's folded Shape-Gather is derived too. Both failed before."""
+    m = _resized_position_table_model()
+    out, _ = optimize_model(m, shapes={"batch": (2,)})
+    ops = [n.op_type for n in out.graph.node]
+    assert "ReduceMean" in ops and "Resize" in ops and "LayerNormalization" not in ops  # the case meant
+    res = prove(m, out)
+    assert res.proved, res.summary
+    assert _mutant_check(m, out, {"channel x1.02", "element x1.0005"})
+
+
+def test_slack_is_the_reductions_rounding_not_a_free_pass():
+    """A run-time-centered constant moved by more than its sum's rounding is refused: one
+    element of the table x(1 + 1e-4), and the whole table shifted by a channel vector."""
+    m = _resized_position_table_model()
+    out, _ = optimize_model(m, shapes={"batch": (2,)})
+    for how in ("element", "channel"):
+        bad = copy.deepcopy(out)
+        t = next(t for t in bad.graph.initializer if list(t.dims) == [1, 16, 3, 3])  # the grid the Resize reads
+        v = numpy_helper.to_array(t).astype(np.float32).copy()
+        if how == "element":
+            v[0, 3, 1, 2] *= 1 + 1e-4
+        else:
+            v[0, 5] += 1e-3
+        t.CopyFrom(numpy_helper.from_array(v, t.name))
+        assert not prove(m, bad).proved, how
+
+
 def _inline(model):
     from normopt.proof.graphs import tensor_value
 

@@ -1,8 +1,8 @@
 """HF transformers models built from configs with random weights (nothing is downloaded),
 exported to ONNX.
 
-``export_hf(kind, path, ...)`` with kind in: gpt2, gpt2-lm (tied lm_head), vit, opt (Pre-LN),
-bert, llama, clip-vision (pooler output or last_hidden_state), whisper-encoder, and the
+``export_hf(kind, path, ...)`` with kind in: gpt2, gpt2-lm (tied lm_head), vit, dinov2
+(LayerScale, a position table resized at run time), opt (Pre-LN), bert, llama, clip-vision (pooler output or last_hidden_state), whisper-encoder, and the
 KV-cache decoders gpt2-lm-past and opt-lm-past (inputs input_ids, attention_mask over past +
 new tokens, past_key_values.{i}.key|value; outputs logits, present.{i}.key|value, as Optimum
 names them). Configs are small by default; pass ``config=dict(...)`` to override.
@@ -103,6 +103,14 @@ def build_hf(kind: str, config: dict | None = None, seed: int = 0):
         img, p = c.pop("image", 32), c.pop("patch", 8)
         cfg = T.ViTConfig(hidden_size=h, num_hidden_layers=L, num_attention_heads=H, intermediate_size=4 * h, image_size=img, patch_size=p, **c)
         m = T.ViTModel(cfg, add_pooling_layer=False)
+        mod = _wrap(lambda m, x: m(pixel_values=x).last_hidden_state)(m)
+        return mod.eval(), {"pixel_values": torch.randn(b, 3, img, img)}, ["last_hidden_state"]
+    if kind == "dinov2":
+        # LayerScale, and a position table Resized (bicubic) to the image's patch grid at run time
+        img, p = c.pop("image", 56), c.pop("patch", 14)
+        cfg = T.Dinov2Config(hidden_size=h, num_hidden_layers=L, num_attention_heads=H, intermediate_size=4 * h, image_size=img,
+                             patch_size=p, layerscale_value=c.pop("layerscale", 0.5), **c)
+        m = T.Dinov2Model(cfg)
         mod = _wrap(lambda m, x: m(pixel_values=x).last_hidden_state)(m)
         return mod.eval(), {"pixel_values": torch.randn(b, 3, img, img)}, ["last_hidden_state"]
     if kind in ("clip-vision", "clip-vision-hidden"):

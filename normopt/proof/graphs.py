@@ -245,18 +245,33 @@ class GraphView:
             self.types.setdefault(vi.name, _type_of(vi))
         for t in graph.initializer:
             self.types[t.name] = (t.data_type, tuple(int(d) for d in t.dims))
-        for node in self.nodes:  # values the Skip expansion names: the type of what they sum
+        for node in self.nodes:  # values the Skip expansion computes: the type of what they sum
+            # (its own names, and a contrib op's outputs, which ONNX's inference cannot type)
+            expanded = node.doc_string == _EXPANSION
             for o in node.output:
-                if "__proof_" in o and node.input:
+                if o and node.input and ("__proof_" in o or (expanded and self.types.get(o) is None)):
                     t = self.type_of(node.input[0])
                     if t is not None:
                         self.types[o] = t
         self._small = {}
+        self._slack = {}  # evaluated float constants: elementwise bound on |evaluated - run-time value|
         self._partial = {}  # Shape outputs with some dynamic dims: [int or None]
         self._track_shapes(input_shapes)
         self.form = {}
         self.family = defaultdict(list)
         self._evaluate_constants()
+        # a float constant the tracker could not shape (a position table resized by a shape that
+        # ONNX's float ops compute) has its evaluated shape now: shapes are tracked once more
+        # from those, so the dims downstream (the token count a Shape reads) are known too
+        fixed = {}
+        for name, v in self._small.items():
+            if name in self.producer and np.asarray(v).dtype.kind == "f":
+                ts = self.tracker.shape.get(name)
+                if ts is None or len(ts) != np.ndim(v) or any(not isinstance(d, int) for d in ts):
+                    fixed[name] = [int(d) for d in np.shape(v)]
+        if fixed:
+            self._track_shapes(input_shapes, fixed)
+            self._evaluate_constants()
         self.ln_sites = defaultdict(list)
         if forms:
             self._build_forms()
@@ -309,6 +324,67 @@ class GraphView:
             return None
         return self.parent.const(name) if self.parent else None
 
+    def slack(self, name):
+        """Bound on |const(name) - what ONNX Runtime computes| elementwise (0.0: the same values).
+        A float reduction's summation order is ONNX Runtime's own, so a ReduceMean / ReduceSum of
+        constants that the prover evaluates (onnx.reference, numpy's order) may differ from the
+        run-time value by the sum's rounding; that bound is carried through data movement and
+        Add / Sub / Mul / Neg, so a constant the optimizer left to be centered at run time
+        (its Sub(c, ReduceMean(c))) is compared at the rounding it really has."""
+        if name in self._slack:
+            return self._slack[name]
+        if name in self.producer or name in self.inputs or name in self.inits or name in self._small:
+            return 0.0
+        return self.parent.slack(name) if self.parent else 0.0
+
+    def _node_slack(self, node, vals):
+        """The slack of node's first output (see slack), or None for none."""
+        ins = [i for i in node.input]
+        sl = [self.slack(i) if i else 0.0 for i in ins]
+        op = node.op_type
+        r = np.asarray(vals[0]) if vals and vals[0] is not None else None
+        if r is None or r.dtype.kind != "f":
+            return None
+        eps = float(np.finfo(r.dtype).eps) if r.dtype != np.float64 else float(np.finfo(np.float64).eps)
+        absr = np.abs(r.astype(np.float64))
+        if op in ("ReduceMean", "ReduceSum") and ins and ins[0]:
+            x = np.asarray(self.const(ins[0]))
+            if x.size == 0:
+                return None  # a reduction of nothing is exact (ONNX Runtime's 0, see _evaluate_constants)
+            n = max(1, x.size // max(1, r.size))
+            absx = np.abs(x.astype(np.float64))
+            vx = _eval_node(node, [absx] + [self.const(i) if i else None for i in ins[1:]], self.opsets)[0]
+            out = n * eps * np.asarray(vx, np.float64) + eps * absr
+            if np.any(np.asarray(sl[0]) != 0):
+                out = out + np.asarray(_eval_node(node, [np.broadcast_to(np.asarray(sl[0], np.float64), x.shape).copy()]
+                                                  + [self.const(i) if i else None for i in ins[1:]], self.opsets)[0])
+            return out
+        if all(np.all(np.asarray(v) == 0) for v in sl):
+            return None
+        if op in _MOVES_DATA and op not in ("Shape", "Size", "ConstantOfShape"):
+            data = range(len(ins)) if op == "Concat" else (0,)
+            feeds = []
+            for k, i in enumerate(ins):
+                v = self.const(i) if i else None
+                if k in data and v is not None:
+                    v = np.broadcast_to(np.asarray(sl[k], np.float64), np.shape(v)).copy()
+                feeds.append(v)
+            try:
+                out = np.asarray(_eval_node(node, feeds, self.opsets)[0], np.float64)
+            except Exception:
+                return None
+            return out + (eps * absr if op == "Cast" else 0.0)
+        if op in ("Add", "Sub", "Mul", "Neg") and all(self.const(i) is not None for i in ins if i):
+            s0 = np.asarray(sl[0], np.float64)
+            if op == "Neg":
+                return s0 + 0 * absr
+            s1 = np.asarray(sl[1], np.float64)
+            if op in ("Add", "Sub"):
+                return s0 + s1 + eps * absr
+            a, b = (np.abs(np.asarray(self.const(i), np.float64)) for i in ins[:2])
+            return b * s0 + a * s1 + s0 * s1 + eps * absr
+        return None  # other ops keep the assumption every evaluation makes: reference = run time
+
     def const_size(self, name) -> int:
         if name in self._small:
             return int(self._small[name].size)
@@ -345,7 +421,7 @@ class GraphView:
         return out
 
     # ------------------------------------------------------------------ symbolic shapes
-    def _track_shapes(self, input_shapes=None):
+    def _track_shapes(self, input_shapes=None, fixed=None):
         """The prover's own symbolic shapes and shape values (symshape): dims ONNX's inference
         left unknown are filled in; an integer value computed from shapes that is static for
         every input size becomes a constant, a partly symbolic one a partial shape vector."""
@@ -355,12 +431,15 @@ class GraphView:
         for name, shp in (input_shapes or {}).items():  # the original's declared input dims name the sizes
             if name in self.inputs and name not in self.inits:
                 self.tracker.shape[name] = list(shp) if shp is not None else None
+        self.tracker.fixed = dict(fixed or {})  # evaluated constants' shapes (see __init__)
         self.tracker.run(self.nodes)
         produced = set(self.producer)
         for name, s in self.tracker.shape.items():
             if s is None or name not in produced:
                 continue
             t = self.types.get(name)
+            if t is None:
+                t = self._same_elem_type(name)  # a contrib op's output: ONNX's inference leaves it untyped
             old = t[1] if t is not None else None
             new = [to_dim(d) for d in s]
             if old is not None and len(old) != len(new):
@@ -386,6 +465,17 @@ class GraphView:
                     self._small[name] = np.array(v, np.bool_).reshape(s)
             elif len(s) <= 1 and not any(isinstance(x, bool) for x in v):
                 self._partial[name] = [to_dim(x) if x is not None else None for x in v]
+
+    def _same_elem_type(self, name):
+        """(elem type of input 0, None) for the first output of an op that keeps its input's element
+        type (elementwise, normalization, linear and layout ops, their contrib forms included)."""
+        prod = self.producer.get(name)
+        if prod is None or prod[1] != 0 or prod[0].domain not in ("", "ai.onnx", "com.microsoft") or not prod[0].input:
+            return None
+        if prod[0].op_type not in _SAME_ELEM:
+            return None
+        e = self.elem(prod[0].input[0])
+        return (e, None) if e else None
 
     # ------------------------------------------------------------------ constants
     def _evaluate_constants(self):
@@ -464,6 +554,13 @@ class GraphView:
             for o, v in zip(node.output, vals):
                 if o and v is not None and np.asarray(v).size <= EVAL_LIMIT:
                     self._small[o] = np.asarray(v)
+            if node.output and node.output[0] in self._small:
+                try:
+                    sl = self._node_slack(node, vals)
+                except Exception:
+                    sl = None
+                if sl is not None and np.all(np.isfinite(sl)):
+                    self._slack[node.output[0]] = sl
 
     def _pvals(self, name):
         """A 1-D int shape vector as [int or None], from a partial or a small constant."""
@@ -1187,6 +1284,18 @@ class GraphView:
         return axes[0] % r
 
 
+_EXPANSION = "normopt.proof: expansion of a com.microsoft Skip norm"
+# ops whose first output has the element type of their first input
+_SAME_ELEM = {
+    "Identity", "Relu", "Sigmoid", "Tanh", "Erf", "Sqrt", "Neg", "Exp", "Log", "Abs", "Reciprocal", "Softmax", "LogSoftmax",
+    "Gelu", "LeakyRelu", "Elu", "Softplus", "HardSigmoid", "Floor", "Ceil", "Round", "Sign", "Dropout", "LayerNormalization",
+    "SimplifiedLayerNormalization", "RMSNormalization", "Trilu", "Sin", "Cos", "BatchNormalization", "InstanceNormalization",
+    "HardSwish", "Mish", "Selu", "ThresholdedRelu", "Celu", "PRelu", "Clip", "CumSum", "FastGelu", "QuickGelu", "BiasGelu",
+    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean",
+    "MatMul", "Gemm", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Gather", "Slice", "Expand", "Tile",
+}
+
+
 def expand_skip_norms(nodes):
     """The ORIGINAL's com.microsoft Skip(Simplified)LayerNormalization as their definition:
     s = input + skip (+ bias), output 3 = s, output 0 = (Simplified)LayerNormalization(s) over the
@@ -1199,6 +1308,7 @@ def expand_skip_norms(nodes):
             out.append(n)
             continue
         simplified = n.op_type == "SkipSimplifiedLayerNormalization"
+        start = len(out)
         eps = 1e-12
         for a in n.attribute:
             if a.name == "epsilon":
@@ -1218,6 +1328,8 @@ def expand_skip_norms(nodes):
             else:
                 out.append(onnx.helper.make_node("LayerNormalization", [final, ins[2]] + ([beta] if beta else []), [n.output[0]],
                                                  name=n.name, axis=-1, epsilon=eps))
+        for m in out[start:]:
+            m.doc_string = _EXPANSION
     return out
 
 

@@ -155,11 +155,13 @@ def _p_of(arr, q: Rel, rank):
     return x
 
 
-def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
-    """Relations of v' + sign_c * c for v' with relations rs and the optimized constant c."""
+def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name="", slack=0.0):
+    """Relations of v' + sign_c * c for v' with relations rs and the optimized constant c
+    (`slack`: its bound against the run-time value, GraphView.slack)."""
     c = np.asarray(c)
     eps_c = W_TOL * (float(np.finfo(c.dtype).eps) if c.dtype.kind == "f" else eps_of(None))  # the cast of c' and one intermediate
     tiny_c = 2 * float(np.finfo(c.dtype).smallest_subnormal) if c.dtype.kind == "f" else 0.0
+    slack_c = np.asarray(slack, np.float64)
     c = c.astype(np.float64)
     out = []
     for w, q in prover._rels_on(O, rs):
@@ -185,7 +187,14 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
             if pc is None:
                 continue
             delta = t0 + sign_c * _full(c, ry) - pc
-            rnd = eps_c * (np.abs(_full(c, ry)) + np.abs(pc)) + tiny_c
+            rnd = eps_c * (np.abs(_full(c, ry)) + np.abs(pc)) + tiny_c + _slack_full(slack_c, ry)
+            s_o = O.slack(oc)
+            if np.any(np.asarray(s_o) != 0):  # the original's constant is a run-time sum too
+                so = _full(np.asarray(s_o, np.float64), ry)
+                if so is None:
+                    continue
+                so = so * (np.abs(_bcast(q.a, q.axis, ry)) if q.a is not None else 1.0)
+                rnd = rnd + (2 * so.max(axis=q.axis, keepdims=True) if q.centered else so)  # centering: x and its mean
             if q.a is None and not q.centered:
                 # an element stored exactly as the original's (the same constant, kept) rounds nothing
                 same = np.broadcast_to(_full(c, ry), np.broadcast_shapes(np.shape(_full(c, ry)), np.shape(pc))) == pc
@@ -196,10 +205,15 @@ def add_const(prover, O, rs, c, sign_c=1.0, op="Add", name=""):
         # B: the constant has no counterpart (a bias moved here, a beta re-added)
         # c' = cast(s + cast(-t)) folds the shift t in: the cast of c' and of that intermediate
         delta = t0 + sign_c * _full(c, ry)
-        r = _shift_rel(O, w, q, delta, eps_c * (np.abs(_full(c, ry)) + np.abs(t0)) + tiny_c)
+        r = _shift_rel(O, w, q, delta, eps_c * (np.abs(_full(c, ry)) + np.abs(t0)) + tiny_c + _slack_full(slack_c, ry))
         if r is not None:
             out.append(r)
     return out
+
+
+def _slack_full(slack, rank):
+    s = np.asarray(slack, np.float64)
+    return float(s) if s.ndim == 0 else (_full(s, rank) if s.ndim <= rank else float(s.max()))
 
 
 def _mean_axis_of(O, m, w):
@@ -227,7 +241,7 @@ def rule_add(prover, O, P, node, in_rels, sign=1.0):
         c = P.const(node.input[ci])
         if op == "Sub" and ci == 0:
             raise _Skip("constant minus a value")
-        got = add_const(prover, O, rs, c, -1.0 if op == "Sub" else 1.0, op)
+        got = add_const(prover, O, rs, c, -1.0 if op == "Sub" else 1.0, op, slack=P.slack(node.input[ci]))
         if got:
             prover.stats.shifts_absorbed += 1
         return _finish(prover, got, f"the constant '{node.input[ci]}' is not a per-channel shift the original explains")

@@ -268,6 +268,10 @@ class Tracker:
         for node in nodes:
             if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and node.op_type in UNARY):
                 continue
+            fixed = getattr(self, "fixed", None)
+            if fixed and node.output and node.output[0] in fixed:
+                self.shape[node.output[0]] = list(fixed[node.output[0]])  # an evaluated constant's own shape
+                continue
             try:
                 self._node(node)
             except Exception:
