@@ -315,17 +315,22 @@ def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
 FEED_BYTES = 1 << 16  # main-graph initializers of this size or more are fed, not embedded (see to_float64)
 
 
-def to_float64(model: onnx.ModelProto, weights: dict | None = None) -> onnx.ModelProto:
+class Stopped(Exception):
+    """The caller's stop event was set while the weights were converted (to_float64's `stop`)."""
+
+
+def to_float64(model: onnx.ModelProto, weights: dict | None = None, stop=None) -> onnx.ModelProto:
     """A copy of `model` computing in float64 (weights read in from their files).
 
     With a ``weights`` dict, each main-graph initializer of FEED_BYTES or more becomes a graph
     input instead, and its float64 values go into ``weights`` (name -> array), to be fed at
     every run: ONNX Runtime reads a fed array in place, where an embedded one would exist three
-    times (the proto, its serialized bytes, and the session's copy)."""
+    times (the proto, its serialized bytes, and the session's copy). `stop` (an Event): Stopped
+    is raised between two fed tensors once it is set."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if weights is not None:
-        _feed_weights(out.graph, weights)
+        _feed_weights(out.graph, weights, stop=stop)
     stack = [out.graph]
     while stack:  # every graph, subgraphs included, without recursion
         g = stack.pop()
@@ -382,7 +387,7 @@ def to_float64(model: onnx.ModelProto, weights: dict | None = None) -> onnx.Mode
     return out
 
 
-def _feed_weights(g, weights: dict, native: bool = False) -> None:
+def _feed_weights(g, weights: dict, native: bool = False, stop=None) -> None:
     """Moves g's large float initializers, as float64, into ``weights``; each becomes a float64
     graph input of its shape (integer tensors stay: quantized kernels may want them constant). Tensors an op wants in float32 stay (KEEP_FLOAT32).
     native: in their own type instead (the model at its own precision, _Split's check)."""
@@ -393,6 +398,8 @@ def _feed_weights(g, weights: dict, native: bool = False) -> None:
         if t.name in keep or t.data_type not in FLOATS or W.tensor_nbytes(t) < FEED_BYTES:
             kept.append(t)
             continue
+        if stop is not None and stop.is_set():
+            raise Stopped()
         arr = np.asarray(_array(t)) if native else np.ascontiguousarray(_array(t), np.float64)
         weights[t.name] = arr
         if t.name not in inputs:  # an initializer that is also an input (IR < 4) keeps its input entry
@@ -623,9 +630,11 @@ def double_feeds(feeds: dict) -> dict:
 class ExactRunner:
     """Runs a model in float64: ONNX Runtime where it has the kernels, else onnx.reference."""
 
-    def __init__(self, model: onnx.ModelProto, outputs: list, first_feeds: dict | None = None, reference_fits=None):
+    def __init__(self, model: onnx.ModelProto, outputs: list, first_feeds: dict | None = None, reference_fits=None,
+                 stop=None):
         """reference_fits: None, or a callable giving None or why onnx.reference's evaluation
-        (which holds more memory than ONNX Runtime's) would not fit; asked before it starts."""
+        (which holds more memory than ONNX Runtime's) would not fit; asked before it starts.
+        stop: an Event that ends the weights' conversion early (then not available)."""
         self.available, self.why, self.engine = False, "", ""
         self.outputs = list(outputs)
         self.seconds = 0.0
@@ -635,7 +644,10 @@ class ExactRunner:
         self._weights = {}  # the fed float64 weights (to_float64)
         t0 = time.perf_counter()
         try:
-            self.model = to_float64(model, self._weights)
+            self.model = to_float64(model, self._weights, stop=stop)
+        except Stopped:
+            self.why, self._weights = "stopped", {}
+            return
         except Exception as exc:
             self.why = f"the model cannot be converted to float64 ({type(exc).__name__}: {str(exc)[:160]})"
             return
