@@ -121,6 +121,13 @@ def test_float64_erf_is_math_erf_vectorized():
     assert np.all(np.abs(got - ref) <= 2 * np.spacing(np.abs(ref)))
     assert np.array_equal(np.signbit(got), np.signbit(ref))
     assert np.isnan(erf64(np.array([np.nan]))).all()
+    mixed = xs.copy()
+    mixed[::997] = np.nan  # NaNs among values, in every chunk: NaN there, the others unchanged
+    for chunk in (1000, 4096, len(xs)):
+        part = erf64(mixed, chunk=chunk)
+        assert np.isnan(part[::997]).all() and not np.isnan(np.delete(part, np.s_[::997])).any()
+        keep = ~np.isnan(mixed)
+        assert np.array_equal(part[keep], got[keep])
     m = make_model([helper.make_node("Erf", ["x"], ["y"])], [vi("x", [3, 5])], [vi("y", [3, 5])])
     ev = reference_evaluator(m)
     assert any(type(n).__module__ == "normopt.runtime_tests.exact" for n in ev.rt_nodes_)

@@ -71,11 +71,13 @@ def _keep32(graph) -> set:
 # erf in float64, vectorized: ONNX Runtime has no float64 Erf (nor Conv), so a GELU model's
 # exact reference evaluates it with onnx.reference, whose Erf calls math.erf once per element
 # (0.17 s for one ViT-B GELU; 72 of them made 9 of a verification's 27 s). Here erf is the
-# Taylor series about the nearest centre k/4 (|h| <= 1/8), its coefficients exact rationals (the
-# Hermite polynomials: erf^(n)(c) = 2/sqrt(pi) (-1)^(n-1) H_(n-1)(c) exp(-c^2)) times
+# Taylor series about the nearest centre k/32 (|h| <= 1/64), its coefficients exact rationals
+# (the Hermite polynomials: erf^(n)(c) = 2/sqrt(pi) (-1)^(n-1) H_(n-1)(c) exp(-c^2)) times
 # math.exp, and erf(c) from math.erf; the first omitted term is below 1e-18. Within 2 ulp of
-# math.erf everywhere (tests/test_verify_cost.py); beyond 6.125 erf rounds to 1.
-_ERF_STEP, _ERF_TOP, _ERF_TERMS = 4, 6.125, 14
+# math.erf everywhere (tests/test_verify_cost.py); from 6.125 on erf rounds to 1, the value at
+# the top centre, to which |x| is clamped (a NaN stays NaN through h).
+_ERF_STEP, _ERF_TOP, _ERF_TERMS = 32, 6.125, 8
+_ERF_CHUNK = 1 << 14  # elements per pass: its few work arrays stay in cache
 _erf_table = []
 
 
@@ -98,31 +100,38 @@ def _erf_coefficients() -> np.ndarray:
             for n in range(1, _ERF_TERMS + 1):
                 fact *= n
                 cols[n, k] = float((-1) ** (n - 1) * herm[n - 1] / fact) * scale
+        assert cols[0, k_top] == 1.0  # the clamp below relies on erf(top) rounding to 1
         _erf_table.append(cols)
     return _erf_table[0]
 
 
-def erf64(x, chunk: int = 1 << 15) -> np.ndarray:
-    """erf of every element, computed in float64 (chunks that stay in cache)."""
+def erf64(x, chunk: int = _ERF_CHUNK) -> np.ndarray:
+    """erf of every element, computed in float64 (chunk by chunk, in preallocated work arrays)."""
     cols = _erf_coefficients()
     x = np.asarray(x, np.float64)
     flat = x.ravel()
     out = np.empty_like(flat)
+    n = min(chunk, flat.size)
+    work_a, work_p, work_q, work_i = np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.intp)
+    inv = 1.0 / _ERF_STEP
     for s in range(0, flat.size, chunk):
         v = flat[s:s + chunk]
-        a = np.abs(v)
-        far = ~(a <= _ERF_TOP)  # past the top (erf rounds to +-1), and NaN
-        a[far] = 0.0
-        idx = np.rint(a * _ERF_STEP).astype(np.intp)
-        h = a - idx * (1.0 / _ERF_STEP)  # exact (Sterbenz)
-        p = cols[_ERF_TERMS].take(idx)
-        for n in range(_ERF_TERMS - 1, -1, -1):
-            p *= h
-            p += cols[n].take(idx)
-        p[far] = 1.0
-        p = np.copysign(p, v)
-        p[np.isnan(v)] = np.nan
-        out[s:s + chunk] = p
+        k = v.size
+        a, p, q, idx = work_a[:k], work_p[:k], work_q[:k], work_i[:k]
+        np.abs(v, out=a)
+        np.minimum(a, _ERF_TOP, out=a)  # past the top erf rounds to 1, its value there; NaN stays
+        np.multiply(a, _ERF_STEP, out=p)
+        p += 0.5
+        with np.errstate(invalid="ignore"):
+            idx[...] = p  # the nearest centre (a NaN gets some index, clipped below: its h is NaN)
+        np.multiply(idx, inv, out=q)
+        np.subtract(a, q, out=a)  # h = |x| - centre, exact (Sterbenz)
+        cols[_ERF_TERMS].take(idx, out=p, mode="clip")
+        for t in range(_ERF_TERMS - 1, -1, -1):
+            p *= a
+            cols[t].take(idx, out=q, mode="clip")
+            p += q
+        np.copysign(p, v, out=out[s:s + k])
     return out.reshape(x.shape)
 
 
