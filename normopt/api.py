@@ -528,7 +528,7 @@ def plan_for_run(model, input_opts, run_model=True, verify=True, path=None):
         return input_opts, []
     outs = [o.name for o in model.graph.output]
     try:
-        sess = make_session(path or model, "cpu", "disable")  # the file itself where it is the model: no copy
+        sess = make_session(path or model, "cpu", "disable", spin=False)  # the file itself where it is the model: no copy
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise NormoptError(f"ONNX Runtime cannot load the input model: {first}") from None

@@ -702,3 +702,23 @@ def test_optimize_evaluates_the_float64_reference_beside_the_passes(stream_model
     n = len(made)
     tol = api.optimize(src, str(tmp_path / "out2.onnx"), tune=False, atol=1e-4, rtol=1e-3)
     assert tol.verification.mode == "tolerance" and len(made) == n
+
+
+def test_verification_sessions_do_not_spin(stream_model, tmp_path, monkeypatch):
+    """Every ONNX Runtime session of a verified optimize (the input's load check that the
+    original's runs take, the float64 evaluation, the candidate at both levels) has intra-op
+    spinning off: they share the cores with the passes, the proof and each other."""
+    from normopt import api
+    from normopt.runtime_tests import providers
+
+    spins = []
+    real = providers.session_options
+
+    def record(level="all", threads=None, profile_prefix=None, spin=True):
+        spins.append(spin)
+        return real(level, threads, profile_prefix, spin)
+
+    monkeypatch.setattr(providers, "session_options", record)
+    res = api.optimize(stream_model(), str(tmp_path / "out.onnx"), tune=False)
+    assert res.verification.equivalent
+    assert len(spins) >= 4 and not any(spins), spins

@@ -587,7 +587,7 @@ def prepare_reference(reference, seeds: int = 3, input_opts: InputOptions | None
         if pres or session is None:
             session = None
             model = reference if not pres else _with_outputs(ref_proto, pres, types)
-            session = make_session(model, "cpu", "disable", mapped=True)
+            session = make_session(model, "cpu", "disable", mapped=True, spin=SPIN)
         settled = []
 
         def settle_run(f):
@@ -774,7 +774,7 @@ def compare(
         result.notes.extend(ref_cache.pop("_notes", []))  # a prepared plan's notes, said once
     else:
         try:
-            ref_sess = make_session(ref_model(), "cpu", "disable", mapped=True)
+            ref_sess = make_session(ref_model(), "cpu", "disable", mapped=True, spin=SPIN)
         except SessionError as exc:
             raise NormoptError(f"the reference model does not load in ONNX Runtime: {_fail_line(exc)}") from None
         def settle_run(f):  # the outputs of the plan's seed-0 run are kept: that set needs no second run
@@ -797,7 +797,7 @@ def compare(
     ref_vals, noise, exact_vals = [], {}, []
     if cached is None:
         if ref_sess is None:
-            ref_sess = make_session(ref_model(), "cpu", "disable", mapped=True)
+            ref_sess = make_session(ref_model(), "cpu", "disable", mapped=True, spin=SPIN)
         for k, (label, feeds) in enumerate(sets):
             if settled and _same_feeds(settled[0][0], feeds):
                 ref_vals.append(settled[0][1])
@@ -895,7 +895,7 @@ def compare(
         cand_model = candidate if not cand_probe_names else _with_outputs(cand_proto, cand_probe_names, ctypes)
         # the candidate's file itself is loaded unless told (map_candidate) or made a copy with
         # probe outputs: ONNX Runtime must show that the written file loads
-        cand_sess = make_session(cand_model, provider, level,
+        cand_sess = make_session(cand_model, provider, level, spin=SPIN,
                                  mapped=provider == "cpu" and (map_candidate or bool(cand_probe_names)))
     except SessionError as exc:
         result.equivalent = False
@@ -955,7 +955,7 @@ def compare(
         tn = time.perf_counter()
         sess = kept_sess if kept_sess is not None else (ref_cache or {}).get("_session")  # the original's own, where kept
         if sess is None:
-            sess = make_session(ref_model(), "cpu", "disable", mapped=True)
+            sess = make_session(ref_model(), "cpu", "disable", mapped=True, spin=SPIN)
         for k in need:
             label, feeds = sets[k]
             noise[label] = _sensitivity(lambda f: sess.run(ref_fetch, f), feeds, ref_vals[k], k)
@@ -1122,6 +1122,13 @@ def _judge(m, r, c, e, label, use_exact, approx, noise, result):
 
 
 BIG_BYTES = 64 << 20
+# Verification's sessions run with intra-op spinning off: they share the cores with the passes
+# (the original's runs beside them), the proof and each other, and a spinning worker holds a core
+# between a session's parallel sections. Spinning decides only when a worker looks for work, never
+# a value. Under load (2 cores shared), a Python loop beside a GPT-2-small-shaped decoder's runs
+# took 5.2-5.9 s with it off against 5.8-8.7 s on, while the runs went 3.9-4.6/s against 2.3-3.4/s
+# (three alternations each).
+SPIN = False
 
 
 def _collect(big: bool) -> None:
