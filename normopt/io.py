@@ -376,7 +376,7 @@ class OrtCheck:
 
         t0 = time.perf_counter()
         # a kept session has verification's options (the default threads); a check alone, one thread
-        so = session_options("disable", threads=None if self.keep else 1)
+        so = session_options("disable", threads=None if self.keep else 1, spin=False)  # equivalence.SPIN
         try:
             sess = ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as exc:

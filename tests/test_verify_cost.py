@@ -121,6 +121,13 @@ def test_float64_erf_is_math_erf_vectorized():
     assert np.all(np.abs(got - ref) <= 2 * np.spacing(np.abs(ref)))
     assert np.array_equal(np.signbit(got), np.signbit(ref))
     assert np.isnan(erf64(np.array([np.nan]))).all()
+    mixed = xs.copy()
+    mixed[::997] = np.nan  # NaNs among values, in every chunk: NaN there, the others unchanged
+    for chunk in (1000, 4096, len(xs)):
+        part = erf64(mixed, chunk=chunk)
+        assert np.isnan(part[::997]).all() and not np.isnan(np.delete(part, np.s_[::997])).any()
+        keep = ~np.isnan(mixed)
+        assert np.array_equal(part[keep], got[keep])
     m = make_model([helper.make_node("Erf", ["x"], ["y"])], [vi("x", [3, 5])], [vi("y", [3, 5])])
     ev = reference_evaluator(m)
     assert any(type(n).__module__ == "normopt.runtime_tests.exact" for n in ev.rt_nodes_)
@@ -595,3 +602,143 @@ def test_a_verification_reads_each_skeleton_once(tmp_path, monkeypatch):
     compare(ref, ref, ref_cache=cache)  # the failure path's check of the input against itself
     compare(ref, other, level="disable", ref_cache=cache, seeds=1, stress=False)
     assert sorted(reads) == sorted([ref, other]), reads
+
+
+def _count_exact(monkeypatch):
+    """The ExactRunner constructions (float64 evaluations) made from here on."""
+    from normopt.runtime_tests import exact
+
+    made = []
+    real = exact.ExactRunner
+
+    class Counted(real):
+        def __init__(self, *a, **k):
+            made.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(exact, "ExactRunner", Counted)
+    return made
+
+
+@pytest.mark.parametrize("model, cand", [("sat", dict()), ("sat", dict(w_scale=1.0 + 2 ** -20)), ("sat", dict(sat=False)),
+                                         ("gelu", None)])
+def test_the_float64_evaluation_prepared_ahead_gives_the_same_comparison(tmp_path, monkeypatch, model, cand):
+    """prepare_reference(exact=True) (optimize runs it beside the passes) makes compare()'s
+    float64 evaluation too: the comparison that takes its cache gives the same verdict and the
+    same numbers (err_orig, err_cand, bound come from the float64 values) as one that evaluates
+    it itself, and evaluates nothing in float64; the judge line names the engine, the timings say
+    where it ran. With the split evaluator (ONNX Runtime around a Conv and an Erf) as well."""
+    import onnx
+
+    ref, other = str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx")
+    if model == "sat":
+        onnx.save(_sat_model(), ref)
+        onnx.save(_sat_model(**cand), other)
+    else:
+        onnx.save(_conv_gelu(), ref)
+        onnx.save(_conv_gelu(), other)
+    plain = compare(ref, other)
+    made = _count_exact(monkeypatch)
+    cache = E.prepare_reference(ref, seeds=3, exact=True)
+    assert len(made) == 1 and "_exact_note" in cache
+    got = compare(ref, other, ref_cache=cache)
+    assert len(made) == 1  # compare() evaluated nothing in float64
+    assert _verdict(got) == _verdict(plain)
+    assert got.judge == plain.judge and got.mode == "exact"
+    assert "exact float64" not in got.timings and "exact float64 (beside the passes)" in got.timings
+    again = compare(ref, other, level="disable", ref_cache=cache, seeds=1, stress=False)
+    assert "(cached)" in again.judge and len(made) == 1
+
+
+def test_a_float64_evaluation_ahead_is_kept_only_where_it_succeeds(tmp_path, monkeypatch):
+    """Where the prepared float64 evaluation is not trusted (onnx.reference's Erf disagrees with
+    ONNX Runtime), where memory has no room for it beside the passes, or where it is stopped, no
+    float64 value is kept: compare() evaluates it itself and says what it finds, as without a
+    prepared reference."""
+    import threading
+
+    import onnx
+    from onnx.reference.op_run import OpRun
+
+    from normopt.runtime_tests import exact
+
+    ref = str(tmp_path / "ref.onnx")
+    onnx.save(_conv_gelu(), ref)
+    cache = E.prepare_reference(ref, exact=True, room=lambda: False)
+    assert cache.get("_prepared") and "_exact_note" not in cache
+    assert all(v[1] is None for k, v in cache.items() if not k.startswith("_"))
+    made = _count_exact(monkeypatch)
+    got = compare(ref, ref, ref_cache=cache)
+    assert len(made) == 1 and got.mode == "exact" and "exact float64" in got.timings
+    stop = threading.Event()
+    stop.set()
+    assert E.prepare_reference(ref, exact=True, stop=stop) == {}
+
+    class Erf(OpRun):
+        op_domain = ""
+
+        def _run(self, x):
+            return ((exact.erf64(x) * (1 + 1e-3)).astype(x.dtype),)
+
+    monkeypatch.setattr(exact, "_corrected_ops", lambda: [Erf])
+    cache = E.prepare_reference(ref, exact=True)
+    assert cache.get("_prepared") and "_exact_note" not in cache
+    res = compare(ref, ref, ref_cache=cache)
+    assert res.mode == "fallback" and any("disagrees with ONNX Runtime" in n for n in res.notes), res.notes
+
+
+def test_optimize_evaluates_the_float64_reference_beside_the_passes(stream_model, tmp_path, monkeypatch):
+    """optimize's verification takes the float64 evaluation made beside the passes (one
+    evaluation in the run) and gives compare()'s own verdict; with --atol it makes none there."""
+    from normopt import api
+
+    src = stream_model()
+    made = _count_exact(monkeypatch)
+    res = api.optimize(src, str(tmp_path / "out.onnx"), tune=False)
+    assert res.verification.equivalent and len(made) == 1
+    assert "exact float64 (beside the passes)" in res.verification.timings
+    alone = compare(src, str(tmp_path / "out.onnx"))
+    assert _verdict(alone) == _verdict(res.verification)
+    n = len(made)
+    tol = api.optimize(src, str(tmp_path / "out2.onnx"), tune=False, atol=1e-4, rtol=1e-3)
+    assert tol.verification.mode == "tolerance" and len(made) == n
+
+
+def test_verification_sessions_do_not_spin(stream_model, tmp_path, monkeypatch):
+    """Every ONNX Runtime session of a verified optimize (the input's load check that the
+    original's runs take, the float64 evaluation, the candidate at both levels) has intra-op
+    spinning off: they share the cores with the passes, the proof and each other."""
+    from normopt import api
+    from normopt.runtime_tests import providers
+
+    spins = []
+    real = providers.session_options
+
+    def record(level="all", threads=None, profile_prefix=None, spin=True):
+        spins.append(spin)
+        return real(level, threads, profile_prefix, spin)
+
+    monkeypatch.setattr(providers, "session_options", record)
+    res = api.optimize(stream_model(), str(tmp_path / "out.onnx"), tune=False)
+    assert res.verification.equivalent
+    assert len(spins) >= 4 and not any(spins), spins
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_float64_prepared_ahead_with_noise_draws_gives_the_same_verdict(big, monkeypatch):
+    """A candidate whose stress sets fail without the noise draws: with the original's runs and
+    its float64 evaluation prepared ahead, compare() still makes the draws (on the kept session
+    where the model is small, on one of their own where it is big, whose session of the
+    original was dropped before the float64 evaluation) and gives the verdict and numbers of a
+    comparison that does everything itself."""
+    if big:
+        monkeypatch.setattr(E, "BIG_BYTES", -1)
+    ref, cand = _cancel(1e4), _cancel(2.5e5)
+    plain = compare(ref, cand)
+    assert "noise draws" in plain.timings
+    made = _count_exact(monkeypatch)
+    cache = E.prepare_reference(ref, exact=True)
+    assert "_exact_note" in cache and ("_session" in cache) == (not big)
+    got = compare(ref, cand, ref_cache=cache)
+    assert len(made) == 1 and "noise draws" in got.timings
+    assert _verdict(got) == _verdict(plain)

@@ -71,11 +71,13 @@ def _keep32(graph) -> set:
 # erf in float64, vectorized: ONNX Runtime has no float64 Erf (nor Conv), so a GELU model's
 # exact reference evaluates it with onnx.reference, whose Erf calls math.erf once per element
 # (0.17 s for one ViT-B GELU; 72 of them made 9 of a verification's 27 s). Here erf is the
-# Taylor series about the nearest centre k/4 (|h| <= 1/8), its coefficients exact rationals (the
-# Hermite polynomials: erf^(n)(c) = 2/sqrt(pi) (-1)^(n-1) H_(n-1)(c) exp(-c^2)) times
+# Taylor series about the nearest centre k/32 (|h| <= 1/64), its coefficients exact rationals
+# (the Hermite polynomials: erf^(n)(c) = 2/sqrt(pi) (-1)^(n-1) H_(n-1)(c) exp(-c^2)) times
 # math.exp, and erf(c) from math.erf; the first omitted term is below 1e-18. Within 2 ulp of
-# math.erf everywhere (tests/test_verify_cost.py); beyond 6.125 erf rounds to 1.
-_ERF_STEP, _ERF_TOP, _ERF_TERMS = 4, 6.125, 14
+# math.erf everywhere (tests/test_verify_cost.py); from 6.125 on erf rounds to 1, the value at
+# the top centre, to which |x| is clamped (a NaN stays NaN through h).
+_ERF_STEP, _ERF_TOP, _ERF_TERMS = 32, 6.125, 8
+_ERF_CHUNK = 1 << 14  # elements per pass: its few work arrays stay in cache
 _erf_table = []
 
 
@@ -98,31 +100,38 @@ def _erf_coefficients() -> np.ndarray:
             for n in range(1, _ERF_TERMS + 1):
                 fact *= n
                 cols[n, k] = float((-1) ** (n - 1) * herm[n - 1] / fact) * scale
+        assert cols[0, k_top] == 1.0  # the clamp below relies on erf(top) rounding to 1
         _erf_table.append(cols)
     return _erf_table[0]
 
 
-def erf64(x, chunk: int = 1 << 15) -> np.ndarray:
-    """erf of every element, computed in float64 (chunks that stay in cache)."""
+def erf64(x, chunk: int = _ERF_CHUNK) -> np.ndarray:
+    """erf of every element, computed in float64 (chunk by chunk, in preallocated work arrays)."""
     cols = _erf_coefficients()
     x = np.asarray(x, np.float64)
     flat = x.ravel()
     out = np.empty_like(flat)
+    n = min(chunk, flat.size)
+    work_a, work_p, work_q, work_i = np.empty(n), np.empty(n), np.empty(n), np.empty(n, np.intp)
+    inv = 1.0 / _ERF_STEP
     for s in range(0, flat.size, chunk):
         v = flat[s:s + chunk]
-        a = np.abs(v)
-        far = ~(a <= _ERF_TOP)  # past the top (erf rounds to +-1), and NaN
-        a[far] = 0.0
-        idx = np.rint(a * _ERF_STEP).astype(np.intp)
-        h = a - idx * (1.0 / _ERF_STEP)  # exact (Sterbenz)
-        p = cols[_ERF_TERMS].take(idx)
-        for n in range(_ERF_TERMS - 1, -1, -1):
-            p *= h
-            p += cols[n].take(idx)
-        p[far] = 1.0
-        p = np.copysign(p, v)
-        p[np.isnan(v)] = np.nan
-        out[s:s + chunk] = p
+        k = v.size
+        a, p, q, idx = work_a[:k], work_p[:k], work_q[:k], work_i[:k]
+        np.abs(v, out=a)
+        np.minimum(a, _ERF_TOP, out=a)  # past the top erf rounds to 1, its value there; NaN stays
+        np.multiply(a, _ERF_STEP, out=p)
+        p += 0.5
+        with np.errstate(invalid="ignore"):
+            idx[...] = p  # the nearest centre (a NaN gets some index, clipped below: its h is NaN)
+        np.multiply(idx, inv, out=q)
+        np.subtract(a, q, out=a)  # h = |x| - centre, exact (Sterbenz)
+        cols[_ERF_TERMS].take(idx, out=p, mode="clip")
+        for t in range(_ERF_TERMS - 1, -1, -1):
+            p *= a
+            cols[t].take(idx, out=q, mode="clip")
+            p += q
+        np.copysign(p, v, out=out[s:s + k])
     return out.reshape(x.shape)
 
 
@@ -315,17 +324,22 @@ def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
 FEED_BYTES = 1 << 16  # main-graph initializers of this size or more are fed, not embedded (see to_float64)
 
 
-def to_float64(model: onnx.ModelProto, weights: dict | None = None) -> onnx.ModelProto:
+class Stopped(Exception):
+    """The caller's stop event was set while the weights were converted (to_float64's `stop`)."""
+
+
+def to_float64(model: onnx.ModelProto, weights: dict | None = None, stop=None) -> onnx.ModelProto:
     """A copy of `model` computing in float64 (weights read in from their files).
 
     With a ``weights`` dict, each main-graph initializer of FEED_BYTES or more becomes a graph
     input instead, and its float64 values go into ``weights`` (name -> array), to be fed at
     every run: ONNX Runtime reads a fed array in place, where an embedded one would exist three
-    times (the proto, its serialized bytes, and the session's copy)."""
+    times (the proto, its serialized bytes, and the session's copy). `stop` (an Event): Stopped
+    is raised between two fed tensors once it is set."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if weights is not None:
-        _feed_weights(out.graph, weights)
+        _feed_weights(out.graph, weights, stop=stop)
     stack = [out.graph]
     while stack:  # every graph, subgraphs included, without recursion
         g = stack.pop()
@@ -382,7 +396,7 @@ def to_float64(model: onnx.ModelProto, weights: dict | None = None) -> onnx.Mode
     return out
 
 
-def _feed_weights(g, weights: dict, native: bool = False) -> None:
+def _feed_weights(g, weights: dict, native: bool = False, stop=None) -> None:
     """Moves g's large float initializers, as float64, into ``weights``; each becomes a float64
     graph input of its shape (integer tensors stay: quantized kernels may want them constant). Tensors an op wants in float32 stay (KEEP_FLOAT32).
     native: in their own type instead (the model at its own precision, _Split's check)."""
@@ -393,6 +407,8 @@ def _feed_weights(g, weights: dict, native: bool = False) -> None:
         if t.name in keep or t.data_type not in FLOATS or W.tensor_nbytes(t) < FEED_BYTES:
             kept.append(t)
             continue
+        if stop is not None and stop.is_set():
+            raise Stopped()
         arr = np.asarray(_array(t)) if native else np.ascontiguousarray(_array(t), np.float64)
         weights[t.name] = arr
         if t.name not in inputs:  # an initializer that is also an input (IR < 4) keeps its input entry
@@ -623,9 +639,11 @@ def double_feeds(feeds: dict) -> dict:
 class ExactRunner:
     """Runs a model in float64: ONNX Runtime where it has the kernels, else onnx.reference."""
 
-    def __init__(self, model: onnx.ModelProto, outputs: list, first_feeds: dict | None = None, reference_fits=None):
+    def __init__(self, model: onnx.ModelProto, outputs: list, first_feeds: dict | None = None, reference_fits=None,
+                 stop=None):
         """reference_fits: None, or a callable giving None or why onnx.reference's evaluation
-        (which holds more memory than ONNX Runtime's) would not fit; asked before it starts."""
+        (which holds more memory than ONNX Runtime's) would not fit; asked before it starts.
+        stop: an Event that ends the weights' conversion early (then not available)."""
         self.available, self.why, self.engine = False, "", ""
         self.outputs = list(outputs)
         self.seconds = 0.0
@@ -635,7 +653,10 @@ class ExactRunner:
         self._weights = {}  # the fed float64 weights (to_float64)
         t0 = time.perf_counter()
         try:
-            self.model = to_float64(model, self._weights)
+            self.model = to_float64(model, self._weights, stop=stop)
+        except Stopped:
+            self.why, self._weights = "stopped", {}
+            return
         except Exception as exc:
             self.why = f"the model cannot be converted to float64 ({type(exc).__name__}: {str(exc)[:160]})"
             return
@@ -643,7 +664,7 @@ class ExactRunner:
 
         errors = []
         try:
-            self._sess = make_session(self.model, "cpu", "disable")
+            self._sess = make_session(self.model, "cpu", "disable", spin=False)  # as equivalence.SPIN
             if first_feeds is not None:
                 self._first = (first_feeds, [np.asarray(v) for v in self._sess.run(self.outputs, self._feeds(first_feeds))])
             self.engine, self.available = "ONNX Runtime (float64 kernels)", True
