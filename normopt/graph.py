@@ -1034,3 +1034,14 @@ def _contiguous(value) -> np.ndarray:
     """A C-contiguous array of the same shape (np.ascontiguousarray would make a 0-d array 1-d)."""
     value = np.asarray(value)
     return value if value.flags["C_CONTIGUOUS"] else value.copy(order="C")
+
+
+SHAPE_ONLY = ("Shape", "Size")  # readers of a tensor's shape alone, never of its values
+
+
+def value_readers(tensor):
+    """consumers(tensor) less the nodes that read only its shape (Shape, Size): the readers a
+    rewrite that changes the values but keeps the shape and type must answer for (LeViT's
+    Reshape(BN(Flatten(y)), Shape(y)) reads y's shape beside the BN that folds into y's MatMul)."""
+    return [c for c in consumers(tensor) if not (c.op in SHAPE_ONLY and (c.domain or "") in ("", "ai.onnx"))]
+

@@ -177,6 +177,31 @@ def test_backward_into_gemm_and_conv():
     assert compare(model, out).equivalent
 
 
+def test_backward_fold_past_a_shape_reader():
+    """LeViT's Linear+BatchNorm1d: y = MatMul(x, W); Reshape(BN(Flatten(y)), Shape(y)). The Shape
+    reads y's shape alone, which the fold keeps: the BN folds backward into the MatMul (it was
+    declined as "read elsewhere"). A value reader beside it still blocks the fold."""
+    from normopt.proof import prove
+
+    rng = np.random.default_rng(5)
+    d, c = 8, 6
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Flatten", ["y"], ["f"], axis=2),
+             helper.make_node("BatchNormalization", ["f", "bn_g", "bn_b", "bn_m", "bn_v"], ["fb"], epsilon=1e-5),
+             helper.make_node("Shape", ["y"], ["ys"]), helper.make_node("Reshape", ["fb", "ys"], ["r"]),
+             helper.make_node("Relu", ["r"], ["out"])]
+    inits = _bn_inits(rng, c) + [init("W", rng.standard_normal((d, c)).astype(np.float32))]
+    model = make_model(nodes, [vi("x", ["batch", 5, d])], [vi("out", ["batch", 5, c])], inits)
+    out, rep = optimize_model(model, shapes={"batch": (2,)})
+    assert fold_report(rep).applied == 1 and ops(out)["BatchNormalization"] == 0, fold_report(rep).declined
+    assert compare(model, out, input_opts=InputOptions(shapes={"batch": (2,)})).equivalent
+    assert prove(model, out).proved
+    # y also read for its values (a second output): the fold would change what that reader sees
+    model.graph.node.append(helper.make_node("Neg", ["y"], ["y_neg"]))
+    model.graph.output.append(vi("y_neg", ["batch", 5, c]))
+    out, rep = optimize_model(model, shapes={"batch": (2,)})
+    assert ops(out)["BatchNormalization"] == 1
+
+
 def test_conv_with_padding_is_not_a_forward_target():
     """Zero padding of a*x+t is not a*pad(x)+t: forward fold into a padded Conv is declined."""
     rng = np.random.default_rng(2)

@@ -74,6 +74,22 @@ def test_hf_export(tmp_path, kind, converted, total, dynamo):
         assert (tmp_path / "out.onnx.data").exists()  # external data in, external data out
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_hf_levit_batchnorms_fold(tmp_path, dynamo):
+    """LeViT puts BatchNorm1d after its Linears (over the flattened tokens, reshaped back by a
+    Shape of the Linear's output) and BatchNorm2d after its Conv stem: every one folds."""
+    from normopt.models.hf import export_hf
+
+    src = tmp_path / "levit.onnx"
+    export_hf("levit", str(src), dynamo=dynamo)
+    n_bn = _count(src, "BatchNormalization")
+    assert n_bn > 0
+    r, _ = _run(src, tmp_path / "o.onnx", None)
+    fa = next(p for p in r.report.passes if p.name == "fold_affine")
+    assert fa.applied == n_bn, fa.declined
+    assert _count(tmp_path / "o.onnx", "BatchNormalization") == 0
+
+
 def test_hf_gpt2_opset14_decomposed(tmp_path):
     from normopt.models.hf import export_hf
 

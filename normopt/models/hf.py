@@ -2,7 +2,8 @@
 exported to ONNX.
 
 ``export_hf(kind, path, ...)`` with kind in: gpt2, gpt2-lm (tied lm_head), vit, dinov2
-(LayerScale, a position table resized at run time), opt (Pre-LN), bert, llama, clip-vision (pooler output or last_hidden_state), whisper-encoder, and the
+(LayerScale, a position table resized at run time), levit (BatchNorm after its Linears), opt
+(Pre-LN), bert, llama, clip-vision (pooler output or last_hidden_state), whisper-encoder, and the
 KV-cache decoders gpt2-lm-past and opt-lm-past (inputs input_ids, attention_mask over past +
 new tokens, past_key_values.{i}.key|value; outputs logits, present.{i}.key|value, as Optimum
 names them). Configs are small by default; pass ``config=dict(...)`` to override.
@@ -111,6 +112,20 @@ def build_hf(kind: str, config: dict | None = None, seed: int = 0):
         cfg = T.Dinov2Config(hidden_size=h, num_hidden_layers=L, num_attention_heads=H, intermediate_size=4 * h, image_size=img,
                              patch_size=p, layerscale_value=c.pop("layerscale", 0.5), **c)
         m = T.Dinov2Model(cfg)
+        mod = _wrap(lambda m, x: m(pixel_values=x).last_hidden_state)(m)
+        return mod.eval(), {"pixel_values": torch.randn(b, 3, img, img)}, ["last_hidden_state"]
+    if kind == "levit":
+        # BatchNorm in the transformer: Linear -> BatchNorm1d over the flattened tokens, and Conv+BN stems
+        img = c.pop("image", 64)
+        cfg = T.LevitConfig(image_size=img, hidden_sizes=[32, 48], num_attention_heads=[2, 3], depths=[1, 1], key_dim=[8, 8],
+                            patch_size=16, down_ops=[["Subsample", 8, 2, 4, 2, 2]], **c)
+        m = T.LevitModel(cfg)
+        with torch.no_grad():  # non-trivial running statistics, as a trained model has
+            g = torch.Generator().manual_seed(seed)
+            for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)):
+                bn.running_mean.copy_(0.3 * torch.randn(bn.running_mean.shape, generator=g))
+                bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g))
+                bn.weight.copy_(1 + 0.2 * torch.randn(bn.weight.shape, generator=g))
         mod = _wrap(lambda m, x: m(pixel_values=x).last_hidden_state)(m)
         return mod.eval(), {"pixel_values": torch.randn(b, 3, img, img)}, ["last_hidden_state"]
     if kind in ("clip-vision", "clip-vision-hidden"):

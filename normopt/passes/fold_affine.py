@@ -396,7 +396,8 @@ def _backward_plan(graph, x, axis):
     """(linear node, bias Add or None, out axis) producing x through single-consumer layout ops."""
     t, a = x, axis
     for _ in range(16):
-        if G.is_graph_output(graph, t) or len(G.consumers(t)) != 1:
+        # the fold changes t's values and keeps its shape and type: a Shape beside is no reader
+        if G.is_graph_output(graph, t) or len(G.value_readers(t)) != 1:
             return f"'{t.name}' is read elsewhere or is a graph output"
         p = G.producer(t)
         if p is None:
@@ -405,7 +406,7 @@ def _backward_plan(graph, x, axis):
             ci = [i for i in (0, 1) if G.const_value(p.inputs[i]) is not None]
             lin = G.producer(p.inputs[1 - ci[0]]) if len(ci) == 1 else None
             mid = p.inputs[1 - ci[0]] if len(ci) == 1 else None
-            if lin is not None and lin.op in ("MatMul", "Gemm", "Conv") and len(G.consumers(mid)) == 1 \
+            if lin is not None and lin.op in ("MatMul", "Gemm", "Conv") and len(G.value_readers(mid)) == 1 \
                     and not G.is_graph_output(graph, mid):
                 return _check_out_axis(graph, lin, p.inputs[1 - ci[0]], a, (p, ci[0]))
             return f"'{t.name}' is produced by Add '{p.name}', not a linear op"
