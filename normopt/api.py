@@ -287,7 +287,7 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                       verify_level, provider, tune, opset, progress, threads, say, loaded, plan, ort_check):
     model, upgrade = prepare_opset(loaded.model, opset)
     inputs_line, plan_notes, tune_dims = None, [], {}
-    proof_only = None  # why the dynamic check cannot run (memory), where the proof alone decides
+    proof_only = None  # why the dynamic check cannot run (memory, random draws), where the proof alone decides
     if verify or (tune and not passes):
         # one input plan for the run, made before any work and handed to tuning and verification
         # (an integer input without a range, inputs too large, a model failing on it: bad input)
@@ -300,6 +300,10 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                 # the dynamic check (and tuning, which runs the same sessions) cannot fit: the
                 # proof, which streams the weights and runs no session, is then the gate alone
                 proof_only = str(exc).split("; --no-verify")[0].split("; give smaller")[0]
+            if proof_only is None:
+                from .runtime_tests.inputs import random_draws_line
+
+                proof_only = random_draws_line(model)  # a random draw: the proof, which runs nothing, decides
         input_opts, plan_notes = plan_for_run(model, input_opts, run_model=tune and not passes and proof_only is None,
                                               verify=verify and proof_only is None,
                                               path=in_path if upgrade is None else None)
@@ -364,11 +368,11 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
                 report.notes.append(f"dynamic check not run: {proof_only}; the output is gated by the proof alone")
                 if proof.details.get("internal_error"):  # the prover's bug, not the output's: exit 3
                     _write_report(report_path, report, plan)
-                    raise InternalError(f"the proof failed ({proof.summary}) and the dynamic check does not fit in memory; "
+                    raise InternalError(f"the proof failed ({proof.summary}) and the dynamic check cannot run ({proof_only}); "
                                         "nothing was written")
                 if not proof.proved:
                     _write_report(report_path, report, plan)
-                    raise VerificationFailed(f"the output is {proof.summary}, and the dynamic check does not fit in memory "
+                    raise VerificationFailed(f"the output is {proof.summary}, and the dynamic check cannot run "
                                              f"({proof_only}); nothing was written (--no-verify writes it unchecked)")
             elif verify:
                 # the proof reads the two files on its own (no session, one weight block at a

@@ -24,6 +24,9 @@ HF_CASES = [
     ("gpt2-lm", 5, 5),  # tied token table read by lm_head
     ("vit", 5, 5),
     ("dinov2", 5, 5),  # LayerScale writers; the position table is Resized at run time, centered there
+    ("deit", 5, 5),  # zero cls and distillation tokens beside centered patches
+    ("beit", 5, 5),  # LayerScale; a relative position bias gathered from a table per layer
+    ("vitmae", 5, 5),  # a random patch shuffle: the dynamic check cannot compare, the proof decides alone
     ("opt", 5, 5),  # do_layer_norm_before=True
     ("clip-vision", 6, 6),  # pooler output: pre_layrnorm + 4 block LNs + post_layernorm
     ("whisper-encoder", 5, 5),  # conv -> gelu front end: one explicit centering
@@ -46,7 +49,10 @@ def _opts(path, kind):
 
 def _run(src, out, opts, **kw):
     r = optimize(str(src), str(out), input_opts=opts, **kw)
-    assert r.unchanged or r.verification.equivalent  # unchanged: a byte-identical copy
+    if r.verification is None and not r.unchanged:  # the dynamic check could not run: the proof alone gated it
+        assert any(n.startswith("dynamic check not run: ") for n in r.report.notes), r.report.notes
+    else:
+        assert r.unchanged or r.verification.equivalent  # unchanged: a byte-identical copy
     if not r.unchanged and kw.get("verify", True):  # every output written is proved too
         assert r.proof is not None and r.proof.proved, r.proof and r.proof.summary
     ln = next(p for p in r.report.passes if p.name == "ln_to_rms")

@@ -282,6 +282,27 @@ def test_slack_is_the_reductions_rounding_not_a_free_pass():
         assert not prove(m, bad).proved, how
 
 
+def test_random_draws_leave_the_proof_to_decide_alone(tmp_path):
+    """A model that draws random numbers (ViT-MAE's patch shuffle) differs from itself run to run:
+    the dynamic check compares nothing and says so; optimize lets the proof decide alone, and
+    writes the output only when it proves."""
+    from normopt.api import optimize
+    from normopt.runtime_tests.equivalence import compare
+
+    m = preln_stream_model()
+    m.graph.node.extend([helper.make_node("RandomUniformLike", ["final"], ["noise"], low=0.0, high=1.0),
+                         helper.make_node("Add", ["final", "noise"], ["noisy"])])
+    m.graph.output.append(helper.make_tensor_value_info("noisy", onnx.TensorProto.FLOAT, [1, 8, 16]))
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    res = compare(m, m)
+    assert not res.equivalent and any(p.startswith("nothing was compared: the input draws random numbers") for p in res.problems)
+    r = optimize(str(src), str(tmp_path / "o.onnx"))
+    assert r.verification is None and r.proof is not None and r.proof.proved, r.proof
+    assert any(n.startswith("dynamic check not run: the input draws random numbers") for n in r.report.notes)
+    assert (tmp_path / "o.onnx").exists()
+
+
 def _inline(model):
     from normopt.proof.graphs import tensor_value
 

@@ -2,8 +2,8 @@
 exported to ONNX.
 
 ``export_hf(kind, path, ...)`` with kind in: gpt2, gpt2-lm (tied lm_head), vit, dinov2
-(LayerScale, a position table resized at run time), levit (BatchNorm after its Linears), opt
-(Pre-LN), bert, llama, clip-vision (pooler output or last_hidden_state), whisper-encoder, and the
+(LayerScale, a position table resized at run time), deit, beit (relative position bias),
+vitmae (a random patch shuffle), levit (BatchNorm after its Linears), opt (Pre-LN), bert, llama, clip-vision (pooler output or last_hidden_state), whisper-encoder, and the
 KV-cache decoders gpt2-lm-past and opt-lm-past (inputs input_ids, attention_mask over past +
 new tokens, past_key_values.{i}.key|value; outputs logits, present.{i}.key|value, as Optimum
 names them). Configs are small by default; pass ``config=dict(...)`` to override.
@@ -112,6 +112,20 @@ def build_hf(kind: str, config: dict | None = None, seed: int = 0):
         cfg = T.Dinov2Config(hidden_size=h, num_hidden_layers=L, num_attention_heads=H, intermediate_size=4 * h, image_size=img,
                              patch_size=p, layerscale_value=c.pop("layerscale", 0.5), **c)
         m = T.Dinov2Model(cfg)
+        mod = _wrap(lambda m, x: m(pixel_values=x).last_hidden_state)(m)
+        return mod.eval(), {"pixel_values": torch.randn(b, 3, img, img)}, ["last_hidden_state"]
+    if kind in ("deit", "beit", "vitmae"):
+        # DeiT: a zero cls and distillation token; BEiT: LayerScale and a relative position bias
+        # table gathered per layer; ViT-MAE: a random shuffle of the patches (RandomUniformLike)
+        img, p = c.pop("image", 32), c.pop("patch", 8)
+        common = dict(hidden_size=h, num_hidden_layers=L, num_attention_heads=H, intermediate_size=4 * h, image_size=img, patch_size=p)
+        if kind == "deit":
+            m = T.DeiTModel(T.DeiTConfig(**common, **c), add_pooling_layer=False)
+        elif kind == "beit":
+            m = T.BeitModel(T.BeitConfig(**common, layer_scale_init_value=0.5, use_relative_position_bias=True, use_mean_pooling=False, **c),
+                            add_pooling_layer=False)
+        else:
+            m = T.ViTMAEModel(T.ViTMAEConfig(**common, mask_ratio=0.0, **c))
         mod = _wrap(lambda m, x: m(pixel_values=x).last_hidden_state)(m)
         return mod.eval(), {"pixel_values": torch.randn(b, 3, img, img)}, ["last_hidden_state"]
     if kind == "levit":

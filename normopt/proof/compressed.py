@@ -273,7 +273,7 @@ def rule_slice(prover, O, P, node, in_rels):
         k = ax % r
         if q.centered and q.axis == k and q.t is None:  # P(a u) + t is zero-mean only for a zero-mean t
             base = q
-        elif q.eq and O.zero_mean_axis(w) == k:
+        elif q.eq and O.is_zero_mean(w, k):
             base = Rel(w, k, False)
         else:
             continue
@@ -528,7 +528,7 @@ def _crms(prover, O, P, node, in_rels):
         if r is None or q.axis != r - 1:
             continue
         base = Rel(q.u, q.axis, True) if q.centered else Rel(q.u)
-        if not q.centered and O.zero_mean_axis(q.u) != q.axis:
+        if not q.centered and not O.is_zero_mean(q.u, q.axis):
             continue
         e, tol = s.stat[1], s.stat[2]
         got = norm_rels(prover, O, [base], np.ones(1), None, e, "rms", _where(node), eps_tol=tol)

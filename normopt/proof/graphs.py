@@ -496,10 +496,13 @@ class GraphView:
                 continue
             if node.domain not in ("", "ai.onnx") or graph_attrs(node) or node.op_type in _NO_EVAL:
                 continue
-            if node.output and all(not o or o in self._small or o in self._partial for o in node.output):
-                continue  # the shape tracker knows it
+            if node.output and all(not o or o in self._small or o in self._partial for o in node.output) and not (
+                    any(o in self._partial for o in node.output) and all(self.is_const(i) for i in node.input if i)):
+                continue  # the shape tracker knows it (a partial value of constants is evaluated whole)
             if node.op_type in ("Shape", "Size") and node.input:
                 s = self.shape(node.input[0])
+                if (s is None or any(not isinstance(d, int) for d in s)) and self.is_const(node.input[0]):
+                    s = [int(d) for d in np.shape(self.const(node.input[0]))]  # an evaluated constant's own shape
                 if s is not None:
                     # a symbolic dim is kept as its name (or a name for this dim), so equal dims cancel
                     s = [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else f"{node.input[0]}#{k}")
@@ -515,6 +518,7 @@ class GraphView:
                         part = s[start:end]
                         if all(isinstance(d, int) for d in part):
                             self._small[node.output[0]] = np.array(part, np.int64)
+                            self._partial.pop(node.output[0], None)
                         else:
                             self._partial[node.output[0]] = part
                 continue
@@ -554,6 +558,7 @@ class GraphView:
             for o, v in zip(node.output, vals):
                 if o and v is not None and np.asarray(v).size <= EVAL_LIMIT:
                     self._small[o] = np.asarray(v)
+                    self._partial.pop(o, None)
             if node.output and node.output[0] in self._small:
                 try:
                     sl = self._node_slack(node, vals)
@@ -564,7 +569,7 @@ class GraphView:
 
     def _pvals(self, name):
         """A 1-D int shape vector as [int or None], from a partial or a small constant."""
-        if name in self._partial:
+        if name in self._partial and name not in self._small:  # a value evaluated whole wins over its partial one
             return list(self._partial[name])
         v = self.const(name) if name else None
         if v is None or np.asarray(v).dtype.kind not in "iu" or np.asarray(v).ndim > 1 or np.asarray(v).size > 64:
@@ -1282,6 +1287,47 @@ class GraphView:
         if axes is None or r is None or len(axes) != 1 or not self.attrs(q[0]).get("keepdims", 1):
             return None
         return axes[0] % r
+
+
+    def is_zero_mean(self, name, axis) -> bool:
+        """The ORIGINAL value is zero-mean along `axis` for every input: x - ReduceMean(x) over it
+        (zero_mean_axis), a constant whose mean along it is exactly 0 (a zero cls token, summed
+        exactly), or an Identity / Expand of one (Expand keeping that axis, not broadcasting
+        along it). Its relation "equal" is then also "centered along axis"."""
+        v, a = name, axis
+        for _ in range(64):
+            r = self.rank(v)
+            if r is None or a is None or not 0 <= a < r:
+                return False
+            if self.zero_mean_axis(v) == a:
+                return True
+            if self.is_const(v):
+                c = self.const(v)
+                if c is None or np.ndim(c) != r or np.size(c) > 1 << 20:
+                    return False
+                c64 = np.moveaxis(np.asarray(c, np.float64), a, -1).reshape(-1, np.shape(c)[a])
+                if not np.all(np.isfinite(c64)):
+                    return False
+                import math
+
+                return all(math.fsum(row) == 0.0 for row in c64)
+            p = self.producer.get(v)
+            if p is None or p[0].domain not in ("", "ai.onnx") or not p[0].input:
+                return False
+            n = p[0]
+            if n.op_type == "Identity":
+                v = n.input[0]
+                continue
+            if n.op_type == "Expand":
+                x = n.input[0]
+                rin, sin, sout = self.rank(x), self.shape(x), self.shape(v)
+                ai = a - (r - rin) if rin is not None else -1
+                if ai < 0 or sin is None or sout is None or not isinstance(sout[a], int) or sin[ai] != sout[a]:
+                    return False
+                v, a = x, ai
+                continue
+            return False
+        return False
 
 
 _EXPANSION = "normopt.proof: expansion of a com.microsoft Skip norm"

@@ -449,10 +449,12 @@ class Prover:
         if r0 in (None, "const"):
             if op != "Concat":
                 raise _Skip(f"{op} of a constant")
-        # the first non-constant data input names the candidates
-        k0 = next(k for k in data_slots if in_rels[k] not in (None, "const"))
+        # a non-constant data input names the candidates: the first one, and for a Concat each of
+        # its first few (a zero cls token is "equal", the patches beside it "centered": the
+        # relation to carry is the patches')
+        ks = [k for k in data_slots if in_rels[k] not in (None, "const")]
         found = None
-        for w, rr in self._rels_on(O, in_rels[k0]):
+        for w, rr, k0 in ((w, rr, k0) for k0 in (ks[:8] if op == "Concat" else ks[:1]) for w, rr in self._rels_on(O, in_rels[k0])):
             if rr.kind not in ("rel", "comp"):  # a compressed value commutes with ops over other axes too
                 continue
             # the original node of the same name first (a hint); every original node of the op
@@ -479,6 +481,7 @@ class Prover:
         if rr.full_t:
             return None
         x = cand.input[0 if op != "Concat" else data_slots[0]]
+        err = rr.err  # a Concat's pieces: the largest of their bounds
         for k, (i, r) in enumerate(zip(node.input, in_rels)):
             if k not in pslots:
                 continue
@@ -489,8 +492,12 @@ class Prover:
                         return None
                     continue  # a constant data input of Concat: checked against the relation below
                 rk = next((q for w, q in self._rels_on(O, r) if w == oi), None)
+                if rk is not None and rk.eq and rr.pure_center and O.is_zero_mean(oi, rr.axis):
+                    err = _max_err(err, rk.err)
+                    continue  # equal to a zero-mean original value (a zero cls token): centered too
                 if rk is None or not _same_form(rk, rr):
                     return None
+                err = _max_err(err, rk.err)
             else:
                 if r is None:
                     if oi:
@@ -525,7 +532,9 @@ class Prover:
             so, si = O.shape(y), O.shape(x)
             if so is None or si is None or so[axis_out] != si[rr.axis] or not isinstance(so[axis_out], int):
                 return None
-        res = Rel(y, axis_out, rr.centered, rr.a, rr.t, rr.err, rr.kind, how=op)
+        if err is None:
+            return None
+        res = Rel(y, axis_out, rr.centered, rr.a, rr.t, err, rr.kind, how=op)
         outs = [[res]]
         for k in range(1, len(node.output)):
             if node.output[k]:
@@ -790,6 +799,20 @@ def _bcast(v, axis, rank):
     shape = [1] * rank
     shape[axis] = v.size
     return v.reshape(shape)
+
+
+def _max_err(e1, e2):
+    """The larger of two bounds (scalars or per-channel vectors of one length); None when they
+    do not combine."""
+    if e1 is None or e2 is None:
+        return None
+    a, b = np.asarray(e1, np.float64), np.asarray(e2, np.float64)
+    if a.ndim == 0 and b.ndim == 0:
+        return float(max(a, b))
+    try:
+        return np.maximum(a, b)
+    except ValueError:
+        return None
 
 
 def _same_form(r1: Rel, r2: Rel) -> bool:

@@ -954,7 +954,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             continue
         last = r - 1
         if kind == "rms":
-            ok = (q.pure_center and q.axis == last) or (q.eq and O.zero_mean_axis(w) == last)
+            ok = (q.pure_center and q.axis == last) or (q.eq and O.is_zero_mean(w, last))
         else:  # LN: any per-token shift or centering along the last axis, no scale
             ok = q.a is None and (q.axis in (None, last)) and (q.t is None or _uniform_within(q.t, q.err))
         if not ok:
@@ -989,7 +989,7 @@ def norm_rels(prover, O, rs, gamma_p, beta_p, eps_attr, kind, where, stash=1, ep
             oa = O.attrs(cand)
             if cand.op_type == "LayerNormalization":
                 g0, b0 = _vals(O, cand.input[1] if len(cand.input) > 1 else ""), _vals(O, cand.input[2] if len(cand.input) > 2 else "")
-            elif cand.op_type in ("SimplifiedLayerNormalization", "RMSNormalization") and O.zero_mean_axis(w) == last and q.eq:
+            elif cand.op_type in ("SimplifiedLayerNormalization", "RMSNormalization") and q.eq and O.is_zero_mean(w, last):
                 g0, b0 = _vals(O, cand.input[1] if len(cand.input) > 1 else ""), None
             else:
                 continue
@@ -1262,7 +1262,7 @@ def _centered_in(prover, O, rs):
             continue
         if q.pure_center and q.axis == r - 1:
             out.append((w, q))
-        elif q.eq and O.zero_mean_axis(w) == r - 1:
+        elif q.eq and O.is_zero_mean(w, r - 1):
             out.append((w, Rel(w, r - 1, True, how="zero-mean")))
     return out
 

@@ -624,6 +624,25 @@ class Tracker:
             if s is not None and len(s) >= 2:
                 self._set(outs[0], s[:2] + [1] * (len(s) - 2))
             return
+        if op in ("RandomUniformLike", "RandomNormalLike", "Bernoulli"):
+            self._set(outs[0], S(x))  # the input's shape (its values are drawn)
+            return
+        if op == "GatherElements":
+            self._set(outs[0], S(ins[1]))  # the indices' shape
+            return
+        if op == "TopK":
+            s, k = S(x), V(ins[1]) if len(ins) > 1 else None
+            if s is None or k is None or len(k) != 1:
+                return
+            ax = self._attr(node, "axis", -1)
+            ax = ax + len(s) if ax < 0 else ax
+            if not 0 <= ax < len(s):
+                return
+            out = list(s)
+            out[ax] = k[0]
+            for o in outs[:2]:
+                self._set(o, out)
+            return
         if op == "Tile":
             s, reps = S(x), V(ins[1])
             if s is None or reps is None or len(reps) != len(s):

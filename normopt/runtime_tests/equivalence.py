@@ -724,6 +724,13 @@ def compare(
     use_exact = (atol is None and rtol is None and not approx) if exact is None else bool(exact)
     result.mode = "exact" if use_exact else ("thresholds" if approx else "tolerance")
 
+    from .inputs import random_draws_line
+
+    drawn = random_draws_line(ref_proto)
+    if drawn:  # two runs of the original already differ: a comparison would judge the draws
+        result.equivalent = False
+        result.problems.append(f"nothing was compared: {drawn} (verify --prove decides without running it)")
+        return result
     ref_inputs = {s.name: s for s in input_specs(ref_proto)}
     cand_inputs = {s.name: s for s in input_specs(cand_proto)}
     if set(ref_inputs) != set(cand_inputs):

@@ -116,6 +116,23 @@ def _all_nodes(graph):
                 yield from _all_nodes(g)
 
 
+RANDOM_OPS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
+
+
+def random_draws(model: onnx.ModelProto) -> list:
+    """The nodes (If/Loop/Scan bodies included) that draw random numbers at run time: a model with
+    one computes a different function on every run, so running it twice compares nothing."""
+    return [n for n in _all_nodes(model.graph) if n.op_type in RANDOM_OPS and n.domain in ("", "ai.onnx")]
+
+
+def random_draws_line(model: onnx.ModelProto) -> str | None:
+    nodes = random_draws(model)
+    if not nodes:
+        return None
+    shown = ", ".join(f"{n.op_type} '{n.name}'" for n in nodes[:2]) + (f" and {len(nodes) - 2} more" if len(nodes) > 2 else "")
+    return f"the input draws random numbers at run time ({shown}): its outputs differ from run to run, so running it compares nothing"
+
+
 def _tensors(model):
     """Constant tensors by name: initializers of every graph and Constant nodes' values."""
     consts = {i.name: i for i in model.graph.initializer}
