@@ -182,9 +182,14 @@ class Pipeline:
             before = dict(counts) if counts is not None else G.op_counts(graph)
             rollback, state = _Rollback(graph), copy.deepcopy(ctx.state)
             notes_before = len(ctx.notes)
+            touched = True  # the pass reached apply (a mark was taken)
             try:
                 with _collector_paused():  # a pass's objects (new nodes, its rollback mark) stay alive while it runs
                     graph, pr = self._run_everywhere(p, graph, ctx, on_analysis, rollback)
+                    touched = rollback.snapshot is not None
+                    # the mark (a copy of every node's fields) is freed here, by reference counting,
+                    # before the collector is back on: kept longer, the next collection rescanned it
+                    rollback = state = None
             except Exception as exc:
                 graph = rollback.restore()
                 ctx.state.clear()
@@ -195,7 +200,7 @@ class Pipeline:
                 pr = PassReport(p.name, p.description, [], 0, [], before, before, 0.0, error=msg)
             pr.ops_before = before
             # a pass that never reached apply (no mark taken) only read the graph: same counts
-            counts = before if rollback.snapshot is None and not pr.error else G.op_counts(graph)
+            counts = before if not touched and not pr.error else G.op_counts(graph)
             pr.ops_after = counts
             pr.seconds = time.perf_counter() - t0
             report.passes.append(pr)
@@ -247,7 +252,9 @@ class Pipeline:
         report = Report()
         with _collector_paused():  # import: a million objects that all stay alive (scanning them is waste)
             graph = G.to_graph(model)
-        gc.freeze()  # the imported graph lives for the whole run: collections skip it (see _collector_paused)
+            # the imported graph lives for the whole run: collections skip it (see _collector_paused).
+            # Frozen before the collector is back on: else its first collection scans the whole import
+            gc.freeze()
         try:
             return self._run_imported(graph, model, ctx, report, progress)
         finally:
