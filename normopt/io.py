@@ -90,18 +90,23 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
     if unknown:
         op = next(n.op_type for n in model.graph.node if n.domain == unknown[0])
         raise NormoptError(f"{path}: op '{op}' of domain '{unknown[0]}' is unknown to ONNX Runtime")
-    problem = text_problem(model) or validate_tensors(model, path)
+    problem = text_problem(model)
+    tensors = None
+    if not problem:
+        tensors = list(all_tensors(model))  # one walk for the checks, the data files and the weight bytes
+        problem = validate_tensors(model, path, tensors)
     if problem:
         raise NormoptError(f"{path}: {problem}")
     me = os.path.abspath(path)
-    external = any(W.external_ref(t) is not None and W.external_ref(t)[0] != me for t in W.iter_tensors(model))
+    dense = [t for t, what in tensors if what == "tensor"]  # weights.iter_tensors(model), in its order
+    external = any(W.external_ref(t) is not None and W.external_ref(t)[0] != me for t in dense)
     try:
         check_model(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NormoptError(f"{path}: invalid ONNX model: {first}") from None
     return LoadedModel(model=model, path=path, had_external_data=external, opset=opset,
-                       weight_bytes=W.weight_bytes(model))
+                       weight_bytes=sum(W.tensor_nbytes(t) for t in dense))  # weights.weight_bytes(model)
 
 
 def text_problem(model: onnx.ModelProto) -> str | None:
@@ -149,38 +154,69 @@ MAX_ELEMENT_BYTES = 1 << 62  # a tensor's dims beyond this overflow ONNX Runtime
 
 def all_tensors(model: onnx.ModelProto):
     """(tensor, what) for every TensorProto of the model: initializers, Constant and other
-    attribute tensors, subgraphs, functions, and the values and indices of sparse tensors."""
-    for t in W.iter_tensors(model):
+    attribute tensors, subgraphs, functions (in weights.iter_tensors' order), then the values
+    and indices of sparse tensors. One walk over the nodes (see _tensor_lists)."""
+    dense, sparse = _tensor_lists(model)
+    for t in dense:
         yield t, "tensor"
-    graphs = list(_graphs(model.graph))
-    for fn in model.functions:
-        for node in fn.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    graphs.extend(_graphs(attr.g))
-                for g in attr.graphs:
-                    graphs.extend(_graphs(g))
-    nodes = [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]
-    sparse = [s for g in graphs for s in g.sparse_initializer]
-    for n in nodes:
-        if not n.attribute:
-            continue
-        for attr in n.attribute:
-            if attr.HasField("sparse_tensor"):
-                sparse.append(attr.sparse_tensor)
-            sparse.extend(attr.sparse_tensors)
     for s in sparse:
         yield s.values, "sparse tensor values"
         yield s.indices, "sparse tensor indices"
 
 
-def validate_tensors(model: onnx.ModelProto, path: str) -> str | None:
+def _tensor_lists(model: onnx.ModelProto):
+    """(dense, sparse) in one walk over every graph's nodes (only nodes with attributes are
+    entered): dense, every TensorProto in weights.iter_tensors' order (a graph's initializers,
+    then its nodes' attribute tensors, a subgraph's in place); sparse, every SparseTensorProto:
+    the sparse initializers of every graph, graphs in preorder (the main graph's, then those in
+    functions), then the sparse attributes of their nodes, graph by graph, then those of the
+    functions' own nodes."""
+    dense, sparse_inits, per_graph, fn_tail = [], [], [], []
+
+    def node_tensors(node, mine):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                dense.append(attr.t)
+            if len(attr.tensors):
+                dense.extend(attr.tensors)
+            if attr.HasField("sparse_tensor"):
+                mine.append(attr.sparse_tensor)
+            if len(attr.sparse_tensors):
+                mine.extend(attr.sparse_tensors)
+            if attr.HasField("g"):
+                graph_tensors(attr.g)
+            for g in attr.graphs:
+                graph_tensors(g)
+
+    def graph_tensors(g):  # recursion depth: the nesting of subgraphs, never the graph's depth
+        dense.extend(g.initializer)
+        if len(g.sparse_initializer):
+            sparse_inits.extend(g.sparse_initializer)
+        mine = []
+        per_graph.append(mine)
+        for node in g.node:
+            if node.attribute:  # (most nodes have none)
+                node_tensors(node, mine)
+
+    graph_tensors(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            node_tensors(node, fn_tail)
+    sparse = sparse_inits
+    for mine in per_graph:
+        sparse.extend(mine)
+    sparse.extend(fn_tail)
+    return dense, sparse
+
+
+def validate_tensors(model: onnx.ModelProto, path: str, tensors=None) -> str | None:
     """The first problem that makes ONNX Runtime refuse one of the model's tensors, in words, or
     None: an unknown data_type, a negative or overflowing dim, a STRING tensor with raw or
     external data, a data size that does not match dims x type (raw_data, the typed fields, or
     external data: length, and the file's size against offset + length, never read), an
-    external-data file that is missing or not a regular file."""
-    for t, what in all_tensors(model):
+    external-data file that is missing or not a regular file. ``tensors``: all_tensors(model)
+    as a list, where the caller has it."""
+    for t, what in (all_tensors(model) if tensors is None else tensors):
         problem = tensor_problem(t, path)
         if problem:
             return f"{what} '{t.name}': {problem}" if t.name or what == "tensor" else f"{what}: {problem}"
