@@ -232,10 +232,13 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+def to_model(graph: gs.Graph, original: onnx.ModelProto, clean: bool = False) -> onnx.ModelProto:
     """Export, restoring what graphsurgeon drops: IR version, producer, doc strings, metadata,
-    and every opset import of the original (plus any domain the passes added)."""
-    _clean_and_sort(graph)
+    and every opset import of the original (plus any domain the passes added). The graph is
+    cleaned up and sorted first, unless ``clean`` says it is already (the pipeline knows: a
+    refresh did it, and no pass changed the structure since; both steps are idempotent)."""
+    if not clean:
+        _clean_and_sort(graph)
     with _io_value_info_only(graph):
         model = export(graph)
     model.ir_version = original.ir_version

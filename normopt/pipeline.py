@@ -175,6 +175,10 @@ class Pipeline:
         runs. An analysis only reads the graph, so the mark is taken just before the pass's
         first apply: a pass with nothing to apply costs nothing."""
         counts = None  # the op counts after the last pass (still true when the last pass rewrote nothing)
+        # is the main graph cleaned up and sorted as it stands? After a refresh (every pass that
+        # may change the structure ends with one), until the next such pass; a pass that keeps
+        # shapes never changes the structure, and one that failed is rewound to its mark
+        clean = False
         for i, p in enumerate(self.passes, 1):
             if progress:
                 progress(f"pass {self._place(i, p)} {p.name}: running ...")
@@ -201,12 +205,15 @@ class Pipeline:
             pr.ops_before = before
             # a pass that never reached apply (no mark taken) only read the graph: same counts
             counts = before if not touched and not pr.error else G.op_counts(graph)
+            if touched and not pr.error and not p.keeps_shapes:
+                clean = True  # (_run_pass refreshed the model after its last apply)
             pr.ops_after = counts
             pr.seconds = time.perf_counter() - t0
             report.passes.append(pr)
             if progress:
                 progress(f"pass {self._place(i, p)} {p.name}: applied {pr.applied} in {pr.seconds:.1f} s"
                          + (" (FAILED, changes dropped)" if pr.error else ""))
+        graph.__dict__["normopt_clean"] = clean  # for _run_imported's export
         return graph
 
     def _run_everywhere(self, p, root, ctx, on_analysis, rollback=None):
@@ -272,7 +279,7 @@ class Pipeline:
             out = model  # no pass rewrote anything: the input as it is (an export would only rebuild it; 10 s at 100k nodes)
         else:
             with _collector_paused():
-                out = G.to_model(graph, model)
+                out = G.to_model(graph, model, clean=graph.__dict__.pop("normopt_clean", False))
         report.notes.extend(ctx.notes)
         report.changed_values = sorted(ctx.state.get(CHANGED, ()))
         report.beta_folded = ctx.state.get("beta_folded", 0)
