@@ -164,14 +164,16 @@ def all_tensors(model: onnx.ModelProto):
         yield s.indices, "sparse tensor indices"
 
 
-def _tensor_lists(model: onnx.ModelProto):
+def _tensor_lists(model: onnx.ModelProto, graphs: list | None = None):
     """(dense, sparse) in one walk over every graph's nodes (only nodes with attributes are
     entered): dense, every TensorProto in weights.iter_tensors' order (a graph's initializers,
     then its nodes' attribute tensors, a subgraph's in place); sparse, every SparseTensorProto:
     the sparse initializers of every graph, graphs in preorder (the main graph's, then those in
     functions), then the sparse attributes of their nodes, graph by graph, then those of the
-    functions' own nodes."""
+    functions' own nodes. ``graphs``, where given, gets the main graph and its subgraphs, in
+    _graphs' order (the functions' subgraphs are not added)."""
     dense, sparse_inits, per_graph, fn_tail = [], [], [], []
+    sink = [graphs if graphs is not None else []]  # where each graph met goes
 
     def node_tensors(node, mine):
         for attr in node.attribute:
@@ -194,11 +196,13 @@ def _tensor_lists(model: onnx.ModelProto):
             sparse_inits.extend(g.sparse_initializer)
         mine = []
         per_graph.append(mine)
+        sink[0].append(g)
         for node in g.node:
             if node.attribute:  # (most nodes have none)
                 node_tensors(node, mine)
 
     graph_tensors(model.graph)
+    sink[0] = []  # the functions' subgraphs are not the caller's
     for fn in model.functions:
         for node in fn.node:
             node_tensors(node, fn_tail)
@@ -287,7 +291,9 @@ def check_model(model: onnx.ModelProto) -> None:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     moved = False
-    for g in _graphs(probe.graph):
+    graphs = []
+    tensors, _ = _tensor_lists(probe, graphs)  # one walk: weights.iter_tensors(probe) and _graphs(probe.graph)
+    for g in graphs:
         for node in g.node:
             if node.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS and node.domain in ("", "ai.onnx"):
                 node.domain = "com.microsoft"
@@ -296,7 +302,7 @@ def check_model(model: onnx.ModelProto) -> None:
         probe.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     with tempfile.TemporaryDirectory(prefix="normopt-check-") as tmp:
         open(os.path.join(tmp, "w.data"), "wb").close()
-        for t in W.iter_tensors(probe):
+        for t in tensors:
             ref = W.external_ref(t)
             if ref is not None:
                 W.set_external(t, "w.data", ref[1], ref[2] if ref[2] is not None else W.tensor_nbytes(t))

@@ -112,3 +112,27 @@ def test_load_model_weight_bytes_and_checks_from_the_one_walk(tmp_path):
         assert "fe_i" in str(exc)  # (attributes are sorted by name: else_branch first)
     else:
         raise AssertionError("the bad tensor was not found")
+
+
+def test_the_walk_lists_the_graphs_as_io_graphs_does():
+    model = _model()
+    graphs = []
+    nio._tensor_lists(model, graphs)
+    assert [g.name for g in graphs] == [g.name for g in nio._graphs(model.graph)]
+
+
+def test_check_model_still_checks_every_graph_and_accepts_contrib_ops():
+    from normopt.errors import NormoptError  # noqa: F401
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    g = helper.make_graph([helper.make_node("SimplifiedLayerNormalization", ["x", "w"], ["y"], axis=-1, epsilon=1e-5)],
+                          "g", [x], [y], [numpy_helper.from_array(np.ones(4, np.float32), "w")])
+    nio.check_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))  # ORT's contrib op: accepted
+    bad = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], bogus=1)], "b", [x], [y])
+    try:
+        nio.check_model(helper.make_model(bad, opset_imports=[helper.make_opsetid("", 17)]))
+    except Exception as exc:
+        assert "bogus" in str(exc)
+    else:
+        raise AssertionError("the checker accepted an unknown attribute")
