@@ -164,23 +164,27 @@ def all_tensors(model: onnx.ModelProto):
         yield s.indices, "sparse tensor indices"
 
 
-def _tensor_lists(model: onnx.ModelProto, graphs: list | None = None):
+def _tensor_lists(model: onnx.ModelProto, graphs: list | None = None, attribute_tensors: list | None = None):
     """(dense, sparse) in one walk over every graph's nodes (only nodes with attributes are
     entered): dense, every TensorProto in weights.iter_tensors' order (a graph's initializers,
     then its nodes' attribute tensors, a subgraph's in place); sparse, every SparseTensorProto:
     the sparse initializers of every graph, graphs in preorder (the main graph's, then those in
     functions), then the sparse attributes of their nodes, graph by graph, then those of the
     functions' own nodes. ``graphs``, where given, gets the main graph and its subgraphs, in
-    _graphs' order (the functions' subgraphs are not added)."""
+    _graphs' order (the functions' subgraphs are not added); ``attribute_tensors``, the tensor
+    attributes (t, tensors) of those graphs' nodes (a subgraph's where it is met)."""
     dense, sparse_inits, per_graph, fn_tail = [], [], [], []
     sink = [graphs if graphs is not None else []]  # where each graph met goes
+    attr_sink = [attribute_tensors if attribute_tensors is not None else []]
 
     def node_tensors(node, mine):
         for attr in node.attribute:
             if attr.HasField("t"):
                 dense.append(attr.t)
+                attr_sink[0].append(attr.t)
             if len(attr.tensors):
                 dense.extend(attr.tensors)
+                attr_sink[0].extend(attr.tensors)
             if attr.HasField("sparse_tensor"):
                 mine.append(attr.sparse_tensor)
             if len(attr.sparse_tensors):
@@ -202,7 +206,7 @@ def _tensor_lists(model: onnx.ModelProto, graphs: list | None = None):
                 node_tensors(node, mine)
 
     graph_tensors(model.graph)
-    sink[0] = []  # the functions' subgraphs are not the caller's
+    sink[0] = attr_sink[0] = []  # the functions' subgraphs and nodes are not the caller's
     for fn in model.functions:
         for node in fn.node:
             node_tensors(node, fn_tail)
@@ -608,39 +612,32 @@ def write_model(model: onnx.ModelProto, path: str, external: bool, data_name: st
     out = onnx.ModelProto()
     out.CopyFrom(model)
     sources = _Sources()
-    for t in W.iter_tensors(out):
+    graphs, attribute_tensors = [], []
+    tensors, _ = _tensor_lists(out, graphs, attribute_tensors)  # one walk: iter_tensors, _graphs, _attribute_tensors
+    for t in tensors:
         if t.data_location == onnx.TensorProto.EXTERNAL and W.external_ref(t) is None:
             # a constant a pass gave new values keeps graphsurgeon's copy of its old location flag
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
     try:
-        for t in _attribute_tensors(out):  # Constant/attribute tensors stay inline
+        for t in attribute_tensors:  # Constant/attribute tensors stay inline
             if _is_ref(t):
                 _inline(t)
         if external:
-            _write_external(out, path, data_name or os.path.basename(path) + ".data", sources)
+            _write_external(out, path, data_name or os.path.basename(path) + ".data", sources, graphs)
         else:
-            _write_single(out, path, sources)
+            _write_single(out, path, sources, graphs)
     finally:
         sources.close()
 
 
-def _attribute_tensors(model):
-    for g in _graphs(model.graph):
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-
-
-def _write_external(out, path, data_name, sources):
+def _write_external(out, path, data_name, sources, graphs=None):
     data_path = os.path.join(os.path.dirname(path), data_name)
     written = {}
     with open(data_path, "wb") as data:
         fd = data.fileno()
         end = 0
-        for g in _graphs(out.graph):
+        for g in (_graphs(out.graph) if graphs is None else graphs):
             for t in g.initializer:
                 n = W.tensor_nbytes(t)
                 if t.data_type == onnx.TensorProto.STRING:
@@ -670,12 +667,12 @@ def _write_external(out, path, data_name, sources):
         f.write(out.SerializeToString())
 
 
-def _write_single(out, path, sources):
+def _write_single(out, path, sources, graphs=None):
     """One protobuf: the graph without its initializers, then every main-graph initializer as its
     own field entry, in order; a referenced one is its header followed by its bytes, copied from
     their file (protobuf reads repeated fields in the order they appear, wherever they are)."""
     main = out.graph
-    for g in list(_graphs(main))[1:]:
+    for g in (list(_graphs(main)) if graphs is None else graphs)[1:]:
         for t in g.initializer:
             if _is_ref(t):
                 _inline(t)

@@ -136,3 +136,17 @@ def test_check_model_still_checks_every_graph_and_accepts_contrib_ops():
         assert "bogus" in str(exc)
     else:
         raise AssertionError("the checker accepted an unknown attribute")
+
+
+def test_the_walk_lists_every_attribute_tensor_of_the_graphs():
+    model = _model()
+    want = []
+    for g in nio._graphs(model.graph):
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    want.append(a.t.name)
+                want.extend(t.name for t in a.tensors)
+    got = []
+    nio._tensor_lists(model, attribute_tensors=got)
+    assert sorted(t.name for t in got) == sorted(want) and len(want) >= 5  # (the functions' own are not among them)
