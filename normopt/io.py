@@ -112,34 +112,81 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
 def text_problem(model: onnx.ModelProto) -> str | None:
     """The first name or type string that is not UTF-8 text (protobuf hands such a string over
     as bytes; ONNX requires UTF-8), or None. Names of nodes, values, tensors, attributes, ops,
-    domains, functions and metadata are checked."""
+    domains, functions and metadata are checked.
+
+    "First" in this order: the header; the functions' signatures; every graph's own names
+    (graphs in preorder, the main graph's tree, then the subgraphs in functions), then its
+    initializers' names; then the nodes, graph by graph in that order, then the functions' own
+    nodes. One walk over the nodes gives it: a graph's names are checked when the walk enters
+    it (the first bad one is the answer), and each graph keeps its first bad node."""
     def bad(*xs):
         return any(isinstance(x, bytes) for x in xs)
 
     if bad(model.producer_name, model.producer_version, model.domain, model.doc_string) or any(
             bad(o.domain) for o in model.opset_import) or any(bad(p.key, p.value) for p in model.metadata_props):
         return "the model's header holds text that is not UTF-8"
-    graphs = list(_graphs(model.graph))
     for fn in model.functions:
         if bad(fn.name, fn.domain, *fn.input, *fn.output, *fn.attribute):
             return "a function's name or signature is not UTF-8 text"
-        for node in fn.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    graphs.extend(_graphs(attr.g))
-                graphs.extend(g2 for g in attr.graphs for g2 in _graphs(g))
-    nodes = [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]
-    for g in graphs:
-        if bad(g.name, g.doc_string) or any(bad(v.name) for v in list(g.input) + list(g.output) + list(g.value_info)):
-            return "a graph's name or value name is not UTF-8 text"
-        if any(bad(t.name) for t in g.initializer) or any(bad(s.values.name) for s in g.sparse_initializer):
-            return "an initializer's name is not UTF-8 text"
-    for n in nodes:
+
+    def node_problem(n):
         if bytes in set(map(type, (n.name, n.op_type, n.domain, n.doc_string, *n.input, *n.output))):
             return f"node {n.name!r}: a name, op type or domain is not UTF-8 text"
         for a in n.attribute:
             if bad(a.name, a.ref_attr_name, a.doc_string) or (a.HasField("t") and bad(a.t.name)):
                 return f"node {n.name!r}: an attribute name is not UTF-8 text"
+        return None
+
+    count = [0]  # graphs entered (a graph's place in the order)
+    first = {}  # graph's place -> its first bad node
+    best = [None]  # the lowest place in `first`: a node of a later graph cannot be the answer
+
+    def subgraphs(n):  # (recursion depth: the nesting of subgraphs, never the graph's depth)
+        for a in n.attribute:
+            if a.HasField("g"):
+                problem = graph(a.g)
+                if problem:
+                    return problem
+            for sg in a.graphs:
+                problem = graph(sg)
+                if problem:
+                    return problem
+        return None
+
+    def graph(g):
+        place = count[0]
+        count[0] += 1
+        if bad(g.name, g.doc_string) or any(bad(v.name) for v in list(g.input) + list(g.output) + list(g.value_info)):
+            return "a graph's name or value name is not UTF-8 text"
+        if any(bad(t.name) for t in g.initializer) or any(bad(s.values.name) for s in g.sparse_initializer):
+            return "an initializer's name is not UTF-8 text"
+        for n in g.node:
+            if place not in first and (best[0] is None or place < best[0]):
+                problem = node_problem(n)
+                if problem:
+                    first[place] = problem
+                    best[0] = place if best[0] is None else min(best[0], place)
+            if len(n.attribute):
+                problem = subgraphs(n)
+                if problem:
+                    return problem
+        return None
+
+    problem = graph(model.graph)
+    if problem:
+        return problem
+    for fn in model.functions:  # the subgraphs of the functions' nodes follow the main graph's tree
+        for n in fn.node:
+            problem = subgraphs(n)
+            if problem:
+                return problem
+    if first:
+        return first[min(first)]
+    for fn in model.functions:
+        for n in fn.node:
+            problem = node_problem(n)
+            if problem:
+                return problem
     return None
 
 

@@ -150,3 +150,72 @@ def test_the_walk_lists_every_attribute_tensor_of_the_graphs():
     got = []
     nio._tensor_lists(model, attribute_tensors=got)
     assert sorted(t.name for t in got) == sorted(want) and len(want) >= 5  # (the functions' own are not among them)
+
+
+def _text_problem_reference(model):
+    """io.text_problem as it was (graphs listed first, then every check in its order)."""
+    def bad(*xs):
+        return any(isinstance(x, bytes) for x in xs)
+
+    if bad(model.producer_name, model.producer_version, model.domain, model.doc_string) or any(
+            bad(o.domain) for o in model.opset_import) or any(bad(p.key, p.value) for p in model.metadata_props):
+        return "the model's header holds text that is not UTF-8"
+    graphs = list(nio._graphs(model.graph))
+    for fn in model.functions:
+        if bad(fn.name, fn.domain, *fn.input, *fn.output, *fn.attribute):
+            return "a function's name or signature is not UTF-8 text"
+        for node in fn.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.extend(nio._graphs(attr.g))
+                graphs.extend(g2 for g in attr.graphs for g2 in nio._graphs(g))
+    nodes = [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]
+    for g in graphs:
+        if bad(g.name, g.doc_string) or any(bad(v.name) for v in list(g.input) + list(g.output) + list(g.value_info)):
+            return "a graph's name or value name is not UTF-8 text"
+        if any(bad(t.name) for t in g.initializer) or any(bad(s.values.name) for s in g.sparse_initializer):
+            return "an initializer's name is not UTF-8 text"
+    for n in nodes:
+        if bytes in set(map(type, (n.name, n.op_type, n.domain, n.doc_string, *n.input, *n.output))):
+            return f"node {n.name!r}: a name, op type or domain is not UTF-8 text"
+        for a in n.attribute:
+            if bad(a.name, a.ref_attr_name, a.doc_string) or (a.HasField("t") and bad(a.t.name)):
+                return f"node {n.name!r}: an attribute name is not UTF-8 text"
+    return None
+
+
+def test_text_problem_finds_the_same_first_problem_as_the_plain_walks():
+    """Names in every kind of place (graph names, value names, initializers, nodes of the main
+    graph, of nested branches, of functions and their branches) made invalid UTF-8, one or two
+    at a time: the one-walk check reports what the plain walks report."""
+    import itertools
+
+    model = _model()
+    # node names: "n<i>" on every node of every graph and function, a marker we can corrupt
+    k = itertools.count()
+    graphs = list(nio._graphs(model.graph)) + [g for fn in model.functions for n in fn.node for a in n.attribute
+                                               for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
+    for g in graphs:
+        g.name = f"G{next(k):03d}"
+        for n in g.node:
+            n.name = f"N{next(k):03d}"
+    for n in model.functions[0].node:
+        n.name = f"N{next(k):03d}"
+    data = model.SerializeToString()
+    markers = sorted({data[i:i + 4] for i in range(len(data) - 3) if data[i:i + 1] in (b"G", b"N") and data[i + 1:i + 4].isdigit()})
+    assert len(markers) > 20
+    singles = [(m,) for m in markers]
+    pairs = [(markers[i], markers[j]) for i in range(0, len(markers), 3) for j in range(len(markers) - 1, i, -4)]
+    compared = 0
+    for chosen in singles + pairs:
+        broken = data
+        for m in chosen:
+            broken = broken.replace(m, b"\xff" + m[1:])
+        mp = onnx.ModelProto()
+        mp.ParseFromString(broken)
+        want = _text_problem_reference(mp)
+        assert want is not None
+        assert nio.text_problem(mp) == want, chosen
+        compared += 1
+    assert nio.text_problem(model) is None
+    assert compared > len(markers)
