@@ -37,6 +37,7 @@ class LoadedModel:
     opset: int
     weight_bytes: int = 0
     notes: list = field(default_factory=list)
+    data_files: list | None = None  # the other files its tensors reference (sorted), as load_model found them
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -99,14 +100,17 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
         raise NormoptError(f"{path}: {problem}")
     me = os.path.abspath(path)
     dense = [t for t, what in tensors if what == "tensor"]  # weights.iter_tensors(model), in its order
-    external = any(W.external_ref(t) is not None and W.external_ref(t)[0] != me for t in dense)
+    refs = [W.external_ref(t) for t in dense]
+    data_files = sorted({ref[0] for ref in refs if ref is not None and ref[0] != me})
+    external = bool(data_files)
     try:
         check_model(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NormoptError(f"{path}: invalid ONNX model: {first}") from None
     return LoadedModel(model=model, path=path, had_external_data=external, opset=opset,
-                       weight_bytes=sum(W.tensor_nbytes(t) for t in dense))  # weights.weight_bytes(model)
+                       weight_bytes=sum(W.tensor_nbytes(t) for t in dense),  # weights.weight_bytes(model)
+                       data_files=data_files)
 
 
 def text_problem(model: onnx.ModelProto) -> str | None:
@@ -397,8 +401,11 @@ def plan_model_output(plan: P.Plan, in_path: str, loaded: LoadedModel, out_path:
     copies = []
     me = os.path.abspath(in_path)
     base = os.path.dirname(me)
-    for src in sorted({W.external_ref(t)[0] for t in W.iter_tensors(loaded.model)
-                       if W.external_ref(t) is not None and W.external_ref(t)[0] != me}):
+    files = loaded.data_files if os.path.abspath(loaded.path) == me else None
+    if files is None:
+        files = sorted({W.external_ref(t)[0] for t in W.iter_tensors(loaded.model)
+                        if W.external_ref(t) is not None and W.external_ref(t)[0] != me})
+    for src in files:
         dst = os.path.join(given_dir, os.path.relpath(src, base))
         if not P._same(dst, src):
             copies.append((src, dst))

@@ -219,3 +219,21 @@ def test_text_problem_finds_the_same_first_problem_as_the_plain_walks():
         compared += 1
     assert nio.text_problem(model) is None
     assert compared > len(markers)
+
+
+def test_load_model_lists_the_data_files_the_output_plan_needs(tmp_path):
+    from normopt import paths as P
+
+    model = _model()
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(600, dtype=np.float32), "big"))
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path, save_as_external_data=True, location="m.bin", size_threshold=1024)
+    loaded = nio.load_model(path)
+    assert loaded.data_files == [str(tmp_path / "m.bin")] and loaded.had_external_data
+    plans = []
+    for files in (loaded.data_files, None):  # from load_model, and from a walk of the model
+        loaded.data_files = files
+        plan = P.Plan()
+        nio.plan_model_output(plan, path, loaded, str(tmp_path / "out" / "o.onnx"), True)
+        plans.append([(t.option, t.given, t.source) for t in plan.writes])
+    assert plans[0] == plans[1] and any(src for _, _, src in plans[0])
