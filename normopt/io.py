@@ -444,16 +444,25 @@ def ort_check(loaded: LoadedModel) -> None:
     OrtCheck(loaded).result()
 
 
+FORK_CHECK_NODES = 20_000  # a check alone of a graph this large runs in a forked child (OrtCheck)
+
+
 class OrtCheck:
-    """ort_check in a thread, started before the passes run and joined before anything is
+    """ort_check beside the passes, started before they run and joined before anything is
     written: session creation is native code that releases the GIL, so it overlaps with the
     pipeline instead of adding to it. ``result()`` raises NormoptError if ORT refuses the input.
 
-    keep=True (optimize, where verification follows): the session is built with the options
-    verification's session of the original has (providers.session_options: ORT_DISABLE_ALL, the
-    default threads) and kept, for ``take_session()`` to hand on, so that the input's file is
-    loaded once per run, not once for this check and again for verification; ``release()``
-    drops it."""
+    keep=True (optimize, where verification follows): in a thread, the session built with the
+    options verification's session of the original has (providers.session_options:
+    ORT_DISABLE_ALL, the default threads) and kept, for ``take_session()`` to hand on, so that
+    the input's file is loaded once per run, not once for this check and again for
+    verification; ``release()`` drops it.
+
+    keep=False (a check alone) of a graph of FORK_CHECK_NODES nodes or more, on Linux: the same
+    session is built in a forked child, which reports how it went through a pipe and exits
+    without freeing it. In a thread, the session's destructor holds the GIL while it frees the
+    graph (0.9 s at 100k nodes, the passes stopped meanwhile). The check is the same: the
+    same options, the same file, the same reading of ONNX Runtime's error."""
 
     def __init__(self, loaded: LoadedModel, keep: bool = False):
         import threading
@@ -462,29 +471,39 @@ class OrtCheck:
         self.keep, self.session = keep, None
         self.seconds = 0.0
         self.thread = None
+        self.child = None  # (pid, pipe, start time) of a forked check
         self._lock = threading.Lock()
         if loaded.weight_bytes <= ORT_CHECK_BYTES:
-            self.thread = threading.Thread(target=self._run, name="normopt-ort-check", daemon=True)
-            self.thread.start()
+            if not keep and _fork_check(loaded):
+                self._fork()
+            else:
+                self.thread = threading.Thread(target=self._run, name="normopt-ort-check", daemon=True)
+                self.thread.start()
 
-    def _run(self):
-        import time
-
+    def _build(self):
+        """(session, None), (None, None) where ORT lacks a kernel (no defect of the file), or
+        (None, error)."""
         import onnxruntime as ort
 
         from .runtime_tests.providers import session_options
 
-        t0 = time.perf_counter()
         # a kept session has verification's options (the default threads); a check alone, one thread
         so = session_options("disable", threads=None if self.keep else 1)
         try:
-            sess = ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so,
+                                        providers=["CPUExecutionProvider"]), None
         except Exception as exc:
             if type(exc).__name__ == "NotImplemented":
-                return
+                return None, None
             first = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
-            self.error = f"{self.loaded.path}: ONNX Runtime refuses to load it: {first[:300]}"
-            return
+            return None, f"{self.loaded.path}: ONNX Runtime refuses to load it: {first[:300]}"
+
+    def _run(self):
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            sess, self.error = self._build()
         finally:
             self.seconds = time.perf_counter() - t0
         with self._lock:
@@ -492,11 +511,63 @@ class OrtCheck:
                 self.session = sess
         del sess
 
+    def _fork(self):
+        import time
+        import warnings
+
+        r, w = os.pipe()
+        with warnings.catch_warnings():  # (Python 3.12+ warns of forking beside other threads: the child runs no Python thread)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: build the session, say how it went, exit at once (no destructor, no cleanup)
+            code = 0
+            try:
+                os.close(r)
+                _, error = self._build()
+                os.write(w, ("ok" if error is None else "refused:" + error).encode("utf-8", "replace"))
+            except BaseException:
+                code = 70
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.child = (pid, r, time.perf_counter())
+
+    def _join_child(self) -> None:
+        import time
+
+        with self._lock:
+            child, self.child = self.child, None
+        if child is None:
+            return
+        pid, r, t0 = child
+        chunks = []
+        try:
+            while True:
+                b = os.read(r, 65536)
+                if not b:
+                    break
+                chunks.append(b)
+        finally:
+            os.close(r)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): its message says how it went
+            status = None
+        self.seconds = time.perf_counter() - t0
+        said = b"".join(chunks).decode("utf-8", "replace")
+        if said.startswith("refused:"):
+            self.error = said[len("refused:"):]
+        elif said != "ok":
+            how = ("its exit was not seen" if status is None else f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"exit status {os.WEXITSTATUS(status)}")
+            self.error = f"{self.loaded.path}: ONNX Runtime failed while loading it ({how})"
+
     def join(self) -> None:
         t = self.thread  # joined from the main thread and from verification's (take_session)
         if t is not None:
             t.join()
             self.thread = None
+        self._join_child()
 
     def result(self) -> None:
         self.join()
@@ -514,6 +585,15 @@ class OrtCheck:
         """Drop the kept session, now or as soon as it is built."""
         with self._lock:
             self.keep, self.session = False, None
+
+
+def _fork_check(loaded: LoadedModel) -> bool:
+    """Is a check alone of this model run in a forked child (see OrtCheck)?"""
+    import sys
+
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return False
+    return len(loaded.model.graph.node) >= FORK_CHECK_NODES
 
 
 class StagedModel:
