@@ -792,9 +792,11 @@ _SCOPE: contextvars.ContextVar = contextvars.ContextVar("normopt_scope", default
 
 
 @contextlib.contextmanager
-def scope(root: gs.Graph, graph: gs.Graph | None = None):
-    """Run an analysis or a rewrite on `graph` (default: the root) of the model rooted at `root`."""
-    token = _SCOPE.set(Scope(root, graph))
+def scope(root: gs.Graph, graph: gs.Graph | None = None, prepared: Scope | None = None):
+    """Run an analysis or a rewrite on `graph` (default: the root) of the model rooted at `root`.
+    ``prepared``: Scope(root, graph) built earlier, where the caller knows that no node was
+    added, removed or rewired since (a Scope only reads the structure, and never changes)."""
+    token = _SCOPE.set(prepared if prepared is not None else Scope(root, graph))
     try:
         yield
     finally:

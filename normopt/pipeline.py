@@ -179,6 +179,9 @@ class Pipeline:
         # may change the structure ends with one), until the next such pass; a pass that keeps
         # shapes never changes the structure, and one that failed is rewound to its mark
         clean = False
+        # what only the structure decides (the branches to run in, each graph's Scope), kept
+        # from pass to pass until one rewrites (an analysis only reads the graph)
+        known = {}
         for i, p in enumerate(self.passes, 1):
             if progress:
                 progress(f"pass {self._place(i, p)} {p.name}: running ...")
@@ -189,7 +192,7 @@ class Pipeline:
             touched = True  # the pass reached apply (a mark was taken)
             try:
                 with _collector_paused():  # a pass's objects (new nodes, its rollback mark) stay alive while it runs
-                    graph, pr = self._run_everywhere(p, graph, ctx, on_analysis, rollback)
+                    graph, pr = self._run_everywhere(p, graph, ctx, on_analysis, rollback, known)
                     touched = rollback.snapshot is not None
                     # the mark (a copy of every node's fields) is freed here, by reference counting,
                     # before the collector is back on: kept longer, the next collection rescanned it
@@ -205,6 +208,8 @@ class Pipeline:
             pr.ops_before = before
             # a pass that never reached apply (no mark taken) only read the graph: same counts
             counts = before if not touched and not pr.error else G.op_counts(graph)
+            if touched or pr.error:
+                known.clear()
             if touched and not pr.error and not p.keeps_shapes:
                 clean = True  # (_run_pass refreshed the model after its last apply)
             pr.ops_after = counts
@@ -216,15 +221,26 @@ class Pipeline:
         graph.__dict__["normopt_clean"] = clean  # for _run_imported's export
         return graph
 
-    def _run_everywhere(self, p, root, ctx, on_analysis, rollback=None):
+    def _run_everywhere(self, p, root, ctx, on_analysis, rollback=None, known=None):
         """The pass on the main graph, then branch by branch on every If whose condition
-        verification can drive (see subgraphs_to_run); its report covers them all."""
+        verification can drive (see subgraphs_to_run); its report covers them all. ``known``
+        (run_graph's): the branches and scopes of a graph no pass has rewritten since they were
+        found, to reuse; a scope is found again once this pass has rewritten (taken its mark)."""
+        known = {} if known is None or rollback is None else known
         matched, declined, applied = [], [], 0
-        graphs, skipped = subgraphs_to_run(root)
+        if "subgraphs" not in known:
+            known["subgraphs"] = subgraphs_to_run(root)
+        graphs, skipped = known["subgraphs"]
         for g in [root] + graphs:
             if g is not root:
                 g.opset = root.opset
-            with G.scope(root, g):
+            reuse = rollback is not None and rollback.snapshot is None  # nothing rewritten yet (that we know of)
+            sc = known.get(id(g)) if reuse else None
+            if sc is None:
+                sc = G.Scope(root, g)
+                if reuse:
+                    known[id(g)] = sc
+            with G.scope(root, g, prepared=sc):
                 m, d, n = self._run_pass(p, root, g, ctx, on_analysis, rollback)
             matched += m
             declined += d

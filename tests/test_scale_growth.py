@@ -162,3 +162,32 @@ def optimize_model_bytes(model, monkeypatch, force_clean):
         m.setattr(G, "to_model", to_model)
         out, _ = optimize_model(model)
     return out.SerializeToString()
+
+
+def test_passes_that_rewrite_nothing_share_the_structure_walks(monkeypatch):
+    """The branches to run in and each graph's Scope depend on the structure only: found once
+    for a run of passes that rewrite nothing (each was a walk of every node, per pass), found
+    again after a pass that rewrites."""
+    from normopt import pipeline as PL
+
+    counts = collections.Counter()
+    real_scope, real_subs = G.Scope, PL.subgraphs_to_run
+
+    class CountedScope(real_scope):
+        def __init__(self, *a, **k):
+            counts["scope"] += 1
+            super().__init__(*a, **k)
+
+    def subs(root):
+        counts["subgraphs"] += 1
+        return real_subs(root)
+
+    monkeypatch.setattr(G, "Scope", CountedScope)
+    monkeypatch.setattr(PL, "subgraphs_to_run", subs)
+    _, report = optimize_model(elementwise_chain(200))
+    assert not any(p.applied for p in report.passes)
+    assert counts == {"scope": 1, "subgraphs": 1}, counts
+    counts.clear()
+    _, report = optimize_model(transformer_like(SMALL))
+    rewrote = sum(1 for p in report.passes if p.applied)
+    assert rewrote >= 1 and counts["subgraphs"] <= rewrote + 1 and counts["scope"] <= 2 * rewrote + 1, (counts, rewrote)
