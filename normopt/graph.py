@@ -232,10 +232,13 @@ def export(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def to_model(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+def to_model(graph: gs.Graph, original: onnx.ModelProto, clean: bool = False) -> onnx.ModelProto:
     """Export, restoring what graphsurgeon drops: IR version, producer, doc strings, metadata,
-    and every opset import of the original (plus any domain the passes added)."""
-    _clean_and_sort(graph)
+    and every opset import of the original (plus any domain the passes added). The graph is
+    cleaned up and sorted first, unless ``clean`` says it is already (the pipeline knows: a
+    refresh did it, and no pass changed the structure since; both steps are idempotent)."""
+    if not clean:
+        _clean_and_sort(graph)
     with _io_value_info_only(graph):
         model = export(graph)
     model.ir_version = original.ir_version
@@ -789,9 +792,11 @@ _SCOPE: contextvars.ContextVar = contextvars.ContextVar("normopt_scope", default
 
 
 @contextlib.contextmanager
-def scope(root: gs.Graph, graph: gs.Graph | None = None):
-    """Run an analysis or a rewrite on `graph` (default: the root) of the model rooted at `root`."""
-    token = _SCOPE.set(Scope(root, graph))
+def scope(root: gs.Graph, graph: gs.Graph | None = None, prepared: Scope | None = None):
+    """Run an analysis or a rewrite on `graph` (default: the root) of the model rooted at `root`.
+    ``prepared``: Scope(root, graph) built earlier, where the caller knows that no node was
+    added, removed or rewired since (a Scope only reads the structure, and never changes)."""
+    token = _SCOPE.set(prepared if prepared is not None else Scope(root, graph))
     try:
         yield
     finally:

@@ -37,6 +37,7 @@ class LoadedModel:
     opset: int
     weight_bytes: int = 0
     notes: list = field(default_factory=list)
+    data_files: list | None = None  # the other files its tensors reference (sorted), as load_model found them
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -90,51 +91,106 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
     if unknown:
         op = next(n.op_type for n in model.graph.node if n.domain == unknown[0])
         raise NormoptError(f"{path}: op '{op}' of domain '{unknown[0]}' is unknown to ONNX Runtime")
-    problem = text_problem(model) or validate_tensors(model, path)
+    problem = text_problem(model)
+    tensors = None
+    if not problem:
+        tensors = list(all_tensors(model))  # one walk for the checks, the data files and the weight bytes
+        problem = validate_tensors(model, path, tensors)
     if problem:
         raise NormoptError(f"{path}: {problem}")
     me = os.path.abspath(path)
-    external = any(W.external_ref(t) is not None and W.external_ref(t)[0] != me for t in W.iter_tensors(model))
+    dense = [t for t, what in tensors if what == "tensor"]  # weights.iter_tensors(model), in its order
+    refs = [W.external_ref(t) for t in dense]
+    data_files = sorted({ref[0] for ref in refs if ref is not None and ref[0] != me})
+    external = bool(data_files)
     try:
         check_model(model)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NormoptError(f"{path}: invalid ONNX model: {first}") from None
     return LoadedModel(model=model, path=path, had_external_data=external, opset=opset,
-                       weight_bytes=W.weight_bytes(model))
+                       weight_bytes=sum(W.tensor_nbytes(t) for t in dense),  # weights.weight_bytes(model)
+                       data_files=data_files)
 
 
 def text_problem(model: onnx.ModelProto) -> str | None:
     """The first name or type string that is not UTF-8 text (protobuf hands such a string over
     as bytes; ONNX requires UTF-8), or None. Names of nodes, values, tensors, attributes, ops,
-    domains, functions and metadata are checked."""
+    domains, functions and metadata are checked.
+
+    "First" in this order: the header; the functions' signatures; every graph's own names
+    (graphs in preorder, the main graph's tree, then the subgraphs in functions), then its
+    initializers' names; then the nodes, graph by graph in that order, then the functions' own
+    nodes. One walk over the nodes gives it: a graph's names are checked when the walk enters
+    it (the first bad one is the answer), and each graph keeps its first bad node."""
     def bad(*xs):
         return any(isinstance(x, bytes) for x in xs)
 
     if bad(model.producer_name, model.producer_version, model.domain, model.doc_string) or any(
             bad(o.domain) for o in model.opset_import) or any(bad(p.key, p.value) for p in model.metadata_props):
         return "the model's header holds text that is not UTF-8"
-    graphs = list(_graphs(model.graph))
     for fn in model.functions:
         if bad(fn.name, fn.domain, *fn.input, *fn.output, *fn.attribute):
             return "a function's name or signature is not UTF-8 text"
-        for node in fn.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    graphs.extend(_graphs(attr.g))
-                graphs.extend(g2 for g in attr.graphs for g2 in _graphs(g))
-    nodes = [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]
-    for g in graphs:
-        if bad(g.name, g.doc_string) or any(bad(v.name) for v in list(g.input) + list(g.output) + list(g.value_info)):
-            return "a graph's name or value name is not UTF-8 text"
-        if any(bad(t.name) for t in g.initializer) or any(bad(s.values.name) for s in g.sparse_initializer):
-            return "an initializer's name is not UTF-8 text"
-    for n in nodes:
+
+    def node_problem(n):
         if bytes in set(map(type, (n.name, n.op_type, n.domain, n.doc_string, *n.input, *n.output))):
             return f"node {n.name!r}: a name, op type or domain is not UTF-8 text"
         for a in n.attribute:
             if bad(a.name, a.ref_attr_name, a.doc_string) or (a.HasField("t") and bad(a.t.name)):
                 return f"node {n.name!r}: an attribute name is not UTF-8 text"
+        return None
+
+    count = [0]  # graphs entered (a graph's place in the order)
+    first = {}  # graph's place -> its first bad node
+    best = [None]  # the lowest place in `first`: a node of a later graph cannot be the answer
+
+    def subgraphs(n):  # (recursion depth: the nesting of subgraphs, never the graph's depth)
+        for a in n.attribute:
+            if a.HasField("g"):
+                problem = graph(a.g)
+                if problem:
+                    return problem
+            for sg in a.graphs:
+                problem = graph(sg)
+                if problem:
+                    return problem
+        return None
+
+    def graph(g):
+        place = count[0]
+        count[0] += 1
+        if bad(g.name, g.doc_string) or any(bad(v.name) for v in list(g.input) + list(g.output) + list(g.value_info)):
+            return "a graph's name or value name is not UTF-8 text"
+        if any(bad(t.name) for t in g.initializer) or any(bad(s.values.name) for s in g.sparse_initializer):
+            return "an initializer's name is not UTF-8 text"
+        for n in g.node:
+            if place not in first and (best[0] is None or place < best[0]):
+                problem = node_problem(n)
+                if problem:
+                    first[place] = problem
+                    best[0] = place if best[0] is None else min(best[0], place)
+            if len(n.attribute):
+                problem = subgraphs(n)
+                if problem:
+                    return problem
+        return None
+
+    problem = graph(model.graph)
+    if problem:
+        return problem
+    for fn in model.functions:  # the subgraphs of the functions' nodes follow the main graph's tree
+        for n in fn.node:
+            problem = subgraphs(n)
+            if problem:
+                return problem
+    if first:
+        return first[min(first)]
+    for fn in model.functions:
+        for n in fn.node:
+            problem = node_problem(n)
+            if problem:
+                return problem
     return None
 
 
@@ -149,38 +205,77 @@ MAX_ELEMENT_BYTES = 1 << 62  # a tensor's dims beyond this overflow ONNX Runtime
 
 def all_tensors(model: onnx.ModelProto):
     """(tensor, what) for every TensorProto of the model: initializers, Constant and other
-    attribute tensors, subgraphs, functions, and the values and indices of sparse tensors."""
-    for t in W.iter_tensors(model):
+    attribute tensors, subgraphs, functions (in weights.iter_tensors' order), then the values
+    and indices of sparse tensors. One walk over the nodes (see _tensor_lists)."""
+    dense, sparse = _tensor_lists(model)
+    for t in dense:
         yield t, "tensor"
-    graphs = list(_graphs(model.graph))
-    for fn in model.functions:
-        for node in fn.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    graphs.extend(_graphs(attr.g))
-                for g in attr.graphs:
-                    graphs.extend(_graphs(g))
-    nodes = [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]
-    sparse = [s for g in graphs for s in g.sparse_initializer]
-    for n in nodes:
-        if not n.attribute:
-            continue
-        for attr in n.attribute:
-            if attr.HasField("sparse_tensor"):
-                sparse.append(attr.sparse_tensor)
-            sparse.extend(attr.sparse_tensors)
     for s in sparse:
         yield s.values, "sparse tensor values"
         yield s.indices, "sparse tensor indices"
 
 
-def validate_tensors(model: onnx.ModelProto, path: str) -> str | None:
+def _tensor_lists(model: onnx.ModelProto, graphs: list | None = None, attribute_tensors: list | None = None):
+    """(dense, sparse) in one walk over every graph's nodes (only nodes with attributes are
+    entered): dense, every TensorProto in weights.iter_tensors' order (a graph's initializers,
+    then its nodes' attribute tensors, a subgraph's in place); sparse, every SparseTensorProto:
+    the sparse initializers of every graph, graphs in preorder (the main graph's, then those in
+    functions), then the sparse attributes of their nodes, graph by graph, then those of the
+    functions' own nodes. ``graphs``, where given, gets the main graph and its subgraphs, in
+    _graphs' order (the functions' subgraphs are not added); ``attribute_tensors``, the tensor
+    attributes (t, tensors) of those graphs' nodes (a subgraph's where it is met)."""
+    dense, sparse_inits, per_graph, fn_tail = [], [], [], []
+    sink = [graphs if graphs is not None else []]  # where each graph met goes
+    attr_sink = [attribute_tensors if attribute_tensors is not None else []]
+
+    def node_tensors(node, mine):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                dense.append(attr.t)
+                attr_sink[0].append(attr.t)
+            if len(attr.tensors):
+                dense.extend(attr.tensors)
+                attr_sink[0].extend(attr.tensors)
+            if attr.HasField("sparse_tensor"):
+                mine.append(attr.sparse_tensor)
+            if len(attr.sparse_tensors):
+                mine.extend(attr.sparse_tensors)
+            if attr.HasField("g"):
+                graph_tensors(attr.g)
+            for g in attr.graphs:
+                graph_tensors(g)
+
+    def graph_tensors(g):  # recursion depth: the nesting of subgraphs, never the graph's depth
+        dense.extend(g.initializer)
+        if len(g.sparse_initializer):
+            sparse_inits.extend(g.sparse_initializer)
+        mine = []
+        per_graph.append(mine)
+        sink[0].append(g)
+        for node in g.node:
+            if node.attribute:  # (most nodes have none)
+                node_tensors(node, mine)
+
+    graph_tensors(model.graph)
+    sink[0] = attr_sink[0] = []  # the functions' subgraphs and nodes are not the caller's
+    for fn in model.functions:
+        for node in fn.node:
+            node_tensors(node, fn_tail)
+    sparse = sparse_inits
+    for mine in per_graph:
+        sparse.extend(mine)
+    sparse.extend(fn_tail)
+    return dense, sparse
+
+
+def validate_tensors(model: onnx.ModelProto, path: str, tensors=None) -> str | None:
     """The first problem that makes ONNX Runtime refuse one of the model's tensors, in words, or
     None: an unknown data_type, a negative or overflowing dim, a STRING tensor with raw or
     external data, a data size that does not match dims x type (raw_data, the typed fields, or
     external data: length, and the file's size against offset + length, never read), an
-    external-data file that is missing or not a regular file."""
-    for t, what in all_tensors(model):
+    external-data file that is missing or not a regular file. ``tensors``: all_tensors(model)
+    as a list, where the caller has it."""
+    for t, what in (all_tensors(model) if tensors is None else tensors):
         problem = tensor_problem(t, path)
         if problem:
             return f"{what} '{t.name}': {problem}" if t.name or what == "tensor" else f"{what}: {problem}"
@@ -251,7 +346,9 @@ def check_model(model: onnx.ModelProto) -> None:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     moved = False
-    for g in _graphs(probe.graph):
+    graphs = []
+    tensors, _ = _tensor_lists(probe, graphs)  # one walk: weights.iter_tensors(probe) and _graphs(probe.graph)
+    for g in graphs:
         for node in g.node:
             if node.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS and node.domain in ("", "ai.onnx"):
                 node.domain = "com.microsoft"
@@ -260,7 +357,7 @@ def check_model(model: onnx.ModelProto) -> None:
         probe.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     with tempfile.TemporaryDirectory(prefix="normopt-check-") as tmp:
         open(os.path.join(tmp, "w.data"), "wb").close()
-        for t in W.iter_tensors(probe):
+        for t in tensors:
             ref = W.external_ref(t)
             if ref is not None:
                 W.set_external(t, "w.data", ref[1], ref[2] if ref[2] is not None else W.tensor_nbytes(t))
@@ -304,8 +401,11 @@ def plan_model_output(plan: P.Plan, in_path: str, loaded: LoadedModel, out_path:
     copies = []
     me = os.path.abspath(in_path)
     base = os.path.dirname(me)
-    for src in sorted({W.external_ref(t)[0] for t in W.iter_tensors(loaded.model)
-                       if W.external_ref(t) is not None and W.external_ref(t)[0] != me}):
+    files = loaded.data_files if os.path.abspath(loaded.path) == me else None
+    if files is None:
+        files = sorted({W.external_ref(t)[0] for t in W.iter_tensors(loaded.model)
+                        if W.external_ref(t) is not None and W.external_ref(t)[0] != me})
+    for src in files:
         dst = os.path.join(given_dir, os.path.relpath(src, base))
         if not P._same(dst, src):
             copies.append((src, dst))
@@ -344,16 +444,25 @@ def ort_check(loaded: LoadedModel) -> None:
     OrtCheck(loaded).result()
 
 
+FORK_CHECK_NODES = 20_000  # a check alone of a graph this large runs in a forked child (OrtCheck)
+
+
 class OrtCheck:
-    """ort_check in a thread, started before the passes run and joined before anything is
+    """ort_check beside the passes, started before they run and joined before anything is
     written: session creation is native code that releases the GIL, so it overlaps with the
     pipeline instead of adding to it. ``result()`` raises NormoptError if ORT refuses the input.
 
-    keep=True (optimize, where verification follows): the session is built with the options
-    verification's session of the original has (providers.session_options: ORT_DISABLE_ALL, the
-    default threads) and kept, for ``take_session()`` to hand on, so that the input's file is
-    loaded once per run, not once for this check and again for verification; ``release()``
-    drops it."""
+    keep=True (optimize, where verification follows): in a thread, the session built with the
+    options verification's session of the original has (providers.session_options:
+    ORT_DISABLE_ALL, the default threads) and kept, for ``take_session()`` to hand on, so that
+    the input's file is loaded once per run, not once for this check and again for
+    verification; ``release()`` drops it.
+
+    keep=False (a check alone) of a graph of FORK_CHECK_NODES nodes or more, on Linux: the same
+    session is built in a forked child, which reports how it went through a pipe and exits
+    without freeing it. In a thread, the session's destructor holds the GIL while it frees the
+    graph (0.9 s at 100k nodes, the passes stopped meanwhile). The check is the same: the
+    same options, the same file, the same reading of ONNX Runtime's error."""
 
     def __init__(self, loaded: LoadedModel, keep: bool = False):
         import threading
@@ -362,29 +471,39 @@ class OrtCheck:
         self.keep, self.session = keep, None
         self.seconds = 0.0
         self.thread = None
+        self.child = None  # (pid, pipe, start time) of a forked check
         self._lock = threading.Lock()
         if loaded.weight_bytes <= ORT_CHECK_BYTES:
-            self.thread = threading.Thread(target=self._run, name="normopt-ort-check", daemon=True)
-            self.thread.start()
+            if not keep and _fork_check(loaded):
+                self._fork()
+            else:
+                self.thread = threading.Thread(target=self._run, name="normopt-ort-check", daemon=True)
+                self.thread.start()
 
-    def _run(self):
-        import time
-
+    def _build(self):
+        """(session, None), (None, None) where ORT lacks a kernel (no defect of the file), or
+        (None, error)."""
         import onnxruntime as ort
 
         from .runtime_tests.providers import session_options
 
-        t0 = time.perf_counter()
         # a kept session has verification's options (the default threads); a check alone, one thread
         so = session_options("disable", threads=None if self.keep else 1, spin=False)  # equivalence.SPIN
         try:
-            sess = ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(os.path.abspath(self.loaded.path), sess_options=so,
+                                        providers=["CPUExecutionProvider"]), None
         except Exception as exc:
             if type(exc).__name__ == "NotImplemented":
-                return
+                return None, None
             first = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else type(exc).__name__
-            self.error = f"{self.loaded.path}: ONNX Runtime refuses to load it: {first[:300]}"
-            return
+            return None, f"{self.loaded.path}: ONNX Runtime refuses to load it: {first[:300]}"
+
+    def _run(self):
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            sess, self.error = self._build()
         finally:
             self.seconds = time.perf_counter() - t0
         with self._lock:
@@ -392,11 +511,63 @@ class OrtCheck:
                 self.session = sess
         del sess
 
+    def _fork(self):
+        import time
+        import warnings
+
+        r, w = os.pipe()
+        with warnings.catch_warnings():  # (Python 3.12+ warns of forking beside other threads: the child runs no Python thread)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: build the session, say how it went, exit at once (no destructor, no cleanup)
+            code = 0
+            try:
+                os.close(r)
+                _, error = self._build()
+                os.write(w, ("ok" if error is None else "refused:" + error).encode("utf-8", "replace"))
+            except BaseException:
+                code = 70
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.child = (pid, r, time.perf_counter())
+
+    def _join_child(self) -> None:
+        import time
+
+        with self._lock:
+            child, self.child = self.child, None
+        if child is None:
+            return
+        pid, r, t0 = child
+        chunks = []
+        try:
+            while True:
+                b = os.read(r, 65536)
+                if not b:
+                    break
+                chunks.append(b)
+        finally:
+            os.close(r)
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): its message says how it went
+            status = None
+        self.seconds = time.perf_counter() - t0
+        said = b"".join(chunks).decode("utf-8", "replace")
+        if said.startswith("refused:"):
+            self.error = said[len("refused:"):]
+        elif said != "ok":
+            how = ("its exit was not seen" if status is None else f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"exit status {os.WEXITSTATUS(status)}")
+            self.error = f"{self.loaded.path}: ONNX Runtime failed while loading it ({how})"
+
     def join(self) -> None:
         t = self.thread  # joined from the main thread and from verification's (take_session)
         if t is not None:
             t.join()
             self.thread = None
+        self._join_child()
 
     def result(self) -> None:
         self.join()
@@ -414,6 +585,15 @@ class OrtCheck:
         """Drop the kept session, now or as soon as it is built."""
         with self._lock:
             self.keep, self.session = False, None
+
+
+def _fork_check(loaded: LoadedModel) -> bool:
+    """Is a check alone of this model run in a forked child (see OrtCheck)?"""
+    import sys
+
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return False
+    return len(loaded.model.graph.node) >= FORK_CHECK_NODES
 
 
 class StagedModel:
@@ -566,39 +746,32 @@ def write_model(model: onnx.ModelProto, path: str, external: bool, data_name: st
     out = onnx.ModelProto()
     out.CopyFrom(model)
     sources = _Sources()
-    for t in W.iter_tensors(out):
+    graphs, attribute_tensors = [], []
+    tensors, _ = _tensor_lists(out, graphs, attribute_tensors)  # one walk: iter_tensors, _graphs, _attribute_tensors
+    for t in tensors:
         if t.data_location == onnx.TensorProto.EXTERNAL and W.external_ref(t) is None:
             # a constant a pass gave new values keeps graphsurgeon's copy of its old location flag
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
     try:
-        for t in _attribute_tensors(out):  # Constant/attribute tensors stay inline
+        for t in attribute_tensors:  # Constant/attribute tensors stay inline
             if _is_ref(t):
                 _inline(t)
         if external:
-            _write_external(out, path, data_name or os.path.basename(path) + ".data", sources)
+            _write_external(out, path, data_name or os.path.basename(path) + ".data", sources, graphs)
         else:
-            _write_single(out, path, sources)
+            _write_single(out, path, sources, graphs)
     finally:
         sources.close()
 
 
-def _attribute_tensors(model):
-    for g in _graphs(model.graph):
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-
-
-def _write_external(out, path, data_name, sources):
+def _write_external(out, path, data_name, sources, graphs=None):
     data_path = os.path.join(os.path.dirname(path), data_name)
     written = {}
     with open(data_path, "wb") as data:
         fd = data.fileno()
         end = 0
-        for g in _graphs(out.graph):
+        for g in (_graphs(out.graph) if graphs is None else graphs):
             for t in g.initializer:
                 n = W.tensor_nbytes(t)
                 if t.data_type == onnx.TensorProto.STRING:
@@ -628,12 +801,12 @@ def _write_external(out, path, data_name, sources):
         f.write(out.SerializeToString())
 
 
-def _write_single(out, path, sources):
+def _write_single(out, path, sources, graphs=None):
     """One protobuf: the graph without its initializers, then every main-graph initializer as its
     own field entry, in order; a referenced one is its header followed by its bytes, copied from
     their file (protobuf reads repeated fields in the order they appear, wherever they are)."""
     main = out.graph
-    for g in list(_graphs(main))[1:]:
+    for g in (list(_graphs(main)) if graphs is None else graphs)[1:]:
         for t in g.initializer:
             if _is_ref(t):
                 _inline(t)

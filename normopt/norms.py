@@ -263,19 +263,47 @@ class _Poly:
     def symbols(self):
         return {s_ for k in self.t for s_, _ in k}
 
+    def carries_stats(self) -> bool:
+        """A term holds m or r (symbols() & {"m", "r"}, without building the set)."""
+        for k in self.t:
+            for s_, _ in k:
+                if s_ == "m" or s_ == "r":
+                    return True
+        return False
+
 
 _SOURCES = ("x", "m", "r")
 
 
 def _ln_form(poly: _Poly):
-    """(c, G monomial, B terms) when poly == c*G*r*x - c*G*r*m + B with G and B over constants."""
-    xs = {k: v for k, v in poly.t.items() if any(s_ == "x" for s_, _ in k)}
-    ms = {k: v for k, v in poly.t.items() if any(s_ == "m" for s_, _ in k)}
-    rest = {k: v for k, v in poly.t.items() if k not in xs and k not in ms}
-    if len(xs) != 1 or len(ms) != 1 or any(s_ in _SOURCES for k in rest for s_, _ in k):
+    """(c, G monomial, B terms) when poly == c*G*r*x - c*G*r*m + B with G and B over constants:
+    exactly one term holds x, exactly one other holds m (a term with both is no LN), and no
+    other term holds a source symbol. One pass over the terms."""
+    kx = km = None
+    rest = {}
+    for k, v in poly.t.items():
+        has_x = has_m = has_r = False
+        for s_, _ in k:
+            if s_ == "x":
+                has_x = True
+            elif s_ == "m":
+                has_m = True
+            elif s_ == "r":
+                has_r = True
+        if has_x:
+            if has_m or kx is not None:
+                return None
+            kx, cx = k, v
+        elif has_m:
+            if km is not None:
+                return None
+            km, cm = k, v
+        elif has_r:
+            return None
+        else:
+            rest[k] = v
+    if kx is None or km is None:
         return None
-    (kx, cx), = xs.items()
-    (km, cm), = ms.items()
     px, pm = dict(kx), dict(km)
     if px.pop("x", 0) != 1 or px.pop("r", 0) != 1 or pm.pop("m", 0) != 1 or pm.pop("r", 0) != 1:
         return None
@@ -318,7 +346,6 @@ def _evaluate(graph, x, mu, ve, axes, r):
     poly_of = {id(x): _Poly.sym("x"), id(mu): _Poly.sym("m")}
     consts = {}  # symbol -> constant value
     producers = {}  # id(tensor) -> node
-    special = {id(ve): "ve"}
     frontier = [x, mu, ve]
     seen_nodes = set()
     for _ in range(24):
@@ -331,7 +358,7 @@ def _evaluate(graph, x, mu, ve, axes, r):
                 if not ins:
                     continue
                 out = node.outputs[0]
-                if any(special.get(id(i)) == "ve" for i in ins):  # sqrt(ve) = 1/r, ve^-0.5 = r
+                if any(i is ve for i in ins):  # sqrt(ve) = 1/r, ve^-0.5 = r
                     if node.op == "Sqrt":
                         poly = _Poly.sym("r", -1)
                     elif node.op == "Pow" and node.inputs[0] is ve and scalar_of(node.inputs[1], ve) == -0.5:
@@ -361,7 +388,7 @@ def _evaluate(graph, x, mu, ve, axes, r):
                                 args.append(_Poly.sym(key))
                     if args is None:
                         continue
-                    if not any(a is not None and a.symbols() & {"m", "r"} for a in args):
+                    if not any(a is not None and a.carries_stats() for a in args):
                         continue  # only the values that carry the statistics
                     poly = _apply(node, args)
                     if poly is None:
@@ -406,7 +433,8 @@ def _furthest(graph, x, mu, stat_nodes, poly_of, producers, consts, axes, r, eps
     closed: nothing inside it is read from outside or is a graph output."""
     if order is None:  # node positions: made once per find_layernorms (linear in nodes overall)
         order = {id(n): i for i, n in enumerate(graph.nodes)}
-    cands = sorted((t for t in producers if _ln_form(poly_of[t]) is not None), key=lambda t: -order.get(id(producers[t]), -1))
+    forms = {t: _ln_form(poly_of[t]) for t in producers}
+    cands = sorted((t for t in producers if forms[t] is not None), key=lambda t: -order.get(id(producers[t]), -1))
     tensors = {}
     for n in list(producers.values()) + stat_nodes:
         for o in n.outputs:
@@ -416,7 +444,7 @@ def _furthest(graph, x, mu, stat_nodes, poly_of, producers, consts, axes, r, eps
         region = _region(y, producers, stat_nodes, x)
         if region is None or not _closed(graph, region, y, x):
             continue
-        c, gmono, rest = _ln_form(poly_of[tid])
+        c, gmono, rest = forms[tid]
         gamma = _value(c, gmono, consts, r)
         beta = sum((_value(v, k, consts, r) for k, v in rest.items()), np.zeros(1)) if rest else None
         if gamma is None or (rest and beta is None):

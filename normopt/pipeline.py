@@ -175,6 +175,13 @@ class Pipeline:
         runs. An analysis only reads the graph, so the mark is taken just before the pass's
         first apply: a pass with nothing to apply costs nothing."""
         counts = None  # the op counts after the last pass (still true when the last pass rewrote nothing)
+        # is the main graph cleaned up and sorted as it stands? After a refresh (every pass that
+        # may change the structure ends with one), until the next such pass; a pass that keeps
+        # shapes never changes the structure, and one that failed is rewound to its mark
+        clean = False
+        # what only the structure decides (the branches to run in, each graph's Scope), kept
+        # from pass to pass until one rewrites (an analysis only reads the graph)
+        known = {}
         for i, p in enumerate(self.passes, 1):
             if progress:
                 progress(f"pass {self._place(i, p)} {p.name}: running ...")
@@ -182,9 +189,14 @@ class Pipeline:
             before = dict(counts) if counts is not None else G.op_counts(graph)
             rollback, state = _Rollback(graph), copy.deepcopy(ctx.state)
             notes_before = len(ctx.notes)
+            touched = True  # the pass reached apply (a mark was taken)
             try:
                 with _collector_paused():  # a pass's objects (new nodes, its rollback mark) stay alive while it runs
-                    graph, pr = self._run_everywhere(p, graph, ctx, on_analysis, rollback)
+                    graph, pr = self._run_everywhere(p, graph, ctx, on_analysis, rollback, known)
+                    touched = rollback.snapshot is not None
+                    # the mark (a copy of every node's fields) is freed here, by reference counting,
+                    # before the collector is back on: kept longer, the next collection rescanned it
+                    rollback = state = None
             except Exception as exc:
                 graph = rollback.restore()
                 ctx.state.clear()
@@ -195,24 +207,40 @@ class Pipeline:
                 pr = PassReport(p.name, p.description, [], 0, [], before, before, 0.0, error=msg)
             pr.ops_before = before
             # a pass that never reached apply (no mark taken) only read the graph: same counts
-            counts = before if rollback.snapshot is None and not pr.error else G.op_counts(graph)
+            counts = before if not touched and not pr.error else G.op_counts(graph)
+            if touched or pr.error:
+                known.clear()
+            if touched and not pr.error and not p.keeps_shapes:
+                clean = True  # (_run_pass refreshed the model after its last apply)
             pr.ops_after = counts
             pr.seconds = time.perf_counter() - t0
             report.passes.append(pr)
             if progress:
                 progress(f"pass {self._place(i, p)} {p.name}: applied {pr.applied} in {pr.seconds:.1f} s"
                          + (" (FAILED, changes dropped)" if pr.error else ""))
+        graph.__dict__["normopt_clean"] = clean  # for _run_imported's export
         return graph
 
-    def _run_everywhere(self, p, root, ctx, on_analysis, rollback=None):
+    def _run_everywhere(self, p, root, ctx, on_analysis, rollback=None, known=None):
         """The pass on the main graph, then branch by branch on every If whose condition
-        verification can drive (see subgraphs_to_run); its report covers them all."""
+        verification can drive (see subgraphs_to_run); its report covers them all. ``known``
+        (run_graph's): the branches and scopes of a graph no pass has rewritten since they were
+        found, to reuse; a scope is found again once this pass has rewritten (taken its mark)."""
+        known = {} if known is None or rollback is None else known
         matched, declined, applied = [], [], 0
-        graphs, skipped = subgraphs_to_run(root)
+        if "subgraphs" not in known:
+            known["subgraphs"] = subgraphs_to_run(root)
+        graphs, skipped = known["subgraphs"]
         for g in [root] + graphs:
             if g is not root:
                 g.opset = root.opset
-            with G.scope(root, g):
+            reuse = rollback is not None and rollback.snapshot is None  # nothing rewritten yet (that we know of)
+            sc = known.get(id(g)) if reuse else None
+            if sc is None:
+                sc = G.Scope(root, g)
+                if reuse:
+                    known[id(g)] = sc
+            with G.scope(root, g, prepared=sc):
                 m, d, n = self._run_pass(p, root, g, ctx, on_analysis, rollback)
             matched += m
             declined += d
@@ -247,7 +275,9 @@ class Pipeline:
         report = Report()
         with _collector_paused():  # import: a million objects that all stay alive (scanning them is waste)
             graph = G.to_graph(model)
-        gc.freeze()  # the imported graph lives for the whole run: collections skip it (see _collector_paused)
+            # the imported graph lives for the whole run: collections skip it (see _collector_paused).
+            # Frozen before the collector is back on: else its first collection scans the whole import
+            gc.freeze()
         try:
             return self._run_imported(graph, model, ctx, report, progress)
         finally:
@@ -265,7 +295,7 @@ class Pipeline:
             out = model  # no pass rewrote anything: the input as it is (an export would only rebuild it; 10 s at 100k nodes)
         else:
             with _collector_paused():
-                out = G.to_model(graph, model)
+                out = G.to_model(graph, model, clean=graph.__dict__.pop("normopt_clean", False))
         report.notes.extend(ctx.notes)
         report.changed_values = sorted(ctx.state.get(CHANGED, ()))
         report.beta_folded = ctx.state.get("beta_folded", 0)

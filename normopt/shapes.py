@@ -1096,8 +1096,12 @@ def infer(graph: gs.Graph, incremental: bool = True) -> ShapeState:
     declared = _declared_outputs(graph)
     _walk(graph, graph, st, opset, domains, set(), seen_nodes, seen_tensors, declared, fresh)
     st.alive = seen_nodes
-    st.sig = {k: v for k, v in st.sig.items() if k in seen_nodes}
-    st.info = {k: v for k, v in st.info.items() if k in seen_tensors}
+    # every node and value the walk met has its entry (a signature, an Info): where the counts
+    # agree there is nothing else to drop (a fresh inference, or a refresh that removed nothing)
+    if len(st.sig) != len(seen_nodes):
+        st.sig = {k: v for k, v in st.sig.items() if k in seen_nodes}
+    if len(st.info) != len(seen_tensors):
+        st.info = {k: v for k, v in st.info.items() if k in seen_tensors}
     st.tensors = seen_tensors
     return st
 

@@ -91,3 +91,103 @@ def test_the_pipeline_grows_linearly(kind, monkeypatch):
     growth = n2 / n1
     assert q2 <= growth * SLACK * q1 + 200, totals
     assert i2 <= growth * SLACK * i1 + 200, totals
+
+
+def test_the_collector_never_rescans_the_graph():
+    """Python's cyclic collector must never scan the imported graph or a pass's rollback mark
+    (each holds several objects per node): the graph is frozen before the collector is back on
+    after the import, and a pass's mark is freed before it comes back after the pass. Checked
+    on a chain that ends in one Identity (so remove_identity rewrites, and takes a mark of every
+    node): the objects any collection scans stay well under the number of nodes."""
+    import gc
+
+    from onnx import helper
+
+    model = elementwise_chain(LARGE)
+    last = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Identity", [last], ["y"], name="id"))
+    model.graph.output[0].name = "y"
+    scanned = []
+
+    def watch(phase, info):
+        if phase == "start":
+            scanned.append(sum(len(gc.get_objects(generation=g)) for g in range(info["generation"] + 1)))
+
+    was = gc.isenabled()
+    gc.enable()
+    gc.collect()  # from a clean young generation (other tests leave theirs)
+    gc.callbacks.append(watch)
+    try:
+        out, report = optimize_model(model)
+    finally:
+        gc.callbacks.remove(watch)
+        if not was:
+            gc.disable()
+    assert any(p.name == "remove_identity" and p.applied for p in report.passes)  # a mark was taken
+    assert max(scanned, default=0) < LARGE, (len(scanned), max(scanned, default=0), LARGE)
+
+
+def test_the_export_sorts_only_a_graph_that_changed_since_its_refresh(monkeypatch):
+    """Every pass that may change the structure ends with a refresh (cleanup + toposort), and a
+    pass that keeps shapes never changes it: the export then skips a second cleanup and sort of
+    the main graph (both idempotent), and writes the same bytes as with them."""
+    model = transformer_like(SMALL)
+    forced = optimize_model_bytes(model, monkeypatch, force_clean=True)
+    calls = []
+    real = G._clean_and_sort
+
+    def counted(g):
+        calls.append(g)
+        return real(g)
+
+    monkeypatch.setattr(G, "_clean_and_sort", counted)
+    out, report = optimize_model(model)
+    refreshes = sum(1 for p in report.passes if p.applied and not _pass(p.name).keeps_shapes)
+    assert refreshes >= 1
+    assert len(calls) == refreshes, (len(calls), refreshes)
+    assert out.SerializeToString() == forced
+
+
+def _pass(name):
+    return next(p for p in all_passes() if p.name == name)
+
+
+def optimize_model_bytes(model, monkeypatch, force_clean):
+    real = G.to_model
+
+    def to_model(graph, original, clean=False):
+        return real(graph, original, clean=False if force_clean else clean)
+
+    with monkeypatch.context() as m:
+        m.setattr(G, "to_model", to_model)
+        out, _ = optimize_model(model)
+    return out.SerializeToString()
+
+
+def test_passes_that_rewrite_nothing_share_the_structure_walks(monkeypatch):
+    """The branches to run in and each graph's Scope depend on the structure only: found once
+    for a run of passes that rewrite nothing (each was a walk of every node, per pass), found
+    again after a pass that rewrites."""
+    from normopt import pipeline as PL
+
+    counts = collections.Counter()
+    real_scope, real_subs = G.Scope, PL.subgraphs_to_run
+
+    class CountedScope(real_scope):
+        def __init__(self, *a, **k):
+            counts["scope"] += 1
+            super().__init__(*a, **k)
+
+    def subs(root):
+        counts["subgraphs"] += 1
+        return real_subs(root)
+
+    monkeypatch.setattr(G, "Scope", CountedScope)
+    monkeypatch.setattr(PL, "subgraphs_to_run", subs)
+    _, report = optimize_model(elementwise_chain(200))
+    assert not any(p.applied for p in report.passes)
+    assert counts == {"scope": 1, "subgraphs": 1}, counts
+    counts.clear()
+    _, report = optimize_model(transformer_like(SMALL))
+    rewrote = sum(1 for p in report.passes if p.applied)
+    assert rewrote >= 1 and counts["subgraphs"] <= rewrote + 1 and counts["scope"] <= 2 * rewrote + 1, (counts, rewrote)

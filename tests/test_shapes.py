@@ -436,3 +436,24 @@ def test_slice_with_run_time_bounds_keeps_the_other_axes():
     t = g.tensors()
     for name in ("pos", "pos2"):
         assert t[name].shape[1] == 8 and isinstance(t[name].shape[0], str)  # min(16, S): not guessed
+
+
+def test_the_shape_state_holds_exactly_what_the_walk_met():
+    """The state keeps one signature per node and one Info per value of the graph as it stands
+    (infer drops the others only when the counts disagree): after a fresh inference, and after
+    a refresh that removed nodes."""
+    from node_graphs import elementwise_chain
+
+    graph = G.to_graph(elementwise_chain(40))
+
+    def met(g):
+        nodes = {id(n) for n in g.nodes}
+        values = {id(t) for t in g.inputs} | {id(t) for n in g.nodes for t in list(n.inputs) + list(n.outputs)}
+        return nodes, values
+
+    st = S.state(graph)
+    assert (set(st.sig), set(st.info)) == met(graph)
+    graph.outputs = [graph.nodes[20].outputs[0]]  # the last 19 nodes are dead now
+    G.refresh(graph)
+    st = S.state(graph)
+    assert len(graph.nodes) == 21 and (set(st.sig), set(st.info)) == met(graph)
