@@ -444,9 +444,6 @@ def ort_check(loaded: LoadedModel) -> None:
     OrtCheck(loaded).result()
 
 
-FORK_CHECK_NODES = 20_000  # a check alone of a graph this large runs in a forked child (OrtCheck)
-
-
 class OrtCheck:
     """ort_check beside the passes, started before they run and joined before anything is
     written: session creation is native code that releases the GIL, so it overlaps with the
@@ -458,11 +455,10 @@ class OrtCheck:
     the input's file is loaded once per run, not once for this check and again for
     verification; ``release()`` drops it.
 
-    keep=False (a check alone) of a graph of FORK_CHECK_NODES nodes or more, on Linux: the same
-    session is built in a forked child, which reports how it went through a pipe and exits
-    without freeing it. In a thread, the session's destructor holds the GIL while it frees the
-    graph (0.9 s at 100k nodes, the passes stopped meanwhile). The check is the same: the
-    same options, the same file, the same reading of ONNX Runtime's error."""
+    The check runs in a thread of this process, never a forked child: a fork beside the caller's
+    threads (an application calling the API from a pool) can hang the child on a lock one of them
+    held. On a 100k-node graph the session's destructor holds the GIL about a second while it
+    frees the graph; that stall is the price."""
 
     def __init__(self, loaded: LoadedModel, keep: bool = False):
         import threading
@@ -471,14 +467,10 @@ class OrtCheck:
         self.keep, self.session = keep, None
         self.seconds = 0.0
         self.thread = None
-        self.child = None  # (pid, pipe, start time) of a forked check
         self._lock = threading.Lock()
         if loaded.weight_bytes <= ORT_CHECK_BYTES:
-            if not keep and _fork_check(loaded):
-                self._fork()
-            else:
-                self.thread = threading.Thread(target=self._run, name="normopt-ort-check", daemon=True)
-                self.thread.start()
+            self.thread = threading.Thread(target=self._run, name="normopt-ort-check", daemon=True)
+            self.thread.start()
 
     def _build(self):
         """(session, None), (None, None) where ORT lacks a kernel (no defect of the file), or
@@ -511,63 +503,11 @@ class OrtCheck:
                 self.session = sess
         del sess
 
-    def _fork(self):
-        import time
-        import warnings
-
-        r, w = os.pipe()
-        with warnings.catch_warnings():  # (Python 3.12+ warns of forking beside other threads: the child runs no Python thread)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-        if pid == 0:  # the child: build the session, say how it went, exit at once (no destructor, no cleanup)
-            code = 0
-            try:
-                os.close(r)
-                _, error = self._build()
-                os.write(w, ("ok" if error is None else "refused:" + error).encode("utf-8", "replace"))
-            except BaseException:
-                code = 70
-            finally:
-                os._exit(code)
-        os.close(w)
-        self.child = (pid, r, time.perf_counter())
-
-    def _join_child(self) -> None:
-        import time
-
-        with self._lock:
-            child, self.child = self.child, None
-        if child is None:
-            return
-        pid, r, t0 = child
-        chunks = []
-        try:
-            while True:
-                b = os.read(r, 65536)
-                if not b:
-                    break
-                chunks.append(b)
-        finally:
-            os.close(r)
-        try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): its message says how it went
-            status = None
-        self.seconds = time.perf_counter() - t0
-        said = b"".join(chunks).decode("utf-8", "replace")
-        if said.startswith("refused:"):
-            self.error = said[len("refused:"):]
-        elif said != "ok":
-            how = ("its exit was not seen" if status is None else f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-                   else f"exit status {os.WEXITSTATUS(status)}")
-            self.error = f"{self.loaded.path}: ONNX Runtime failed while loading it ({how})"
-
     def join(self) -> None:
         t = self.thread  # joined from the main thread and from verification's (take_session)
         if t is not None:
             t.join()
             self.thread = None
-        self._join_child()
 
     def result(self) -> None:
         self.join()
@@ -585,15 +525,6 @@ class OrtCheck:
         """Drop the kept session, now or as soon as it is built."""
         with self._lock:
             self.keep, self.session = False, None
-
-
-def _fork_check(loaded: LoadedModel) -> bool:
-    """Is a check alone of this model run in a forked child (see OrtCheck)?"""
-    import sys
-
-    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
-        return False
-    return len(loaded.model.graph.node) >= FORK_CHECK_NODES
 
 
 class StagedModel:
