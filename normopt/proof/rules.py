@@ -633,7 +633,7 @@ def _solved_screen(Mp, Mo, alpha, eps, tiny) -> bool:
     return not bool(np.any((resid > np.sqrt(len(p)) * 2 * bound + 1e-300) & (den > 0)))
 
 
-def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q):
+def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q, tiny_b=0.0):
     """The weight is the original's with each output column scaled: diag(alpha) Wp = Wo diag(c)
     for a c solved column by column (a per-channel scale the original applies later, past a
     layout op, for example). The output relates to m by a = c, t = tau Wp + bp - c bo."""
@@ -659,7 +659,8 @@ def prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale
     if not ok:
         return False
     shift = np.asarray(bp, np.float64) - c * bo
-    err = eps * (np.abs(bp) + np.abs(c * bo))
+    # the stored bias rounds the folded value, to the subnormals' spacing below the normal range
+    err = eps * (np.abs(bp) + np.abs(c * bo)) + tiny_b * (np.asarray(bp) != 0)
     if tau is not None:
         shift = shift + tw * Wp_scale
         err = err + atw * abs(Wp_scale)
@@ -725,6 +726,9 @@ def rule_linear(prover, O, P, node, in_rels):
     if bp is None:
         raise _Skip(f"{op} bias is neither a per-channel constant nor a constant of the output's shape")
     eps = eps_of(P.elem(node.input[1]))
+    # a stored bias's rounding floor: the subnormals' spacing of its dtype (the weight's), times
+    # the Gemm's beta that scales it
+    tiny_b = tiny_of(P.elem(node.input[1])) * (abs(float(pattrs.get("beta", 1.0))) if op == "Gemm" else 1.0)
     out, tried = [], []
     for w, q in prover._rels_on(O, in_rels[0]):
         if q.kind == "comp":
@@ -842,7 +846,7 @@ def rule_linear(prover, O, P, node, in_rels):
                         if bp_full is not None:  # the stored full C: its own rounding, and the folded value's
                             stored = stored + bp_full
                             e_ch = e_ch + eps * np.abs(bp_full)
-                        bound = e_ch + eps * np.abs(orig_shift) * (stored != 0)
+                        bound = e_ch + (eps * np.abs(orig_shift) + tiny_b) * (stored != 0)
                         got = per_channel_err(t_full, out_axis, rm, bound)
                         if got is not None:
                             t_rel, err = got
@@ -850,9 +854,10 @@ def rule_linear(prover, O, P, node, in_rels):
                             t_rel, err = t_full, np.broadcast_to(bound, np.broadcast_shapes(bound.shape, t_full.shape)).copy()
                     else:
                         orig_shift = (np.ones(N) if cz is None else cz) * bo + sz
-                        # the stored bias rounds the folded value (one intermediate); a zero stored
-                        # bias folded nothing and rounds nothing
-                        err = err + eps * np.abs(orig_shift) * (np.asarray(bp) != 0)
+                        # the stored bias rounds the folded value (one intermediate; below the
+                        # normal range to the subnormals' spacing); a zero stored bias folded
+                        # nothing and rounds nothing
+                        err = err + (eps * np.abs(orig_shift) + tiny_b) * (np.asarray(bp) != 0)
                         if centered:
                             orig_shift = orig_shift - orig_shift.mean()
                         t_rel = shift - orig_shift
@@ -864,7 +869,8 @@ def rule_linear(prover, O, P, node, in_rels):
                         prover.stats.affine_folds += 1
                     break
             if not out and bp_full is None and bo_full is None and \
-                    not prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q):
+                    not prover_solved(prover, O, Mp, Mo, alpha, tau, eps, bp, bo, Wp_scale, Wo_scale, m, out_axis, out, K, rep, q,
+                                      tiny_b):
                 pass
     if not out:
         where = ""
