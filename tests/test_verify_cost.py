@@ -722,23 +722,3 @@ def test_verification_sessions_do_not_spin(stream_model, tmp_path, monkeypatch):
     res = api.optimize(stream_model(), str(tmp_path / "out.onnx"), tune=False)
     assert res.verification.equivalent
     assert len(spins) >= 4 and not any(spins), spins
-
-
-@pytest.mark.parametrize("big", [False, True])
-def test_float64_prepared_ahead_with_noise_draws_gives_the_same_verdict(big, monkeypatch):
-    """A candidate whose stress sets fail without the noise draws: with the original's runs and
-    its float64 evaluation prepared ahead, compare() still makes the draws (on the kept session
-    where the model is small, on one of their own where it is big, whose session of the
-    original was dropped before the float64 evaluation) and gives the verdict and numbers of a
-    comparison that does everything itself."""
-    if big:
-        monkeypatch.setattr(E, "BIG_BYTES", -1)
-    ref, cand = _cancel(1e4), _cancel(2.5e5)
-    plain = compare(ref, cand)
-    assert "noise draws" in plain.timings
-    made = _count_exact(monkeypatch)
-    cache = E.prepare_reference(ref, exact=True)
-    assert "_exact_note" in cache and ("_session" in cache) == (not big)
-    got = compare(ref, cand, ref_cache=cache)
-    assert len(made) == 1 and "noise draws" in got.timings
-    assert _verdict(got) == _verdict(plain)
