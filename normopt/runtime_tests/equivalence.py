@@ -649,8 +649,6 @@ def _prepare_exact(ref_proto, fetch, pres, types, sets, cache, stop, room) -> No
             if stop is not None and stop.is_set():
                 return
             exact_vals.append(runner.run(feeds))
-        if stop is not None and stop.is_set():
-            return
         if runner.disagreement(full_ref, sets[0][1], cache[sets[0][0]][0], K_EXACT, FLOOR_ULPS) is not None:
             return
         for (label, _), ex in zip(sets, exact_vals):
