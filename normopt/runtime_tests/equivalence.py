@@ -565,7 +565,7 @@ def reference_fetch(ref_proto) -> tuple:
 
 
 def prepare_reference(reference, seeds: int = 3, input_opts: InputOptions | None = None, stress: bool = True,
-                      session=None, stop=None, exact: bool = False, room=None) -> dict:
+                      session=None, stop=None) -> dict:
     """The original's phase of compare() made ahead of time (optimize runs it beside the passes):
     the input plan settled on the original, and its outputs on every input set, in the ref_cache
     form compare() takes (entries '_fetch', '_opts', per input set (outputs, None, None); and
@@ -573,9 +573,7 @@ def prepare_reference(reference, seeds: int = 3, input_opts: InputOptions | None
     itself, so the same values bit for bit. `session`: one already built of the reference's file
     at ORT_DISABLE_ALL (io.OrtCheck's), taken where no pre-saturation value is fetched; else one
     is built as compare() builds it. `stop` (an Event) ends it between runs: {} then. Errors
-    give {} too: compare() then runs the original itself and says what went wrong.
-    `exact`: the float64 evaluation too (_prepare_exact), where `room()` (None: always) says
-    memory holds it now; its values go into the cache entries, as compare() keeps its own."""
+    give {} too: compare() then runs the original itself and says what went wrong."""
     t0 = time.perf_counter()
     if EAGER_NOISE:  # the old schedule draws the noise with the original's runs: compare() does it all
         return {}
@@ -597,11 +595,9 @@ def prepare_reference(reference, seeds: int = 3, input_opts: InputOptions | None
 
         input_opts, notes = settle_plan(ref_proto, input_opts, settle_run)
         cache = {"_fetch": tuple(fetch), "_opts": input_opts, "_notes": notes, "_prepared": True, **skeletons}
-        big = W.weight_bytes(ref_proto) > BIG_BYTES
-        if not big:
+        if W.weight_bytes(ref_proto) <= BIG_BYTES:
             cache["_session"] = session  # kept for the noise draws, as compare() keeps it
-        sets = feed_sets(ref_proto, seeds, input_opts, stress)
-        for label, feeds in sets:
+        for label, feeds in feed_sets(ref_proto, seeds, input_opts, stress):
             if stop is not None and stop.is_set():
                 return {}
             if settled and _same_feeds(settled[0][0], feeds):
@@ -609,56 +605,12 @@ def prepare_reference(reference, seeds: int = 3, input_opts: InputOptions | None
             else:
                 vals = [np.asarray(v) for v in session.run(fetch, feeds)]
             cache[label] = (vals, None, None)
-        settled.clear()
     except Exception:
         return {}
     finally:
         session = None
     cache["_seconds"] = time.perf_counter() - t0
-    if exact and sets:
-        _collect(big)  # a big model's session is gone before the float64 evaluation is built
-        try:
-            _prepare_exact(ref_proto, fetch, pres, types, sets, cache, stop, room)
-        except Exception:  # compare() evaluates it itself and says what fails
-            pass
-    if stop is not None and stop.is_set():
-        return {}
     return cache
-
-
-def _prepare_exact(ref_proto, fetch, pres, types, sets, cache, stop, room) -> None:
-    """compare()'s float64 evaluation of the original, made ahead in prepare_reference: the same
-    runner (exact.ExactRunner) on the same model, feeds and memory checks, fetching the superset
-    prepare_reference fetched (extra outputs change no value: every op keeps its kernel at
-    ORT_DISABLE_ALL), and the same check that onnx.reference computes ONNX Runtime's function.
-    Kept only where it succeeds: anything else (no room now, no float64 engine, a disagreement)
-    leaves the entries without float64 values, and compare() evaluates and reports as before."""
-    if (room is not None and not room()) or _float64_fits(ref_proto) is not None:
-        return
-    from .exact import ExactRunner
-
-    t0 = time.perf_counter()
-    full_ref = ref_proto if not pres else _with_outputs(ref_proto, pres, types)
-    runner = ExactRunner(full_ref, fetch, sets[0][1], reference_fits=lambda: _float64_fits(ref_proto, "reference"),
-                         stop=stop)
-    try:
-        if not runner.available:
-            return
-        exact_vals = []
-        for _, feeds in sets:
-            if stop is not None and stop.is_set():
-                return
-            exact_vals.append(runner.run(feeds))
-        if runner.disagreement(full_ref, sets[0][1], cache[sets[0][0]][0], K_EXACT, FLOOR_ULPS) is not None:
-            return
-        for (label, _), ex in zip(sets, exact_vals):
-            cache[label] = (cache[label][0], ex, None)
-        cache["_exact_note"] = runner.engine
-        cache["_exact_seconds"] = time.perf_counter() - t0
-    finally:
-        runner.close()
-        del runner
-        _collect(W.weight_bytes(ref_proto) > BIG_BYTES)
 
 
 def _clear(ref_cache: dict) -> None:
@@ -769,12 +721,9 @@ def compare(
     def ref_model():
         return reference if not ref_probe_names else _with_outputs(ref_proto, ref_probe_names, rtypes)
     beside = None  # the seconds of a prepare_reference() run beside the passes
-    exact_beside = None  # (engine, seconds) of its float64 evaluation, where it made one
     if ref_cache is not None:
         _take_prepared(ref_cache, key)
         beside = ref_cache.pop("_seconds", None)
-        if "_exact_note" in ref_cache:
-            exact_beside = (ref_cache.pop("_exact_note"), ref_cache.pop("_exact_seconds", 0.0))
     reuse = ref_cache is not None and ref_cache.get("_fetch") == key and "_opts" in ref_cache
     if reuse:
         input_opts = ref_cache["_opts"]
@@ -870,9 +819,6 @@ def compare(
             result.notes.append(f"no float64 reference: {why}; fell back to the fp32 tolerance check")
     elif use_exact:
         exact_note = "cached"
-        if exact_beside is not None:  # evaluated beside the passes (prepare_reference), said once
-            exact_note = exact_beside[0]
-            timings["exact float64 (beside the passes)"] = exact_beside[1]
     if ref_cache is not None and cached is not None and fresh_exact and exact_vals:
         for k, (label, _) in enumerate(sets):
             ref_cache[label] = (ref_vals[k], exact_vals[k], noise.get(label))
@@ -1154,9 +1100,10 @@ EMBEDDED_FACTOR = 6.0
 REFERENCE_FACTOR = 4.5
 
 
-def float64_bytes(proto, engine: str = "ort") -> int:
-    """The memory the float64 evaluation holds (by ONNX Runtime; "reference": what onnx.reference
-    needs on top of the fed float64 weights)."""
+def _float64_fits(proto, engine: str = "ort") -> str | None:
+    """None, or why the float64 evaluation (by ONNX Runtime, or by onnx.reference) does not fit
+    in memory."""
+    from ..api import available_bytes
     from .exact import FEED_BYTES, FLOATS
 
     def size(t):  # fp32-equivalent bytes: a 16-bit weight grows 4x in float64
@@ -1169,15 +1116,6 @@ def float64_bytes(proto, engine: str = "ort") -> int:
         need = int(FLOAT64_FACTOR * fed + EMBEDDED_FACTOR * embedded) + (512 << 20)
     else:  # asked once the fed float64 weights (2x) are held: what onnx.reference needs on top
         need = int((REFERENCE_FACTOR - 2.0) * fed + EMBEDDED_FACTOR * embedded) + (512 << 20)
-    return need
-
-
-def _float64_fits(proto, engine: str = "ort") -> str | None:
-    """None, or why the float64 evaluation (by ONNX Runtime, or by onnx.reference) does not fit
-    in memory."""
-    from ..api import available_bytes
-
-    need = float64_bytes(proto, engine)
     avail = available_bytes()
     if avail is not None and need > avail:
         return (f"evaluating the model in float64 needs about {need / 2**30:.1f} GB of memory and "

@@ -324,22 +324,17 @@ def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
 FEED_BYTES = 1 << 16  # main-graph initializers of this size or more are fed, not embedded (see to_float64)
 
 
-class Stopped(Exception):
-    """The caller's stop event was set while the weights were converted (to_float64's `stop`)."""
-
-
-def to_float64(model: onnx.ModelProto, weights: dict | None = None, stop=None) -> onnx.ModelProto:
+def to_float64(model: onnx.ModelProto, weights: dict | None = None) -> onnx.ModelProto:
     """A copy of `model` computing in float64 (weights read in from their files).
 
     With a ``weights`` dict, each main-graph initializer of FEED_BYTES or more becomes a graph
     input instead, and its float64 values go into ``weights`` (name -> array), to be fed at
     every run: ONNX Runtime reads a fed array in place, where an embedded one would exist three
-    times (the proto, its serialized bytes, and the session's copy). `stop` (an Event): Stopped
-    is raised between two fed tensors once it is set."""
+    times (the proto, its serialized bytes, and the session's copy)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if weights is not None:
-        _feed_weights(out.graph, weights, stop=stop)
+        _feed_weights(out.graph, weights)
     stack = [out.graph]
     while stack:  # every graph, subgraphs included, without recursion
         g = stack.pop()
@@ -396,7 +391,7 @@ def to_float64(model: onnx.ModelProto, weights: dict | None = None, stop=None) -
     return out
 
 
-def _feed_weights(g, weights: dict, native: bool = False, stop=None) -> None:
+def _feed_weights(g, weights: dict, native: bool = False) -> None:
     """Moves g's large float initializers, as float64, into ``weights``; each becomes a float64
     graph input of its shape (integer tensors stay: quantized kernels may want them constant). Tensors an op wants in float32 stay (KEEP_FLOAT32).
     native: in their own type instead (the model at its own precision, _Split's check)."""
@@ -407,8 +402,6 @@ def _feed_weights(g, weights: dict, native: bool = False, stop=None) -> None:
         if t.name in keep or t.data_type not in FLOATS or W.tensor_nbytes(t) < FEED_BYTES:
             kept.append(t)
             continue
-        if stop is not None and stop.is_set():
-            raise Stopped()
         arr = np.asarray(_array(t)) if native else np.ascontiguousarray(_array(t), np.float64)
         weights[t.name] = arr
         if t.name not in inputs:  # an initializer that is also an input (IR < 4) keeps its input entry
@@ -639,11 +632,9 @@ def double_feeds(feeds: dict) -> dict:
 class ExactRunner:
     """Runs a model in float64: ONNX Runtime where it has the kernels, else onnx.reference."""
 
-    def __init__(self, model: onnx.ModelProto, outputs: list, first_feeds: dict | None = None, reference_fits=None,
-                 stop=None):
+    def __init__(self, model: onnx.ModelProto, outputs: list, first_feeds: dict | None = None, reference_fits=None):
         """reference_fits: None, or a callable giving None or why onnx.reference's evaluation
-        (which holds more memory than ONNX Runtime's) would not fit; asked before it starts.
-        stop: an Event that ends the weights' conversion early (then not available)."""
+        (which holds more memory than ONNX Runtime's) would not fit; asked before it starts."""
         self.available, self.why, self.engine = False, "", ""
         self.outputs = list(outputs)
         self.seconds = 0.0
@@ -653,10 +644,7 @@ class ExactRunner:
         self._weights = {}  # the fed float64 weights (to_float64)
         t0 = time.perf_counter()
         try:
-            self.model = to_float64(model, self._weights, stop=stop)
-        except Stopped:
-            self.why, self._weights = "stopped", {}
-            return
+            self.model = to_float64(model, self._weights)
         except Exception as exc:
             self.why = f"the model cannot be converted to float64 ({type(exc).__name__}: {str(exc)[:160]})"
             return
