@@ -49,28 +49,18 @@ def _model():
     return helper.make_model(g, functions=[fn], opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
 
 
-def _graphs(g):
-    yield g
-    for n in g.node:
-        for a in n.attribute:
-            if a.HasField("g"):
-                yield from _graphs(a.g)
-            for sg in a.graphs:
-                yield from _graphs(sg)
-
-
 def _expected(model):
     """The plain nested walks: iter_tensors, then every graph's sparse initializers, then every
     node's sparse attributes (the graphs' nodes, graph by graph, then the functions' nodes)."""
     out = [(t.name, "tensor") for t in W.iter_tensors(model)]
-    graphs = list(_graphs(model.graph))
+    graphs = list(nio._graphs(model.graph))
     for fn in model.functions:
         for n in fn.node:
             for a in n.attribute:
                 if a.HasField("g"):
-                    graphs.extend(_graphs(a.g))
+                    graphs.extend(nio._graphs(a.g))
                 for sg in a.graphs:
-                    graphs.extend(_graphs(sg))
+                    graphs.extend(nio._graphs(sg))
     sparse = [s for g in graphs for s in g.sparse_initializer]
     for n in [n for g in graphs for n in g.node] + [n for fn in model.functions for n in fn.node]:
         for a in n.attribute:

@@ -16,6 +16,7 @@ file region, through normopt.weights) and dropped after use.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -339,7 +340,7 @@ class GraphView:
 
     def _node_slack(self, node, vals):
         """The slack of node's first output (see slack), or None for none."""
-        ins = [i for i in node.input]
+        ins = list(node.input)
         sl = [self.slack(i) if i else 0.0 for i in ins]
         op = node.op_type
         r = np.asarray(vals[0]) if vals and vals[0] is not None else None
@@ -1308,8 +1309,6 @@ class GraphView:
                 c64 = np.moveaxis(np.asarray(c, np.float64), a, -1).reshape(-1, np.shape(c)[a])
                 if not np.all(np.isfinite(c64)):
                     return False
-                import math
-
                 return all(math.fsum(row) == 0.0 for row in c64)
             p = self.producer.get(v)
             if p is None or p[0].domain not in ("", "ai.onnx") or not p[0].input:

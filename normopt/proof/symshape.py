@@ -227,6 +227,7 @@ class Tracker:
         self.opset = opsets.get("", opsets.get("ai.onnx", 0))
         self.parent = parent
         self.shape, self.value = {}, {}
+        self.fixed = {}  # name -> shape of an evaluated constant, taken as it is (GraphView sets it)
         for vi in graph.input:
             tt = vi.type.tensor_type
             if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
@@ -268,9 +269,8 @@ class Tracker:
         for node in nodes:
             if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and node.op_type in UNARY):
                 continue
-            fixed = getattr(self, "fixed", None)
-            if fixed and node.output and node.output[0] in fixed:
-                self.shape[node.output[0]] = list(fixed[node.output[0]])  # an evaluated constant's own shape
+            if node.output and node.output[0] in self.fixed:
+                self.shape[node.output[0]] = list(self.fixed[node.output[0]])  # an evaluated constant's own shape
                 continue
             try:
                 self._node(node)
