@@ -33,7 +33,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 INLINE_BYTES = 1024  # tensors up to this size stay inline in the skeleton (shape constants, scalars)
 INLINE_INT_BYTES = 1 << 20  # int32/int64 tensors up to this size stay inline too: shape inference reads them
 SPILL_BYTES = 1 << 20  # new tensors at least this large go to the spill file
-CHUNK_BYTES = 64 << 20  # float64 working set of one block of weight math
+CHUNK_BYTES = 64 << 20  # float64 working set of one block of an accumulation (a sum over rows: its grouping is part of its value)
+ROW_BLOCK_BYTES = 1 << 20  # float64 working set of one block of row-independent math (blockwise): small enough to stay in cache
 ALIGN_LARGE = 1 << 16  # offsets of tensors >= 1 MiB are aligned so ONNX Runtime can mmap them
 ALIGN_SMALL = 64
 
@@ -211,28 +212,30 @@ def current_store() -> WeightStore | None:
 # float64 weight math in bounded blocks
 
 
-def _rows_per_block(shape, itemsize=8) -> int:
+def _rows_per_block(shape, itemsize=8, budget=None) -> int:
     if not shape:
         return 1
     row = int(np.prod(shape[1:])) * itemsize if len(shape) > 1 else itemsize
-    return max(1, CHUNK_BYTES // max(row, 1))
+    return max(1, (CHUNK_BYTES if budget is None else budget) // max(row, 1))
 
 
 def blockwise(values: np.ndarray, fn, dtype=None) -> np.ndarray:
     """out[rows] = fn(float64 block of values[rows], rows) over blocks of the first axis, cast to
-    `dtype` (default: the values' dtype). fn must act on rows independently."""
+    `dtype` (default: the values' dtype). fn must act on rows independently, so the block size
+    (ROW_BLOCK_BYTES, which keeps a block's float64 copy and fn's temporaries in cache) decides
+    no value. The cast is the assignment into the output (the same rounding as astype)."""
     values = np.asarray(values) if not isinstance(values, np.ndarray) else values
     dtype = np.dtype(dtype or values.dtype)
     if values.ndim == 0:
         return np.asarray(fn(values.astype(np.float64), slice(None))).astype(dtype)
-    step = _rows_per_block(values.shape)
+    step = _rows_per_block(values.shape, budget=ROW_BLOCK_BYTES)
     out = None
     for start in range(0, values.shape[0], step):
         rows = slice(start, min(start + step, values.shape[0]))
         block = np.asarray(fn(np.asarray(values[rows], dtype=np.float64), rows))
         if out is None:
             out = np.empty((values.shape[0],) + block.shape[1:], dtype)
-        out[rows] = block.astype(dtype)
+        out[rows] = block
     if out is None:  # zero rows
         out = np.asarray(fn(np.asarray(values, dtype=np.float64), slice(None))).astype(dtype)
     return out
