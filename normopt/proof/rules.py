@@ -560,13 +560,10 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
         e = o - o.mean(axis=1, keepdims=True) if centered else o
         # or the centering of the rounded intermediate W diag(c) (cast to the weight's dtype, then
         # centered): that moves the row's mean by the mean of the roundings, computed here exactly
-        e_alt = None
-        if centered and cz is not None and dt is not None:
-            oc = o.astype(dt).astype(np.float64)
-            e_alt = oc - oc.mean(axis=1, keepdims=True)
+        # (only where the first form leaves an element outside its bound: alt_of below)
+        o_full = o
         if comp:
             e, o = e[:, :N], o[:, :N]
-            e_alt = None if e_alt is None else e_alt[:, :N]
         if tau is not None:
             # tau times the weight the original implies (e / alpha), not the stored one: the
             # stored weight's rounding, times the whole input (tau included), is the weight
@@ -580,9 +577,22 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
             # what the same shift through the stored (rounded) weight differs by: an optimizer
             # may fold a bias through either; the actual signed sum, not a bound of it
             atw += tau[s:s + n] @ (p_stored - p_exp)
-        bound = W_TOL * eps * (np.abs(e) + np.abs(p) + (np.abs(o) if centered else 0.0)) + 2 * tiny
-        bad = np.abs(p - e) > bound + 1e-300
-        if e_alt is not None and bad.any():
+        # bound = W_TOL eps (|e| + |p| (+ |o| where centered)) + 2 tiny, element by element, in place
+        bound = np.abs(e)
+        bound += np.abs(p)
+        if centered:
+            bound += np.abs(o)
+        bound *= W_TOL * eps
+        bound += 2 * tiny
+        bound += 1e-300
+        diff = np.subtract(p, e)
+        np.abs(diff, out=diff)
+        bad = diff > bound
+        if centered and cz is not None and dt is not None and bad.any():
+            oc = o_full.astype(dt).astype(np.float64)
+            e_alt = oc - oc.mean(axis=1, keepdims=True)
+            if comp:
+                e_alt = e_alt[:, :N]
             bad &= np.abs(p - e_alt) > W_TOL * eps * (np.abs(e_alt) + np.abs(p)) + 2 * tiny + 1e-300
         if bad.any():
             i, j = divmod(int(np.argmax(bad)), bad.shape[1])  # the first bad element
