@@ -882,3 +882,30 @@ def test_the_validators_shape_tracker_shapes_conv_and_pooling_as_onnx_runtime_do
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": np.zeros((2, 3, 11, 10), np.float32)})[0].shape
     assert got is not None and [2] + list(got[1:]) == list(want) and str(got[0]) == "b", (got, want)
+
+
+def test_a_scalar_shape_value_minus_a_constant_proves():
+    """A held-out trial: a Shape -> Gather (scalar index) -> Sub(1) beside a folded LayerNorm.
+    The Sub's constant, relative to a rank-0 value, was taken as a per-channel shift along the
+    last axis, which a scalar does not have: the prover raised IndexError (an internal error,
+    never proved). A rank-0 value takes no shift relation; its Sub is the original's own."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32))
+    E, W = f(16, 8), f(8, 8)
+    E.name, W.name = "E", "W"
+    g, b = numpy_helper.from_array(np.ones(8, np.float32), "g"), numpy_helper.from_array(np.zeros(8, np.float32), "b")
+    idx, one = numpy_helper.from_array(np.array(1, np.int64), "idx"), numpy_helper.from_array(np.array(1, np.int64), "one")
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["x"], axis=0),
+             helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["y", "W"], ["out"]),
+             helper.make_node("Shape", ["y"], ["s"]),
+             helper.make_node("Gather", ["s", "idx"], ["s1"], axis=0),
+             helper.make_node("Sub", ["s1", "one"], ["n"])]
+    m = make_model(nodes, [vi("ids", ["batch", "seq"], onnx.TensorProto.INT64)],
+                   [vi("out", ["batch", "seq", 8]), vi("n", [], onnx.TensorProto.INT64)], [E, W, g, b, idx, one])
+    out, report = optimize_model(m)
+    assert any(p.applied for p in report.passes if p.name == "ln_to_rms"), "the LayerNorm is converted"
+    res = prove(m, out)
+    assert res.proved, res.summary
+    for kind, mm in mutants(m, out):
+        assert not prove(m, mm).proved, kind

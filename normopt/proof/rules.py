@@ -123,6 +123,8 @@ def _shift_rel(O, y, q: Rel, delta, err_full):
         if not varying:
             if float(delta.reshape(())) == 0.0:
                 return simplify(Rel(y, None, False, None, None, 0.0), eps_of(O.elem(y))) if q.a is None else None
+            if ry == 0:
+                return None  # a scalar value has no channel axis to carry a shift
             varying = [ry - 1]  # a scalar shift: per channel along the last axis
         if len(varying) != 1:
             return None
