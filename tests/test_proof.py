@@ -909,3 +909,15 @@ def test_a_scalar_shape_value_minus_a_constant_proves():
     assert res.proved, res.summary
     for kind, mm in mutants(m, out):
         assert not prove(m, mm).proved, kind
+
+
+def test_a_detr_mask_resized_by_a_run_time_size_proves():
+    """A held-out trial (tests/proof_cases, a random-weight DETR encoder export): the pixel mask
+    is resized to the feature map by a Resize whose `sizes` are computed from shapes, and a
+    Where reads the result. The optimizer's shapes fold the mask's shape vectors to constants;
+    the prover's tracker had no Resize rule, so the original's side stayed symbolic and the Where
+    did not prove. Resize by sizes is now shaped by those sizes."""
+    m = onnx.load(os.path.join(os.path.dirname(__file__), "proof_cases", "heldout_detr_mask_resize.onnx"))
+    out, _ = optimize_model(m)
+    res = prove(m, out)
+    assert res.proved, res.summary

@@ -262,3 +262,44 @@ def test_an_overridable_shape_initializer_is_not_folded():
     opt.graph.initializer.append(numpy_helper.from_array(np.array([2, 4], np.int64), "tail"))
     res = prove(m, opt)
     assert not res.proved, res.summary
+
+
+def test_tracker_shapes_a_resize_by_sizes():
+    """A Resize by `sizes` (a shape computed at run time, as DETR's mask does) has those sizes as
+    its dims, on `axes` where given; a policy that keeps the aspect ratio is left unknown."""
+    from normopt.proof.symshape import Sym, Tracker
+
+    def model(opset=18, **attrs):
+        nodes = [helper.make_node("Shape", ["x"], ["s"]),
+                 helper.make_node("Slice", ["s", "zero1", "two1"], ["bc"]),
+                 helper.make_node("Concat", ["bc", "hw"], ["sizes"], axis=0),
+                 helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="nearest", **attrs),
+                 helper.make_node("Resize", ["x", "", "", "hw"], ["z"], mode="nearest", axes=[2, 3])]
+        inits = [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+                 (("zero1", [0]), ("two1", [2]), ("hw", [64, 48]))]
+        return make_model(nodes, [vi("x", ["b", 3, 8, 8])], [vi("y", None), vi("z", None)], inits, opset=opset)
+
+    m = model()
+    t = Tracker(m.graph, {"": 18})
+    t.run(m.graph.node)
+    assert t.S("y") == [Sym.var("b"), 3, 64, 48]
+    assert t.S("z") == [Sym.var("b"), 3, 64, 48]
+    m = model(keep_aspect_ratio_policy="not_larger")
+    t = Tracker(m.graph, {"": 18})
+    t.run(m.graph.node)
+    assert t.S("y") is None
+
+
+def test_an_overridable_initializer_is_not_propagated_as_a_value_by_shape_inference():
+    """ONNX's data propagation takes an initializer's value as fixed, even one listed as a graph
+    input (a default a caller may override): the prover's types infer it as an input instead,
+    so a Reshape to it has no static shape."""
+    from normopt.proof.graphs import infer_types
+
+    nodes = [helper.make_node("Reshape", ["x", "tail"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, 3, 8]), vi("tail", [3], onnx.TensorProto.INT64)], [vi("y", None)],
+                   [numpy_helper.from_array(np.array([2, 3, 8], np.int64), "tail")])
+    shape = infer_types(m).get("y")
+    assert shape is None or shape[1] is None or any(not isinstance(d, int) for d in shape[1]), shape
+    m.graph.input.pop()  # not an input: a constant, and its value is the shape
+    assert infer_types(m)["y"][1] == (2, 3, 8)

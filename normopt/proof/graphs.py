@@ -1561,7 +1561,20 @@ def _eval_node(node, values, opsets):
 
 
 def infer_types(model: onnx.ModelProto) -> dict:
-    """name -> (elem_type, shape) from ONNX shape inference on the skeleton (weights stay where they are)."""
+    """name -> (elem_type, shape) from ONNX shape inference on the skeleton (weights stay where they are).
+    An initializer that is also a graph input (IR >= 4) is only a default a caller may override:
+    ONNX's data propagation would take its value as fixed, so it is inferred as an input."""
+    inputs = {i.name for i in model.graph.input}
+    if (model.ir_version or 0) >= 4 and any(t.name in inputs for t in model.graph.initializer):
+        plain = onnx.ModelProto()
+        plain.CopyFrom(model)
+        kept = [t for t in plain.graph.initializer if t.name not in inputs]
+        del plain.graph.initializer[:]
+        plain.graph.initializer.extend(kept)
+        types = infer_types(plain)
+        for t in model.graph.initializer:  # the defaults' own types (declared by their input entries too)
+            types.setdefault(t.name, (t.data_type, tuple(int(d) for d in t.dims)))
+        return types
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception:

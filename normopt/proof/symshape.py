@@ -649,6 +649,29 @@ class Tracker:
                 return
             self._set(outs[0], [mul(d, r) for d, r in zip(s, reps)])
             return
+        if op == "Resize" and self.opset >= 11 and len(ins) > 3 and ins[3]:
+            # by `sizes`: the output dims are those values (on `axes`, opset 18, the others kept);
+            # a policy that keeps the aspect ratio rescales them, so it is left unknown
+            s, sizes = S(x), V(ins[3])
+            if s is None or sizes is None or any(v is None for v in sizes):
+                return
+            if (self._attr(node, "keep_aspect_ratio_policy", b"stretch") or b"stretch") not in (b"stretch", "stretch"):
+                return
+            axes = self._attr(node, "axes")
+            if axes is None:
+                if len(sizes) != len(s):
+                    return
+                self._set(outs[0], list(sizes))
+                return
+            out = list(s)
+            if len(axes) != len(sizes):
+                return
+            for a, v in zip(axes, sizes):
+                if not -len(s) <= a < len(s):
+                    return
+                out[a % len(s)] = v
+            self._set(outs[0], out)
+            return
 
     def _slice(self, node):
         ins, outs = list(node.input), list(node.output)
