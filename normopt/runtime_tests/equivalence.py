@@ -427,7 +427,8 @@ def _tolerances(m: OutputMetrics, ref: np.ndarray, label: str, noise: float | No
 # atol >= SENSITIVITY_FACTOR x sensitivity) or takes the input set out of the comparison
 # (ill-conditioned there: not compared, never failed). So they are drawn only for a stress set on
 # which some output fails without them; where everything passes without them it passes with
-# them too, and the verdict is the one the draws would give. EAGER_NOISE draws them always (tests).
+# them too, and the verdict is the one the draws would give. EAGER_NOISE draws them always (tests),
+# and the weight noise draws (weight_sensitivity) on every set too.
 EAGER_NOISE = False
 
 
@@ -456,6 +457,9 @@ def _sensitivity(run, feeds: dict, vals: list, k: int) -> list:
 # of its own dtype, worst of NOISE_DRAWS draws, per element. It only loosens a bound (the same
 # max(orig err, sensitivity) slot), so it is drawn only for an input set on which some output
 # fails without it, and an output that passes only thanks to it says so.
+
+
+WEIGHT_NOISE = True  # False: no weight-rounding allowance (tests: the verdicts without it)
 
 
 def weight_sensitivity(runner, feeds: dict, exact: list, k: int) -> list:
@@ -871,10 +875,10 @@ def compare(
         ref_cache["_fetch"], ref_cache["_opts"] = key, input_opts
         if kept_sess is not None:
             ref_cache["_session"] = kept_sess
-    if ref_cache is not None and kept_exact is not None:
-        ref_cache["_exact"] = kept_exact
         for k, (label, _) in enumerate(sets):
             ref_cache[label] = (ref_vals[k], exact_vals[k] if exact_vals else None, noise.get(label))
+    if ref_cache is not None and kept_exact is not None:
+        ref_cache["_exact"] = kept_exact  # a small model's float64 runner, for the weight noise draws
 
     if use_exact:
         result.judge = (f"judge: each float output against the float64 evaluation of the original ({exact_note}); "
@@ -972,7 +976,8 @@ def compare(
         failing = [k for k in failing if k not in need or not dry(k)]
         timings["noise draws"] = time.perf_counter() - tn
         t0 += timings["noise draws"]
-    wneed = [k for k in failing if sets[k][0] not in wnoise] if use_exact and exact_vals else []
+    wneed = [k for k in (range(len(sets)) if EAGER_NOISE else failing) if sets[k][0] not in wnoise] \
+        if WEIGHT_NOISE and use_exact and exact_vals else []
     if wneed:
         tn = time.perf_counter()
         runner = kept_exact if kept_exact is not None else (ref_cache or {}).get("_exact")
