@@ -743,7 +743,7 @@ class ExactRunner:
         try:
             self._sess = make_session(self.model, "cpu", "disable", spin=False)  # as equivalence.SPIN
             if first_feeds is not None:
-                self._first = (first_feeds, [np.asarray(v) for v in self._sess.run(self.outputs, self._feeds(first_feeds))])
+                self._first = (first_feeds, self._run(self._feeds(first_feeds)))
             self.engine, self.available = "ONNX Runtime (float64 kernels)", True
         except Exception as exc:
             self._sess = None
@@ -754,7 +754,7 @@ class ExactRunner:
                 try:
                     self._split = _Split(self.model, steps, self.outputs)
                     if first_feeds is not None:
-                        self._first = (first_feeds, [np.asarray(v) for v in self._split.run(self._feeds(first_feeds), self.outputs)])
+                        self._first = (first_feeds, self._run(self._feeds(first_feeds)))
                     ref_ops = [n.op_type for kind, nodes in steps if kind == "ref" for n in nodes]
                     self.engine = (f"ONNX Runtime (float64 kernels) with onnx.reference for the {len(ref_ops)} node(s) "
                                    f"it has none for: {', '.join(sorted(set(ref_ops)))}")
@@ -775,7 +775,7 @@ class ExactRunner:
             try:
                 self._ref = reference_evaluator(self.model)
                 if first_feeds is not None:
-                    self._first = (first_feeds, [np.asarray(v) for v in self._ref.run(self.outputs, self._feeds(first_feeds))])
+                    self._first = (first_feeds, self._run(self._feeds(first_feeds)))
                 self.engine, self.available = "onnx.reference (float64, op by op)", True
             except Exception as exc:
                 self._ref = None
@@ -843,6 +843,7 @@ class ExactRunner:
             self.seconds += time.perf_counter() - t0
 
     def _run(self, f: dict) -> list:
+        """One float64 evaluation (every one goes through here)."""
         if self._sess is not None:
             return [np.asarray(v) for v in self._sess.run(self.outputs, f)]
         if self._split is not None:
