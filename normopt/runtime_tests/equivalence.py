@@ -447,16 +447,18 @@ def _sensitivity(run, feeds: dict, vals: list, k: int) -> list:
 
 
 # The weight noise draws: a rewrite that folds weights (an affine into a Gemm, a mean into a bias)
-# stores each folded weight rounded to its dtype, up to half an ulp from the exact fold that no
-# fold can avoid. The candidate then computes, exactly, the function of weights within rounding
-# of the exact folded ones; so an output that moves by S when the original's own weights move by
-# an ulp cannot be judged tighter than about S, however close to exact the original happened to
-# land (a per-token mean that cancels to a small value: 0.6 ulp for the original, where any
-# rounding of the weights upstream moves it by 40). weight_sensitivity measures S: the float64
-# function of the ORIGINAL on the same inputs with every float weight scaled by (1 + eps x N(0,1))
-# of its own dtype, worst of NOISE_DRAWS draws, per element. It only loosens a bound (the same
-# max(orig err, sensitivity) slot), so it is drawn only for an input set on which some output
-# fails without it, and an output that passes only thanks to it says so.
+# stores each folded weight rounded to its dtype, up to half an ulp from the exact fold: a
+# rounding no fold can avoid. The candidate then computes, exactly, the function of weights within
+# that rounding of the exact folded ones; so an output that moves by S when the original's own
+# weights move by such a rounding cannot be judged tighter than about S, however close to exact
+# the original happened to land (a per-token mean that cancels to a small value: 0.6 ulp from
+# exact in the original, where rounding the weights upstream moves it by 10). weight_sensitivity
+# measures S: the float64 function of the ORIGINAL on the same inputs with every continuous float
+# weight scaled by (1 + r), r uniform in [-eps/2, eps/2] of its own dtype, worst of NOISE_DRAWS
+# draws, per element. It only loosens a bound (the same max(orig err, sensitivity) slot), so it is
+# drawn only for an input set on which some output fails without it, and an output that passes
+# only thanks to it says so. (Relative noise eps x N(0, 1), as for the inputs, is 3.5x the
+# rounding of a stored weight and halved the margin of a planted one-element x1.0005 error.)
 
 
 WEIGHT_NOISE = True  # False: no weight-rounding allowance (tests: the verdicts without it)
@@ -1000,7 +1002,7 @@ def compare(
         timings["weight noise draws"] = time.perf_counter() - tn
         t0 += timings["weight noise draws"]
     if wnoise:
-        result.judge += ("; orig err taken as at least the original's movement under ulp-level weight noise "
+        result.judge += ("; orig err taken as at least the original's movement under half-ulp rounding of its weights "
                          f"on {', '.join(l for l, _ in sets if l in wnoise)} (failing without it)")
 
     def judge(mk, m, r, c, e, label, j):
@@ -1161,7 +1163,8 @@ def _judge(m, r, c, e, label, use_exact, approx, noise, result, weights=None):
                 row["by_weights"] = True
                 result.notes.append(
                     f"output '{m.name}' ({label}): passes only within the weight-rounding allowance: the original's "
-                    f"exact function moves by {s_w:.3g} when its weights move by an ulp (cand err {err_c:.3g}; "
+                    f"exact function moves by {s_w:.3g} when its weights are rounded by up to half an ulp "
+                    f"(cand err {err_c:.3g}; "
                     f"bound {b0:.3g} without it, {bound:.3g} with it)")
         if why:
             result.notes.append(f"output '{m.name}' ({label}): {why}")

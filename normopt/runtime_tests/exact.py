@@ -702,6 +702,12 @@ def _chunks(size: int, seed: int, k: int):
         yield lo, np.random.default_rng([seed, k, lo])
 
 
+def _factor(rng, shape, eps: float) -> np.ndarray:
+    """1 + r per element, r uniform in [-eps/2, eps/2]: the relative rounding of storing a value
+    in a dtype of that eps (at most half an ulp)."""
+    return 1 + (eps / 2) * rng.uniform(-1.0, 1.0, shape)
+
+
 def _ulp(dtype) -> float:
     """eps of a float dtype (bf16 too)."""
     try:
@@ -852,9 +858,9 @@ class ExactRunner:
 
     def weight_noise(self, feeds: dict, base: list, draws: int, seed: int) -> list:
         """Per fetched value, the elementwise worst |change| of the float64 function on `feeds`
-        when every fed float weight moves by about one unit in the last place of its own dtype
-        (w x (1 + eps(dtype) x N(0, 1)), as the input noise draws move inputs), over `draws`
-        draws; `base`: the unperturbed float64 values (run(feeds)). None where a value is not a
+        when every continuous fed float weight (continuous_weights) moves as far as storing it
+        in its own dtype can round it: w x (1 + r), r uniform in [-eps/2, eps/2] of that dtype
+        (half an ulp, relative), over `draws` draws; `base`: the unperturbed float64 values (run(feeds)). None where a value is not a
         finite float array. The same session runs it: the weights are perturbed in place and
         restored exactly after each draw (no second copy of the weights, nothing built)."""
         worst = [None if not (np.asarray(b).dtype.kind == "f" and np.asarray(b).size and np.isfinite(b).all())
@@ -881,9 +887,9 @@ class ExactRunner:
         return worst
 
     def _perturb(self, seed: int):
-        """Perturbs every fed weight by about one ulp of its own dtype; returns the function that
-        restores them, bit for bit. A weight held as the float64 copy of a narrower float (fp32,
-        fp16, bf16) is scaled in place by (1 + eps x n), and restored by dividing by the same
+        """Perturbs every continuous fed weight by up to half an ulp of its own dtype; returns the
+        function that restores them, bit for bit. A weight held as the float64 copy of a narrower
+        float (fp32, fp16, bf16) is scaled in place by (1 + r), and restored by dividing by the same
         factor (the same draw again) and rounding to its own dtype: the quotient is within
         1e-14 of the original, which lies on that dtype's grid, so the rounding gives it back
         exactly. Any other (a float64 weight, an array it does not own) is replaced by a
@@ -900,19 +906,19 @@ class ExactRunner:
             if dt != np.float64 and w.dtype == np.float64 and w.flags.writeable and w.flags.owndata and w.flags.c_contiguous:
                 flat = w.reshape(-1)
                 for lo, rng in _chunks(flat.size, seed, k):
-                    flat[lo:lo + NOISE_CHUNK] *= 1 + eps * rng.standard_normal(min(NOISE_CHUNK, flat.size - lo))
+                    flat[lo:lo + NOISE_CHUNK] *= _factor(rng, min(NOISE_CHUNK, flat.size - lo), eps)
                 in_place.append((k, name, dt, eps))
             else:
                 rng = np.random.default_rng([seed, k])
                 swapped.append((name, w))
-                self._weights[name] = np.asarray(w, np.float64) * (1 + eps * rng.standard_normal(w.shape))
+                self._weights[name] = np.asarray(w, np.float64) * _factor(rng, w.shape, eps)
 
         def undo():
             for k, name, dt, eps in in_place:
                 flat = self._weights[name].reshape(-1)
                 for lo, rng in _chunks(flat.size, seed, k):
                     part = flat[lo:lo + NOISE_CHUNK]
-                    part /= 1 + eps * rng.standard_normal(part.size)
+                    part /= _factor(rng, part.size, eps)
                     part[...] = part.astype(dt).astype(np.float64)
             for name, w in swapped:
                 self._weights[name] = w
