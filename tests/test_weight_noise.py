@@ -292,3 +292,22 @@ def test_a_sensitive_block_does_not_excuse_another():
     ok, err_o, err_c, bound, why = exact_judgement(o, c, e, weights=ws)
     assert not ok and "channel 1" in why
     assert exact_judgement(o, o + 1e-6 * (np.arange(32) == 0), e, weights=ws)[0]  # channel 0's own allowance
+
+
+def test_float_constant_nodes_are_weights_too():
+    """A float Constant node's value is fed like an initializer, so the draws move it (and put
+    it back); the function is unchanged."""
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["W"], value=onnx.numpy_helper.from_array(w, "W")),
+             helper.make_node("Constant", [], ["c"], value_float=0.25),
+             helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "c"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])])
+    runner = X.ExactRunner(m, ["y"])
+    assert {"W", "c"} <= set(runner._weights) and not any(n.op_type == "Constant" for n in runner.model.graph.node)
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    (y,) = runner.run(feeds)
+    np.testing.assert_allclose(y, feeds["x"].astype(np.float64) @ w.astype(np.float64) + 0.25, rtol=1e-12, atol=1e-12)
+    (moved,) = runner.weight_noise(feeds, [y], 3, 0)
+    assert 0 < moved.max() < 1e-5
+    assert np.array_equal(runner.run(feeds)[0], y)

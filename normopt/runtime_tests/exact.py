@@ -395,9 +395,9 @@ def to_float64(model: onnx.ModelProto, weights: dict | None = None, dtypes: dict
 
 
 def _feed_weights(g, weights: dict, native: bool = False, dtypes: dict | None = None) -> None:
-    """Moves g's float initializers, as float64, into ``weights``; each becomes a float64 graph
-    input of its shape (integer tensors stay: quantized kernels may want them constant). Tensors
-    an op wants in float32 stay (KEEP_FLOAT32). Small ones are fed too: a fed weight can be
+    """Moves g's float initializers and float Constant nodes, as float64, into ``weights``; each
+    becomes a float64 graph input of its shape (integer tensors stay: quantized kernels may want
+    them constant). Tensors an op wants in float32 stay (KEEP_FLOAT32). Small ones are fed too: a fed weight can be
     perturbed at run time (ExactRunner.weight_noise), and feeding a few hundred small arrays
     costs microseconds a run. native: in their own type instead (the model at its own
     precision, _Split's check). dtypes: gets each fed weight's own numpy dtype."""
@@ -419,6 +419,38 @@ def _feed_weights(g, weights: dict, native: bool = False, dtypes: dict | None = 
     if len(kept) != len(g.initializer):
         del g.initializer[:]
         g.initializer.extend(kept)
+    # float Constant nodes of the main graph likewise (their values are weights too)
+    outs = {o.name for o in g.output}
+    nodes, moved = [], False
+    for n in g.node:
+        arr = _constant_float(n) if n.op_type == "Constant" and n.domain in ("", "ai.onnx") else None
+        name = n.output[0] if n.output else ""
+        if arr is None or not name or name in keep or name in outs or name in weights or name in inputs:
+            nodes.append(n)
+            continue
+        if dtypes is not None:
+            dtypes[name] = arr.dtype
+        weights[name] = arr if native else np.ascontiguousarray(arr, np.float64)
+        g.input.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype) if native else TensorProto.DOUBLE, list(arr.shape)))
+        moved = True
+    if moved:
+        del g.node[:]
+        g.node.extend(nodes)
+
+
+def _constant_float(n) -> np.ndarray | None:
+    """The float value of a Constant node (a `value` tensor, value_float or value_floats), or None."""
+    if len(n.attribute) != 1:
+        return None
+    a = n.attribute[0]
+    if a.name == "value" and a.HasField("t") and a.t.data_type in FLOATS and W.external_ref(a.t) is None:
+        return np.asarray(numpy_helper.to_array(a.t))
+    if a.name == "value_float":
+        return np.asarray(a.f, np.float32)
+    if a.name == "value_floats":
+        return np.asarray(list(a.floats), np.float32)
+    return None
 
 
 def _keep_rounding(g) -> None:
