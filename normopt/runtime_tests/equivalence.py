@@ -451,8 +451,8 @@ def _sensitivity(run, feeds: dict, vals: list, k: int) -> list:
 # rounding no fold can avoid. The candidate then computes, exactly, the function of weights within
 # that rounding of the exact folded ones; so an output that moves by S when the original's own
 # weights move by such a rounding cannot be judged tighter than about S, however close to exact
-# the original happened to land (a per-token mean that cancels to a small value: 0.6 ulp from
-# exact in the original, where rounding the weights upstream moves it by 10). weight_sensitivity
+# the original happened to land (a per-token mean that cancels to a small value: 1 ulp from
+# exact in the original, 70 in a correct candidate; rounding the weights upstream moves it by 22). weight_sensitivity
 # measures S: the float64 function of the ORIGINAL on the same inputs with every continuous float
 # weight scaled by (1 + r), r uniform in [-eps/2, eps/2] of its own dtype, worst of NOISE_DRAWS
 # draws, per element. It only loosens a bound (the same max(orig err, sensitivity) slot), so it is
