@@ -311,3 +311,22 @@ def test_float_constant_nodes_are_weights_too():
     (moved,) = runner.weight_noise(feeds, [y], 3, 0)
     assert 0 < moved.max() < 1e-5
     assert np.array_equal(runner.run(feeds)[0], y)
+
+
+def test_a_big_models_draws_build_their_own_runner(case, monkeypatch):
+    """Over BIG_BYTES the float64 session is freed before the candidate's is built (never two
+    at once); the draws then build one of their own, with the same verdict and numbers."""
+    m, out = case
+    small = compare(m, out, seeds=2, level="disable")
+    monkeypatch.setattr(E, "BIG_BYTES", -1)
+    built = []
+    real = X.ExactRunner.__init__
+
+    def init_(self, *a, **k):
+        built.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(X.ExactRunner, "__init__", init_)
+    big = compare(m, out, seeds=2, level="disable")
+    assert big.equivalent and len(built) == 2  # the exact answer's, then the draws'
+    assert [(o.name, o.by_weights, o.bound) for o in big.outputs] == [(o.name, o.by_weights, o.bound) for o in small.outputs]

@@ -292,8 +292,8 @@ def exact_judgement(orig: np.ndarray, cand: np.ndarray, exact: np.ndarray, sensi
     `sensitivity`: how far ulp-level noise on the inputs moves the original there (stress
     inputs); the original's error is taken as at least that, since a single fp32 evaluation can
     land close to exact by luck where rounding-size changes move the output far. `weights`: per
-    element, how far the exact function moves when the original's weights move by an ulp
-    (weight_sensitivity; drawn only where a set fails without it): the original's error is taken
+    element, how far the exact function moves when the original's weights are rounded by up to
+    half an ulp (weight_sensitivity; drawn only where a set fails without it): the original's error is taken
     as at least its maximum too, per block at least its maximum in the block. o, c: the
     float64 copies of orig and cand where already made."""
     o = np.asarray(orig).astype(np.float64) if o is None else o
@@ -452,10 +452,10 @@ def _sensitivity(run, feeds: dict, vals: list, k: int) -> list:
 # that rounding of the exact folded ones; so an output that moves by S when the original's own
 # weights move by such a rounding cannot be judged tighter than about S, however close to exact
 # the original happened to land (a per-token mean that cancels to a small value: 1 ulp from
-# exact in the original, 70 in a correct candidate; rounding the weights upstream moves it by 22). weight_sensitivity
-# measures S: the float64 function of the ORIGINAL on the same inputs with every continuous float
-# weight scaled by (1 + r), r uniform in [-eps/2, eps/2] of its own dtype, worst of NOISE_DRAWS
-# draws, per element. It only loosens a bound (the same max(orig err, sensitivity) slot), so it is
+# exact in the original, 70 in a correct candidate; rounding the weights upstream moves it by
+# 22). weight_sensitivity measures S: the float64 function of the ORIGINAL on the same inputs
+# with every continuous float weight scaled by (1 + r), r uniform in [-eps/2, eps/2] of its own
+# dtype, worst of NOISE_DRAWS draws, per element. It only loosens a bound (the same max(orig err, sensitivity) slot), so it is
 # drawn only for an input set on which some output fails without it, and an output that passes
 # only thanks to it says so. (Relative noise eps x N(0, 1), as for the inputs, is 3.5x the
 # rounding of a stored weight and halved the margin of a planted one-element x1.0005 error.)
@@ -466,7 +466,7 @@ WEIGHT_NOISE = True  # False: no weight-rounding allowance (tests: the verdicts 
 
 def weight_sensitivity(runner, feeds: dict, exact: list, k: int) -> list:
     """Per fetched value, the original's exact function's worst change (an array like the
-    value, or None) under NOISE_DRAWS ulp-level perturbations of its float weights, on `feeds`
+    value, or None) under NOISE_DRAWS half-ulp roundings of its float weights, on `feeds`
     (input set k; `exact`: its unperturbed float64 values). `runner`: an ExactRunner."""
     return runner.weight_noise(feeds, exact, NOISE_DRAWS, 100 * k)
 
