@@ -77,6 +77,8 @@ class OutputMetrics:
     compared_on: list = field(default_factory=list)  # input sets on which this output (or its probe) was compared
     uninformative: str | None = None  # why the output itself told nothing on every set (empty, constant, saturated)
     probe: str | None = None  # the pre-saturation value compared in its place (reference name)
+    weight_noise: float | None = None  # shown set: the weight sensitivity, where it was drawn and consulted
+    by_weights: list = field(default_factory=list)  # input sets on which it passed only within the weight-rounding allowance
 
 
 @dataclass
@@ -150,6 +152,8 @@ class EquivalenceResult:
             shown = m.worst_input or "-"
             if m.passed:
                 verdict = "ok" if m.compared_on else "not compared"
+                if m.by_weights and m.compared_on:
+                    verdict += f" (within weight rounding on {', '.join(m.by_weights)})"
             elif self.thresholds and self.thresholds.active() and m.failed_on == ["thresholds"]:
                 verdict = "DIFFERS (" + "; ".join(self.thresholds.check(m)) + ")"
             elif exact and m.err_cand is not None and m.err_orig is not None:
@@ -283,11 +287,14 @@ def _eps(dtype) -> float:
 
 
 def exact_judgement(orig: np.ndarray, cand: np.ndarray, exact: np.ndarray, sensitivity: float | None = None,
-                    o=None, c=None):
+                    o=None, c=None, weights: np.ndarray | None = None):
     """(ok, err_orig, err_cand, bound, why) for one float output on one input set.
     `sensitivity`: how far ulp-level noise on the inputs moves the original there (stress
     inputs); the original's error is taken as at least that, since a single fp32 evaluation can
-    land close to exact by luck where rounding-size changes move the output far. o, c: the
+    land close to exact by luck where rounding-size changes move the output far. `weights`: per
+    element, how far the exact function moves when the original's weights are rounded by up to
+    half an ulp (weight_sensitivity; drawn only where a set fails without it): the original's error is taken
+    as at least its maximum too, per block at least its maximum in the block. o, c: the
     float64 copies of orig and cand where already made."""
     o = np.asarray(orig).astype(np.float64) if o is None else o
     c = np.asarray(cand).astype(np.float64) if c is None else c
@@ -314,10 +321,13 @@ def exact_judgement(orig: np.ndarray, cand: np.ndarray, exact: np.ndarray, sensi
         err_c = float(np.max(dc)) if np.isfinite(dc).all() else float("inf")
         rms = float(np.sqrt(np.mean(np.square(eb))))
         pre = None
-    bound = K_EXACT * max(err_o, sensitivity or 0.0) + FLOOR_ULPS * _eps(orig.dtype) * rms
+    if weights is not None and weights.shape != o.shape:
+        weights = None
+    whole = max(sensitivity or 0.0, float(np.max(weights)) if weights is not None and weights.size else 0.0)
+    bound = K_EXACT * max(err_o, whole) + FLOOR_ULPS * _eps(orig.dtype) * rms
     if err_c > bound:
         return False, err_o, err_c, bound, ""
-    where = _blockwise(o, c, e, both, sensitivity, _eps(orig.dtype), rms, pre)
+    where = _blockwise(o, c, e, both, sensitivity, _eps(orig.dtype), rms, pre, weights)
     if where:
         return False, err_o, err_c, bound, where
     return True, err_o, err_c, bound, ""
@@ -331,13 +341,14 @@ MIN_BLOCK = 16  # a block judged on its own holds at least this many elements (f
 K_BLOCK = 100.0
 
 
-def _blockwise(o, c, e, both, sensitivity, eps, rms, pre=None):
+def _blockwise(o, c, e, both, sensitivity, eps, rms, pre=None, weights=None):
     """The same judgement per channel (the last axis; max over the other axes) and per row
     (max over the last axis): an error is judged against the original's error where it is,
     not against the original's worst error in another part of the same output (an
     ill-conditioned half of a Concat would hide a wrong column in the other half). The floor
-    is taken of the block's own RMS where it exceeds the output's (an outlier channel). A
-    message naming the first block outside its bound, or ''."""
+    is taken of the block's own RMS where it exceeds the output's (an outlier channel); the
+    weight sensitivity (an array like o, or None) of the block's own elements. A message naming
+    the first block outside its bound, or ''."""
     if o.ndim < 1 or o.size < 2 * MIN_BLOCK:
         return ""
     if pre is not None:  # every value finite: |o - e|, |c - e| and e^2 as computed for the whole output
@@ -355,7 +366,10 @@ def _blockwise(o, c, e, both, sensitivity, eps, rms, pre=None):
         bo, bc = do.max(axis=axes), dc.max(axis=axes)
         n = cnt.sum(axis=axes) if cnt is not None else np.full(bo.shape, float(size))  # every element counts
         brms = np.sqrt(e2.sum(axis=axes) / np.maximum(n, 1))
-        bound = K_BLOCK * np.maximum(bo, sensitivity or 0.0) + FLOOR_ULPS * eps * np.maximum(brms, rms)
+        floor_o = np.maximum(bo, sensitivity or 0.0)
+        if weights is not None:
+            floor_o = np.maximum(floor_o, weights.max(axis=axes))
+        bound = K_BLOCK * floor_o + FLOOR_ULPS * eps * np.maximum(brms, rms)
         bad = (n > 0) & ~(bc <= bound)
         if bad.any():
             i = np.unravel_index(int(np.argmax(np.where(bad, bc / np.maximum(bound, 1e-300), -1.0))), bad.shape)
@@ -413,7 +427,8 @@ def _tolerances(m: OutputMetrics, ref: np.ndarray, label: str, noise: float | No
 # atol >= SENSITIVITY_FACTOR x sensitivity) or takes the input set out of the comparison
 # (ill-conditioned there: not compared, never failed). So they are drawn only for a stress set on
 # which some output fails without them; where everything passes without them it passes with
-# them too, and the verdict is the one the draws would give. EAGER_NOISE draws them always (tests).
+# them too, and the verdict is the one the draws would give. EAGER_NOISE draws them always (tests),
+# and the weight noise draws (weight_sensitivity) on every set too.
 EAGER_NOISE = False
 
 
@@ -429,6 +444,31 @@ def _sensitivity(run, feeds: dict, vals: list, k: int) -> list:
             else:
                 worst[j] = None
     return worst
+
+
+# The weight noise draws: a rewrite that folds weights (an affine into a Gemm, a mean into a bias)
+# stores each folded weight rounded to its dtype, up to half an ulp from the exact fold: a
+# rounding no fold can avoid. The candidate then computes, exactly, the function of weights within
+# that rounding of the exact folded ones; so an output that moves by S when the original's own
+# weights move by such a rounding cannot be judged tighter than about S, however close to exact
+# the original happened to land (a per-token mean that cancels to a small value: 1 ulp from
+# exact in the original, 70 in a correct candidate; rounding the weights upstream moves it by
+# 22). weight_sensitivity measures S: the float64 function of the ORIGINAL on the same inputs
+# with every continuous float weight scaled by (1 + r), r uniform in [-eps/2, eps/2] of its own
+# dtype, worst of NOISE_DRAWS draws, per element. It only loosens a bound (the same max(orig err, sensitivity) slot), so it is
+# drawn only for an input set on which some output fails without it, and an output that passes
+# only thanks to it says so. (Relative noise eps x N(0, 1), as for the inputs, is 3.5x the
+# rounding of a stored weight and halved the margin of a planted one-element x1.0005 error.)
+
+
+WEIGHT_NOISE = True  # False: no weight-rounding allowance (tests: the verdicts without it)
+
+
+def weight_sensitivity(runner, feeds: dict, exact: list, k: int) -> list:
+    """Per fetched value, the original's exact function's worst change (an array like the
+    value, or None) under NOISE_DRAWS half-ulp roundings of its float weights, on `feeds`
+    (input set k; `exact`: its unperturbed float64 values). `runner`: an ExactRunner."""
+    return runner.weight_noise(feeds, exact, NOISE_DRAWS, 100 * k)
 
 
 def _same_feeds(a: dict, b: dict) -> bool:
@@ -788,15 +828,20 @@ def compare(
     # 2. the exact function: the original in float64
     exact_note = ""
     fresh_exact = use_exact and not exact_vals  # computed here (a cache of the original's outputs alone keeps them)
+    kept_exact = None  # a small model's float64 runner, kept for the weight noise draws
+
+    def new_runner(first, full_ref=None):
+        from .exact import ExactRunner
+
+        if full_ref is None:
+            full_ref = ref_proto if not ref_probe_names else _with_outputs(ref_proto, ref_probe_names, rtypes)
+        return ExactRunner(full_ref, ref_fetch, first, reference_fits=lambda: _float64_fits(ref_proto, "reference"))
     if use_exact and not exact_vals:
         t0 = time.perf_counter()
         why = _float64_fits(ref_proto)
         if why is None:
-            from .exact import ExactRunner
-
             full_ref = ref_proto if not ref_probe_names else _with_outputs(ref_proto, ref_probe_names, rtypes)
-            runner = ExactRunner(full_ref, ref_fetch, sets[0][1],
-                                 reference_fits=lambda: _float64_fits(ref_proto, "reference"))
+            runner = new_runner(sets[0][1], full_ref)
             if runner.available:
                 try:
                     exact_vals = [runner.run(feeds) for _, feeds in sets]
@@ -809,7 +854,11 @@ def compare(
                     exact_vals = []
             else:
                 why = runner.why
-            runner.close()
+            if why is None and not big:
+                kept_exact = runner  # kept (as the original's session is) for the weight noise draws
+                runner._first = None
+            else:
+                runner.close()
             del runner
             _collect(big)
         timings["exact float64"] = time.perf_counter() - t0
@@ -830,6 +879,8 @@ def compare(
             ref_cache["_session"] = kept_sess
         for k, (label, _) in enumerate(sets):
             ref_cache[label] = (ref_vals[k], exact_vals[k] if exact_vals else None, noise.get(label))
+    if ref_cache is not None and kept_exact is not None:
+        ref_cache["_exact"] = kept_exact  # a small model's float64 runner, for the weight noise draws
 
     if use_exact:
         result.judge = (f"judge: each float output against the float64 evaluation of the original ({exact_note}); "
@@ -872,12 +923,18 @@ def compare(
     rix = {n: i for i, n in enumerate(ref_fetch)}
     cix = {n: i for i, n in enumerate(cand_fetch)}
 
-    # the noise draws, only for the stress sets on which some value fails without them (see
-    # EAGER_NOISE); the judgements made without them stand for the others (memo)
+    # the noise draws, only for the input sets on which some value fails without them (see
+    # EAGER_NOISE): input noise on the stress sets, then weight noise on any set that still
+    # fails; each set's judgements are made once per state of its allowances (memo)
     memo = {}
+    wnoise = {}  # input set -> weight sensitivity per fetched value (arrays), where drawn
+    wcache = ref_cache.get("_wnoise") if ref_cache is not None and ref_cache.get("_fetch") == key else None
+    if wcache and use_exact:
+        wnoise.update({label: v for label, v in wcache.items() if label in result.inputs})
 
     def dry(k):
         label = sets[k][0]
+        nz, wz = noise.get(label), wnoise.get(label)
         ok_all = True
         for name in ref_outs:
             r, c = ref_vals[k][rix[name]], cand_all[k][cix[name]]
@@ -887,23 +944,25 @@ def compare(
             a0, r0 = (a0 if atol is None else atol), (r0 if rtol is None else rtol)
             ex = exact_vals[k] if use_exact else None
             pairs = [((k, name), OutputMetrics(name, str(r.dtype), list(r.shape), atol=a0, rtol=r0), r, c,
-                      ex[rix[name]] if ex is not None else None)]
+                      ex[rix[name]] if ex is not None else None, rix[name])]
             probe = probes.get(name)
             if probe is not None:
                 _, _, rp, cp = probe
                 pr, pc = ref_vals[k][rix[rp]], cand_all[k][cix[cp]]
                 if pr.shape == pc.shape and pr.dtype == pc.dtype and pr.size:
                     pairs.append(((k, "probe", name), OutputMetrics(rp, str(pr.dtype), list(pr.shape), atol=a0, rtol=r0),
-                                  pr, pc, ex[rix[rp]] if ex is not None else None))
-            for mk, mm, rr, cc, ee in pairs:
+                                  pr, pc, ex[rix[rp]] if ex is not None else None, rix[rp]))
+            for mk, mm, rr, cc, ee, j in pairs:
                 sink = EquivalenceResult(equivalent=True)
-                judged = _judge(mm, rr, cc, ee, label, use_exact, approx, None, sink)
+                judged = _judge(mm, rr, cc, ee, label, use_exact, approx, nz[j] if nz is not None else None, sink,
+                                wz[j] if wz is not None else None)
                 memo[mk] = (judged, sink.notes)
                 if judged is not None and not judged[0]:
                     ok_all = False
         return ok_all
 
-    need = [k for k, (label, _) in enumerate(sets) if label in STRESS and label not in noise and not dry(k)]
+    failing = [k for k in range(len(sets)) if not dry(k)]
+    need = [k for k in failing if sets[k][0] in STRESS and sets[k][0] not in noise]
     if need:
         tn = time.perf_counter()
         sess = kept_sess if kept_sess is not None else (ref_cache or {}).get("_session")  # the original's own, where kept
@@ -912,20 +971,48 @@ def compare(
         for k in need:
             label, feeds = sets[k]
             noise[label] = _sensitivity(lambda f: sess.run(ref_fetch, f), feeds, ref_vals[k], k)
-            memo = {mk: v for mk, v in memo.items() if mk[0] != k}
             if ref_cache is not None and label in ref_cache:
                 ref_cache[label] = (*ref_cache[label][:2], noise[label])
         del sess
         _collect(big)
+        failing = [k for k in failing if k not in need or not dry(k)]
         timings["noise draws"] = time.perf_counter() - tn
         t0 += timings["noise draws"]
+    wneed = [k for k in (range(len(sets)) if EAGER_NOISE else failing) if sets[k][0] not in wnoise] \
+        if WEIGHT_NOISE and use_exact and exact_vals else []
+    if wneed:
+        tn = time.perf_counter()
+        runner = kept_exact if kept_exact is not None else (ref_cache or {}).get("_exact")
+        if runner is not None and (runner.outputs != list(ref_fetch) or not runner.available):
+            runner = None
+        own = runner is None  # a big model's (or a cached reference's) float64 runner was freed: one of its own
+        if own:
+            runner = new_runner(None)
+        if runner.available:
+            for k in wneed:
+                label, feeds = sets[k]
+                wnoise[label] = weight_sensitivity(runner, feeds, exact_vals[k], k)
+                dry(k)
+            if ref_cache is not None and ref_cache.get("_fetch") == key:
+                ref_cache.setdefault("_wnoise", {}).update({sets[k][0]: wnoise[sets[k][0]] for k in wneed})
+        if own:
+            runner.close()
+        del runner
+        _collect(big)
+        timings["weight noise draws"] = time.perf_counter() - tn
+        t0 += timings["weight noise draws"]
+    if wnoise:
+        result.judge += ("; orig err taken as at least the original's movement under half-ulp rounding of its weights "
+                         f"on {', '.join(l for l, _ in sets if l in wnoise)} (failing without it)")
 
-    def judge(mk, m, r, c, e, label, nz):
-        if mk in memo and label not in noise:
+    def judge(mk, m, r, c, e, label, j):
+        if mk in memo:
             judged, notes = memo[mk]
             result.notes.extend(notes)
             return judged
-        return _judge(m, r, c, e, label, use_exact, approx, nz, result)
+        nz, wz = noise.get(label), wnoise.get(label)
+        return _judge(m, r, c, e, label, use_exact, approx, nz[j] if nz is not None else None, result,
+                      wz[j] if wz is not None else None)
     shown_score = {}
     first_value, varies = {}, {n: False for n in ref_outs}
     informative_sets = {n: set() for n in ref_outs}
@@ -957,11 +1044,11 @@ def compare(
                 first_value[name] = r
             elif not varies[name] and not np.array_equal(first_value[name], r, equal_nan=_floating(r)):
                 varies[name] = True
-            judged = judge((k, name), m, r, c, exs[rix[name]] if exs is not None else None, label,
-                           noise[label][rix[name]] if label in noise else None)
+            judged = judge((k, name), m, r, c, exs[rix[name]] if exs is not None else None, label, rix[name])
             if judged is None:
                 continue
             ok, score, row = judged
+            by_weights = bool(row.get("by_weights"))
             probe = probes.get(name)
             if probe is not None:
                 op, kind, rp, cp = probe
@@ -973,9 +1060,10 @@ def compare(
                 if pr.shape == pc.shape and pr.dtype == pc.dtype and pr.size:
                     m.probe = rp
                     pj = judge((k, "probe", name), OutputMetrics(rp, str(pr.dtype), list(pr.shape), atol=m.atol, rtol=m.rtol),
-                               pr, pc, pe, label, noise[label][rix[rp]] if label in noise else None)
+                               pr, pc, pe, label, rix[rp])
                     if pj is not None:
                         pok, pscore, prow = pj
+                        by_weights = by_weights or bool(prow.get("by_weights"))
                         if not pok:
                             result.notes.append(f"output '{name}' ({label}): its pre-saturation value '{rp}' differs")
                             if ok:
@@ -998,6 +1086,9 @@ def compare(
                 m.worst_seed, m.worst_input = k, label
                 m.max_abs, m.max_rel, m.cosine = row["max_abs"], row["max_rel"], row["cosine"]
                 m.err_orig, m.err_cand, m.bound = row.get("err_orig"), row.get("err_cand"), row.get("bound")
+                m.weight_noise = row.get("weight_noise")
+            if ok and by_weights:
+                m.by_weights.append(label)
             if not ok:
                 m.failed_on.append(label)
             m.passed = m.passed and ok
@@ -1039,8 +1130,11 @@ def compare(
     return result
 
 
-def _judge(m, r, c, e, label, use_exact, approx, noise, result):
-    """(ok, score, row) for one output on one input set, or None when not compared there."""
+def _judge(m, r, c, e, label, use_exact, approx, noise, result, weights=None):
+    """(ok, score, row) for one output on one input set, or None when not compared there.
+    `noise`: the input sensitivity (a number); `weights`: the weight sensitivity (an array like
+    r), consulted only where the output fails without it; row["weight_noise"] is then its
+    maximum, and row["by_weights"] says that the output passed only thanks to it."""
     if _floating(r) and not np.all(np.isfinite(r)) and label in STRESS and not use_exact:
         result.notes.append(f"{label} input: reference output '{m.name}' is not finite; not compared")
         return None
@@ -1060,6 +1154,18 @@ def _judge(m, r, c, e, label, use_exact, approx, noise, result):
                                 f"noise (ill-conditioned there); not compared")
             return None
         ok, err_o, err_c, bound, why = exact_judgement(r, c, e, noise, r64, c64)
+        if not ok and weights is not None and err_o is not None and weights.shape == np.shape(r):
+            b0 = bound
+            ok, err_o, err_c, bound, why = exact_judgement(r, c, e, noise, r64, c64, weights)
+            s_w = float(np.max(weights)) if weights.size else 0.0
+            row["weight_noise"] = s_w
+            if ok:
+                row["by_weights"] = True
+                result.notes.append(
+                    f"output '{m.name}' ({label}): passes only within the weight-rounding allowance: the original's "
+                    f"exact function moves by {s_w:.3g} when its weights are rounded by up to half an ulp "
+                    f"(cand err {err_c:.3g}; "
+                    f"bound {b0:.3g} without it, {bound:.3g} with it)")
         if why:
             result.notes.append(f"output '{m.name}' ({label}): {why}")
         row.update(err_orig=err_o, err_cand=err_c, bound=bound)

@@ -321,20 +321,23 @@ def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-FEED_BYTES = 1 << 16  # main-graph initializers of this size or more are fed, not embedded (see to_float64)
+# main-graph float initializers of this size or more: counted as fed by the memory estimate
+# (equivalence._float64_fits; smaller ones are fed too, see _feed_weights)
+FEED_BYTES = 1 << 16
 
 
-def to_float64(model: onnx.ModelProto, weights: dict | None = None) -> onnx.ModelProto:
+def to_float64(model: onnx.ModelProto, weights: dict | None = None, dtypes: dict | None = None) -> onnx.ModelProto:
     """A copy of `model` computing in float64 (weights read in from their files).
 
-    With a ``weights`` dict, each main-graph initializer of FEED_BYTES or more becomes a graph
-    input instead, and its float64 values go into ``weights`` (name -> array), to be fed at
-    every run: ONNX Runtime reads a fed array in place, where an embedded one would exist three
-    times (the proto, its serialized bytes, and the session's copy)."""
+    With a ``weights`` dict, each main-graph float initializer becomes a graph input instead,
+    and its float64 values go into ``weights`` (name -> array), to be fed at every run: ONNX
+    Runtime reads a fed array in place, where an embedded one would exist three times (the
+    proto, its serialized bytes, and the session's copy); and a fed weight can be perturbed
+    between runs without building anything again (ExactRunner.weight_noise)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if weights is not None:
-        _feed_weights(out.graph, weights)
+        _feed_weights(out.graph, weights, dtypes=dtypes)
     stack = [out.graph]
     while stack:  # every graph, subgraphs included, without recursion
         g = stack.pop()
@@ -391,18 +394,24 @@ def to_float64(model: onnx.ModelProto, weights: dict | None = None) -> onnx.Mode
     return out
 
 
-def _feed_weights(g, weights: dict, native: bool = False) -> None:
-    """Moves g's large float initializers, as float64, into ``weights``; each becomes a float64
-    graph input of its shape (integer tensors stay: quantized kernels may want them constant). Tensors an op wants in float32 stay (KEEP_FLOAT32).
-    native: in their own type instead (the model at its own precision, _Split's check)."""
+def _feed_weights(g, weights: dict, native: bool = False, dtypes: dict | None = None) -> None:
+    """Moves g's float initializers and float Constant nodes, as float64, into ``weights``; each
+    becomes a float64 graph input of its shape (integer tensors stay: quantized kernels may want
+    them constant). Tensors an op wants in float32 stay (KEEP_FLOAT32). Small ones are fed too: a fed weight can be
+    perturbed at run time (ExactRunner.weight_noise), and feeding a few hundred small arrays
+    costs microseconds a run. native: in their own type instead (the model at its own
+    precision, _Split's check). dtypes: gets each fed weight's own numpy dtype."""
     keep = _keep32(g)
     inputs = {i.name for i in g.input}
     kept = []
     for t in g.initializer:
-        if t.name in keep or t.data_type not in FLOATS or W.tensor_nbytes(t) < FEED_BYTES:
+        if t.name in keep or t.data_type not in FLOATS:
             kept.append(t)
             continue
-        arr = np.asarray(_array(t)) if native else np.ascontiguousarray(_array(t), np.float64)
+        src = _array(t)
+        if dtypes is not None:
+            dtypes[t.name] = np.asarray(src).dtype
+        arr = np.asarray(src) if native else np.ascontiguousarray(src, np.float64)
         weights[t.name] = arr
         if t.name not in inputs:  # an initializer that is also an input (IR < 4) keeps its input entry
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type if native else TensorProto.DOUBLE,
@@ -410,6 +419,38 @@ def _feed_weights(g, weights: dict, native: bool = False) -> None:
     if len(kept) != len(g.initializer):
         del g.initializer[:]
         g.initializer.extend(kept)
+    # float Constant nodes of the main graph likewise (their values are weights too)
+    outs = {o.name for o in g.output}
+    nodes, moved = [], False
+    for n in g.node:
+        arr = _constant_float(n) if n.op_type == "Constant" and n.domain in ("", "ai.onnx") else None
+        name = n.output[0] if n.output else ""
+        if arr is None or not name or name in keep or name in outs or name in weights or name in inputs:
+            nodes.append(n)
+            continue
+        if dtypes is not None:
+            dtypes[name] = arr.dtype
+        weights[name] = arr if native else np.ascontiguousarray(arr, np.float64)
+        g.input.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype) if native else TensorProto.DOUBLE, list(arr.shape)))
+        moved = True
+    if moved:
+        del g.node[:]
+        g.node.extend(nodes)
+
+
+def _constant_float(n) -> np.ndarray | None:
+    """The float value of a Constant node (a `value` tensor, value_float or value_floats), or None."""
+    if len(n.attribute) != 1:
+        return None
+    a = n.attribute[0]
+    if a.name == "value" and a.HasField("t") and a.t.data_type in FLOATS and W.external_ref(a.t) is None:
+        return np.asarray(numpy_helper.to_array(a.t))
+    if a.name == "value_float":
+        return np.asarray(a.f, np.float32)
+    if a.name == "value_floats":
+        return np.asarray(list(a.floats), np.float32)
+    return None
 
 
 def _keep_rounding(g) -> None:
@@ -625,6 +666,88 @@ class _Split:
         return [env[n] for n in names]
 
 
+# The weights that weight_noise perturbs: those whose every use is continuous arithmetic on their
+# value (a weight matrix, a bias, a norm's scale, an embedding table), where rounding the weight
+# moves the function by a rounding-sized amount, as a fold that rounds its weight does. A weight
+# read as an exponent (Pow(x, 2.0) of a negative x is NaN at 2.0 + 1 ulp), a threshold of a
+# comparison, a Cast to an integer, or inside a subgraph is left as it is.
+CONTINUOUS = {
+    "MatMul": None, "Gemm": None, "Add": None, "Sub": None, "Mul": None, "Div": None, "Sum": None, "Mean": None,
+    "Max": None, "Min": None, "Neg": None, "Abs": None, "Sqrt": None, "Reciprocal": None, "Exp": None,
+    "Log": None, "Tanh": None, "Sigmoid": None, "Erf": None, "Relu": None, "Einsum": None, "Concat": None,
+    "Conv": {1, 2}, "ConvTranspose": {1, 2}, "BatchNormalization": {1, 2, 3, 4}, "LayerNormalization": {1, 2},
+    "InstanceNormalization": {1, 2}, "GroupNormalization": {1, 2}, "RMSNormalization": {1},
+    "SimplifiedLayerNormalization": {1}, "PRelu": {1}, "Clip": {1, 2}, "Pow": {0}, "Where": {1, 2},
+    "Gather": {0}, "GatherElements": {0}, "GatherND": {0},
+    "ReduceMean": {0}, "ReduceSum": {0}, "ReduceMax": {0}, "ReduceMin": {0}, "Softmax": {0},
+}
+# ops whose data input passes a weight's values on unchanged (their readers are judged instead)
+PASS_ON = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Expand", "Flatten", "Tile", "Slice",
+           "Split", "Concat"}
+
+
+def continuous_weights(graph, names) -> set:
+    """The names (initializers of `graph`) whose every use in the main graph is continuous
+    arithmetic (CONTINUOUS), through value-preserving ops (PASS_ON, a Cast to a float type);
+    a name a subgraph reads is not."""
+    readers = {}
+    inner = set()
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name:
+                readers.setdefault(name, []).append((n, i))
+        if any(True for _ in _subgraphs(n)):
+            inner |= _outer_reads(n)
+    out = set()
+    for name in names:
+        ok, stack, seen = True, [name], set()
+        while stack and ok:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if v in inner:
+                ok = False
+                break
+            for n, i in readers.get(v, ()):
+                dom = n.domain in ("", "ai.onnx", "com.microsoft")
+                to_float = n.op_type in ("Cast", "CastLike") and i == 0 and all(
+                    a.i in FLOATS for a in n.attribute if a.name == "to")
+                if dom and (n.op_type in PASS_ON and i == 0 or to_float or n.op_type == "Concat"):
+                    stack.extend(o for o in n.output if o)
+                    continue
+                allowed = CONTINUOUS.get(n.op_type, ()) if dom else ()
+                if not (allowed is None or i in allowed):
+                    ok = False
+                    break
+        if ok:
+            out.add(name)
+    return out
+
+
+NOISE_CHUNK = 1 << 20  # a weight is perturbed this many elements at a time (the draw's work arrays stay small)
+
+
+def _chunks(size: int, seed: int, k: int):
+    """(offset, generator) per chunk of weight k: the same draws at every call."""
+    for lo in range(0, size, NOISE_CHUNK):
+        yield lo, np.random.default_rng([seed, k, lo])
+
+
+def _factor(rng, shape, eps: float) -> np.ndarray:
+    """1 + r per element, r uniform in [-eps/2, eps/2]: the relative rounding of storing a value
+    in a dtype of that eps (at most half an ulp)."""
+    return 1 + (eps / 2) * rng.uniform(-1.0, 1.0, shape)
+
+
+def _ulp(dtype) -> float:
+    """eps of a float dtype (bf16 too)."""
+    try:
+        return float(np.finfo(dtype).eps)
+    except Exception:
+        return {"bfloat16": 2.0 ** -7}.get(np.dtype(dtype).name, 2.0 ** -3)
+
+
 def double_feeds(feeds: dict) -> dict:
     return {k: (np.asarray(v, np.float64) if W.is_float(np.asarray(v).dtype) else v) for k, v in feeds.items()}
 
@@ -642,9 +765,13 @@ class ExactRunner:
         self._sess = self._ref = None  # the float64 session (ONNX Runtime), else the evaluator
         self._split = None  # else ONNX Runtime and onnx.reference node by node (_Split)
         self._weights = {}  # the fed float64 weights (to_float64)
+        self._dtypes = {}  # their own dtypes (each one's ulp: weight_noise)
+        self.weight_runs = 0  # runs with perturbed weights (weight_noise)
+        self._graph = model.graph  # the original's main graph: which weights weight_noise perturbs
+        self._noisy = None
         t0 = time.perf_counter()
         try:
-            self.model = to_float64(model, self._weights)
+            self.model = to_float64(model, self._weights, self._dtypes)
         except Exception as exc:
             self.why = f"the model cannot be converted to float64 ({type(exc).__name__}: {str(exc)[:160]})"
             return
@@ -654,7 +781,7 @@ class ExactRunner:
         try:
             self._sess = make_session(self.model, "cpu", "disable", spin=False)  # as equivalence.SPIN
             if first_feeds is not None:
-                self._first = (first_feeds, [np.asarray(v) for v in self._sess.run(self.outputs, self._feeds(first_feeds))])
+                self._first = (first_feeds, self._run(self._feeds(first_feeds)))
             self.engine, self.available = "ONNX Runtime (float64 kernels)", True
         except Exception as exc:
             self._sess = None
@@ -665,7 +792,7 @@ class ExactRunner:
                 try:
                     self._split = _Split(self.model, steps, self.outputs)
                     if first_feeds is not None:
-                        self._first = (first_feeds, [np.asarray(v) for v in self._split.run(self._feeds(first_feeds), self.outputs)])
+                        self._first = (first_feeds, self._run(self._feeds(first_feeds)))
                     ref_ops = [n.op_type for kind, nodes in steps if kind == "ref" for n in nodes]
                     self.engine = (f"ONNX Runtime (float64 kernels) with onnx.reference for the {len(ref_ops)} node(s) "
                                    f"it has none for: {', '.join(sorted(set(ref_ops)))}")
@@ -686,7 +813,7 @@ class ExactRunner:
             try:
                 self._ref = reference_evaluator(self.model)
                 if first_feeds is not None:
-                    self._first = (first_feeds, [np.asarray(v) for v in self._ref.run(self.outputs, self._feeds(first_feeds))])
+                    self._first = (first_feeds, self._run(self._feeds(first_feeds)))
                 self.engine, self.available = "onnx.reference (float64, op by op)", True
             except Exception as exc:
                 self._ref = None
@@ -749,16 +876,88 @@ class ExactRunner:
             return self._first[1]
         t0 = time.perf_counter()
         try:
-            f = self._feeds(feeds)
-            if self._sess is not None:
-                return [np.asarray(v) for v in self._sess.run(self.outputs, f)]
-            if self._split is not None:
-                return [np.asarray(v) for v in self._split.run(f, self.outputs)]
-            return [np.asarray(v) for v in self._ref.run(self.outputs, f)]
+            return self._run(self._feeds(feeds))
         finally:
             self.seconds += time.perf_counter() - t0
 
+    def _run(self, f: dict) -> list:
+        """One float64 evaluation (every one goes through here)."""
+        if self._sess is not None:
+            return [np.asarray(v) for v in self._sess.run(self.outputs, f)]
+        if self._split is not None:
+            return [np.asarray(v) for v in self._split.run(f, self.outputs)]
+        return [np.asarray(v) for v in self._ref.run(self.outputs, f)]
+
+    def weight_noise(self, feeds: dict, base: list, draws: int, seed: int) -> list:
+        """Per fetched value, the elementwise worst |change| of the float64 function on `feeds`
+        when every continuous fed float weight (continuous_weights) moves as far as storing it
+        in its own dtype can round it: w x (1 + r), r uniform in [-eps/2, eps/2] of that dtype
+        (half an ulp, relative), over `draws` draws; `base`: the unperturbed float64 values (run(feeds)). None where a value is not a
+        finite float array. The same session runs it: the weights are perturbed in place and
+        restored exactly after each draw (no second copy of the weights, nothing built)."""
+        worst = [None if not (np.asarray(b).dtype.kind == "f" and np.asarray(b).size and np.isfinite(b).all())
+                 else np.zeros(np.shape(b)) for b in base]
+        t0 = time.perf_counter()
+        try:
+            for draw in range(draws):
+                undo = self._perturb(30_000 + seed + draw)
+                try:
+                    moved = self._run(self._feeds(feeds))
+                finally:
+                    undo()
+                self.weight_runs += 1
+                for j, (b, m) in enumerate(zip(base, moved)):
+                    if worst[j] is None:
+                        continue
+                    m = np.asarray(m, np.float64)
+                    if m.shape != worst[j].shape or not np.isfinite(m).all():
+                        worst[j] = None
+                        continue
+                    np.maximum(worst[j], np.abs(m - np.asarray(b, np.float64)), out=worst[j])
+        finally:
+            self.seconds += time.perf_counter() - t0
+        return worst
+
+    def _perturb(self, seed: int):
+        """Perturbs every continuous fed weight by up to half an ulp of its own dtype; returns the
+        function that restores them, bit for bit. A weight held as the float64 copy of a narrower
+        float (fp32, fp16, bf16) is scaled in place by (1 + r), and restored by dividing by the same
+        factor (the same draw again) and rounding to its own dtype: the quotient is within
+        1e-14 of the original, which lies on that dtype's grid, so the rounding gives it back
+        exactly. Any other (a float64 weight, an array it does not own) is replaced by a
+        perturbed copy, and put back."""
+        in_place, swapped = [], []
+        if self._noisy is None:
+            self._noisy = continuous_weights(self._graph, self._weights) if self._graph is not None else set()
+        for k, name in enumerate(sorted(self._weights)):
+            if name not in self._noisy:
+                continue
+            w = self._weights[name]
+            dt = self._dtypes.get(name, np.dtype(np.float64))
+            eps = _ulp(dt)
+            if dt != np.float64 and w.dtype == np.float64 and w.flags.writeable and w.flags.owndata and w.flags.c_contiguous:
+                flat = w.reshape(-1)
+                for lo, rng in _chunks(flat.size, seed, k):
+                    flat[lo:lo + NOISE_CHUNK] *= _factor(rng, min(NOISE_CHUNK, flat.size - lo), eps)
+                in_place.append((k, name, dt, eps))
+            else:
+                rng = np.random.default_rng([seed, k])
+                swapped.append((name, w))
+                self._weights[name] = np.asarray(w, np.float64) * _factor(rng, w.shape, eps)
+
+        def undo():
+            for k, name, dt, eps in in_place:
+                flat = self._weights[name].reshape(-1)
+                for lo, rng in _chunks(flat.size, seed, k):
+                    part = flat[lo:lo + NOISE_CHUNK]
+                    part /= _factor(rng, part.size, eps)
+                    part[...] = part.astype(dt).astype(np.float64)
+            for name, w in swapped:
+                self._weights[name] = w
+        return undo
+
     def close(self):
+        self._graph = None
         self._first = None
         self._sess = None
         self._split = None
