@@ -353,6 +353,12 @@ def check_model(model: onnx.ModelProto) -> None:
             if node.op_type in ORT_DEFAULT_DOMAIN_CONTRIB_OPS and node.domain in ("", "ai.onnx"):
                 node.domain = "com.microsoft"
                 moved = True
+        # the IR lets a tensor's type omit its shape (any shape), and ONNX Runtime loads such a
+        # model; the checker wants the field present: it gets one it does not read (no shape
+        # inference runs here)
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape"):
+                vi.type.tensor_type.shape.SetInParent()
     if moved and not any(i.domain == "com.microsoft" for i in probe.opset_import):
         probe.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     with tempfile.TemporaryDirectory(prefix="normopt-check-") as tmp:

@@ -325,3 +325,27 @@ def test_an_unclosed_group_is_a_truncation(tmp_path):
     p = tmp_path / "g.onnx"
     p.write_bytes(data)
     assert_refused(tmp_path, p, "never closed")
+
+
+def test_a_tensor_type_without_a_shape_is_valid(tmp_path):
+    """The IR lets a graph input's, output's or value_info's tensor type omit its shape (any
+    shape), and ONNX Runtime loads such a model; the ONNX checker wants the field present. A
+    model ORT loads is not refused: optimize writes it (verified), inspect and verify read it."""
+    s = preln_stream_model(d=16, n=8, layers=1, expose_stream=True)
+    m = onnx.shape_inference.infer_shapes(s)
+    for vinfo in list(m.graph.output)[1:]:
+        vinfo.type.tensor_type.ClearField("shape")  # outputs of any shape
+    if len(m.graph.value_info):
+        m.graph.value_info[0].type.tensor_type.ClearField("shape")
+    p = tmp_path / "noshape.onnx"
+    p.write_bytes(m.SerializeToString())
+    assert not ort_refuses(p)
+    with pytest.raises(Exception, match="shape"):
+        onnx.checker.check_model(str(p))  # the checker alone refuses it
+    out = tmp_path / "out.onnx"
+    code, o, err = cli("optimize", p, "-o", out, "--no-tune")
+    assert code == 0, err
+    assert os.path.exists(out) and not ort_refuses(out)
+    assert cli("inspect", p)[0] == 0
+    code, o, err = cli("verify", p, out)
+    assert code == 0, err
