@@ -273,3 +273,24 @@ def test_toposort_of_a_list_with_appended_nodes_gives_graphsurgeons_order():
         a.toposort()
         G.toposort(b)
         assert [n.name for n in a.nodes] == [n.name for n in b.nodes]
+
+
+def test_the_layernorm_matcher_asks_the_form_of_the_furthest_value_first(monkeypatch):
+    """Each decomposed LN of the stack is accepted at its furthest value (x - m) / s * g + b: the
+    form test is asked of that value alone, not of every value evaluated before it."""
+    from normopt import norms
+
+    graph = G.to_graph(transformer_like(300))
+    calls = collections.Counter()
+    real = norms._ln_form
+
+    def counted(poly):
+        calls["n"] += 1
+        return real(poly)
+
+    monkeypatch.setattr(norms, "_ln_form", counted)
+    with G.scope(graph):
+        found = norms.find_layernorms(graph)
+    decomposed = [m for m in found if m.kind == "decomposed LN"]
+    assert len(decomposed) >= 5 and all(m.beta is not None and m.gamma is not None for m in decomposed)
+    assert calls["n"] == len(decomposed)
