@@ -1178,7 +1178,7 @@ def _write(t, info, keep_shape):
     # output declared [1, 16] that the graph computes as [N, 16] (or [2, count] of a NonZero), so
     # a declaration is the model's word, not a fact (Shape of it would fold to the declared dims).
     # The written model declares its outputs as the original did (graph.to_model).
-    shape = None if info.shape is None else [d if isinstance(d, int) else str(d) for d in info.shape]  # to_gs, inline
+    shape = None if info.shape is None else [to_gs(d) for d in info.shape]
     if info.dtype:
         dt = _NP.get(info.dtype)
         if dt is None:
@@ -1221,9 +1221,7 @@ def _infer_node(node, ins, opset, domains, st, subs):
         if other is not None:
             outs = other if outs is None else [_better(a, b) for a, b in zip(outs, other)]
     if outs is None:
-        return [Info() for _ in range(n)]
-    if len(outs) == n:  # (the common case: one Info per output, nothing to pad or cut)
-        return list(outs)
+        outs = [Info() for _ in range(n)]
     outs = list(outs) + [Info() for _ in range(n - len(outs))]
     return outs[:n]
 
