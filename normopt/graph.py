@@ -962,13 +962,14 @@ def op_counts(graph: gs.Graph) -> dict:
 class Namer:
     """Unique tensor/node names in a graph."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, tensors: dict | None = None):
+        """``tensors``: tensor_map(graph), where the caller has made it (it is not made again)."""
         self.used = set()
         sc = _SCOPE.get()
         root = sc.root if sc is not None else graph
         used = self.used
         for g in all_graphs(root):  # names are unique across subgraphs too (outer scope is visible)
-            used.update(tensor_map(g))
+            used.update(tensors if tensors is not None and g is graph else tensor_map(g))
             used.update(n.name for n in g.nodes if n.name)
         self.counter = itertools.count()
 

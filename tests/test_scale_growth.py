@@ -294,3 +294,27 @@ def test_the_layernorm_matcher_asks_the_form_of_the_furthest_value_first(monkeyp
     decomposed = [m for m in found if m.kind == "decomposed LN"]
     assert len(decomposed) >= 5 and all(m.beta is not None and m.gamma is not None for m in decomposed)
     assert calls["n"] == len(decomposed)
+
+
+def test_ln_to_rms_apply_maps_the_tensors_once(monkeypatch):
+    """The rewrite's name lookup and its Namer share one tensor map of the graph; the names the
+    Namer avoids are the same."""
+    from normopt.passes.ln_to_rms import LayerNormToRMSNorm
+
+    graph = G.to_graph(transformer_like(300))
+    ctx = Context(tune=False)
+    p = LayerNormToRMSNorm()
+    calls = collections.Counter()
+    real = G.tensor_map
+
+    def counted(g):
+        calls["n"] += 1
+        return real(g)
+
+    with G.scope(graph):
+        a = p.analyze(graph, ctx)
+        assert a.matches
+        assert G.Namer(graph, real(graph)).used == G.Namer(graph).used
+        monkeypatch.setattr(G, "tensor_map", counted)
+        p.apply(graph, a.matches, ctx)
+    assert calls["n"] == 1
