@@ -604,36 +604,16 @@ def toposort(graph: gs.Graph, plain: bool | None = None) -> gs.Graph:
     duplicate node entries, producers outside the graph, or cycles go to graphsurgeon itself
     (which sorts or reports them). `plain` is _plain's answer where the caller has it.
 
-    A list already in topological order (the common case: a pass appends its new nodes after
-    the ones they read, and every earlier list was sorted) settles each node as the walk
-    meets it, so the levels come from one forward pass and the settle order is the list
-    itself; any node met before one of its producers sends the graph to the full walk."""
+    A node whose producers are all settled when the walk reaches it is settled at once (the
+    depth-first walk from it would settle it alone, at the same level): in a list already in
+    topological order (the common case: every earlier list was sorted) that is every node, and
+    after a pass that appended new nodes behind their readers, all but the few whose
+    producers come later. Only those start a depth-first walk."""
     if not (_plain(graph) if plain is None else plain):
         return graph.toposort()
     nodes = graph.nodes
     local = _local_names(graph)
-    level = {}
-    for node in nodes:
-        lv = -1
-        for t in node.inputs:
-            if t.name in local:
-                for p in t.inputs:
-                    pl = level.get(id(p))
-                    if pl is None:
-                        break  # a producer not settled yet (later in the list, outside the graph, or a cycle)
-                    if pl > lv:
-                        lv = pl
-                else:
-                    continue
-                break
-        else:
-            level[id(node)] = lv + 1
-            continue
-        break
-    else:
-        graph.nodes = sorted(nodes, key=lambda n: level[id(n)])
-        return graph
-    members = {id(n) for n in nodes}
+    members = None  # made when a walk first needs it
 
     def producers(node):
         found = {}
@@ -645,10 +625,31 @@ def toposort(graph: gs.Graph, plain: bool | None = None) -> gs.Graph:
 
     level = {}  # id(node) -> level, in the order levels were settled
     order = []
+    settle = order.append
+    get = level.get
     for start in nodes:
-        if id(start) in level:
+        k = id(start)
+        if k in level:
             continue
-        active = {id(start)}
+        lv = -1
+        for t in start.inputs:  # every producer settled: start's level is known now
+            if t.name in local:
+                for p in t.inputs:
+                    pl = get(id(p))
+                    if pl is None:
+                        break  # a producer not settled yet (later in the list, outside the graph, or a cycle)
+                    if pl > lv:
+                        lv = pl
+                else:
+                    continue
+                break
+        else:
+            level[k] = lv + 1
+            settle(start)
+            continue
+        if members is None:
+            members = {id(n) for n in nodes}
+        active = {k}
         stack = [[start, iter(producers(start)), -1]]
         while stack:
             top = stack[-1]
@@ -668,7 +669,7 @@ def toposort(graph: gs.Graph, plain: bool | None = None) -> gs.Graph:
                 active.discard(id(top[0]))
                 lv = top[2] + 1
                 level[id(top[0])] = lv
-                order.append(top[0])
+                settle(top[0])
                 if stack and lv > stack[-1][2]:
                     stack[-1][2] = lv
     order.sort(key=lambda n: level[id(n)])
@@ -880,7 +881,10 @@ def bypass(graph: gs.Graph, x, y) -> None:
 
 
 def is_graph_output(graph: gs.Graph, tensor) -> bool:
-    return any(t is tensor for t in graph.outputs)
+    for t in graph.outputs:  # (a loop, not any() over a generator: asked of every value, often)
+        if t is tensor:
+            return True
+    return False
 
 
 def is_read(graph: gs.Graph, tensor) -> bool:
@@ -958,13 +962,14 @@ def op_counts(graph: gs.Graph) -> dict:
 class Namer:
     """Unique tensor/node names in a graph."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, tensors: dict | None = None):
+        """``tensors``: tensor_map(graph), where the caller has made it (it is not made again)."""
         self.used = set()
         sc = _SCOPE.get()
         root = sc.root if sc is not None else graph
         used = self.used
         for g in all_graphs(root):  # names are unique across subgraphs too (outer scope is visible)
-            used.update(tensor_map(g))
+            used.update(tensors if tensors is not None and g is graph else tensor_map(g))
             used.update(n.name for n in g.nodes if n.name)
         self.counter = itertools.count()
 

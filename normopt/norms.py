@@ -348,17 +348,24 @@ def _evaluate(graph, x, mu, ve, axes, r):
     producers = {}  # id(tensor) -> node
     frontier = [x, mu, ve]
     seen_nodes = set()
+    consumers = G.consumers
     for _ in range(24):
         nxt = []
         for t in frontier:
-            for node in G.consumers(t):
+            for node in consumers(t):
                 if id(node) in seen_nodes or node.op not in EVAL_OPS or len(node.outputs) != 1:
                     continue
-                ins = [i for i in node.inputs if i is not None and i.name]
-                if not ins:
+                named = reads_ve = False  # any named input; ve among them
+                for i in node.inputs:
+                    if i is not None and i.name:
+                        named = True
+                        if i is ve:
+                            reads_ve = True
+                            break
+                if not named:
                     continue
                 out = node.outputs[0]
-                if any(i is ve for i in ins):  # sqrt(ve) = 1/r, ve^-0.5 = r
+                if reads_ve:  # sqrt(ve) = 1/r, ve^-0.5 = r
                     if node.op == "Sqrt":
                         poly = _Poly.sym("r", -1)
                     elif node.op == "Pow" and node.inputs[0] is ve and scalar_of(node.inputs[1], ve) == -0.5:
@@ -388,7 +395,10 @@ def _evaluate(graph, x, mu, ve, axes, r):
                                 args.append(_Poly.sym(key))
                     if args is None:
                         continue
-                    if not any(a is not None and a.carries_stats() for a in args):
+                    for a in args:
+                        if a is not None and a.carries_stats():
+                            break
+                    else:
                         continue  # only the values that carry the statistics
                     poly = _apply(node, args)
                     if poly is None:
@@ -433,18 +443,22 @@ def _furthest(graph, x, mu, stat_nodes, poly_of, producers, consts, axes, r, eps
     closed: nothing inside it is read from outside or is a graph output."""
     if order is None:  # node positions: made once per find_layernorms (linear in nodes overall)
         order = {id(n): i for i, n in enumerate(graph.nodes)}
-    forms = {t: _ln_form(poly_of[t]) for t in producers}
-    cands = sorted((t for t in producers if forms[t] is not None), key=lambda t: -order.get(id(producers[t]), -1))
+    # the values furthest first (a stable sort: ties keep the evaluation's order); each one's
+    # form is computed when it is reached, so the values before the furthest LN are never asked
+    cands = sorted(producers, key=lambda t: -order.get(id(producers[t]), -1))
     tensors = {}
     for n in list(producers.values()) + stat_nodes:
         for o in n.outputs:
             tensors[id(o)] = o
     for tid in cands:
+        form = _ln_form(poly_of[tid])
+        if form is None:
+            continue
         y = tensors[tid]
         region = _region(y, producers, stat_nodes, x)
         if region is None or not _closed(graph, region, y, x):
             continue
-        c, gmono, rest = forms[tid]
+        c, gmono, rest = form
         gamma = _value(c, gmono, consts, r)
         beta = sum((_value(v, k, consts, r) for k, v in rest.items()), np.zeros(1)) if rest else None
         if gamma is None or (rest and beta is None):

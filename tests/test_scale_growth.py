@@ -191,3 +191,130 @@ def test_passes_that_rewrite_nothing_share_the_structure_walks(monkeypatch):
     _, report = optimize_model(transformer_like(SMALL))
     rewrote = sum(1 for p in report.passes if p.applied)
     assert rewrote >= 1 and counts["subgraphs"] <= rewrote + 1 and counts["scope"] <= 2 * rewrote + 1, (counts, rewrote)
+
+
+# --- per-node constants (docs/scale-nodes.md): the same answer, asked once ----------------------
+
+
+def test_the_affine_search_asks_a_shared_constant_once_per_shape(monkeypatch):
+    """On a chain of scalar-constant ops (two shared scalars, one shape), the chain walk asks
+    the per-channel question once per constant and data shape, not once per node; the affines
+    found (none here: scalars only) are what the plain question gives."""
+    from normopt.passes import fold_affine as FA
+
+    graph = G.to_graph(elementwise_chain(400))
+    calls = collections.Counter()
+    real = FA._per_channel
+
+    def counted(value, data):
+        calls["n"] += 1
+        return real(value, data)
+
+    monkeypatch.setattr(FA, "_per_channel", counted)
+    with G.scope(graph):
+        found = FA.find_affines(graph, [])
+    assert found == []
+    assert calls["n"] <= 2  # "k" and "s", each met with the one shape [1, 4, 8]
+
+
+def test_the_memoized_affine_search_finds_what_the_plain_one_finds():
+    """Chains with per-channel constants of several widths and axes, and shared scalars, found
+    with and without the memo: the same affines (nodes, axis, a, t)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from normopt.passes import fold_affine as FA
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.asarray(2.0, np.float32), "two"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "v8"),
+             numpy_helper.from_array(rng.standard_normal((4, 1)).astype(np.float32), "tok"),
+             numpy_helper.from_array(rng.standard_normal((1, 4, 1)).astype(np.float32), "v4")]
+    nodes, x = [], "x"
+    for i, (op, c) in enumerate([("Mul", "v8"), ("Add", "two"), ("Sub", "v8"), ("Relu", None), ("Mul", "tok"),
+                                 ("Add", "v8"), ("Relu", None), ("Div", "v4"), ("Mul", "two"), ("Relu", None),
+                                 ("Mul", "v8"), ("Mul", "v8")]):
+        nodes.append(helper.make_node(op, [x] if c is None else [x, c], [f"y{i}"]))
+        x = f"y{i}"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4, 8])], inits)
+    graph = G.to_graph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+    def summary(found):
+        return [(a.kind, [n.name for n in a.nodes], a.axis, a.a.tolist(), a.t.tolist()) for a in found]
+
+    with G.scope(graph):
+        memo = summary(FA.find_affines(graph, []))
+        plain, walked, claimed = [], set(), set()
+        for node in graph.nodes:
+            if id(node) in walked or node.op not in FA.ELEMENTWISE:
+                continue
+            aff = FA._chain(graph, node, claimed, walked)  # the plain question at every node
+            if aff is not None:
+                plain.append(aff)
+                claimed.update(id(n) for n in aff.nodes)
+    assert memo == summary(plain) and len(memo) >= 3
+
+
+def test_toposort_of_a_list_with_appended_nodes_gives_graphsurgeons_order():
+    """A sorted list with some nodes moved to its end (behind their readers, as a pass appends
+    new nodes): settled on the way where their producers are, walked depth-first where not;
+    graphsurgeon's order, tie-breaks included."""
+    import numpy as np
+
+    for seed in range(4):
+        a = G.to_graph(transformer_like(400, seed=seed))
+        for i, n in enumerate(a.nodes):
+            n.name = n.name or f"n{i}"
+        rng = np.random.default_rng(seed)
+        moved = set(rng.choice(len(a.nodes), size=len(a.nodes) // 10, replace=False).tolist())
+        a.nodes = [n for i, n in enumerate(a.nodes) if i not in moved] + [a.nodes[i] for i in sorted(moved)]
+        b = G.restore(G.snapshot(a))
+        a.toposort()
+        G.toposort(b)
+        assert [n.name for n in a.nodes] == [n.name for n in b.nodes]
+
+
+def test_the_layernorm_matcher_asks_the_form_of_the_furthest_value_first(monkeypatch):
+    """Each decomposed LN of the stack is accepted at its furthest value (x - m) / s * g + b: the
+    form test is asked of that value alone, not of every value evaluated before it."""
+    from normopt import norms
+
+    graph = G.to_graph(transformer_like(300))
+    calls = collections.Counter()
+    real = norms._ln_form
+
+    def counted(poly):
+        calls["n"] += 1
+        return real(poly)
+
+    monkeypatch.setattr(norms, "_ln_form", counted)
+    with G.scope(graph):
+        found = norms.find_layernorms(graph)
+    decomposed = [m for m in found if m.kind == "decomposed LN"]
+    assert len(decomposed) >= 5 and all(m.beta is not None and m.gamma is not None for m in decomposed)
+    assert calls["n"] == len(decomposed)
+
+
+def test_ln_to_rms_apply_maps_the_tensors_once(monkeypatch):
+    """The rewrite's name lookup and its Namer share one tensor map of the graph; the names the
+    Namer avoids are the same."""
+    from normopt.passes.ln_to_rms import LayerNormToRMSNorm
+
+    graph = G.to_graph(transformer_like(300))
+    ctx = Context(tune=False)
+    p = LayerNormToRMSNorm()
+    calls = collections.Counter()
+    real = G.tensor_map
+
+    def counted(g):
+        calls["n"] += 1
+        return real(g)
+
+    with G.scope(graph):
+        a = p.analyze(graph, ctx)
+        assert a.matches
+        assert G.Namer(graph, real(graph)).used == G.Namer(graph).used
+        monkeypatch.setattr(G, "tensor_map", counted)
+        p.apply(graph, a.matches, ctx)
+    assert calls["n"] == 1

@@ -135,7 +135,33 @@ def _memo_const_inputs():
     return const_inputs
 
 
-def _chain(graph, node, in_chain, walked=None, const_inputs=_const_inputs):
+def _plain_per_channel(const_tensor, value, data):
+    return _per_channel(value, data)
+
+
+_MISSING = object()
+
+
+def _memo_per_channel():
+    """_per_channel(value, data) for the value of `const_tensor`, computed once per constant and
+    data shape: the answer depends on the data through its shape alone (its rank, and its
+    static dims where they meet the constant's), and a chain of 100k nodes by one shared
+    scalar asks the same question at every node. The vectors it hands out are shared, and
+    never written (the affine's arithmetic makes new arrays)."""
+    memo = {}
+
+    def per_channel(const_tensor, value, data):
+        shape = getattr(data, "shape", None)
+        key = (id(const_tensor), None if shape is None else tuple(shape))
+        r = memo.get(key, _MISSING)
+        if r is _MISSING:
+            r = memo[key] = _per_channel(value, data)
+        return r
+
+    return per_channel
+
+
+def _chain(graph, node, in_chain, walked=None, const_inputs=_const_inputs, per_channel=_plain_per_channel):
     """A maximal chain of Mul/Div/Add/Sub by per-channel constants starting at node. Every
     node the walk takes is added to `walked`: a chain that starts later inside it would stop
     where this one stops, so it is never walked again (linear in nodes). The walk records each
@@ -153,7 +179,7 @@ def _chain(graph, node, in_chain, walked=None, const_inputs=_const_inputs):
         dt = G.tensor_dtype(v_in)
         if dt is None or not W.is_float(dt):
             break  # integer arithmetic (shape computations) is not a norm
-        pc = _per_channel(c_val, v_in)
+        pc = per_channel(cur.inputs[c_idx], c_val, v_in)
         if pc is None or G.rank(v_in) != G.rank(cur.outputs[0]):
             break
         ax, vec = pc
@@ -282,11 +308,12 @@ def find_affines(graph, unshaped=None) -> list[Affine]:
                 claimed.update(id(n) for n in aff.nodes)
     tails = _norm_tails(graph, const_inputs)
     walked = set()
+    per_channel = _memo_per_channel()  # likewise: constants and shapes hold throughout the analysis
     for node in graph.nodes:
         # nodes come in topological order: a chain that starts earlier has claimed (or walked) its nodes
         if id(node) in claimed or id(node) in walked or node.op not in ELEMENTWISE or _is_linear_bias(node) or id(node) in tails:
             continue
-        aff = _chain(graph, node, claimed, walked, const_inputs)
+        aff = _chain(graph, node, claimed, walked, const_inputs, per_channel)
         if aff is not None:
             found.append(aff)
             claimed.update(id(n) for n in aff.nodes)

@@ -679,10 +679,10 @@ class LayerNormToRMSNorm(Pass):
         return a
 
     def apply(self, graph, matches, ctx):
-        namer = G.Namer(graph)
+        tensors = G.tensor_map(graph)
+        namer = G.Namer(graph, tensors)  # (the names in use: this map's, and the other graphs')
         opset = graph.opset or 17
         n = 0
-        tensors = G.tensor_map(graph)
         for s in matches:
             cache = ctx.memo.setdefault("centered", {})  # shared by every graph: a table both If branches read is centered once
             # the stream values are now zero-mean (centered), and so is the mean an existing
