@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import onnx
 import onnx.version_converter
@@ -193,20 +194,36 @@ def optimize(
     creates are spilled beside the output, the output is streamed tensor by tensor, and the
     two verification sessions are never resident at once."""
     say = progress or (lambda msg: None)
-    # every file this run reads and may write, checked before any work (normopt.paths)
-    loaded = nio.load_model(in_path)
-    plan = P.Plan()
-    plan.read_model(in_path, loaded.model)
-    if input_opts and input_opts.inputs_npz:
-        plan.read(input_opts.inputs_npz, f"the --inputs file {input_opts.inputs_npz}")
-    nio.plan_model_output(plan, in_path, loaded, out_path, nio.needs_external(loaded))
-    plan.write(report_path, "--report")
-    plan.check()
-    # ONNX Runtime loads the input once, beside the passes; joined before any write. Where
-    # verification follows (and no tuning, whose sessions come first), that session is kept for
-    # verification's runs of the original (_ReferenceJob), if memory holds it beside the passes
-    keep = verify and not (tune and not passes) and _room_beside_passes(loaded)
-    ort_check = nio.OrtCheck(loaded, keep=keep)
+    # ONNX Runtime loads the input once, beside the rest of the input's checks and the passes;
+    # joined before any write. It starts as soon as the file has parsed (load_model's
+    # on_parsed). Where verification follows (and no tuning, whose sessions come first), that
+    # session is kept for verification's runs of the original (_ReferenceJob), if memory holds it
+    # beside the passes
+    early = []
+
+    def start_check(path, weight_bytes):
+        keep = verify and not (tune and not passes) and _room_beside_passes(weight_bytes)
+        early.append(nio.OrtCheck(SimpleNamespace(path=path, weight_bytes=weight_bytes), keep=keep))
+
+    try:
+        # every file this run reads and may write, checked before any work (normopt.paths)
+        loaded = nio.load_model(in_path, on_parsed=start_check)
+        plan = P.Plan()
+        plan.read_model(in_path, loaded.model)
+        if input_opts and input_opts.inputs_npz:
+            plan.read(input_opts.inputs_npz, f"the --inputs file {input_opts.inputs_npz}")
+        nio.plan_model_output(plan, in_path, loaded, out_path, nio.needs_external(loaded))
+        plan.write(report_path, "--report")
+        plan.check()
+    except BaseException:
+        for c in early:  # bad input: the check's native code is not left running
+            c.release()
+            c.join()
+        raise
+    if early:
+        ort_check = early[0]
+    else:
+        ort_check = nio.OrtCheck(loaded, keep=verify and not (tune and not passes) and _room_beside_passes(loaded.weight_bytes))
     try:
         return _optimize_checked(in_path, out_path, passes, target, verify, report_path, seeds, atol, rtol, input_opts,
                                  opt_in, verify_level, provider, tune, opset, progress, threads, say, loaded, plan,
@@ -219,10 +236,10 @@ def optimize(
         ort_check.join()  # never exit while the check's native code runs
 
 
-def _room_beside_passes(loaded) -> bool:
+def _room_beside_passes(weight_bytes: int) -> bool:
     """Memory for a session of the input held while the passes run, and for verification after."""
     avail = available_bytes()
-    return avail is None or avail >= 2 * verification_bytes(loaded.weight_bytes)
+    return avail is None or avail >= 2 * verification_bytes(weight_bytes)
 
 
 class _ReferenceJob:

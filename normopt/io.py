@@ -47,12 +47,18 @@ def default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOADABLE_OPSET) -> LoadedModel:
+def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOADABLE_OPSET,
+               on_parsed=None) -> LoadedModel:
     """Read and validate a model as a *skeleton* (weights.read_skeleton): tensors over 1 KiB are
     references into the model file or its external-data files, never loaded. Every tensor is
     checked as ONNX Runtime would check it (validate_tensors), without reading external data.
     Raises NormoptError with one line on any bad input. (load_external is accepted for
-    compatibility and ignored: weights are always read on demand.)"""
+    compatibility and ignored: weights are always read on demand.)
+
+    on_parsed(path, weight_bytes), where given, is called once the file has parsed and its
+    tensors are listed, before the remaining checks (the text check, the tensor checks, the ONNX
+    checker): optimize starts ONNX Runtime's load check there, so that it overlaps them. The
+    problems found are the same, in the same order."""
     if not os.path.lexists(path):
         raise NormoptError(f"{path}: no such file")
     if not os.path.exists(path):
@@ -91,10 +97,16 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
     if unknown:
         op = next(n.op_type for n in model.graph.node if n.domain == unknown[0])
         raise NormoptError(f"{path}: op '{op}' of domain '{unknown[0]}' is unknown to ONNX Runtime")
-    problem = text_problem(model)
-    tensors = None
+    tensors = list(all_tensors(model))  # one walk for the checks, the data files and the weight bytes
+    if on_parsed is not None:
+        try:
+            parsed_bytes = sum(W.tensor_nbytes(t) for t, what in tensors if what == "tensor")
+        except Exception:  # a tensor the checks below refuse: nothing starts early
+            parsed_bytes = None
+        if parsed_bytes is not None and parsed_bytes >= 0:
+            on_parsed(path, parsed_bytes)
+    problem = text_problem(model)  # reported before a tensor's problem
     if not problem:
-        tensors = list(all_tensors(model))  # one walk for the checks, the data files and the weight bytes
         problem = validate_tensors(model, path, tensors)
     if problem:
         raise NormoptError(f"{path}: {problem}")
@@ -466,7 +478,9 @@ class OrtCheck:
     held. On a 100k-node graph the session's destructor holds the GIL about a second while it
     frees the graph; that stall is the price."""
 
-    def __init__(self, loaded: LoadedModel, keep: bool = False):
+    def __init__(self, loaded, keep: bool = False):
+        """loaded: a LoadedModel, or anything with its `path` and `weight_bytes` (load_model's
+        on_parsed hands those over before the model is fully checked)."""
         import threading
 
         self.loaded, self.error = loaded, None
