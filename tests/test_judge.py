@@ -236,6 +236,29 @@ def test_constant_output_alone_does_not_pass():
     assert res.uninformative
 
 
+def test_an_output_of_zeros_and_subnormals_everywhere_compares_nothing():
+    """A held-out trial: a random-init model whose output is about 1e-43 on every input (fp32
+    subnormals) was "verified". Below the smallest normal number there is no relative precision
+    to compare: such an output is uninformative, and a model with nothing else compared does not
+    pass (the stress sets, up to 1000x larger inputs, stay subnormal here too). The same weights
+    scaled to a normal range compare and pass."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 6))
+
+    def model(scale):
+        return make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", [3, 8])], [vi("y", [3, 6])],
+                          [init("w", (w * scale).astype(np.float32))])
+
+    small = model(float(np.finfo(np.float32).tiny) * 2.0 ** -20)  # a few units of the smallest subnormal
+    assert np.any(numpy_helper.to_array(small.graph.initializer[0]) != 0)
+    res = compare(small, small)
+    assert not res.equivalent
+    assert any("nothing was compared" in p for p in res.problems), res.problems
+    assert "zero or subnormal" in res.outputs[0].uninformative
+    normal = model(1.0)
+    assert compare(normal, normal).equivalent
+
+
 def test_empty_outputs_try_the_next_sizes_and_never_pass_empty():
     # past 0 (nothing adds to it) makes the output empty: the plan tries the KV cache at 4
     m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [1, "past_len", 8])], [vi("y", [1, "past_len", 8])])

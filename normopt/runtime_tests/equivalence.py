@@ -278,6 +278,14 @@ def _metrics(ref: np.ndarray, cand: np.ndarray, r=None, c=None):
     return (0.0 if eq else float("inf")), (0.0 if eq else float("inf")), (1.0 if eq else 0.0)
 
 
+def _smallest_normal(dtype) -> float:
+    try:
+        return float(np.finfo(dtype).tiny)
+    except Exception:  # bfloat16 and the float8 types (ml_dtypes): their smallest normal numbers
+        return {"bfloat16": 2.0 ** -126, "float8_e4m3fn": 2.0 ** -6, "float8_e4m3fnuz": 2.0 ** -7,
+                "float8_e5m2": 2.0 ** -14, "float8_e5m2fnuz": 2.0 ** -15}.get(np.dtype(dtype).name, 0.0)
+
+
 def _eps(dtype) -> float:
     dt = np.dtype(dtype)
     try:
@@ -1018,6 +1026,7 @@ def compare(
     informative_sets = {n: set() for n in ref_outs}
     empty_everywhere = {n: True for n in ref_outs}
     saturated_everywhere = {n: True for n in ref_outs}
+    normal_somewhere = {n: False for n in ref_outs}  # a float output with some value of normal size (or inf/NaN)
     for k, (label, _) in enumerate(sets):
         refs, cands = ref_vals[k], cand_all[k]
         exs = exact_vals[k] if use_exact else None
@@ -1040,6 +1049,8 @@ def compare(
                 empty_everywhere[name] = False
             else:
                 continue
+            if not normal_somewhere[name]:
+                normal_somewhere[name] = not _floating(r) or bool(np.any(~(np.abs(r) < _smallest_normal(r.dtype))))
             if name not in first_value:
                 first_value[name] = r
             elif not varies[name] and not np.array_equal(first_value[name], r, equal_nan=_floating(r)):
@@ -1109,6 +1120,10 @@ def compare(
             m.uninformative = "empty on every input set"
         elif name in probes and saturated_everywhere[name] and probes[name][1] == "saturated" and not m.probe:
             m.uninformative = f"saturated ({probes[name][0]}) on every input set"
+        elif not normal_somewhere[name] and not m.probe:
+            # zeros and subnormals only: below the dtype's smallest normal number there is no
+            # relative precision to compare (and flushing subnormals to zero is a kernel's choice)
+            m.uninformative = "zero or subnormal on every input set"
         elif len(sets) > 1 and not npz and not varies[name] and not m.probe:  # given inputs may repeat
             m.uninformative = "the same on every input set"
         elif name in probes and probes[name][1] == "discrete" and not m.probe:
