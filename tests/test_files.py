@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import init, make_model, preln_stream_model, sha, vi
 from normopt import weights as W
 from normopt.cli import main
+from normopt.errors import NormoptError
 
 
 def cli(*args):
@@ -349,3 +350,32 @@ def test_a_tensor_type_without_a_shape_is_valid(tmp_path):
     assert cli("inspect", p)[0] == 0
     code, o, err = cli("verify", p, out)
     assert code == 0, err
+
+
+def test_the_load_check_starts_once_the_input_has_parsed(tmp_path, monkeypatch):
+    """load_model hands the path and the weight bytes to on_parsed before its remaining checks
+    (optimize starts ONNX Runtime's load check there); a model those checks refuse is still
+    refused with the same line, and optimize joins the check it started before raising."""
+    from normopt import api
+    from normopt import io as nio
+
+    p = tmp_path / "m.onnx"
+    p.write_bytes(plain().SerializeToString())
+    seen = []
+    loaded = nio.load_model(str(p), on_parsed=lambda path, wb: seen.append((path, wb)))
+    assert seen == [(str(p), loaded.weight_bytes)]
+    # a tensor the checks refuse (raw_data of the wrong size): on_parsed ran, the refusal stands
+    bad = _with_tensor(tmp_path, _raw("r", TensorProto.FLOAT, [4], 12))
+    started = []
+    real = nio.OrtCheck
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            started.append(self)
+
+    monkeypatch.setattr(nio, "OrtCheck", Spy)
+    with pytest.raises(NormoptError, match="raw_data holds 12 bytes"):
+        api.optimize(str(bad), str(tmp_path / "o.onnx"), verify=False, tune=False)
+    assert started and all(c.thread is None for c in started)  # joined
+    assert not os.path.exists(tmp_path / "o.onnx")
