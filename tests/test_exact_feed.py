@@ -94,3 +94,35 @@ def test_compare_with_fed_weights_still_refuses_a_one_column_change():
     res = compare(m, bad, seeds=2, level="disable")
     assert res.mode == "exact"
     assert not res.equivalent, res.summary_lines()
+
+
+def test_fed_scalar_weights_keep_their_rank():
+    """Every float initializer and Constant is fed to the float64 session; a scalar one must be
+    fed as a scalar. A 0-d weight fed with shape (1,) made a shape computation one rank too high
+    (MobileViT's patch sizes: Cast -> Div by a scalar Constant -> Ceil), so its Concat failed and
+    verification fell back to the fp32 tolerance check."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import make_model, vi
+    from normopt.runtime_tests.equivalence import compare
+    from normopt.runtime_tests.exact import to_float64
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i1"], ["d"], axis=0),
+             helper.make_node("Cast", ["d"], ["df"], to=TensorProto.FLOAT),
+             helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+             helper.make_node("Div", ["df", "two"], ["h"]),
+             helper.make_node("Mul", ["h", "half"], ["h2"]),
+             helper.make_node("Ceil", ["h2"], ["c"]),
+             helper.make_node("Cast", ["c"], ["ci"], to=TensorProto.INT64),
+             helper.make_node("Unsqueeze", ["ci", "ax0"], ["cu"]),
+             helper.make_node("Concat", ["m1", "cu"], ["shp"], axis=0),
+             helper.make_node("Reshape", ["x", "shp"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "i1"), numpy_helper.from_array(np.array(2.0, np.float32), "half"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax0"), numpy_helper.from_array(np.array([-1], np.int64), "m1")]
+    m = make_model(nodes, [vi("x", [2, 8])], [vi("y", None)], inits, opset=17)
+    weights = {}
+    to_float64(m, weights)
+    assert weights["half"].shape == () and weights["two"].shape == ()
+    res = compare(m, m)
+    assert res.equivalent and res.mode != "fallback", res.summary_lines()

@@ -411,7 +411,7 @@ def _feed_weights(g, weights: dict, native: bool = False, dtypes: dict | None = 
         src = _array(t)
         if dtypes is not None:
             dtypes[t.name] = np.asarray(src).dtype
-        arr = np.asarray(src) if native else np.ascontiguousarray(src, np.float64)
+        arr = np.asarray(src) if native else _as_float64(src)
         weights[t.name] = arr
         if t.name not in inputs:  # an initializer that is also an input (IR < 4) keeps its input entry
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type if native else TensorProto.DOUBLE,
@@ -430,13 +430,19 @@ def _feed_weights(g, weights: dict, native: bool = False, dtypes: dict | None = 
             continue
         if dtypes is not None:
             dtypes[name] = arr.dtype
-        weights[name] = arr if native else np.ascontiguousarray(arr, np.float64)
+        weights[name] = arr if native else _as_float64(arr)
         g.input.append(onnx.helper.make_tensor_value_info(
             name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype) if native else TensorProto.DOUBLE, list(arr.shape)))
         moved = True
     if moved:
         del g.node[:]
         g.node.extend(nodes)
+
+
+def _as_float64(a) -> np.ndarray:
+    """A C-contiguous float64 copy of `a` of its own shape (np.ascontiguousarray makes a 0-d
+    array 1-d: a scalar weight fed with shape (1,) broadcasts what reads it a rank up)."""
+    return np.array(a, dtype=np.float64, order="C", copy=True)
 
 
 def _constant_float(n) -> np.ndarray | None:
