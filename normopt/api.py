@@ -355,7 +355,7 @@ def _optimize_checked(in_path, out_path, passes, target, verify, report_path, se
             report.notes.append(f"output fails onnx.checker: {exc}")
             _write_report(report_path, report, plan)
             raise InternalError(f"the optimized model fails onnx.checker; nothing was written: {str(exc).splitlines()[0]}") from None
-        say("writing the output ...")
+        say("writing the output to a temporary file beside it (moved into place only once checked) ...")
         with nio.StagedModel(out_model, out_path, nio.needs_external(loaded), plan) as staged:
             store.close()  # the output holds its own copy of every spilled tensor now
             del out_model
