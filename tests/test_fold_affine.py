@@ -213,6 +213,8 @@ def test_conv_with_padding_is_not_a_forward_target():
     out, rep = optimize_model(model)
     r = fold_report(rep)
     assert r.applied == 0 and r.declined and "graph input" in r.declined[0]["reason"]
+    # the forward side names the padding, not "neither a linear op nor a layout op"
+    assert "pads its input with zeros" in r.declined[0]["reason"], r.declined[0]["reason"]
     assert compare(model, out).equivalent
 
 

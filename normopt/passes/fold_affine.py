@@ -344,6 +344,30 @@ def _linear_input_axis(node, t):
     return None
 
 
+def _why_not_linear(node, t):
+    """Why a MatMul/Gemm/Conv that reads t as its input A is not a linear op the fold can enter
+    (_linear_input_axis gave None), or None for any other op."""
+    if node.op not in ("MatMul", "Gemm", "Conv") or not node.inputs or node.inputs[0] is not t:
+        return None
+    w = G.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None:
+        return "its weight is not a constant"
+    if len(node.inputs) > 2 and node.inputs[2].name and G.const_value(node.inputs[2]) is None:
+        return "its bias is not a constant"
+    if node.op == "MatMul" and w.ndim != 2:
+        return f"its weight has rank {w.ndim}, not 2"
+    if node.op == "Conv":
+        if int(node.attrs.get("group", 1)) != 1:
+            return f"it is grouped (group={int(node.attrs.get('group', 1))})"
+        pads = node.attrs.get("pads", [])
+        if any(pads) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+            return ("it pads its input with zeros, and a shift folded into it would reach the padding too "
+                    "(the border would differ)")
+    if G.rank(t) is None:
+        return f"the rank of '{t.name}' is unknown"
+    return None
+
+
 def _between(src, dst_tensors):
     """Names of the tensors on the layout paths from src to the given tensors."""
     names, stack = set(), [src]
@@ -384,6 +408,9 @@ def _forward_plan(graph, t, axis):
             except (AxisError, TypeError, KeyError):
                 b = None
             if b is None or c.inputs[0] is not t or len(c.outputs) != 1:
+                why = _why_not_linear(c, t)
+                if why:
+                    return f"'{t.name}' is read by {c.op} '{c.name}', which cannot take the fold: {why}"
                 return f"'{t.name}' is read by {c.op} '{c.name}', which is neither a linear op on the channel axis nor a layout op"
             stack.append((c.outputs[0], b))
             reaches = True
