@@ -46,14 +46,25 @@ def count_norms(model) -> dict:
     return dict(collections.Counter(norm_kind(s.kind) for s in norm_sites(canonical_graph(model))))
 
 
+def _label(node) -> str:
+    """A node's name, or for an unnamed one its op and what it writes."""
+    if node.name:
+        return node.name
+    out = node.outputs[0].name if node.outputs else ""
+    return f"<{node.op} writing '{out}'>"
+
+
 def inspect_model(path: str, target: str = "ort") -> list[dict]:
     from .api import prepare_opset
 
     loaded = nio.load_model(path)
     model, _ = prepare_opset(loaded.model)  # as optimize sees it
-    sites = norm_sites(canonical_graph(model))
+    canon = canonical_graph(model)
+    sites = norm_sites(canon)
+    present = {n.name for sub in G.all_graphs(canon) for n in sub.nodes}  # nodes of the input, not ones a pass makes
     graph = G.to_graph(model)
     outcome = {}
+    affines = {}  # fold_affine's per-channel affine chains (a NoNorm, a RepBN's affine): name -> (kind, input)
 
     def record(p, analysis):
         for m in analysis.matches:
@@ -61,10 +72,14 @@ def inspect_model(path: str, target: str = "ort") -> list[dict]:
                 outcome.setdefault(ln.name, f"{p.name}: converts to RMSNorm")
             plan = getattr(m, "plan", None)
             if plan:  # an affine norm
-                lins = [lin.name for lin, _ in plan[1]] if plan[0] == "forward" else [plan[1][0].name]
+                lins = [_label(lin) for lin, _ in plan[1]] if plan[0] == "forward" else [_label(plan[1][0])]
                 outcome.setdefault(m.name, f"{p.name}: folds {plan[0]} into {', '.join(lins)}")
+                x = getattr(m, "x", None)
+                affines.setdefault(m.name, (getattr(m, "kind", "affine"), getattr(x, "name", "")))
         for d in analysis.declined:
             outcome.setdefault(d.target, f"left alone by {p.name}: {d.reason}")
+            if p.name == "fold_affine" and d.kind.startswith("per-channel affine"):
+                affines.setdefault(d.target, (d.kind, ""))
 
     build_pipeline().run_graph(graph, Context(target=target), Report(), on_analysis=record)
     rows = []
@@ -80,4 +95,9 @@ def inspect_model(path: str, target: str = "ort") -> list[dict]:
             else:
                 out = "no pass rewrites this kind"
         rows.append({"kind": s.kind, "node": s.node, "input": s.input, "detail": s.detail, "outcome": out})
+    # affine chains no recognizer lists as a norm (MobileBERT's NoNorm: Mul -> Add after a Linear)
+    listed = {s.node for s in sites}
+    for name, (kind, x) in affines.items():
+        if name not in listed and name in present:
+            rows.append({"kind": kind, "node": name, "input": x, "detail": "", "outcome": outcome[name]})
     return rows

@@ -278,6 +278,25 @@ def test_inspect_reports_folds_and_declines(tmp_path):
         assert len(rows) == 1 and rows[0]["outcome"].startswith(expect), rows
 
 
+def test_inspect_lists_the_affine_chains_optimize_folds(tmp_path):
+    """A held-out trial: MobileBERT's NoNorm (a Linear, then Mul and Add by per-channel
+    constants) is no norm the recognizers list, so `inspect` printed "no normalizations found"
+    while `optimize` folded it. inspect now lists fold_affine's affine chains too, with the
+    linear op they fold into (an unnamed one by its op and output)."""
+    from normopt.inspect import inspect_model
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Mul", ["xw", "a"], ["xa"], name="nonorm_mul"),
+             helper.make_node("Add", ["xa", "t"], ["y"], name="nonorm_add")]
+    inits = [init("W", rng.standard_normal((8, 8)).astype(np.float32)),
+             init("a", (0.5 + rng.random(8)).astype(np.float32)), init("t", rng.standard_normal(8).astype(np.float32))]
+    src = tmp_path / "nonorm.onnx"
+    onnx.save(make_model(nodes, [vi("x", [2, 8])], [vi("y", [2, 8])], inits), src)
+    rows = inspect_model(str(src))
+    assert len(rows) == 1 and rows[0]["kind"].startswith("per-channel affine"), rows
+    assert rows[0]["outcome"] == "fold_affine: folds backward into <MatMul writing 'xw'>", rows
+
+
 @pytest.mark.usefixtures("torch_available")
 def test_rms_beta_folds_through_token_gather_into_head(tmp_path):
     """The beta Add ln_to_rms keeps after the final SimplifiedLayerNormalization (its reader is
