@@ -201,9 +201,11 @@ def optimize(
     # beside the passes
     early = []
 
+    def keep_for(weight_bytes) -> bool:
+        return verify and not (tune and not passes) and _room_beside_passes(weight_bytes)
+
     def start_check(path, weight_bytes):
-        keep = verify and not (tune and not passes) and _room_beside_passes(weight_bytes)
-        early.append(nio.OrtCheck(SimpleNamespace(path=path, weight_bytes=weight_bytes), keep=keep))
+        early.append(nio.OrtCheck(SimpleNamespace(path=path, weight_bytes=weight_bytes), keep=keep_for(weight_bytes)))
 
     try:
         # every file this run reads and may write, checked before any work (normopt.paths)
@@ -223,7 +225,7 @@ def optimize(
     if early:
         ort_check = early[0]
     else:
-        ort_check = nio.OrtCheck(loaded, keep=verify and not (tune and not passes) and _room_beside_passes(loaded.weight_bytes))
+        ort_check = nio.OrtCheck(loaded, keep=keep_for(loaded.weight_bytes))
     try:
         return _optimize_checked(in_path, out_path, passes, target, verify, report_path, seeds, atol, rtol, input_opts,
                                  opt_in, verify_level, provider, tune, opset, progress, threads, say, loaded, plan,

@@ -98,13 +98,12 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
         op = next(n.op_type for n in model.graph.node if n.domain == unknown[0])
         raise NormoptError(f"{path}: op '{op}' of domain '{unknown[0]}' is unknown to ONNX Runtime")
     tensors = list(all_tensors(model))  # one walk for the checks, the data files and the weight bytes
-    if on_parsed is not None:
-        try:
-            parsed_bytes = sum(W.tensor_nbytes(t) for t, what in tensors if what == "tensor")
-        except Exception:  # a tensor the checks below refuse: nothing starts early
-            parsed_bytes = None
-        if parsed_bytes is not None and parsed_bytes >= 0:
-            on_parsed(path, parsed_bytes)
+    try:
+        weight_bytes = sum(W.tensor_nbytes(t) for t, what in tensors if what == "tensor")  # weights.weight_bytes(model)
+    except Exception:  # a tensor the checks below refuse
+        weight_bytes = None
+    if on_parsed is not None and weight_bytes is not None and weight_bytes >= 0:
+        on_parsed(path, weight_bytes)
     problem = text_problem(model)  # reported before a tensor's problem
     if not problem:
         problem = validate_tensors(model, path, tensors)
@@ -121,7 +120,7 @@ def load_model(path: str, load_external: bool = False, min_opset: int = MIN_LOAD
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NormoptError(f"{path}: invalid ONNX model: {first}") from None
     return LoadedModel(model=model, path=path, had_external_data=external, opset=opset,
-                       weight_bytes=sum(W.tensor_nbytes(t) for t in dense),  # weights.weight_bytes(model)
+                       weight_bytes=weight_bytes if weight_bytes is not None else sum(W.tensor_nbytes(t) for t in dense),
                        data_files=data_files)
 
 

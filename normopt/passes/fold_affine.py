@@ -324,48 +324,37 @@ def find_affines(graph, unshaped=None) -> list[Affine]:
 # feasibility
 
 
-def _linear_input_axis(node, t):
-    """The feature axis of `t` as input A of a linear op with constant weights, else None."""
-    r = G.rank(t)
-    if node.op == "MatMul" and node.inputs[0] is t:
-        w = G.const_value(node.inputs[1])
-        return r - 1 if w is not None and w.ndim == 2 and r is not None else None
-    if node.op == "Gemm" and node.inputs[0] is t and G.const_value(node.inputs[1]) is not None:
-        if len(node.inputs) > 2 and node.inputs[2].name and G.const_value(node.inputs[2]) is None:
-            return None
-        return 0 if int(node.attrs.get("transA", 0)) else 1
-    if node.op == "Conv" and node.inputs[0] is t and G.const_value(node.inputs[1]) is not None:
-        pads = node.attrs.get("pads", [])
-        if int(node.attrs.get("group", 1)) != 1 or any(pads) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
-            return None
-        if len(node.inputs) > 2 and node.inputs[2].name and G.const_value(node.inputs[2]) is None:
-            return None
-        return 1
-    return None
-
-
-def _why_not_linear(node, t):
-    """Why a MatMul/Gemm/Conv that reads t as its input A is not a linear op the fold can enter
-    (_linear_input_axis gave None), or None for any other op."""
+def _linear_entry(node, t):
+    """(feature axis of `t` as input A of a linear op with constant weights, None) where the fold
+    can enter the op; (None, why not) for a MatMul/Gemm/Conv reading t as A that it cannot
+    enter; (None, None) for any other op."""
     if node.op not in ("MatMul", "Gemm", "Conv") or not node.inputs or node.inputs[0] is not t:
-        return None
+        return None, None
     w = G.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None:
-        return "its weight is not a constant"
-    if len(node.inputs) > 2 and node.inputs[2].name and G.const_value(node.inputs[2]) is None:
-        return "its bias is not a constant"
-    if node.op == "MatMul" and w.ndim != 2:
-        return f"its weight has rank {w.ndim}, not 2"
+        return None, "its weight is not a constant"
+    if node.op == "MatMul":
+        if w.ndim != 2:
+            return None, f"its weight has rank {w.ndim}, not 2"
+        r = G.rank(t)
+        return (r - 1, None) if r is not None else (None, f"the rank of '{t.name}' is unknown")
     if node.op == "Conv":
         if int(node.attrs.get("group", 1)) != 1:
-            return f"it is grouped (group={int(node.attrs.get('group', 1))})"
+            return None, f"it is grouped (group={int(node.attrs.get('group', 1))})"
         pads = node.attrs.get("pads", [])
         if any(pads) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
-            return ("it pads its input with zeros, and a shift folded into it would reach the padding too "
-                    "(the border would differ)")
-    if G.rank(t) is None:
-        return f"the rank of '{t.name}' is unknown"
-    return None
+            return None, ("it pads its input with zeros, and a shift folded into it would reach the padding too "
+                          "(the border would differ)")
+    if len(node.inputs) > 2 and node.inputs[2].name and G.const_value(node.inputs[2]) is None:
+        return None, "its bias is not a constant"
+    if node.op == "Gemm":
+        return (0 if int(node.attrs.get("transA", 0)) else 1), None
+    return 1, None
+
+
+def _linear_input_axis(node, t):
+    """The feature axis of `t` as input A of a linear op with constant weights, else None."""
+    return _linear_entry(node, t)[0]
 
 
 def _between(src, dst_tensors):
@@ -396,7 +385,7 @@ def _forward_plan(graph, t, axis):
         for c in G.consumers(t):
             if c.op in VALUE_INDEPENDENT:
                 continue  # reads the shape only, which the fold does not change
-            la = _linear_input_axis(c, t)
+            la, why = _linear_entry(c, t)
             if la is not None:
                 if la != axis:
                     return f"axis {axis} of '{t.name}' is not the channel axis ({la}) of {c.op} '{c.name}'"
@@ -408,7 +397,6 @@ def _forward_plan(graph, t, axis):
             except (AxisError, TypeError, KeyError):
                 b = None
             if b is None or c.inputs[0] is not t or len(c.outputs) != 1:
-                why = _why_not_linear(c, t)
                 if why:
                     return f"'{t.name}' is read by {c.op} '{c.name}', which cannot take the fold: {why}"
                 return f"'{t.name}' is read by {c.op} '{c.name}', which is neither a linear op on the channel axis nor a layout op"

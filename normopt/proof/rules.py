@@ -562,7 +562,7 @@ def _check_matrix(Mp, Mo, alpha, cz, centered, eps, tau=None, err_in=None, tiny=
         e = o - o.mean(axis=1, keepdims=True) if centered else o
         # or the centering of the rounded intermediate W diag(c) (cast to the weight's dtype, then
         # centered): that moves the row's mean by the mean of the roundings, computed here exactly
-        # (only where the first form leaves an element outside its bound: alt_of below)
+        # (only where the first form leaves an element outside its bound: see below)
         o_full = o
         if comp:
             e, o = e[:, :N], o[:, :N]

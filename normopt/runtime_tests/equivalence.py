@@ -40,6 +40,7 @@ import onnx
 
 from .. import weights as W
 from ..errors import NormoptError
+from .exact import _ulp as _eps  # eps of a float dtype, bfloat16 included
 from .inputs import STRESS, InputOptions, flag_combinations, input_specs, make_feeds, plan_inputs, settle_plan, stress_feeds
 from .providers import SessionError, make_session
 
@@ -284,14 +285,6 @@ def _smallest_normal(dtype) -> float:
     except Exception:  # bfloat16 and the float8 types (ml_dtypes): their smallest normal numbers
         return {"bfloat16": 2.0 ** -126, "float8_e4m3fn": 2.0 ** -6, "float8_e4m3fnuz": 2.0 ** -7,
                 "float8_e5m2": 2.0 ** -14, "float8_e5m2fnuz": 2.0 ** -15}.get(np.dtype(dtype).name, 0.0)
-
-
-def _eps(dtype) -> float:
-    dt = np.dtype(dtype)
-    try:
-        return float(np.finfo(dt).eps)
-    except Exception:
-        return {"bfloat16": 2.0 ** -7}.get(dt.name, 2.0 ** -3)
 
 
 def exact_judgement(orig: np.ndarray, cand: np.ndarray, exact: np.ndarray, sensitivity: float | None = None,
